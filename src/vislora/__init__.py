@@ -1,0 +1,44 @@
+"""vislora: low-rank adapters for vision transformers and vision-language models."""
+
+__version__ = "0.1.0"
+
+from vislora.config import PRESETS, AdapterConfig  # noqa: E402
+from vislora.errors import (  # noqa: E402
+    AdapterError,
+    AdapterFileError,
+    ConfigError,
+    TargetError,
+    VisloraError,
+    VisloraWarning,
+)
+from vislora.model import AdaptedModel, inject, load_adapter  # noqa: E402
+from vislora.parameters import ParameterReport, parameter_report  # noqa: E402
+from vislora.targets import ROLES, Target, TargetPlan, resolve_targets  # noqa: E402
+
+
+def save_adapter(model: AdaptedModel, path: str, name: str = "default") -> object:
+    """Write adapter `name` of `model` to directory `path` (same as `model.save_adapter`)."""
+    return model.save_adapter(path, name)
+
+
+__all__ = [
+    "PRESETS",
+    "ROLES",
+    "AdaptedModel",
+    "AdapterConfig",
+    "AdapterError",
+    "AdapterFileError",
+    "ConfigError",
+    "ParameterReport",
+    "Target",
+    "TargetError",
+    "TargetPlan",
+    "VisloraError",
+    "VisloraWarning",
+    "__version__",
+    "inject",
+    "load_adapter",
+    "parameter_report",
+    "resolve_targets",
+    "save_adapter",
+]

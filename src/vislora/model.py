@@ -1,0 +1,354 @@
+"""AdaptedModel: a base model with named adapters that can be added, activated, merged and unloaded."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vislora.adapters.linear import LoraLayer, LoraLinear, PairSpec
+from vislora.adapters.saved import ModulesToSave
+from vislora.config import AdapterConfig
+from vislora.errors import AdapterError, TargetError
+from vislora.targets import QKV, TargetPlan, logical_modules, resolve_targets
+
+logger = logging.getLogger(__name__)
+
+_ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
+
+
+class AdaptedModel(nn.Module):
+    """A base model carrying named adapters. Build it with `vislora.inject`.
+
+    Calls are forwarded to the base model; attributes it lacks are looked up on the base model, so
+    `model.forward_features(x)` or `model.config` keep working.
+    """
+
+    def __init__(self, base_model: nn.Module) -> None:
+        super().__init__()
+        if isinstance(base_model, AdaptedModel):
+            raise AdapterError("this model already carries adapters; call .add_adapter() on it instead")
+        self.base_model = base_model
+        self.configs: dict[str, AdapterConfig] = {}
+        self.plans: dict[str, TargetPlan] = {}
+        self._layers: dict[str, LoraLayer] = {}  # logical module path -> wrapper
+        self._saved: dict[str, ModulesToSave] = {}
+        self._active: tuple[str, ...] = ()
+        self._merged = False
+        self._patched: list[tuple[nn.Module, str, Any]] = []  # (module, attribute, original value)
+        self._requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
+        base_model.requires_grad_(False)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    # ---------------------------------------------------------------- adapters
+    @property
+    def adapters(self) -> tuple[str, ...]:
+        """Names of all loaded adapters, in the order they were added."""
+        return tuple(self.configs)
+
+    @property
+    def active_adapters(self) -> tuple[str, ...]:
+        return self._active
+
+    @property
+    def merged(self) -> bool:
+        return self._merged
+
+    def layers(self) -> dict[str, LoraLayer]:
+        """Adapter layers by module path (a MultiheadAttention's in_proj layer under the attention's path)."""
+        return dict(self._layers)
+
+    def add_adapter(self, name: str, config: AdapterConfig, activate: bool | None = None) -> TargetPlan:
+        """Add a new adapter; it becomes active if it is the first one (or if `activate`)."""
+        self._check_new_name(name)
+        plan = resolve_targets(self.base_model, config)
+        self._install(name, config, plan)
+        if activate or (activate is None and not self._active):
+            self.set_active(name)
+        else:
+            self._apply_active()
+        logger.info("adapter %r added:\n%s", name, plan)
+        return plan
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove an adapter; layers left without adapters go back to their base modules."""
+        self._check_known([name])
+        if self._merged and name in self._active:
+            raise AdapterError(f"adapter {name!r} is merged into the weights; call unmerge() before deleting it")
+        for layer in self._layers.values():
+            if name in layer.specs:
+                layer.delete_adapter(name)
+        for path in sorted(self._layers, key=len, reverse=True):  # an MHA's out_proj before the MHA
+            if not self._layers[path].specs and not self._nested_adapters(path):
+                self._unwrap(path)
+        for path, saved in list(self._saved.items()):
+            if name in saved.copies:
+                saved.delete_adapter(name)
+                if not len(saved.copies):
+                    self._unwrap(path)
+        del self.configs[name], self.plans[name]
+        self._active = tuple(n for n in self._active if n != name)
+        self._apply_active()
+
+    def set_active(self, names: str | Sequence[str]) -> None:
+        """Choose the adapters used in forward; several active adapters are summed."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        self._check_known(names)
+        if self._merged:
+            raise AdapterError(f"adapters {self._active} are merged into the weights; call unmerge() before "
+                               "changing the active set")
+        if len(set(names)) != len(names):
+            raise AdapterError(f"adapter names repeat in {list(names)}")
+        for path, saved in self._saved.items():
+            owners = [n for n in names if n in saved.copies]
+            if len(owners) > 1:
+                raise AdapterError(f"adapters {owners} each carry their own copy of {path!r} "
+                                   "(modules_to_save); activate only one of them")
+        self._active = names
+        self._apply_active()
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model without any adapter inside this block (merged weights are taken out)."""
+        was_merged = self._merged
+        if was_merged:
+            self.unmerge()
+        self._route(())
+        try:
+            yield
+        finally:
+            self._route(self._active)
+            if was_merged:
+                self.merge()
+
+    # ---------------------------------------------------------------- merge
+    def merge(self, safe: bool = True) -> None:
+        """Add the active adapters into the base weights: W += sum(scale * B @ A).
+
+        Afterwards forward costs what the base model costs. With `safe`, every merged weight is checked
+        for NaN/Inf first and nothing is written if one would be.
+        """
+        if self._merged:
+            raise AdapterError(f"adapters {self._active} are already merged")
+        if not self._active:
+            raise AdapterError(f"no active adapter to merge; call set_active() first (loaded: {self.adapters})")
+        if safe:
+            for path, layer in self._layers.items():
+                if layer.active and not torch.isfinite(_merged_weight(layer)).all():
+                    raise FloatingPointError(f"merging {layer.active} into {path!r} gives NaN/Inf; "
+                                             "the adapter weights are broken, nothing was merged")
+        for layer in self._layers.values():
+            layer.merge(layer.active)
+        self._merged = True
+
+    def unmerge(self) -> None:
+        """Subtract merged adapters from the base weights (exact up to float rounding)."""
+        if not self._merged:
+            raise AdapterError("nothing is merged")
+        for layer in self._layers.values():
+            layer.unmerge()
+        self._merged = False
+        self._apply_active()
+
+    def unload(self, merge: bool = True) -> nn.Module:
+        """Return the plain base model with no vislora module left, the active adapters merged in if `merge`.
+
+        With merge=False the base model comes back as it was before injection. This AdaptedModel is
+        emptied; use the returned module.
+        """
+        if merge and not self._merged and self._active:
+            self.merge()
+        elif not merge and self._merged:
+            self.unmerge()
+        if not merge:
+            for saved in self._saved.values():
+                saved.active = None
+        for path in sorted(self._layers, key=len, reverse=True):  # inner wrappers (MHA out_proj) first
+            self._unwrap(path)
+        for path in list(self._saved):
+            self._unwrap(path)
+        for module, attribute, value in self._patched:
+            setattr(module, attribute, value)
+        for param_name, param in self.base_model.named_parameters():
+            param.requires_grad_(self._requires_grad.get(param_name, True))
+        base, self.configs, self.plans = self.base_model, {}, {}
+        self._active, self._merged, self._patched = (), False, []
+        return base
+
+    # ---------------------------------------------------------------- files
+    def save_adapter(self, path: str | Path, name: str = "default") -> Path:
+        """Write adapter `name` as a PEFT-compatible directory (safetensors only, atomic writes)."""
+        from vislora.formats import save_adapter
+
+        self._check_known([name])
+        return save_adapter(self, Path(path), name)
+
+    def load_adapter(self, path: str | Path, name: str = "default", activate: bool | None = None) -> TargetPlan:
+        """Load an adapter directory saved by vislora or PEFT; the model is untouched if it does not fit."""
+        from vislora.formats import load_adapter_into
+
+        return load_adapter_into(self, Path(path), name, activate)
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors keyed by `<module path>.lora_A|lora_B` and `<path>.<param>` for saved modules."""
+        self._check_known([name])
+        state = {}
+        for path, layer in self._layers.items():
+            if name in layer.specs:
+                state[f"{path}.lora_A"] = layer.lora_A[name]
+                state[f"{path}.lora_B"] = layer.lora_B[name]
+        for path, saved in self._saved.items():
+            if name in saved.copies:
+                state.update({f"{path}.{k}": v for k, v in saved.copies[name].state_dict().items()})
+        return state
+
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """The trainable parameters of one adapter (low-rank pairs and its saved-module copies)."""
+        self._check_known([name])
+        for layer in self._layers.values():
+            if name in layer.specs:
+                yield layer.lora_A[name]
+                yield layer.lora_B[name]
+        for saved in self._saved.values():
+            if name in saved.copies:
+                yield from saved.copies[name].parameters()
+
+    # ---------------------------------------------------------------- internals
+    def _check_new_name(self, name: str) -> None:
+        if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
+            raise AdapterError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-', "
+                               "starting with a letter")
+        if name in self.configs:
+            raise AdapterError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or "
+                               "pick another name")
+
+    def _check_known(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise AdapterError(f"unknown adapter(s) {unknown}; loaded: {list(self.adapters) or 'none'}")
+
+    def _install(self, name: str, config: AdapterConfig, plan: TargetPlan) -> None:
+        self.configs[name], self.plans[name] = config, plan
+        for target in plan.targets:
+            layer = self._wrap(target.module_path)
+            slices = tuple(QKV.index(s) for s in target.slices)
+            layer.add_adapter(name, PairSpec(target.rank, target.scale, config.dropout, slices, config.init))
+        for path in plan.modules_to_save:
+            saved = self._saved.get(path) or self._wrap_saved(path)
+            saved.add_adapter(name)
+
+    def _wrap(self, path: str) -> LoraLayer:
+        if path in self._layers:
+            return self._layers[path]
+        parent, attribute, module = self._locate(path)
+        if isinstance(module, nn.MultiheadAttention):
+            from vislora.adapters.mha import LoraMultiheadAttention
+
+            layer: LoraLayer = LoraMultiheadAttention(module)
+        else:
+            if isinstance(parent, nn.MultiheadAttention):  # its forward reads out_proj.weight directly
+                self._wrap(path.rpartition(".")[0])
+            layer = LoraLinear(module)
+            self._unfuse_qkv_bias(parent, attribute)
+        setattr(parent, attribute, layer)
+        self._layers[path] = layer
+        return layer
+
+    def _unfuse_qkv_bias(self, parent: nn.Module, attribute: str) -> None:
+        """timm BEiT/EVA fold q/v biases into F.linear(x, qkv.weight, bias), bypassing the qkv module.
+
+        Their `qkv_bias_separate` switch makes them call the module and add the bias after: same result.
+        """
+        if attribute == "qkv" and getattr(parent, "q_bias", None) is not None and hasattr(
+            parent, "qkv_bias_separate"
+        ) and not parent.qkv_bias_separate:
+            self._patched.append((parent, "qkv_bias_separate", False))
+            parent.qkv_bias_separate = True
+
+    def _wrap_saved(self, path: str) -> ModulesToSave:
+        parent, attribute, module = self._locate(path)
+        saved = ModulesToSave(module)
+        setattr(parent, attribute, saved)
+        self._saved[path] = saved
+        return saved
+
+    def _locate(self, path: str) -> tuple[nn.Module, str, nn.Module]:
+        """(logical parent, attribute name, current child) of a logical module path."""
+        parent_path, _, attribute = path.rpartition(".")
+        parent = logical_modules(self.base_model)[parent_path]
+        return parent, attribute, getattr(parent, attribute)
+
+    def _nested_adapters(self, path: str) -> bool:
+        return any(p.startswith(path + ".") and layer.specs for p, layer in self._layers.items())
+
+    def _unwrap(self, path: str) -> None:
+        wrapper = self._layers.pop(path, None) or self._saved.pop(path)
+        parent, attribute, _ = self._locate(path)
+        setattr(parent, attribute, wrapper.current() if isinstance(wrapper, ModulesToSave) else wrapper.base_layer)
+
+    def _route(self, names: tuple[str, ...]) -> None:
+        """Tell every wrapper which adapters its forward adds (none of them while merged)."""
+        for layer in self._layers.values():
+            layer.active = () if self._merged else tuple(n for n in names if n in layer.specs)
+        for saved in self._saved.values():
+            saved.active = next((n for n in names if n in saved.copies), None)
+
+    def _apply_active(self) -> None:
+        """Route the active set and make exactly the active adapters trainable."""
+        self._route(self._active)
+        for layer in self._layers.values():
+            for name in layer.specs:
+                trainable = name in self._active
+                layer.lora_A[name].requires_grad_(trainable)
+                layer.lora_B[name].requires_grad_(trainable)
+        for saved in self._saved.values():
+            for name, copy in saved.copies.items():
+                copy.requires_grad_(name in self._active)
+
+
+def _merged_weight(layer: LoraLayer) -> torch.Tensor:
+    return layer.base_weight + sum(layer.delta_weight(n) for n in layer.active)
+
+
+def inject(base_model: nn.Module, config: AdapterConfig, name: str = "default") -> AdaptedModel:
+    """Wrap `base_model` (modified in place) and add adapter `name`; base weights are frozen."""
+    if isinstance(base_model, AdaptedModel):
+        raise AdapterError("this model already carries adapters; call model.add_adapter(name, config) instead")
+    model = AdaptedModel(base_model)
+    try:
+        model.add_adapter(name, config)
+    except (TargetError, AdapterError):
+        model.unload(merge=False)
+        raise
+    return model
+
+
+def load_adapter(
+    base_model: nn.Module, path: str | Path, name: str = "default", activate: bool | None = None
+) -> AdaptedModel:
+    """Load a saved adapter (vislora or PEFT directory) onto `base_model`; returns the AdaptedModel."""
+    model = base_model if isinstance(base_model, AdaptedModel) else AdaptedModel(base_model)
+    fresh = model is not base_model
+    try:
+        model.load_adapter(path, name, activate)
+    except Exception:
+        if fresh:
+            model.unload(merge=False)
+        raise
+    return model

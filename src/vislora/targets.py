@@ -1,0 +1,310 @@
+"""Which modules get adapters: roles, patterns, layer selection, per-layer rank/alpha.
+
+A `targets` entry is one of
+- a role: `q`, `k`, `v` (one low-rank pair per projection, a slice when the model fuses qkv),
+  `qkv` (the query/key/value projection as the model has it: one pair on a fused layer),
+  `o`, `fc1`, `fc2`, and the groups `attention` (qkv + o) and `mlp` (fc1 + fc2);
+- `re:<regex>`: a regex that must match the whole module path;
+- anything else: a module-path suffix on a dot boundary (`attn.proj` hits `blocks.3.attn.proj`,
+  never `patch_embed.proj`).
+Inside `nn.MultiheadAttention` the fused input projection is reachable as `<path>.in_proj`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from vislora.config import AdapterConfig
+from vislora.errors import TargetError
+
+QKV = ("q", "k", "v")
+_ANY = r"(?:.*\.)?"
+_FUSED = (rf"{_ANY}qkv", rf"{_ANY}in_proj")
+_SEPARATE = {
+    "q": (rf"{_ANY}(?:q_proj|query)",),
+    "k": (rf"{_ANY}(?:k_proj|key)",),
+    "v": (rf"{_ANY}(?:v_proj|value)",),
+}
+_ROLE_PATTERNS = {
+    "o": (rf"{_ANY}attn\.proj", rf"{_ANY}(?:out_proj|o_proj)", rf"{_ANY}attention\.output\.dense"),
+    "fc1": (rf"{_ANY}mlp\.(?:fc1|fc1_g|fc1_x|c_fc)", rf"{_ANY}intermediate\.dense"),
+    "fc2": (rf"{_ANY}mlp\.(?:fc2|c_proj)", rf"{_ANY}layers?\.\d+\.output\.dense"),
+}
+ROLE_GROUPS = {"attention": ("qkv", "o"), "mlp": ("fc1", "fc2")}
+ROLES = ("qkv", *QKV, "o", "fc1", "fc2", *ROLE_GROUPS)
+_BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers?|resblocks|h)\.(\d+)(?=\.|$)")
+_NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted weight: a Linear, or the fused input projection of a MultiheadAttention."""
+
+    path: str  # module path; for MultiheadAttention input projections "<mha path>.in_proj"
+    kind: str  # "linear" | "mha_in_proj"
+    slices: tuple[str, ...]  # () = whole weight; else chosen blocks of a fused (q, k, v) weight
+    in_features: int
+    out_features: int
+    rank: int
+    alpha: float
+    scale: float
+
+    @property
+    def module_path(self) -> str:
+        """Path of the module that is wrapped (the MultiheadAttention for its in_proj)."""
+        return self.path.removesuffix(".in_proj") if self.kind == "mha_in_proj" else self.path
+
+    @property
+    def n_params(self) -> int:
+        pairs = max(1, len(self.slices))
+        rows = self.out_features // len(QKV) if self.slices else self.out_features
+        return pairs * self.rank * (self.in_features + rows)
+
+
+@dataclass
+class TargetPlan:
+    """Everything one adapter touches, resolved against a concrete model."""
+
+    targets: list[Target]
+    modules_to_save: list[str] = field(default_factory=list)
+
+    @property
+    def n_params(self) -> int:
+        return sum(t.n_params for t in self.targets)
+
+    def counts(self) -> dict[str, int]:
+        """Number of adapted weights per module-name pattern (block indices replaced by N)."""
+        return dict(Counter(_generic(t.path) + (f"[{','.join(t.slices)}]" if t.slices else "")
+                            for t in self.targets))
+
+    def __str__(self) -> str:
+        lines = [f"{len(self.targets)} adapted weights, {self.n_params:,} adapter parameters"]
+        lines += [f"  {n:>4} x {name}" for name, n in self.counts().items()]
+        if self.modules_to_save:
+            lines.append(f"  trained in full and saved: {', '.join(self.modules_to_save)}")
+        return "\n".join(lines)
+
+
+def resolve_targets(model: nn.Module, config: AdapterConfig) -> TargetPlan:
+    """Resolve `config` against `model`; raises TargetError naming any pattern that cannot apply."""
+    modules = logical_modules(model)
+    candidates = _candidates(modules)
+    chosen: dict[str, set[str] | None] = {}  # path -> chosen slices (None = whole weight)
+    for entry in config.targets:
+        for path, slice_name in _match_entry(entry, candidates, modules):
+            _add(chosen, path, slice_name, entry)
+    for pattern in config.exclude:
+        for path in [p for p in chosen if _matches(pattern, p)]:
+            del chosen[path]
+    if config.layers is not None:
+        chosen = _select_layers(chosen, config.layers, modules)
+    if not chosen:
+        raise TargetError(
+            f"targets {config.targets} (exclude={config.exclude}, layers={config.layers}) left nothing to "
+            "adapt in this model; loosen the exclude/layers filters"
+        )
+    targets = [_target(path, slices, candidates, config) for path, slices in sorted(chosen.items(),
+                                                                                    key=_path_order)]
+    to_save = _modules_to_save(modules, config)
+    return TargetPlan(targets=targets, modules_to_save=to_save)
+
+
+def logical_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """named_modules() as if no vislora wrapper were there: a wrapper's path maps to its base layer."""
+    out: dict[str, nn.Module] = {}
+
+    def walk(path: str, module: nn.Module) -> None:
+        if getattr(module, "is_vislora_wrapper", False):
+            module = module.base_layer
+        out[path] = module
+        for name, child in module.named_children():
+            walk(f"{path}.{name}" if path else name, child)
+
+    walk("", model)
+    return out
+
+
+def _candidates(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """All module paths plus a pseudo path `<mha>.in_proj` for each MultiheadAttention."""
+    out = {path: module for path, module in modules.items() if path}
+    for path, module in modules.items():
+        if isinstance(module, nn.MultiheadAttention):
+            out[f"{path}.in_proj" if path else "in_proj"] = module
+    return out
+
+
+def _matches(pattern: str, path: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    return path == pattern or path.endswith("." + pattern)
+
+
+def _is_fused(path: str, module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return path.endswith("in_proj")
+    return isinstance(module, nn.Linear) and module.out_features % len(QKV) == 0 and any(
+        re.fullmatch(p, path) for p in _FUSED
+    )
+
+
+def _match_entry(
+    entry: str, candidates: dict[str, nn.Module], modules: dict[str, nn.Module]
+) -> list[tuple[str, str | None]]:
+    """(path, slice) pairs an entry selects; slice is None for a whole weight."""
+    if entry in ROLES:
+        hits = _match_role(entry, candidates)
+        if not hits:
+            raise TargetError(
+                f"role {entry!r} found no module in this model. vislora knows the names used by timm "
+                "ViT/DeiT/EVA/BEiT, Hugging Face ViT/DINOv2/CLIP/SigLIP/BERT and open_clip; for other "
+                f"models name the modules by path suffix. Linear layers here include: {_examples(modules)}"
+            )
+        return hits
+    hits = [path for path in candidates if _matches(entry, path)]
+    if not hits:
+        close = difflib.get_close_matches(entry, sorted({_generic(p) for p in candidates}), n=5, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else f" Linear layers here: {_examples(modules)}"
+        raise TargetError(f"target {entry!r} matches no module in this model.{hint}")
+    out: list[tuple[str, str | None]] = []
+    for path in hits:
+        module = candidates[path]
+        if isinstance(module, nn.MultiheadAttention) and not path.endswith("in_proj"):
+            out += [(f"{path}.in_proj", None), (f"{path}.out_proj", None)]  # the whole attention layer
+        elif isinstance(module, nn.Linear) or path.endswith("in_proj"):
+            out.append((path, None))
+        else:
+            inner = [p for p, m in modules.items() if p.startswith(path + ".") and isinstance(m, nn.Linear)]
+            hint = f" Adaptable layers inside it: {', '.join(inner[:6])}." if inner else ""
+            raise TargetError(
+                f"target {entry!r} matches {path!r}, a {type(module).__name__}; vislora adapts nn.Linear and "
+                f"nn.MultiheadAttention only. Use a more specific pattern or add it to `exclude`.{hint}"
+            )
+    return out
+
+
+def _match_role(role: str, candidates: dict[str, nn.Module]) -> list[tuple[str, str | None]]:
+    if role in ROLE_GROUPS:
+        return [hit for sub in ROLE_GROUPS[role] for hit in _match_role(sub, candidates)]
+    hits: list[tuple[str, str | None]] = []
+    for path, module in candidates.items():
+        if role in ("qkv", *QKV) and _is_fused(path, module):
+            hits += [(path, None)] if role == "qkv" else [(path, role)]
+            continue
+        if not isinstance(module, nn.Linear):
+            continue
+        names = QKV if role == "qkv" else (role,)
+        patterns = [p for name in names for p in _SEPARATE.get(name, _ROLE_PATTERNS.get(name, ()))]
+        if any(re.fullmatch(p, path) for p in patterns):
+            hits.append((path, None))
+    return hits
+
+
+def _add(chosen: dict[str, set[str] | None], path: str, slice_name: str | None, entry: str) -> None:
+    if path not in chosen:
+        chosen[path] = None if slice_name is None else {slice_name}
+        return
+    current = chosen[path]
+    if (current is None) != (slice_name is None):
+        raise TargetError(
+            f"{path!r} is targeted both as a whole fused layer and as slice {slice_name or sorted(current)} "
+            f"(entry {entry!r}); choose either the whole layer (role 'qkv' or its path) or slices q/k/v"
+        )
+    if current is not None and slice_name is not None:
+        current.add(slice_name)
+
+
+def _select_layers(
+    chosen: dict[str, set[str] | None], layers: list[int], modules: dict[str, nn.Module]
+) -> dict[str, set[str] | None]:
+    depth = _stack_depths(modules)
+    kept: dict[str, set[str] | None] = {}
+    for path, slices in chosen.items():
+        match = _BLOCK.search(path)
+        if match is None:
+            continue
+        stack = path[: match.start(1)]
+        n = depth[stack]
+        wanted = set()
+        for index in layers:
+            if not -n <= index < n:
+                raise TargetError(f"layers={layers} asks for block {index}, but {stack!r} has {n} blocks "
+                                  f"(0..{n - 1}, or -1..-{n} from the end)")
+            wanted.add(index % n)
+        if int(match.group(1)) in wanted:
+            kept[path] = slices
+    return kept
+
+
+def _stack_depths(modules: dict[str, nn.Module]) -> dict[str, int]:
+    """Number of blocks in each stack, keyed by the path prefix up to the block index."""
+    depth: dict[str, int] = {}
+    for path in modules:
+        match = _BLOCK.search(path)
+        if match:
+            stack = path[: match.start(1)]
+            depth[stack] = max(depth.get(stack, 0), int(match.group(1)) + 1)
+    return depth
+
+
+def _target(path: str, slices: set[str] | None, candidates: dict[str, nn.Module], config: AdapterConfig) -> Target:
+    module = candidates[path]
+    # PEFT adapts a MultiheadAttention as one module: its rank/alpha_pattern keys name the attention
+    parent = path.rpartition(".")[0]
+    owner = parent if isinstance(candidates.get(parent), nn.MultiheadAttention) else path
+    rank = _pattern_value(config.rank_pattern, path, _pattern_value(config.rank_pattern, owner, config.rank))
+    alpha = _pattern_value(config.alpha_pattern, path, _pattern_value(config.alpha_pattern, owner, config.alpha))
+    if isinstance(module, nn.MultiheadAttention):
+        if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
+            raise TargetError(
+                f"{path!r}: vislora adapts nn.MultiheadAttention with equal q/k/v dims and no bias_k/bias_v/"
+                "add_zero_attn; target its out_proj only, or exclude this layer"
+            )
+        kind, n_in, n_out = "mha_in_proj", module.embed_dim, 3 * module.embed_dim
+    else:
+        kind, n_in, n_out = "linear", module.in_features, module.out_features
+    ordered = tuple(s for s in QKV if slices and s in slices)
+    return Target(path, kind, ordered, n_in, n_out, rank, float(alpha), config.scale_for(rank, alpha))
+
+
+def _pattern_value(pattern: dict, path: str, default: float) -> float:
+    """PEFT's rule: the first key that matches the end of the path on a dot boundary (keys are regexes)."""
+    for key, value in pattern.items():
+        regex = key[3:] if key.startswith("re:") else key
+        if re.match(rf"(.*\.)?({regex})$", path):
+            return value
+    return default
+
+
+def _modules_to_save(modules: dict[str, nn.Module], config: AdapterConfig) -> list[str]:
+    paths = []
+    for pattern in config.modules_to_save:
+        hits = [p for p in modules if p and _matches(pattern, p)]
+        if not hits:
+            raise TargetError(f"modules_to_save entry {pattern!r} matches no module in this model "
+                              f"(top-level modules: {', '.join(n for n, _ in modules[''].named_children())})")
+        paths += hits
+    if config.train_norms:
+        paths += [p for p, m in modules.items() if isinstance(m, _NORM_TYPES) or type(m).__name__.endswith(
+            ("LayerNorm", "RMSNorm"))]
+    # a module inside another saved module is saved with it
+    paths = sorted(set(paths), key=_path_order)
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
+
+
+def _generic(path: str) -> str:
+    return re.sub(r"\.\d+(?=\.|$)", ".N", path)
+
+
+def _path_order(item: str | tuple) -> list:
+    path = item[0] if isinstance(item, tuple) else item
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.split(".")]
+
+
+def _examples(modules: dict[str, nn.Module]) -> str:
+    names = sorted({_generic(p) for p, m in modules.items() if isinstance(m, nn.Linear)})
+    return ", ".join(names[:8]) or "(none)"

@@ -1,0 +1,75 @@
+"""Tiny model factories shared by the tests: real architectures, random init, seconds to run."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import pytest
+import timm
+import torch
+import transformers
+from torch import nn
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+transformers.logging.set_verbosity_error()
+logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns about missing pretrained weights
+
+TINY_TIMM = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
+
+
+def tiny_timm(name: str = "vit_tiny_patch16_224", **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, **{**TINY_TIMM, **overrides}).eval()
+
+
+def tiny_hf_vit() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64, image_size=32, patch_size=8, num_labels=5)
+    return transformers.ViTForImageClassification(config).eval()
+
+
+def tiny_hf_clip() -> nn.Module:
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                     "vocab_size": 100, "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    return transformers.CLIPModel(config).eval()
+
+
+def tiny_open_clip_tower() -> nn.Module:
+    """open_clip's residual attention stack (nn.MultiheadAttention inside), batch first."""
+    from open_clip.transformer import Transformer
+
+    torch.manual_seed(0)
+    return Transformer(width=32, layers=2, heads=2, batch_first=True).eval()
+
+
+def randomize_adapters(model: nn.Module, seed: int = 1) -> None:
+    """Give every lora_B non-zero values so the adapters change the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(42))
+
+
+@pytest.fixture
+def vit() -> nn.Module:
+    return tiny_timm()
+
+
+@pytest.fixture
+def vit_copy(vit: nn.Module) -> nn.Module:
+    return copy.deepcopy(vit)
