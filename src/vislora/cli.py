@@ -139,7 +139,7 @@ def _show(model: AdaptedModel, plan: TargetPlan) -> None:
                       str(t.rank), f"{t.alpha:g}", f"{t.scale:g}", f"{t.n_params:,}")
     console.print(table)
     for name, count in plan.counts().items():
-        console.print(f"  {count:>4} x {name}")
+        console.print(f"  {count:>4} x {name}", markup=False)
     if plan.modules_to_save:
         console.print(f"  trained in full and saved: {', '.join(plan.modules_to_save)}")
     console.print(str(parameter_report(model)))
