@@ -1,6 +1,9 @@
 import copy
+import functools
 import json
+import math
 import os
+import re
 
 import peft
 import pytest
@@ -29,6 +32,46 @@ def out(model, inputs):
     return result.logits_per_image if hasattr(result, "logits_per_image") else result.logits
 
 
+PEFT_MHA_BUG = "the installed PEFT adds the MultiheadAttention out_proj delta twice (huggingface/peft#3774)"
+
+
+@functools.cache
+def peft_doubles_mha_out_proj() -> bool:
+    """Probe the installed PEFT for the MHA out_proj double-delta bug."""
+    torch.manual_seed(0)
+    wrapper = torch.nn.Module()
+    wrapper.attn = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+    wrapper.forward = lambda x: wrapper.attn(x, x, x, need_weights=False)[0]
+    reference = copy.deepcopy(wrapper.attn)
+    model = peft.get_peft_model(wrapper, peft.LoraConfig(r=2, lora_alpha=2, target_modules=["attn"]))
+    out_proj = model.base_model.model.attn.base_layer.out_proj
+    with torch.no_grad():
+        out_proj.lora_B["default"].weight.normal_()
+        reference.out_proj.weight += out_proj.get_delta_weight("default")
+    x = torch.randn(1, 3, 8)
+    return not torch.allclose(model(x), reference(x, x, x, need_weights=False)[0], atol=1e-5)
+
+
+def hand_merged(base, folder):
+    """An independent reference: W += scale * B @ A for every pair in a PEFT-layout file."""
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    tensors = load_file(folder / WEIGHTS_FILE)
+    with torch.no_grad():
+        for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+            path = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            a, b = tensors[key], tensors[key.replace("lora_A", "lora_B")]
+            module_path = path.replace(".base_layer.out_proj", "")
+            rank = next((v for k, v in config["rank_pattern"].items() if re.match(rf"(.*\.)?({k})$", module_path)),
+                        config["r"])
+            alpha = next((v for k, v in config["alpha_pattern"].items()
+                          if re.match(rf"(.*\.)?({k})$", module_path)), config["lora_alpha"])
+            scale = alpha / (math.sqrt(rank) if config["use_rslora"] else rank)
+            module = base.get_submodule(path.replace(".base_layer.", "."))
+            weight = module.in_proj_weight if isinstance(module, torch.nn.MultiheadAttention) else module.weight
+            weight += scale * b @ a
+    return base
+
+
 def adapted_and_saved(tmp_path, family, cfg):
     factory, inputs = FAMILIES[family]
     model = vislora.inject(factory(), cfg)
@@ -40,10 +83,13 @@ def adapted_and_saved(tmp_path, family, cfg):
 @pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("targets", [["qkv", "o"], ["q", "v", "fc1"], ["q", "k", "v", "o", "fc2"]])
 @pytest.mark.parametrize("use_rslora", [False, True])
-def test_peft_loads_what_we_save_with_identical_outputs(tmp_path, family, targets, use_rslora):
+def test_peft_loads_what_we_save_with_identical_outputs(tmp_path, family, targets, use_rslora, request):
     cfg = AdapterConfig(rank=4, alpha=8, targets=targets, use_rslora=use_rslora)
     expected, folder = adapted_and_saved(tmp_path, family, cfg)
     factory, inputs = FAMILIES[family]
+    torch.testing.assert_close(out(hand_merged(factory(), folder), inputs), expected, rtol=1e-4, atol=1e-5)
+    if family == "open_clip" and "o" in targets and peft_doubles_mha_out_proj():
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PEFT_MHA_BUG))
     reference = peft.PeftModel.from_pretrained(factory(), folder).eval()
     torch.testing.assert_close(out(reference, inputs), expected, rtol=1e-5, atol=1e-5)
     ours = vislora.load_adapter(factory(), folder, name="again")
@@ -59,7 +105,7 @@ def test_peft_loads_what_we_save_with_identical_outputs(tmp_path, family, target
         ("open_clip", ["attn", "c_fc"]),
     ],
 )
-def test_we_load_what_peft_saves_with_identical_outputs(tmp_path, family, peft_targets):
+def test_we_load_what_peft_saves_with_identical_outputs(tmp_path, family, peft_targets, request):
     factory, inputs = FAMILIES[family]
     config = peft.LoraConfig(r=4, lora_alpha=16, target_modules=peft_targets, rank_pattern={"fc1": 2, "c_fc": 2},
                              alpha_pattern={"fc1": 3, "c_fc": 3})
@@ -67,8 +113,12 @@ def test_we_load_what_peft_saves_with_identical_outputs(tmp_path, family, peft_t
     randomize_adapters(reference)
     reference.save_pretrained(tmp_path)
     ours = vislora.load_adapter(factory(), tmp_path, name="from_peft")
-    torch.testing.assert_close(out(ours, inputs), out(reference, inputs), rtol=1e-5, atol=1e-5)
     assert ours.active_adapters == ("from_peft",)
+    torch.testing.assert_close(out(ours, inputs), out(hand_merged(factory(), tmp_path), inputs),
+                               rtol=1e-4, atol=1e-5)
+    if family == "open_clip" and peft_doubles_mha_out_proj():
+        request.applymarker(pytest.mark.xfail(strict=True, reason=PEFT_MHA_BUG))
+    torch.testing.assert_close(out(ours, inputs), out(reference, inputs), rtol=1e-5, atol=1e-5)
 
 
 def test_slices_are_written_as_stacked_rank_lora(tmp_path):
