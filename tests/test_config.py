@@ -36,7 +36,7 @@ def test_task_presets(name, rank, alpha, targets):
 def test_preset_overrides_and_unknown_preset():
     assert AdapterConfig.from_preset("few_shot", rank=4).rank == 4
     assert AdapterConfig.from_preset("few_shot").dropout == 0.0
-    with pytest.raises(ConfigError, match="unknown preset 'nope'.*few_shot"):
+    with pytest.raises(ConfigError, match=r"unknown preset 'nope'.*few_shot"):
         AdapterConfig.from_preset("nope")
 
 

@@ -8,10 +8,10 @@ import re
 import peft
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_hf_clip, tiny_hf_vit, tiny_open_clip_tower, tiny_timm
 from safetensors.torch import load_file, save_file
 
 import vislora
+from conftest import randomize_adapters, tiny_hf_clip, tiny_hf_vit, tiny_open_clip_tower, tiny_timm
 from vislora import AdapterConfig, AdapterFileError
 from vislora.formats import CONFIG_FILE, EXTRA_FILE, WEIGHTS_FILE
 
@@ -206,7 +206,7 @@ def test_truncated_safetensors_gives_a_clear_error(tmp_path, vit):
     data = (folder / WEIGHTS_FILE).read_bytes()
     (folder / WEIGHTS_FILE).write_bytes(data[: len(data) // 2])
     before = vit.state_dict().keys()
-    with pytest.raises(AdapterFileError, match="not a readable safetensors file.*truncated or corrupt"):
+    with pytest.raises(AdapterFileError, match=r"not a readable safetensors file.*truncated or corrupt"):
         vislora.load_adapter(vit, folder)
     assert_untouched(vit, before)
 
@@ -216,7 +216,7 @@ def test_non_finite_weights_and_bad_json_are_refused(tmp_path, vit):
     tensors = load_file(folder / WEIGHTS_FILE)
     tensors["base_model.model.blocks.1.attn.qkv.lora_B.weight"][0, 0] = float("inf")
     save_file(tensors, folder / WEIGHTS_FILE)
-    with pytest.raises(AdapterFileError, match="NaN/Inf values: blocks.1.attn.qkv.lora_B.weight"):
+    with pytest.raises(AdapterFileError, match=r"NaN/Inf values: blocks\.1\.attn\.qkv\.lora_B\.weight"):
         vislora.load_adapter(vit, folder)
     (folder / CONFIG_FILE).write_text('{"r": ')
     with pytest.raises(AdapterFileError, match="not valid JSON"):
@@ -227,7 +227,7 @@ def test_missing_directory_and_files(tmp_path, vit):
     with pytest.raises(AdapterFileError, match="does not exist"):
         vislora.load_adapter(vit, tmp_path / "nowhere")
     (tmp_path / CONFIG_FILE).write_text("{}")
-    with pytest.raises(AdapterFileError, match="adapter_model.safetensors is missing"):
+    with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors is missing"):
         vislora.load_adapter(vit, tmp_path)
 
 

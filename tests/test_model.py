@@ -2,10 +2,10 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_adapters, tiny_hf_clip, tiny_hf_vit, tiny_open_clip_tower, tiny_timm
 from torch import nn
 
 import vislora
+from conftest import randomize_adapters, tiny_hf_clip, tiny_hf_vit, tiny_open_clip_tower, tiny_timm
 from vislora import AdaptedModel, AdapterConfig, AdapterError
 from vislora.adapters import LoraLayer, ModulesToSave
 
@@ -108,7 +108,7 @@ def test_safe_merge_refuses_nan_and_leaves_weights(vit):
     with torch.no_grad():
         layer.lora_B["default"].fill_(float("nan"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(FloatingPointError, match="blocks.1.attn.proj"):
+    with pytest.raises(FloatingPointError, match=r"blocks\.1\.attn\.proj"):
         model.merge()
     assert not model.merged
     for key, value in model.state_dict().items():

@@ -1,7 +1,7 @@
 import pytest
-from conftest import tiny_hf_clip, tiny_hf_vit, tiny_open_clip_tower, tiny_timm
 from torch import nn
 
+from conftest import tiny_hf_clip, tiny_hf_vit, tiny_open_clip_tower, tiny_timm
 from vislora import AdapterConfig, TargetError, resolve_targets
 
 

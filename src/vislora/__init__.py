@@ -2,8 +2,8 @@
 
 __version__ = "0.1.0"
 
-from vislora.config import PRESETS, AdapterConfig  # noqa: E402
-from vislora.errors import (  # noqa: E402
+from vislora.config import PRESETS, AdapterConfig
+from vislora.errors import (
     AdapterError,
     AdapterFileError,
     ConfigError,
@@ -11,9 +11,9 @@ from vislora.errors import (  # noqa: E402
     VisloraError,
     VisloraWarning,
 )
-from vislora.model import AdaptedModel, inject, load_adapter  # noqa: E402
-from vislora.parameters import ParameterReport, parameter_report  # noqa: E402
-from vislora.targets import ROLES, Target, TargetPlan, resolve_targets  # noqa: E402
+from vislora.model import AdaptedModel, inject, load_adapter
+from vislora.parameters import ParameterReport, parameter_report
+from vislora.targets import ROLES, Target, TargetPlan, resolve_targets
 
 
 def save_adapter(model: AdaptedModel, path: str, name: str = "default") -> object:

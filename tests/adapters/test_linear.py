@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_adapters
 from torch import nn
 
 import vislora
+from conftest import randomize_adapters
 from vislora.adapters import LoraLinear, PairSpec
 
 
