@@ -1,0 +1,42 @@
+"""Datasets, model-driven transforms and the dataset audit."""
+
+from vislora.data.check import DataReport, check_dataset
+from vislora.data.datasets import (
+    ArrayDataset,
+    DataError,
+    ImageDataset,
+    Record,
+    collate,
+    fashion_mnist,
+    image_folder,
+    manifest,
+    open_dataset,
+)
+from vislora.data.transforms import (
+    AugmentConfig,
+    InputSpec,
+    SampleTransform,
+    build_mixup,
+    build_transform,
+    model_input_spec,
+)
+
+__all__ = [
+    "ArrayDataset",
+    "AugmentConfig",
+    "DataError",
+    "DataReport",
+    "ImageDataset",
+    "InputSpec",
+    "Record",
+    "SampleTransform",
+    "build_mixup",
+    "build_transform",
+    "check_dataset",
+    "collate",
+    "fashion_mnist",
+    "image_folder",
+    "manifest",
+    "model_input_spec",
+    "open_dataset",
+]

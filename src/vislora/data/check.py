@@ -1,0 +1,166 @@
+"""`vislora data check`: audit a dataset before training, never crash on a bad file.
+
+Reports unreadable files, the resolution histogram, class balance, exact duplicates, metadata coverage,
+and writes a stratified audit sample (CSV + contact-sheet PNG) for manual label review.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+from vislora.data.datasets import DECODE_ERRORS, ArrayDataset, ImageDataset
+from vislora.io import atomic_write, atomic_write_text
+
+# Metadata a dataset should carry for every image; "licence" is accepted for "license".
+COVERAGE_FIELDS = {"license": ("license", "licence"), "capture_date": ("capture_date",), "location": ("location",)}
+THUMB = 96
+
+
+@dataclass
+class DataReport:
+    """What `check_dataset` found; `audit_csv`/`contact_sheet` are the files written for label review."""
+
+    source: str
+    n_images: int
+    corrupt: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+    resolutions: dict[str, int] = field(default_factory=dict)  # "WxH" -> count
+    class_counts: dict[str, int] = field(default_factory=dict)
+    duplicates: list[list[str]] = field(default_factory=list)  # groups of byte-identical images
+    metadata_coverage: dict[str, float] = field(default_factory=dict)  # column -> % of rows filled
+    audit_csv: str | None = None
+    contact_sheet: str | None = None
+
+    @property
+    def imbalance(self) -> float:
+        """Largest class count / smallest (1.0 = balanced)."""
+        counts = [c for c in self.class_counts.values() if c]
+        return max(counts) / min(counts) if counts else 1.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "imbalance": self.imbalance}
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {self.n_images} images, {len(self.class_counts)} classes"]
+        lines.append(f"corrupt/unreadable: {len(self.corrupt)}")
+        lines += [f"  {file}: {reason}" for file, reason in self.corrupt[:20]]
+        if len(self.corrupt) > 20:
+            lines.append(f"  ... and {len(self.corrupt) - 20} more (see report.json)")
+        lines.append("resolutions: " + ", ".join(f"{k} x{v}" for k, v in self.resolutions.items()))
+        if len(self.resolutions) > 1:
+            lines.append("  mixed resolutions: training refuses them unless data.allow_mixed_resolution is true")
+        lines.append(f"class balance (largest/smallest = {self.imbalance:.2f}):")
+        lines += [f"  {name:<24} {count:>8}" for name, count in self.class_counts.items()]
+        lines.append(f"exact duplicates: {len(self.duplicates)} groups")
+        lines += [f"  {' = '.join(group[:4])}{' ...' if len(group) > 4 else ''}" for group in self.duplicates[:10]]
+        lines.append("metadata coverage: " + ", ".join(f"{k} {v:.1f}%" for k, v in self.metadata_coverage.items()))
+        if self.audit_csv:
+            lines.append(f"audit sample: {self.audit_csv} and {self.contact_sheet}")
+        return "\n".join(lines)
+
+
+def check_dataset(dataset: ImageDataset, out_dir: str | Path | None = None, fraction: float = 0.05,
+                  seed: int = 0, track: Callable[[Iterable, int], Iterable] | None = None) -> DataReport:
+    """Audit every image of `dataset`; with `out_dir`, write report.json, audit.csv and contact_sheet.png there."""
+    track = track or (lambda items, total: items)
+    report = DataReport(source=dataset.name, n_images=len(dataset))
+    sizes: Counter = Counter()
+    by_hash: dict[str, list[str]] = {}
+    readable: list[int] = []
+    for i in track(range(len(dataset)), len(dataset)):
+        try:
+            image = dataset.open_image(i)
+        except DECODE_ERRORS as exc:
+            report.corrupt.append((dataset.describe(i), f"{type(exc).__name__}: {exc}"))
+            continue
+        readable.append(i)
+        sizes[f"{image.width}x{image.height}"] += 1
+        by_hash.setdefault(_digest(dataset, i), []).append(dataset.describe(i))
+    report.resolutions = dict(sizes.most_common())
+    labels = Counter(r.label for r in dataset.records if r.label is not None)
+    report.class_counts = {c: labels.get(c, 0) for c in dataset.classes}
+    report.duplicates = [group for group in by_hash.values() if len(group) > 1]
+    report.metadata_coverage = _coverage(dataset)
+    if out_dir is not None:
+        out = Path(out_dir)
+        sample = audit_sample(dataset, readable, fraction, seed)
+        report.audit_csv = str(out / "audit.csv")
+        report.contact_sheet = str(out / "contact_sheet.png")
+        _write_audit_csv(dataset, sample, Path(report.audit_csv))
+        _write_contact_sheet(dataset, sample, Path(report.contact_sheet))
+        atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
+    return report
+
+
+def audit_sample(dataset: ImageDataset, candidates: list[int], fraction: float, seed: int) -> list[int]:
+    """`fraction` of each class (at least one image per class), drawn with `seed`."""
+    rng = random.Random(seed)
+    by_class: dict[str | None, list[int]] = {}
+    for i in candidates:
+        by_class.setdefault(dataset.records[i].label, []).append(i)
+    picked: list[int] = []
+    for members in by_class.values():
+        picked += rng.sample(members, max(1, math.ceil(fraction * len(members))))
+    return sorted(picked)
+
+
+def _digest(dataset: ImageDataset, index: int) -> str:
+    if isinstance(dataset, ArrayDataset):
+        data = dataset.images[dataset.records[index].source].tobytes()
+    else:
+        data = Path(dataset.records[index].source).read_bytes()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _coverage(dataset: ImageDataset) -> dict[str, float]:
+    """Percent of rows with a non-empty value, for licence/capture date/location and every metadata column."""
+    n = len(dataset) or 1
+    coverage = {}
+    for name, aliases in COVERAGE_FIELDS.items():
+        filled = sum(any(r.metadata.get(a, "").strip() for a in aliases) for r in dataset.records)
+        coverage[name] = 100.0 * filled / n
+    for column in dataset.metadata_columns:
+        if not any(column in aliases for aliases in COVERAGE_FIELDS.values()):
+            coverage[column] = 100.0 * sum(bool(r.metadata.get(column, "").strip()) for r in dataset.records) / n
+    return coverage
+
+
+def _write_audit_csv(dataset: ImageDataset, sample: list[int], path: Path) -> None:
+    columns = ["sheet_number", "index", "image", "label", *dataset.metadata_columns, "reviewed_label", "note"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    for number, i in enumerate(sample, start=1):
+        record = dataset.records[i]
+        writer.writerow({"sheet_number": number, "index": i, "image": dataset.describe(i), "label": record.label,
+                         **record.metadata, "reviewed_label": "", "note": ""})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def _write_contact_sheet(dataset: ImageDataset, sample: list[int], path: Path) -> None:
+    """Thumbnails in a grid, each captioned with its audit.csv number and label."""
+    columns = max(1, min(10, len(sample)))
+    rows = max(1, math.ceil(len(sample) / columns))
+    cell_w, cell_h = THUMB + 8, THUMB + 22
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for number, i in enumerate(sample):
+        x, y = (number % columns) * cell_w + 4, (number // columns) * cell_h + 4
+        thumb = dataset.open_image(i)
+        thumb.thumbnail((THUMB, THUMB))
+        if thumb.width < THUMB and thumb.height < THUMB:  # tiny images (28 px) are enlarged to be seen
+            factor = THUMB / max(thumb.size)
+            thumb = thumb.resize((round(thumb.width * factor), round(thumb.height * factor)), Image.NEAREST)
+        sheet.paste(thumb, (x, y))
+        draw.text((x, y + THUMB + 2), f"{number + 1}: {dataset.records[i].label}"[:18], fill="black")
+    atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))

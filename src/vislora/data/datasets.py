@@ -1,0 +1,281 @@
+"""Datasets: image folder, CSV/JSONL manifest (with metadata columns), Fashion-MNIST, image-caption JSONL.
+
+Every dataset is an `ImageDataset`: records of (image source, label or caption, metadata) decoded lazily.
+A sample is a dict `{"image", "label", "index", "metadata"}` (plus `"caption"` for caption data); a file
+that cannot be decoded gives a `{"index", "skipped": True}` marker (dropped and listed by `collate`) or,
+in strict mode, a DataError.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from vislora.errors import VisloraError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class DataError(VisloraError, ValueError):
+    """A dataset cannot be read as asked: missing column, unknown label, corrupt file in strict mode."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One sample before decoding. `source` is a file path, or an index into in-memory arrays."""
+
+    source: str | int
+    label: str | None = None
+    caption: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Labelled (or captioned) images with metadata, decoded on access.
+
+    `transform(image, index)` turns a PIL image into a tensor; see `vislora.data.transforms.SampleTransform`,
+    which seeds augmentation per (seed, epoch, index) so results do not depend on worker count or resume.
+    """
+
+    def __init__(self, records: Sequence[Record], classes: Sequence[str] | None = None, name: str = "",
+                 strict: bool = False, transform: Callable[[Image.Image, int], Any] | None = None) -> None:
+        self.records = list(records)
+        self.name = name
+        self.strict = strict
+        self.transform = transform
+        labels = {r.label for r in self.records if r.label is not None}
+        self.classes: list[str] = list(classes) if classes is not None else sorted(labels, key=_natural)
+        unknown = labels - set(self.classes)
+        if unknown:
+            raise DataError(f"{name}: labels {sorted(unknown)[:5]} are not among the training classes "
+                            f"{self.classes[:10]}; evaluate on data with the same label set")
+        self.class_to_index = {c: i for i, c in enumerate(self.classes)}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        return sorted({k for r in self.records for k in r.metadata})
+
+    def describe(self, index: int) -> str:
+        """Where sample `index` comes from, for messages."""
+        return str(self.records[index].source)
+
+    def open_image(self, index: int) -> Image.Image:
+        """The decoded RGB image of sample `index` (raises on a corrupt file)."""
+        with Image.open(self.records[index].source) as image:
+            image.load()
+            return image.convert("RGB")
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(width, height) read from the file header only."""
+        with Image.open(self.records[index].source) as image:
+            return image.size
+
+    def resolutions(self) -> Counter:
+        """How many images have each (width, height); unreadable headers count under None."""
+        counts: Counter = Counter()
+        for i in range(len(self)):
+            try:
+                counts[self.image_size(i)] += 1
+            except DECODE_ERRORS:
+                counts[None] += 1
+        return counts
+
+    def labels(self) -> list[int]:
+        return [self.class_to_index[r.label] if r.label is not None else -1 for r in self.records]
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.records[index]
+        try:
+            image = self.open_image(index)
+        except DECODE_ERRORS as exc:
+            if self.strict:
+                raise DataError(f"{self.describe(index)} cannot be decoded ({exc}); fix or remove the file, or set "
+                                "data.strict: false to skip corrupt images and count them") from None
+            logger.warning("skipping %s: cannot be decoded (%s)", self.describe(index), exc)
+            return {"index": index, "skipped": True}
+        sample: dict[str, Any] = {
+            "image": self.transform(image, index) if self.transform else image,
+            "label": self.class_to_index[record.label] if record.label is not None else -1,
+            "index": index,
+            "metadata": dict(record.metadata),
+        }
+        if record.caption is not None:
+            sample["caption"] = record.caption
+        return sample
+
+    def subset(self, n: int, seed: int = 0, stratified: bool = True) -> ImageDataset:
+        """A random `n`-sample subset (the same for the same seed); stratified by label when labelled."""
+        if n >= len(self):
+            return self
+        rng = random.Random(seed)
+        if stratified and any(r.label is not None for r in self.records):
+            by_class: dict[Any, list[int]] = {}
+            for i, r in enumerate(self.records):
+                by_class.setdefault(r.label, []).append(i)
+            picked = []
+            for members in by_class.values():
+                picked += rng.sample(members, round(n * len(members) / len(self)))
+            chosen = sorted(picked)[:n]
+        else:
+            chosen = sorted(rng.sample(range(len(self)), n))
+        return self._select(chosen)
+
+    def _select(self, indices: list[int]) -> ImageDataset:
+        clone = ImageDataset.__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.records = [self.records[i] for i in indices]
+        return clone
+
+
+class ArrayDataset(ImageDataset):
+    """Images held in memory as a uint8 array [N, H, W] or [N, H, W, 3] (Fashion-MNIST)."""
+
+    def __init__(self, images: np.ndarray, records: Sequence[Record], **kwargs: Any) -> None:
+        super().__init__(records, **kwargs)
+        self.images = images
+
+    def describe(self, index: int) -> str:
+        return f"{self.name}[{self.records[index].source}]"
+
+    def open_image(self, index: int) -> Image.Image:
+        return Image.fromarray(self.images[self.records[index].source]).convert("RGB")
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        height, width = self.images.shape[1:3]
+        return width, height
+
+    def resolutions(self) -> Counter:
+        return Counter({self.image_size(0): len(self)}) if len(self) else Counter()
+
+
+# ---------------------------------------------------------------------------------------------- readers
+def image_folder(root: str | Path, strict: bool = False, classes: Sequence[str] | None = None) -> ImageDataset:
+    """A folder with one subfolder per class (`root/cat/x.jpg`)."""
+    root = Path(root)
+    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                     key=lambda p: _natural(p.name))
+    records = [Record(str(file), label=folder.name) for folder in folders
+               for file in sorted(folder.rglob("*")) if file.suffix.lower() in IMAGE_SUFFIXES]
+    if not records:
+        raise DataError(f"{root} holds no images in class subfolders (looked for {', '.join(IMAGE_SUFFIXES)} "
+                        "under root/<class>/); point data.train at such a folder or at a CSV/JSONL manifest")
+    return ImageDataset(records, classes=classes, name=str(root), strict=strict)
+
+
+def manifest(path: str | Path, label_column: str | None = "label", path_column: str = "path",
+             caption_column: str = "caption", strict: bool = False,
+             classes: Sequence[str] | None = None) -> ImageDataset:
+    """A CSV or JSONL manifest: one row per image, paths relative to the manifest's folder.
+
+    Columns other than path/label/caption travel with each sample as metadata (e.g. license,
+    capture_date, location, group). With `label_column=None` the rows need a caption column instead.
+    """
+    path = Path(path)
+    rows = _read_rows(path)
+    if not rows:
+        raise DataError(f"manifest {path} has no rows")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    wanted = [path_column] + ([label_column] if label_column else [caption_column])
+    for column in wanted:
+        if column not in columns:
+            hint = "data.label_column" if column == label_column else "data.path_column"
+            raise DataError(f"manifest {path} has no column {column!r} (columns: {', '.join(columns)}); add it, "
+                            f"or name the right column with {hint}")
+    records = []
+    for number, row in enumerate(rows, start=2 if path.suffix == ".csv" else 1):
+        file = str(row.get(path_column) or "")
+        label = row.get(label_column) if label_column else None
+        if not file or (label_column and label in (None, "")):
+            raise DataError(f"{path} line {number}: empty {path_column if not file else label_column!r}; "
+                            "every row needs a path and a label")
+        full = Path(file) if Path(file).is_absolute() else path.parent / file
+        metadata = {k: "" if v is None else str(v) for k, v in row.items()
+                    if k not in (path_column, label_column, caption_column)}
+        records.append(Record(str(full), label=None if label is None else str(label),
+                              caption=None if row.get(caption_column) is None else str(row[caption_column]),
+                              metadata=metadata))
+    return ImageDataset(records, classes=classes, name=str(path), strict=strict)
+
+
+def fashion_mnist(split: str = "train", strict: bool = False, download: bool = False) -> ArrayDataset:
+    """Fashion-MNIST (60k train / 10k test, 28x28 gray, 10 classes); see `vislora.assets.fashion_mnist_dir`."""
+    from vislora.assets import FASHION_MNIST_CLASSES, fashion_mnist_dir, read_fashion_mnist
+
+    images, labels = read_fashion_mnist(split, fashion_mnist_dir(download=download))
+    records = [Record(i, label=FASHION_MNIST_CLASSES[y]) for i, y in enumerate(labels.tolist())]
+    return ArrayDataset(images, records, classes=list(FASHION_MNIST_CLASSES), name=f"fashion-mnist:{split}",
+                        strict=strict)
+
+
+def open_dataset(source: str | Path, *, label_column: str | None = "label", path_column: str = "path",
+                 caption_column: str = "caption", strict: bool = False,
+                 classes: Sequence[str] | None = None) -> ImageDataset:
+    """Open `fashion-mnist[:train|test]`, an image folder, or a .csv/.jsonl manifest."""
+    text = str(source)
+    if text.startswith("fashion-mnist"):
+        split = text.partition(":")[2] or "train"
+        return fashion_mnist(split, strict=strict)
+    path = Path(text)
+    if path.is_dir():
+        return image_folder(path, strict=strict, classes=classes)
+    if path.suffix.lower() in (".csv", ".jsonl") and path.is_file():
+        return manifest(path, label_column, path_column, caption_column, strict=strict, classes=classes)
+    if not path.exists():
+        raise DataError(f"data source {text!r} does not exist; give an image folder, a .csv/.jsonl manifest, "
+                        "or fashion-mnist:train / fashion-mnist:test")
+    raise DataError(f"data source {text!r} is neither a folder nor a .csv/.jsonl manifest")
+
+
+def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack decoded samples; corrupt ones are dropped and their indices listed under `skipped`."""
+    good = [s for s in samples if not s.get("skipped")]
+    batch: dict[str, Any] = {"skipped": [s["index"] for s in samples if s.get("skipped")]}
+    if not good:
+        return batch
+    batch["image"] = torch.stack([s["image"] for s in good])
+    batch["label"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
+    batch["index"] = torch.tensor([s["index"] for s in good], dtype=torch.long)
+    batch["metadata"] = [s["metadata"] for s in good]
+    if "caption" in good[0]:
+        batch["caption"] = [s["caption"] for s in good]
+    return batch
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8") as handle:
+            return list(csv.DictReader(handle))
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {number} is not valid JSON ({exc}); each line must be one object") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path} line {number} is a {type(row).__name__}, not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def _natural(text: str) -> tuple:
+    """Sort key that puts '2' before '10'."""
+    return (0, int(text), "") if text.isdigit() else (1, 0, text)

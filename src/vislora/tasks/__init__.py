@@ -1,0 +1,1 @@
+"""Tasks: what the model predicts and how it is scored."""

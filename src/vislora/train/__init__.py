@@ -1,0 +1,2 @@
+"""Training: config, Accelerate-based trainer, schedules, checkpoints."""
+

@@ -1,0 +1,187 @@
+"""TrainConfig: one YAML file describes a training run; `--set section.key=value` overrides any field.
+
+Unknown keys are errors that name the closest valid key (`optim.lr_adaptr` -> did you mean `lr_adapter`?).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vislora.config import AdapterConfig
+from vislora.data.transforms import AugmentConfig
+from vislora.errors import ConfigError
+from vislora.io import atomic_write_text
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    spec: str = Field(..., description="timm:<name>, hf:<id or dir>, open_clip:<name>, or asset:dinov2-small.")
+    pretrained: bool = Field(True, description="Load pretrained weights (timm/open_clip download them).")
+    head: Literal["auto", "own", "linear"] = Field(
+        "auto", description="auto: a timm model keeps its own classifier; others get a linear head on pooled features.")
+    pooling: Literal["cls", "mean", "cls_mean"] = Field("cls", description="Features the linear head reads.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra arguments for the model factory "
+                                   "(timm.create_model / from_pretrained), e.g. {depth: 6}.")
+
+
+class AdapterSection(_Section):
+    """AdapterConfig fields, optionally starting from a task preset; the head is always trained and saved."""
+
+    preset: str | None = Field(None, description="Task preset (vislora presets); other keys override it.")
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    use_rslora: bool | None = None
+    targets: list[str] | None = None
+    exclude: list[str] | None = None
+    layers: list[int] | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    train_norms: bool | None = None
+    modules_to_save: list[str] | None = None
+    init: str | None = None
+
+    def build(self, head: str) -> AdapterConfig:
+        """The AdapterConfig for a model whose classifier lives at `head`."""
+        fields = self.model_dump(exclude={"preset"}, exclude_none=True)
+        fields["modules_to_save"] = list(dict.fromkeys([*fields.get("modules_to_save", []), head]))
+        if self.preset:
+            return AdapterConfig.from_preset(self.preset, **fields)
+        return AdapterConfig.parse(fields)
+
+
+class DataSection(_Section):
+    train: str = Field(..., description="Image folder, .csv/.jsonl manifest, or fashion-mnist:train.")
+    val: str | None = Field(None, description="Held-out data for evaluation and best-checkpoint choice.")
+    label_column: str = "label"
+    path_column: str = "path"
+    image_size: int | None = Field(None, ge=8, description="Square input side; default: the model's native size.")
+    train_limit: int | None = Field(None, ge=1, description="Use a stratified random subset of this many images.")
+    val_limit: int | None = Field(None, ge=1)
+    strict: bool = Field(False, description="Fail on a corrupt image instead of skipping and counting it.")
+    allow_mixed_resolution: bool = Field(False, description="Accept images of different sizes (all are resized).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class OptimSection(_Section):
+    batch_size: int = Field(32, ge=1, description="Images per process per micro-batch.")
+    max_steps: int = Field(..., ge=1, description="Optimizer steps to train.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr_adapter: float = Field(1e-3, gt=0, description="AdamW learning rate of the low-rank adapter weights.")
+    lr_head: float = Field(1e-2, gt=0, description="Learning rate of the other trainable weights (head, norms).")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping max-norm; null = off.")
+
+
+class RunSection(_Section):
+    output_dir: str = Field(..., description="Run directory: config.yaml, metrics.jsonl, checkpoints/, best/.")
+    seed: int = 0
+    eval_every: int = Field(0, ge=0, description="Evaluate on data.val every N steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: never).")
+    keep_last: int = Field(2, ge=1, description="Step checkpoints kept on disk.")
+    best_metric: Literal["accuracy", "loss"] = "accuracy"
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improving best_metric.")
+    early_stopping_min_delta: float = Field(0.0, ge=0)
+    nan_max_consecutive: int = Field(5, ge=1, description="Stop after this many NaN/Inf steps in a row.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the model (slow first step, faster after).")
+    resume: bool = Field(True, description="Continue from the last checkpoint in output_dir if there is one.")
+    progress: bool = Field(True, description="Show a progress bar.")
+    log_every: int = Field(1, ge=1, description="Write a train line to metrics.jsonl every N steps.")
+
+
+class TrainConfig(_Section):
+    """A whole training run. Load with `TrainConfig.load(path, overrides)`."""
+
+    model: ModelSection
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    data: DataSection
+    optim: OptimSection
+    run: RunSection
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.run.eval_every and not self.data.val:
+            raise ValueError("run.eval_every is set but data.val is empty; give held-out data or set eval_every: 0")
+        if self.run.early_stopping_patience and not self.data.val:
+            raise ValueError("run.early_stopping_patience needs data.val to measure improvement")
+        return self
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> TrainConfig:
+        """Validate a mapping; unknown keys name the closest valid one."""
+        _check_keys(data, cls, "")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
+                for err in exc.errors()
+            )
+            raise ConfigError(f"invalid train config: {problems}") from None
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+        """Read YAML, apply `key.path=value` overrides (values parsed as YAML), validate."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"train config {path} does not exist; see examples/ for runnable configs")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections (model, data, optim, run)")
+        return cls.parse(apply_overrides(data, overrides))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["optim.max_steps=100", "adapter.targets=[q, v]"]` applied to a nested mapping (copied)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (example: --set optim.max_steps=200)")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return data
+
+
+def _check_keys(data: Any, model: type[BaseModel], prefix: str) -> None:
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}': {hint}")
+        annotation = fields[key].annotation
+        sub = next((t for t in (annotation, *get_args(annotation)) if isinstance(t, type) and
+                    issubclass(t, BaseModel)), None) if get_origin(annotation) is not dict else None
+        if sub is not None:
+            _check_keys(value, sub, f"{prefix}{key}.")

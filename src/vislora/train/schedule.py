@@ -1,0 +1,46 @@
+"""AdamW with separate learning rates for adapter weights and the other trainable weights, warmup + cosine."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from vislora.errors import ConfigError
+from vislora.train.config import OptimSection
+
+
+def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(adapter weights: every trainable `lora_*` parameter, other trainable weights: heads, norms)."""
+    adapter, other = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (adapter if "lora_" in name else other).append(param)
+    if not adapter and not other:
+        raise ConfigError("the model has no trainable parameters; check adapter.targets and that an adapter is active")
+    return adapter, other
+
+
+def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
+    """AdamW over two groups, always in this order: [adapter (lr_adapter), other (lr_head)]."""
+    adapter, other = parameter_groups(model)
+    return torch.optim.AdamW([
+        {"params": adapter, "lr": optim.lr_adapter, "name": "adapter"},
+        {"params": other, "lr": optim.lr_head, "name": "head"},
+    ], weight_decay=optim.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `max_steps` (or constant)."""
+    warmup, total = optim.warmup_steps, optim.max_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if optim.schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -1,0 +1,501 @@
+"""The training loop: Accelerate underneath, adapter-only checkpoints, exact resume.
+
+`Trainer(config).fit()` trains adapter `default` on an image classifier and writes the run directory:
+config.yaml, metrics.jsonl, checkpoints/step-N/, best/, adapter/ (the final adapter) and summary.json.
+The same code runs on one CPU, one GPU, or under `accelerate launch --num_processes N`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch import nn
+
+from vislora.data.datasets import ImageDataset, collate, open_dataset
+from vislora.data.transforms import SampleTransform, build_mixup, build_transform, model_input_spec
+from vislora.errors import ConfigError, VisloraError
+from vislora.io import atomic_write_text
+from vislora.model import AdaptedModel, inject
+from vislora.parameters import parameter_report
+from vislora.tasks.classification import (
+    EvalResult,
+    build_classifier,
+    classification_loss,
+    predict_rows,
+    summarize,
+)
+from vislora.train import checkpoint as ckpt
+from vislora.train.config import TrainConfig
+from vislora.train.schedule import build_optimizer, build_scheduler
+
+logger = logging.getLogger(__name__)
+
+RESUME_FREE_KEYS = {"run.resume", "run.progress", "run.output_dir", "data.num_workers", "run.log_every"}
+
+
+class TrainingError(VisloraError, RuntimeError):
+    """Training cannot go on (NaN/Inf loss for too long, a run directory that does not match)."""
+
+
+@dataclass
+class TrainResult:
+    """What `fit` produced: where the adapters are and the last/best held-out metrics."""
+
+    run_dir: Path
+    adapter_dir: Path
+    best_dir: Path | None
+    steps: int
+    stopped_early: bool
+    final: dict[str, float] | None
+    best: dict[str, Any] | None
+    skipped_images: int
+    trainable_params: int
+    total_params: int
+    seconds: float
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """This process's micro-batches of one epoch: a (seed, epoch)-seeded permutation, from batch `start`.
+
+    Global batch b covers permutation[b*B*W:(b+1)*B*W]; process r takes its r-th slice of B indices.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int, rank: int, world: int) -> None:
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return max(0, self.n // (self.batch_size * self.world) - self.start)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+        step = self.batch_size * self.world
+        for b in range(self.start, self.n // step):
+            first = b * step + self.rank * self.batch_size
+            yield order[first:first + self.batch_size].tolist()
+
+
+class Trainer:
+    """Build model, data, optimizer from a TrainConfig; `fit()` trains. Tests may pass their own datasets."""
+
+    def __init__(self, config: TrainConfig, train_data: ImageDataset | None = None,
+                 val_data: ImageDataset | None = None) -> None:
+        self.config = config
+        self.run_dir = Path(config.run.output_dir)
+        self.accelerator = Accelerator(mixed_precision=config.run.mixed_precision)
+        set_seed(config.run.seed)
+        self.train_data = train_data if train_data is not None else self._open(config.data.train, None,
+                                                                                config.data.train_limit)
+        classes = self.train_data.classes
+        self.val_data = val_data if val_data is not None or not config.data.val else self._open(
+            config.data.val, classes, config.data.val_limit)
+        self._check_resolutions(self.train_data, self.val_data)
+        self.model = self._build_model(len(classes))
+        self.spec = model_input_spec(self._base_model(), config.data.image_size)
+        self.train_transform = SampleTransform(build_transform(self.spec, True, config.data.augment), config.run.seed)
+        self.eval_transform = SampleTransform(build_transform(self.spec, False), config.run.seed)
+        self.train_data.transform = self.train_transform
+        if self.val_data is not None:
+            self.val_data.transform = self.eval_transform
+        self.mixup = build_mixup(config.data.augment, len(classes))
+        self.optimizer = build_optimizer(self.model, config.optim)
+        self.scheduler = build_scheduler(self.optimizer, config.optim)
+        self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
+        self.loop = ckpt.LoopState()
+        self._metrics_file: Any = None
+        self._last_eval_step: int | None = None
+
+    # ---------------------------------------------------------------- setup
+    def _open(self, source: str, classes: list[str] | None, limit: int | None) -> ImageDataset:
+        data = self.config.data
+        dataset = open_dataset(source, label_column=data.label_column, path_column=data.path_column,
+                               strict=data.strict, classes=classes)
+        return dataset.subset(limit, seed=self.config.run.seed) if limit else dataset
+
+    def _check_resolutions(self, *datasets: ImageDataset | None) -> None:
+        if self.config.data.allow_mixed_resolution:
+            return
+        for dataset in (d for d in datasets if d is not None):
+            sizes = dataset.resolutions()
+            sizes.pop(None, None)
+            if len(sizes) > 1:
+                top = ", ".join(f"{w}x{h}: {n}" for (w, h), n in sizes.most_common(4))
+                raise ConfigError(f"{dataset.name} mixes {len(sizes)} image resolutions ({top}, ...); every image "
+                                  "is resized to the model's input size, which distorts some of them differently. "
+                                  "Set data.allow_mixed_resolution: true to accept that, or resize the dataset")
+
+    def _build_model(self, num_classes: int) -> AdaptedModel:
+        cfg = self.config
+        base, head = build_classifier(cfg.model.spec, num_classes, cfg.model.pretrained, cfg.model.head,
+                                      cfg.model.pooling, cfg.data.image_size, **cfg.model.kwargs)
+        if cfg.run.gradient_checkpointing:
+            _enable_gradient_checkpointing(base)
+        self.head_path = head
+        model = inject(base, cfg.adapter.build(head))
+        model.train()
+        if cfg.run.compile:
+            model.base_model.compile()
+        return model
+
+    def _base_model(self) -> nn.Module:
+        base = self.accelerator.unwrap_model(self.model).base_model
+        return getattr(base, "backbone", base)
+
+    @property
+    def adapted(self) -> AdaptedModel:
+        return self.accelerator.unwrap_model(self.model)
+
+    # ---------------------------------------------------------------- fit
+    def fit(self) -> TrainResult:
+        """Train to `optim.max_steps` (or early stop), resuming from the last checkpoint when asked."""
+        start_time = time.perf_counter()
+        self._prepare_run_dir()
+        cfg = self.config
+        accelerator = self.accelerator
+        report = parameter_report(self.adapted)
+        if accelerator.is_main_process:
+            logger.info("training %s trainable of %s parameters (%.3f%%)", f"{report.trainable:,}",
+                        f"{report.total:,}", report.trainable_percent)
+        bar = self._progress_bar()
+        stopped_early = False
+        last_eval: EvalResult | None = None
+        micro, window_images, window_start, running_loss = 0, 0, time.perf_counter(), 0.0
+        while self.loop.step < cfg.optim.max_steps and not stopped_early:
+            for batch in self._epoch_batches():
+                self.loop.batch_in_epoch += 1
+                micro += 1
+                loss, n_images = self._forward_backward(batch, last=micro == cfg.optim.grad_accum)
+                running_loss += loss
+                window_images += n_images
+                if micro < cfg.optim.grad_accum:
+                    continue
+                finite, grad_norm = self._optimizer_step()
+                micro = 0
+                self.loop.step += 1
+                seconds = time.perf_counter() - window_start
+                images = int(accelerator.reduce(torch.tensor(window_images), "sum").item())
+                self.loop.images_seen += images
+                images_per_s = images / max(seconds, 1e-9)
+                mean_loss = accelerator.reduce(torch.tensor(running_loss / cfg.optim.grad_accum), "mean").item()
+                self._log_train(mean_loss, grad_norm, finite, images_per_s, bar)
+                running_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+                if cfg.run.eval_every and self.loop.step % cfg.run.eval_every == 0:
+                    last_eval = self.evaluate()
+                    stopped_early = self._after_eval(last_eval)
+                if cfg.run.save_every and self.loop.step % cfg.run.save_every == 0:
+                    self.save_checkpoint()
+                if stopped_early or self.loop.step >= cfg.optim.max_steps:
+                    break
+            else:
+                self.loop.epoch += 1
+                self.loop.batch_in_epoch = 0
+        if bar is not None:
+            bar.close()
+        if self.val_data is not None and self._last_eval_step != self.loop.step:
+            last_eval = self.evaluate()
+            stopped_early = self._after_eval(last_eval) or stopped_early
+        return self._finish(last_eval, stopped_early, report, time.perf_counter() - start_time)
+
+    def _epoch_batches(self) -> Iterator[dict[str, Any]]:
+        cfg = self.config
+        self.train_transform.set_epoch(self.loop.epoch)
+        sampler = EpochBatches(len(self.train_data), cfg.optim.batch_size, cfg.run.seed, self.loop.epoch,
+                               self.loop.batch_in_epoch, self.accelerator.process_index,
+                               self.accelerator.num_processes)
+        if len(self.train_data) < cfg.optim.batch_size * self.accelerator.num_processes:
+            raise ConfigError(f"{self.train_data.name} has {len(self.train_data)} images, fewer than one batch "
+                              f"({cfg.optim.batch_size} x {self.accelerator.num_processes} processes); lower "
+                              "optim.batch_size")
+        # Own generator: creating a loader must not draw from the global RNG (resume would shift dropout).
+        loader = torch.utils.data.DataLoader(self.train_data, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.data.num_workers, generator=torch.Generator())
+        for batch in loader:
+            self._count_skipped(batch["skipped"])
+            yield batch
+
+    def _count_skipped(self, indices: list[int]) -> None:
+        new = set(indices) - set(self.loop.skipped)
+        self.loop.skipped = sorted(set(self.loop.skipped) | new)
+
+    def _forward_backward(self, batch: dict[str, Any], last: bool) -> tuple[float, int]:
+        """Loss of one micro-batch, backpropagated (gradients synced across processes only on the last one)."""
+        accelerator = self.accelerator
+        sync = accelerator.no_sync(self.model) if not last else contextlib.nullcontext()
+        with sync:
+            if "image" not in batch:  # every image of this micro-batch was corrupt: keep processes in step
+                loss = sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
+                accelerator.backward(loss)
+                return 0.0, 0
+            images = batch["image"].to(accelerator.device)
+            targets = batch["label"].to(accelerator.device)
+            if self.mixup is not None:
+                even = len(images) - len(images) % 2
+                images, targets = self.mixup(images[:even], targets[:even])
+            with accelerator.autocast():
+                logits = self.model(images)
+                loss = classification_loss(logits.float(), targets, self.config.data.augment.label_smoothing)
+            accelerator.backward(loss / self.config.optim.grad_accum)
+            return loss.item(), len(images)
+
+    def _optimizer_step(self) -> tuple[bool, float]:
+        """Clip, check for NaN/Inf, step or skip; raise after `nan_max_consecutive` bad steps in a row."""
+        cfg = self.config
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = self.accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf)
+        grad_norm = float(norm)
+        finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.scheduler.step()
+            self.loop.nonfinite_in_a_row = 0
+        else:
+            self.loop.nonfinite_in_a_row += 1
+            self.loop.nonfinite_total += 1
+            logger.warning("step %d: loss or gradients are NaN/Inf; the step was skipped (%d in a row)",
+                           self.loop.step + 1, self.loop.nonfinite_in_a_row)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.loop.nonfinite_in_a_row >= cfg.run.nan_max_consecutive:
+            raise TrainingError(
+                f"loss or gradients were NaN/Inf for {self.loop.nonfinite_in_a_row} steps in a row (up to step "
+                f"{self.loop.step + 1}); training stopped. Lower optim.lr_adapter ({cfg.optim.lr_adapter}) and "
+                f"optim.lr_head ({cfg.optim.lr_head}), keep optim.max_grad_norm on, use mixed_precision: no, "
+                "and check the data for broken images; the last good checkpoint is in "
+                f"{self.run_dir / 'checkpoints'}")
+        return finite, grad_norm
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self) -> EvalResult:
+        """Held-out metrics over `val_data`, sharded across processes and gathered."""
+        accelerator = self.accelerator
+        indices = list(range(accelerator.process_index, len(self.val_data), accelerator.num_processes))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val_data, indices),
+                                             batch_size=self.config.optim.batch_size, collate_fn=collate,
+                                             num_workers=self.config.data.num_workers, generator=torch.Generator())
+        rows, skipped = predict_rows(self.model, loader, accelerator.device, accelerator.autocast)
+        rows, skipped = gather_object(rows), gather_object(skipped)
+        result = summarize(rows, self.val_data.classes, skipped=len(set(skipped)))
+        self._last_eval_step = self.loop.step
+        self._write_metrics({"step": self.loop.step, "split": "val", "accuracy": result.accuracy,
+                             "loss": result.loss, "n": result.n, "skipped_images": result.skipped})
+        return result
+
+    def _after_eval(self, result: EvalResult) -> bool:
+        """Keep the best adapter; True when early stopping says stop."""
+        cfg = self.config.run
+        value = result.accuracy if cfg.best_metric == "accuracy" else result.loss
+        sign = 1 if cfg.best_metric == "accuracy" else -1
+        best = self.loop.best_value
+        if best is None or sign * (value - best) > cfg.early_stopping_min_delta:
+            self.loop.best_value, self.loop.best_step = value, self.loop.step
+            self.loop.evals_without_improvement = 0
+            self._save_adapter(self.run_dir / "best")
+        else:
+            self.loop.evals_without_improvement += 1
+        patience = cfg.early_stopping_patience
+        if patience and self.loop.evals_without_improvement >= patience:
+            if self.accelerator.is_main_process:
+                logger.warning("early stopping at step %d: %s has not improved for %d evaluations (best %.4f at "
+                               "step %d)", self.loop.step, cfg.best_metric, patience, self.loop.best_value,
+                               self.loop.best_step)
+            return True
+        return False
+
+    # ---------------------------------------------------------------- files
+    def _prepare_run_dir(self) -> None:
+        accelerator = self.accelerator
+        checkpoints = ckpt.list_checkpoints(self.run_dir / "checkpoints")
+        saved = self.run_dir / "config.yaml"
+        if checkpoints and not self.config.run.resume:
+            raise TrainingError(f"{self.run_dir} already holds a run (checkpoints up to {checkpoints[-1].name}); "
+                                "set run.resume: true to continue it, or choose a new run.output_dir")
+        if checkpoints and saved.is_file():
+            self._check_same_run(saved)
+        if accelerator.is_main_process:
+            self.config.save(saved)
+        if checkpoints:
+            self.load_checkpoint(checkpoints[-1])
+        elif accelerator.is_main_process:
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        accelerator.wait_for_everyone()
+
+    def _check_same_run(self, saved: Path) -> None:
+        previous = TrainConfig.load(saved).model_dump(mode="json")
+        current = self.config.model_dump(mode="json")
+        changed = sorted(k for k in _flatten(previous).keys() | _flatten(current).keys()
+                         if _flatten(previous).get(k) != _flatten(current).get(k) and k not in RESUME_FREE_KEYS)
+        if changed:
+            raise TrainingError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} changed); "
+                                "resume it with the same config, or choose a new run.output_dir")
+
+    def save_checkpoint(self) -> Path:
+        """Write checkpoints/step-N/ atomically (every process saves its RNG), prune old ones."""
+        accelerator = self.accelerator
+        root = self.run_dir / "checkpoints"
+        staging = ckpt.staging_dir(root, self.loop.step)
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        ckpt.save_rng(staging, accelerator.process_index)
+        if accelerator.is_main_process:
+            self._save_adapter_files(staging)
+            ckpt.save_trainer_state(staging, self.loop, self.optimizer, self.scheduler)
+            if self._metrics_file is not None:
+                self._metrics_file.flush()
+                os.fsync(self._metrics_file.fileno())
+        accelerator.wait_for_everyone()
+        final = ckpt.step_dir(root, self.loop.step)
+        if accelerator.is_main_process:
+            ckpt.publish(staging, final)
+            for old in ckpt.list_checkpoints(root)[:-self.config.run.keep_last]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+        return final
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Restore adapter, optimizer, scheduler, RNG and loop position from a checkpoint folder."""
+        load_weights_in_place(self.adapted, folder)
+        self.loop = ckpt.load_trainer_state(folder, self.optimizer, self.scheduler)
+        ckpt.load_rng(folder, self.accelerator.process_index)
+        if self.accelerator.is_main_process:
+            _truncate_metrics(self.run_dir / "metrics.jsonl", self.loop.step)
+            logger.info("resumed from %s (step %d, epoch %d)", folder, self.loop.step, self.loop.epoch)
+
+    def _save_adapter(self, target: Path) -> None:
+        """Write the current adapter to `target` (best/, adapter/) by a complete copy swapped in."""
+        if not self.accelerator.is_main_process:
+            return
+        staging = target.with_name(f".{target.name}.staging")
+        shutil.rmtree(staging, ignore_errors=True)
+        self._save_adapter_files(staging)
+        ckpt.replace_dir(staging, target)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    def _save_adapter_files(self, folder: Path) -> None:
+        self.adapted.save_adapter(folder, "default")
+        task = {"task": "classification", "model": self.config.model.model_dump(mode="json"),
+                "classes": self.train_data.classes, "input": asdict(self.spec), "head": self.head_path,
+                "step": self.loop.step}
+        atomic_write_text(folder / "task.json", json.dumps(task, indent=2))
+
+    def _write_metrics(self, row: dict[str, Any]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        if self._metrics_file is None:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self._metrics_file.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
+        self._metrics_file.flush()
+
+    def _log_train(self, loss: float, grad_norm: float, finite: bool, images_per_s: float, bar: Any) -> None:
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        if self.loop.step % self.config.run.log_every == 0 or not finite:
+            self._write_metrics({"step": self.loop.step, "epoch": self.loop.epoch, "split": "train", "loss": loss,
+                                 "lr_adapter": lrs[0], "lr_head": lrs[-1], "grad_norm": grad_norm,
+                                 "finite": finite, "images_per_s": round(images_per_s, 2),
+                                 "skipped_images": len(self.loop.skipped)})
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{images_per_s:.1f}")
+
+    def _progress_bar(self) -> Any:
+        if not (self.config.run.progress and self.accelerator.is_main_process):
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=self.config.optim.max_steps, initial=self.loop.step, desc="train", unit="step",
+                    dynamic_ncols=True)
+
+    def _finish(self, final: EvalResult | None, stopped_early: bool, report: Any, seconds: float) -> TrainResult:
+        adapter_dir = self.run_dir / "adapter"
+        self._save_adapter(adapter_dir)
+        best_dir = self.run_dir / "best"
+        result = TrainResult(
+            run_dir=self.run_dir, adapter_dir=adapter_dir, best_dir=best_dir if best_dir.is_dir() else None,
+            steps=self.loop.step, stopped_early=stopped_early, final=final.metrics() if final else None,
+            best={"step": self.loop.best_step, self.config.run.best_metric: self.loop.best_value}
+            if self.loop.best_step is not None else None,
+            skipped_images=len(self.loop.skipped), trainable_params=report.trainable, total_params=report.total,
+            seconds=seconds)
+        if self.accelerator.is_main_process:
+            summary = {**asdict(result), "run_dir": str(self.run_dir), "adapter_dir": str(adapter_dir),
+                       "best_dir": str(result.best_dir) if result.best_dir else None}
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            if self._metrics_file is not None:
+                self._metrics_file.close()
+                self._metrics_file = None
+        self.accelerator.wait_for_everyone()
+        return result
+
+
+def load_weights_in_place(model: AdaptedModel, folder: Path, name: str = "default") -> None:
+    """Copy a saved adapter's values into adapter `name`'s existing parameters.
+
+    The parameter objects stay the same, so the optimizer and a DistributedDataParallel wrapper that
+    hold them keep working.
+    """
+    model.load_adapter(folder, "resume_tmp", activate=False)
+    try:
+        with torch.no_grad():
+            pairs = zip(model.adapter_parameters(name), model.adapter_parameters("resume_tmp"), strict=True)
+            for param, saved in pairs:
+                if param.shape != saved.shape:
+                    raise TrainingError(f"checkpoint {folder} does not fit the model ({tuple(saved.shape)} vs "
+                                        f"{tuple(param.shape)}); it belongs to another run")
+                param.copy_(saved)
+    finally:
+        model.delete_adapter("resume_tmp")
+
+
+def train(config: TrainConfig) -> TrainResult:
+    """Train as `config` says; the library form of `vislora train`."""
+    return Trainer(config).fit()
+
+
+def _enable_gradient_checkpointing(model: nn.Module) -> None:
+    backbone = getattr(model, "backbone", model)
+    if hasattr(backbone, "set_grad_checkpointing"):  # timm
+        backbone.set_grad_checkpointing(True)
+    elif getattr(backbone, "supports_gradient_checkpointing", False):  # transformers
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ConfigError(f"{type(backbone).__name__} does not support gradient checkpointing; set "
+                          "run.gradient_checkpointing: false")
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("rank_pattern", "alpha_pattern"):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Keep metrics.jsonl lines up to `step` (a killed run may have logged past its last checkpoint)."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
