@@ -147,3 +147,13 @@ def test_modules_to_save_and_norms(vit):
 def test_plan_prints_counts(vit):
     text = str(plan_for(vit, targets=["qkv", "o"], modules_to_save="head"))
     assert "4 adapted weights" in text and "2 x blocks.N.attn.qkv" in text and "head" in text
+
+
+def test_sliced_path_targets(vit):
+    plan = plan_for(vit, targets=["blocks.1.attn.qkv[k]", r"re:blocks\.0\.attn\.qkv[q,v]"])
+    assert [(t.path, t.slices) for t in plan.targets] == [("blocks.0.attn.qkv", ("q", "v")),
+                                                         ("blocks.1.attn.qkv", ("k",))]
+    with pytest.raises(TargetError, match=r"slices of 'blocks.1.mlp.fc1', which is not a fused qkv projection"):
+        plan_for(vit, targets=["blocks.1.mlp.fc1[q]"])
+    with pytest.raises(TargetError, match="matches no module"):
+        plan_for(vit, targets=["blocks.7.attn.qkv[q]"])

@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vislora.errors import ConfigError, VisloraWarning
 from vislora.io import atomic_write_text
 
-Init = Literal["kaiming", "gaussian"]
+Init = Literal["kaiming", "gaussian", "pissa"]
+Method = Literal["lora", "dora"]
 
 HIGH_RANK = 64
 LOW_ALPHA_PER_RANK = 0.5
@@ -36,7 +37,8 @@ class AdapterConfig(BaseModel):
 
     `targets` entries are roles (`q`, `k`, `v`, `qkv`, `o`, `fc1`, `fc2`, `attention`, `mlp`) resolved
     for the model's family, module-path suffixes (`attn.qkv`), or regexes prefixed `re:`.
-    delta_W = scale * B @ A with scale = alpha / rank, or alpha / sqrt(rank) when `use_rslora`.
+    delta_W = scale * B @ A with scale = alpha / rank, or alpha / sqrt(rank) when `use_rslora`. A target can
+    also be a module path with slices, `blocks.0.attn.qkv[q,v]`.
     """
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -56,7 +58,14 @@ class AdapterConfig(BaseModel):
     modules_to_save: list[str] = Field(
         default_factory=list, description="Modules trained in full and saved with the adapter (e.g. head)."
     )
-    init: Init = Field("kaiming", description="kaiming: A Kaiming-uniform, B zeros; gaussian: A ~ N(0, 1/r).")
+    method: Method = Field(
+        "lora", description="lora: W + scale*BA; dora: a trainable magnitude per output row over the normalised "
+        "direction of W + scale*BA (DoRA)."
+    )
+    init: Init = Field(
+        "kaiming", description="kaiming: A Kaiming-uniform, B zeros; gaussian: A ~ N(0, 1/r), B zeros; pissa: A, B "
+        "from W's top-r singular vectors and W replaced by the residual (PiSSA)."
+    )
 
     @field_validator("targets", "exclude", "modules_to_save", mode="before")
     @classmethod
@@ -81,6 +90,9 @@ class AdapterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _advise(self) -> AdapterConfig:
+        if self.init == "pissa" and self.method == "dora":
+            raise ValueError("init='pissa' with method='dora' is not supported: DoRA normalises W, which PiSSA "
+                             "rewrites; use init='kaiming' with DoRA, or method='lora' with PiSSA")
         if self.rank > HIGH_RANK:
             warnings.warn(
                 f"rank={self.rank} is very high for an adapter (> {HIGH_RANK}); ranks 8-32 rarely lose "

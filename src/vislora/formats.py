@@ -1,15 +1,17 @@
 """Adapter files: PEFT's directory layout and key names, safetensors only, atomic writes.
 
 A directory holds `adapter_config.json` (a PEFT LoraConfig) and `adapter_model.safetensors` with keys
-`base_model.model.<path>.lora_A.weight` [r, in] and `.lora_B.weight` [out, r], so PEFT loads what we
-save and we load what PEFT saves. `vislora_adapter.json` keeps what PEFT's config cannot say (roles,
-q/k/v slices); it is optional when loading.
+`base_model.model.<path>.lora_A.weight` [r, in], `.lora_B.weight` [out, r] and, for DoRA,
+`.lora_magnitude_vector` [out], so PEFT loads what we save and we load what PEFT saves.
+`vislora_adapter.json` keeps what PEFT's config cannot say (roles, q/k/v slices); it is optional when loading.
 
 Shapes that PEFT has no word for are written as exact equivalents:
 - q/k/v slices of a fused layer: one stacked-rank LoRA on the fused weight, A [S*r, in] and a
   block-sparse B [3d, S*r]; rank_pattern/alpha_pattern make PEFT's scale equal ours;
 - nn.MultiheadAttention: PEFT's own layout (`<mha>.lora_A` for in_proj, `<mha>.base_layer.out_proj.lora_A`),
-  both pairs zero-padded to one rank and B rescaled to one shared scale.
+  both pairs zero-padded to one rank and B rescaled to one shared scale (PEFT refuses DoRA there);
+- PiSSA: the pair relative to the untouched base weight, [A; A0] and [B, -B0] at rank 2r, as PEFT's own
+  conversion writes it, so the file loads onto the original model.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ PREFIX = "base_model.model."
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FORMAT_VERSION = 1
 # PEFT LoraConfig fields whose non-default values change the computation in ways vislora does not model
-_UNSUPPORTED_PEFT = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "lora_bias": False,
+_UNSUPPORTED_PEFT = {"fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                      "layer_replication": None, "target_parameters": None, "trainable_token_indices": None,
                      "use_qalora": False, "use_bdlora": None}
 
@@ -53,12 +55,13 @@ class Pair:
     a: torch.Tensor  # [r, in]
     b: torch.Tensor  # [out, r]
     scale: float
+    magnitude: torch.Tensor | None = None  # [out], DoRA only
 
 
 # ------------------------------------------------------------------ save
 def save_adapter(model: AdaptedModel, path: Path, name: str) -> Path:
     """Write adapter `name` of `model` into directory `path` (created if missing)."""
-    config, plan = model.configs[name], model.plans[name]
+    config, plan = saved_config(model.configs[name]), model.plans[name]
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -67,6 +70,8 @@ def save_adapter(model: AdaptedModel, path: Path, name: str) -> Path:
         for key, pair in pairs.items():
             tensors[f"{PREFIX}{key}.lora_A.weight"] = pair.a
             tensors[f"{PREFIX}{key}.lora_B.weight"] = pair.b
+            if pair.magnitude is not None:
+                tensors[f"{PREFIX}{key}.lora_magnitude_vector"] = pair.magnitude
         rank, scale = next(iter(pairs.values())).a.shape[0], next(iter(pairs.values())).scale
         alpha = scale * (math.sqrt(rank) if config.use_rslora else rank)
         if rank != config.rank or not math.isclose(alpha, config.alpha, rel_tol=1e-12):
@@ -82,6 +87,7 @@ def save_adapter(model: AdaptedModel, path: Path, name: str) -> Path:
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
+        "use_dora": config.method == "dora",
         "target_modules": sorted(pairs_by_module),
         "rank_pattern": ranks,
         "alpha_pattern": alphas,
@@ -95,8 +101,8 @@ def save_adapter(model: AdaptedModel, path: Path, name: str) -> Path:
         "format_version": FORMAT_VERSION,
         "library": f"vislora {__version__}",
         "adapter_config": config.model_dump(mode="json"),
-        "targets": [{"path": t.path, "slices": list(t.slices), "rank": t.rank, "alpha": t.alpha}
-                    for t in plan.targets],
+        "targets": [{"path": t.path, "slices": list(t.slices), "rank": _saved_rank(model, t, name),
+                     "scale": t.scale} for t in plan.targets],
     }
     path.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
@@ -106,14 +112,32 @@ def save_adapter(model: AdaptedModel, path: Path, name: str) -> Path:
     return path
 
 
+def saved_config(config: AdapterConfig) -> AdapterConfig:
+    """The config that describes the saved file: a PiSSA adapter is written as a plain LoRA of twice the rank
+    (PEFT's conversion: alpha doubled, or times sqrt(2) with rsLoRA, so the scale stays)."""
+    if config.init != "pissa":
+        return config
+    factor = math.sqrt(2) if config.use_rslora else 2.0
+    return config.model_copy(update={
+        "rank": 2 * config.rank, "alpha": factor * config.alpha, "init": "kaiming",
+        "rank_pattern": {k: 2 * v for k, v in config.rank_pattern.items()},
+        "alpha_pattern": {k: factor * v for k, v in config.alpha_pattern.items()},
+    })
+
+
+def _saved_rank(model: AdaptedModel, target: Target, name: str) -> int:
+    return model._layers[target.module_path].export_pair(name)[2]
+
+
 def _peft_pairs(model: AdaptedModel, plan: TargetPlan, name: str) -> dict[str, dict[str, Pair]]:
     """PEFT module path -> {key prefix: pair}; MHA pairs padded to one rank and one scale."""
     out: dict[str, dict[str, Pair]] = {}
     mha_paths = _mha_paths(model)
     for target in plan.targets:
         layer = model._layers[target.module_path]
-        a, b = layer.lora_A[name].detach(), layer.lora_B[name].detach()
-        pair = Pair(a, _stack_slices(b, target) if target.slices else b, target.scale)
+        a, b, _ = layer.export_pair(name)
+        magnitude = layer.lora_magnitude[name].detach() if name in layer.lora_magnitude else None
+        pair = Pair(a, _stack_slices(b, target) if target.slices else b, target.scale, magnitude)
         if target.kind == "mha_in_proj":
             out.setdefault(target.module_path, {})[target.module_path] = pair
         elif target.path.rpartition(".")[0] in mha_paths and target.path.endswith(".out_proj"):
@@ -145,11 +169,20 @@ def _pad_mha(pairs: dict[str, Pair], mha: str, model: AdaptedModel) -> dict[str,
         pair = pairs.get(key)
         a = torch.zeros(rank, n_in, dtype=next(iter(pairs.values())).a.dtype)
         b = torch.zeros(n_out, rank, dtype=a.dtype)
+        magnitude = None
         if pair is not None:
             r = pair.a.shape[0]
             a[:r], b[:, :r] = pair.a, pair.b * (pair.scale / scale)
-        padded[key] = Pair(a, b, scale)
+            magnitude = pair.magnitude
+        elif any(p.magnitude is not None for p in pairs.values()):  # DoRA's identity: m = ||W|| gives g = 1
+            magnitude = _mha_weight(model, key).detach().to(a.dtype).norm(dim=1)
+        padded[key] = Pair(a, b, scale, magnitude)
     return padded
+
+
+def _mha_weight(model: AdaptedModel, key: str) -> torch.Tensor:
+    mha = model._layers[key.removesuffix(".base_layer.out_proj")].base_layer
+    return mha.out_proj.weight if key.endswith(".out_proj") else mha.in_proj_weight
 
 
 def _stack_slices(b: torch.Tensor, target: Target) -> torch.Tensor:
@@ -274,6 +307,13 @@ def config_from_peft(peft: dict[str, Any], file: Path | None = None) -> AdapterC
     if odd:
         raise AdapterFileError(f"{where}: options {odd} are not supported by vislora's LoRA loader yet; "
                                "re-train without them or merge the adapter with PEFT")
+    init = peft.get("init_lora_weights", True)
+    if isinstance(init, str) and init != "gaussian":
+        raise AdapterFileError(
+            f"{where}: init_lora_weights={init!r}: this adapter's weights are relative to the residual base model "
+            f"that {init.split('_')[0]} initialisation made, which is not in the file. Save it with PEFT's "
+            "save_pretrained(..., path_initial_model_for_weight_conversion=...) to get a plain LoRA, then load that"
+        )
     targets = peft.get("target_modules")
     if not targets:
         raise AdapterFileError(f"{where}: target_modules is empty")
@@ -288,6 +328,7 @@ def config_from_peft(peft: dict[str, Any], file: Path | None = None) -> AdapterC
             "alpha": peft.get("lora_alpha", 8),
             "dropout": peft.get("lora_dropout", 0.0),
             "use_rslora": peft.get("use_rslora", False),
+            "method": "dora" if peft.get("use_dora") else "lora",
             "targets": as_regex,
             "exclude": exclude,
             "layers": [layers] if isinstance(layers, int) else layers,
@@ -313,11 +354,15 @@ def _expected_shapes(model: AdaptedModel, plan: TargetPlan, config: AdapterConfi
             continue
         shapes[f"{PREFIX}{target.path}.lora_A.weight"] = (rank, target.in_features)
         shapes[f"{PREFIX}{target.path}.lora_B.weight"] = (target.out_features, rank)
+        if config.method == "dora":
+            shapes[f"{PREFIX}{target.path}.lora_magnitude_vector"] = (target.out_features,)
     for mha, rank in mha_ranks.items():
         embed = model._layers[mha].in_features if mha in model._layers else _embed_dim(model, mha)
         for key, n_out in ((mha, 3 * embed), (f"{mha}.base_layer.out_proj", embed)):
             shapes[f"{PREFIX}{key}.lora_A.weight"] = (rank, embed)
             shapes[f"{PREFIX}{key}.lora_B.weight"] = (n_out, rank)
+            if config.method == "dora":
+                shapes[f"{PREFIX}{key}.lora_magnitude_vector"] = (n_out,)
     from vislora.targets import logical_modules
 
     modules = logical_modules(model.base_model)
@@ -372,6 +417,8 @@ def _copy_in(model: AdaptedModel, plan: TargetPlan, name: str, tensors: dict[str
                 a, b = a[:rank], b[:, :rank] * (_shared_mha_scale(plan, target) / target.scale)
             layer.lora_A[name].copy_(a)
             layer.lora_B[name].copy_(_unstack_slices(b, target) if target.slices else b)
+            if name in layer.lora_magnitude:
+                layer.lora_magnitude[name].copy_(tensors[f"{PREFIX}{key}.lora_magnitude_vector"])
         for module_path in plan.modules_to_save:
             copy = model._saved[module_path].copies[name]
             copy.load_state_dict({k: tensors[f"{PREFIX}{module_path}.{k}"] for k in copy.state_dict()})

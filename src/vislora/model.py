@@ -5,18 +5,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from vislora.adapters.linear import LoraLayer, LoraLinear, PairSpec
+from vislora.adapters.routing import Route
 from vislora.adapters.saved import ModulesToSave
 from vislora.config import AdapterConfig
 from vislora.errors import AdapterError, TargetError
 from vislora.targets import QKV, TargetPlan, logical_modules, resolve_targets
+
+if TYPE_CHECKING:
+    from vislora.arithmetic import CombineReport
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +31,8 @@ class AdaptedModel(nn.Module):
     """A base model carrying named adapters. Build it with `vislora.inject`.
 
     Calls are forwarded to the base model; attributes it lacks are looked up on the base model, so
-    `model.forward_features(x)` or `model.config` keep working.
+    `model.forward_features(x)` or `model.config` keep working. `model(x, adapters=[...])` computes each sample
+    with its own adapter in one batched pass.
     """
 
     def __init__(self, base_model: nn.Module) -> None:
@@ -45,8 +50,18 @@ class AdaptedModel(nn.Module):
         self._requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
         base_model.requires_grad_(False)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model(*args, **kwargs)
+    def forward(self, *args: Any, adapters: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """The base model's forward with the active adapters; or, given `adapters` (one name or None per sample),
+        every sample with its own adapter (None = the base model) in one batched pass, whatever is active.
+        """
+        if adapters is None:
+            return self.base_model(*args, **kwargs)
+        route = self._make_route(adapters, args, kwargs)
+        self._set_route(route)
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            self._set_route(None)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -89,21 +104,10 @@ class AdaptedModel(nn.Module):
     def delete_adapter(self, name: str) -> None:
         """Remove an adapter; layers left without adapters go back to their base modules."""
         self._check_known([name])
-        if self._merged and name in self._active:
-            raise AdapterError(f"adapter {name!r} is merged into the weights; call unmerge() before deleting it")
-        for layer in self._layers.values():
-            if name in layer.specs:
-                layer.delete_adapter(name)
-        for path in sorted(self._layers, key=len, reverse=True):  # an MHA's out_proj before the MHA
-            if not self._layers[path].specs and not self._nested_adapters(path):
-                self._unwrap(path)
-        for path, saved in list(self._saved.items()):
-            if name in saved.copies:
-                saved.delete_adapter(name)
-                if not len(saved.copies):
-                    self._unwrap(path)
-        del self.configs[name], self.plans[name]
-        self._active = tuple(n for n in self._active if n != name)
+        if self._merged:
+            raise AdapterError(f"adapters {list(self._active)} are merged into the weights; call unmerge() before "
+                               f"deleting {name!r}")
+        self._remove(name)
         self._apply_active()
 
     def set_active(self, names: str | Sequence[str]) -> None:
@@ -122,6 +126,26 @@ class AdaptedModel(nn.Module):
                                    "(modules_to_save); activate only one of them")
         self._active = names
         self._apply_active()
+
+    def set_trainable(self, names: str | Sequence[str]) -> None:
+        """Make exactly these adapters trainable, e.g. every task of a multi-task run that routes samples with
+        `model(x, adapters=[...])`. set_active() resets this to the active set."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        self._check_known(names)
+        self._make_trainable(names)
+
+    def combine(
+        self, weights: Mapping[str, float], name: str, how: str = "exact", rank: int | None = None
+    ) -> CombineReport:
+        """Add adapter `name` = sum of weights[a] * (adapter a's change of W); negative weights subtract.
+
+        how="exact" concatenates the ranks (equal to the weighted sum of deltas up to float rounding);
+        how="svd" truncates the summed delta of each layer to `rank` (default: the largest contributing rank)
+        and reports the relative approximation error per layer. The new adapter is not activated.
+        """
+        from vislora.arithmetic import combine
+
+        return combine(self, weights, name, how, rank)
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -150,7 +174,7 @@ class AdaptedModel(nn.Module):
             raise AdapterError(f"no active adapter to merge; call set_active() first (loaded: {self.adapters})")
         if safe:
             for path, layer in self._layers.items():
-                if layer.active and not torch.isfinite(_merged_weight(layer)).all():
+                if not torch.isfinite(layer.merged_weight(layer.active)).all():
                     raise FloatingPointError(f"merging {layer.active} into {path!r} gives NaN/Inf; "
                                              "the adapter weights are broken, nothing was merged")
         for layer in self._layers.values():
@@ -206,25 +230,30 @@ class AdaptedModel(nn.Module):
         return load_adapter_into(self, Path(path), name, activate)
 
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        """Adapter `name`'s tensors keyed by `<module path>.lora_A|lora_B` and `<path>.<param>` for saved modules."""
+        """Adapter `name`'s tensors keyed by `<module path>.lora_A|lora_B|lora_magnitude` and `<path>.<param>` for
+        saved modules."""
         self._check_known([name])
         state = {}
         for path, layer in self._layers.items():
             if name in layer.specs:
                 state[f"{path}.lora_A"] = layer.lora_A[name]
                 state[f"{path}.lora_B"] = layer.lora_B[name]
+                if name in layer.lora_magnitude:
+                    state[f"{path}.lora_magnitude"] = layer.lora_magnitude[name]
         for path, saved in self._saved.items():
             if name in saved.copies:
                 state.update({f"{path}.{k}": v for k, v in saved.copies[name].state_dict().items()})
         return state
 
     def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        """The trainable parameters of one adapter (low-rank pairs and its saved-module copies)."""
+        """The trainable parameters of one adapter (low-rank pairs, DoRA magnitudes, saved-module copies)."""
         self._check_known([name])
         for layer in self._layers.values():
             if name in layer.specs:
                 yield layer.lora_A[name]
                 yield layer.lora_B[name]
+                if name in layer.lora_magnitude:
+                    yield layer.lora_magnitude[name]
         for saved in self._saved.values():
             if name in saved.copies:
                 yield from saved.copies[name].parameters()
@@ -244,14 +273,36 @@ class AdaptedModel(nn.Module):
             raise AdapterError(f"unknown adapter(s) {unknown}; loaded: {list(self.adapters) or 'none'}")
 
     def _install(self, name: str, config: AdapterConfig, plan: TargetPlan) -> None:
+        """Add adapter `name` to every layer of `plan`; on any failure nothing of it stays behind."""
         self.configs[name], self.plans[name] = config, plan
-        for target in plan.targets:
-            layer = self._wrap(target.module_path)
-            slices = tuple(QKV.index(s) for s in target.slices)
-            layer.add_adapter(name, PairSpec(target.rank, target.scale, config.dropout, slices, config.init))
-        for path in plan.modules_to_save:
-            saved = self._saved.get(path) or self._wrap_saved(path)
-            saved.add_adapter(name)
+        try:
+            for target in plan.targets:
+                layer = self._wrap(target.module_path)
+                slices = tuple(QKV.index(s) for s in target.slices)
+                layer.add_adapter(name, PairSpec(target.rank, target.scale, config.dropout, slices, config.init,
+                                                 config.method))
+            for path in plan.modules_to_save:
+                saved = self._saved.get(path) or self._wrap_saved(path)
+                saved.add_adapter(name)
+        except Exception:
+            self._remove(name)
+            raise
+
+    def _remove(self, name: str) -> None:
+        """Take adapter `name` out of every wrapper; wrappers left empty go back to their base modules."""
+        for layer in self._layers.values():
+            if name in layer.specs:
+                layer.delete_adapter(name)
+        for path in sorted(self._layers, key=len, reverse=True):  # an MHA's out_proj before the MHA
+            if not self._layers[path].specs and not self._nested_adapters(path):
+                self._unwrap(path)
+        for path, saved in list(self._saved.items()):
+            if name in saved.copies:
+                saved.delete_adapter(name)
+                if not len(saved.copies):
+                    self._unwrap(path)
+        del self.configs[name], self.plans[name]
+        self._active = tuple(n for n in self._active if n != name)
 
     def _wrap(self, path: str) -> LoraLayer:
         if path in self._layers:
@@ -266,6 +317,7 @@ class AdaptedModel(nn.Module):
                 self._wrap(path.rpartition(".")[0])
             layer = LoraLinear(module)
             self._unfuse_qkv_bias(parent, attribute)
+        layer.path, layer.batch_dim = path, self._batch_dim(path)
         setattr(parent, attribute, layer)
         self._layers[path] = layer
         return layer
@@ -284,9 +336,25 @@ class AdaptedModel(nn.Module):
     def _wrap_saved(self, path: str) -> ModulesToSave:
         parent, attribute, module = self._locate(path)
         saved = ModulesToSave(module)
+        saved.batch_dim = self._batch_dim(path)
         setattr(parent, attribute, saved)
         self._saved[path] = saved
         return saved
+
+    def _batch_dim(self, path: str) -> int:
+        """Where the module at `path` sees the batch: 1 inside a block whose attention is sequence-first
+        (nn.MultiheadAttention with batch_first=False, e.g. older open_clip), else 0."""
+        modules = logical_modules(self.base_model)
+        if isinstance(modules.get(path.rpartition(".")[0]), nn.MultiheadAttention):
+            return 0  # its out_proj: the attention wrapper calls it batch first
+        parts = path.split(".")
+        for end in range(len(parts) - 1, -1, -1):
+            prefix = ".".join(parts[:end])
+            attentions = [m for p, m in modules.items() if isinstance(m, nn.MultiheadAttention)
+                          and (p == prefix or p.startswith(prefix + ".") or not prefix)]
+            if attentions:
+                return 0 if all(m.batch_first for m in attentions) else 1
+        return 0
 
     def _locate(self, path: str) -> tuple[nn.Module, str, nn.Module]:
         """(logical parent, attribute name, current child) of a logical module path."""
@@ -300,7 +368,33 @@ class AdaptedModel(nn.Module):
     def _unwrap(self, path: str) -> None:
         wrapper = self._layers.pop(path, None) or self._saved.pop(path)
         parent, attribute, _ = self._locate(path)
-        setattr(parent, attribute, wrapper.current() if isinstance(wrapper, ModulesToSave) else wrapper.base_layer)
+        if isinstance(wrapper, ModulesToSave):
+            setattr(parent, attribute, wrapper.current())
+            return
+        wrapper.release()  # a PiSSA residual goes back into W
+        setattr(parent, attribute, wrapper.base_layer)
+
+    def _make_route(self, adapters: Sequence[str | None], args: tuple, kwargs: dict) -> Route:
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
+            raise AdapterError(f"adapters= takes one adapter name (or None) per sample, got {adapters!r}; "
+                               "to use one adapter for the whole batch call set_active() instead")
+        if self._merged:
+            raise AdapterError(f"adapters {list(self._active)} are merged into the weights; call unmerge() before "
+                               "routing samples to adapters")
+        unknown = sorted({n for n in adapters if n is not None and n not in self.configs})
+        if unknown:
+            raise AdapterError(f"unknown adapter(s) {unknown} in adapters=; loaded: {list(self.adapters) or 'none'}")
+        batch = next((t for t in (*args, *kwargs.values()) if torch.is_tensor(t)), None)
+        if batch is None:
+            raise AdapterError("per-sample routing needs a tensor input whose first dimension is the batch")
+        if len(adapters) != batch.shape[0]:
+            raise AdapterError(f"adapters= has {len(adapters)} entries but the batch has {batch.shape[0]} samples "
+                               f"(input shape {tuple(batch.shape)}); give one adapter name or None per sample")
+        return Route.build(adapters, batch.device)
+
+    def _set_route(self, route: Route | None) -> None:
+        for wrapper in (*self._layers.values(), *self._saved.values()):
+            wrapper.route = route
 
     def _route(self, names: tuple[str, ...]) -> None:
         """Tell every wrapper which adapters its forward adds (none of them while merged)."""
@@ -312,18 +406,12 @@ class AdaptedModel(nn.Module):
     def _apply_active(self) -> None:
         """Route the active set and make exactly the active adapters trainable."""
         self._route(self._active)
-        for layer in self._layers.values():
-            for name in layer.specs:
-                trainable = name in self._active
-                layer.lora_A[name].requires_grad_(trainable)
-                layer.lora_B[name].requires_grad_(trainable)
-        for saved in self._saved.values():
-            for name, copy in saved.copies.items():
-                copy.requires_grad_(name in self._active)
+        self._make_trainable(self._active)
 
-
-def _merged_weight(layer: LoraLayer) -> torch.Tensor:
-    return layer.base_weight + sum(layer.delta_weight(n) for n in layer.active)
+    def _make_trainable(self, names: Sequence[str]) -> None:
+        for name in self.adapters:
+            for param in self.adapter_parameters(name):
+                param.requires_grad_(name in names)
 
 
 def inject(base_model: nn.Module, config: AdapterConfig, name: str = "default") -> AdaptedModel:

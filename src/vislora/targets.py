@@ -5,6 +5,7 @@ A `targets` entry is one of
   `qkv` (the query/key/value projection as the model has it: one pair on a fused layer),
   `o`, `fc1`, `fc2`, and the groups `attention` (qkv + o) and `mlp` (fc1 + fc2);
 - `re:<regex>`: a regex that must match the whole module path;
+- `<path>[q,v]`: chosen slices of one fused qkv layer (how a combined adapter names its targets);
 - anything else: a module-path suffix on a dot boundary (`attn.proj` hits `blocks.3.attn.proj`,
   never `patch_embed.proj`).
 Inside `nn.MultiheadAttention` the fused input projection is reachable as `<path>.in_proj`.
@@ -37,6 +38,7 @@ _ROLE_PATTERNS = {
 }
 ROLE_GROUPS = {"attention": ("qkv", "o"), "mlp": ("fc1", "fc2")}
 ROLES = ("qkv", *QKV, "o", "fc1", "fc2", *ROLE_GROUPS)
+_SLICED = re.compile(r"(.+)\[([qkv](?:,[qkv])*)\]")
 _BLOCK = re.compile(r"(?:^|\.)(?:blocks|layers?|resblocks|h)\.(\d+)(?=\.|$)")
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
 
@@ -53,6 +55,7 @@ class Target:
     rank: int
     alpha: float
     scale: float
+    method: str = "lora"
 
     @property
     def module_path(self) -> str:
@@ -63,7 +66,8 @@ class Target:
     def n_params(self) -> int:
         pairs = max(1, len(self.slices))
         rows = self.out_features // len(QKV) if self.slices else self.out_features
-        return pairs * self.rank * (self.in_features + rows)
+        magnitude = self.out_features if self.method == "dora" else 0
+        return pairs * self.rank * (self.in_features + rows) + magnitude
 
 
 @dataclass
@@ -165,6 +169,9 @@ def _match_entry(
                 f"models name the modules by path suffix. Linear layers here include: {_examples(modules)}"
             )
         return hits
+    sliced = _SLICED.fullmatch(entry)
+    if sliced:
+        return _match_sliced(entry, sliced.group(1), sliced.group(2).split(","), candidates)
     hits = [path for path in candidates if _matches(entry, path)]
     if not hits:
         close = difflib.get_close_matches(entry, sorted({_generic(p) for p in candidates}), n=5, cutoff=0.5)
@@ -185,6 +192,19 @@ def _match_entry(
                 f"nn.MultiheadAttention only. Use a more specific pattern or add it to `exclude`.{hint}"
             )
     return out
+
+
+def _match_sliced(
+    entry: str, pattern: str, slices: list[str], candidates: dict[str, nn.Module]
+) -> list[tuple[str, str | None]]:
+    hits = [path for path in candidates if _matches(pattern, path)]
+    if not hits:
+        raise TargetError(f"target {entry!r}: {pattern!r} matches no module in this model")
+    unfused = [path for path in hits if not _is_fused(path, candidates[path])]
+    if unfused:
+        raise TargetError(f"target {entry!r} asks for q/k/v slices of {unfused[0]!r}, which is not a fused qkv "
+                          "projection (a Linear named qkv with 3*d outputs, or a MultiheadAttention's in_proj)")
+    return [(path, s) for path in hits for s in slices]
 
 
 def _match_role(role: str, candidates: dict[str, nn.Module]) -> list[tuple[str, str | None]]:
@@ -268,7 +288,7 @@ def _target(path: str, slices: set[str] | None, candidates: dict[str, nn.Module]
     else:
         kind, n_in, n_out = "linear", module.in_features, module.out_features
     ordered = tuple(s for s in QKV if slices and s in slices)
-    return Target(path, kind, ordered, n_in, n_out, rank, float(alpha), config.scale_for(rank, alpha))
+    return Target(path, kind, ordered, n_in, n_out, rank, float(alpha), config.scale_for(rank, alpha), config.method)
 
 
 def _pattern_value(pattern: dict, path: str, default: float) -> float:

@@ -30,6 +30,10 @@ class LoraMultiheadAttention(LoraLayer):
         return self.base_layer.in_proj_weight
 
     @property
+    def base_bias(self) -> torch.Tensor | None:
+        return self.base_layer.in_proj_bias
+
+    @property
     def embed_dim(self) -> int:
         return self.base_layer.embed_dim
 
@@ -80,11 +84,10 @@ class LoraMultiheadAttention(LoraLayer):
         return self._to_input_layout(out, batched), _squeeze_batch(weights, batched)
 
     def _in_projection(self, x: torch.Tensor) -> torch.Tensor:
-        """x W_in^T + b_in + each active adapter's delta: (..., E) -> (..., 3E)."""
+        """x W_in^T + b_in + what the adapters add: (..., E) -> (..., 3E) in the input layout."""
         qkv = F.linear(x, self.base_layer.in_proj_weight, self.base_layer.in_proj_bias)  # (..., 3E)
-        for name in self.active:
-            qkv = self.add_delta(name, x, qkv)
-        return qkv
+        batch_dim = 1 if x.dim() == 3 and not self.batch_first else 0
+        return self.adapt(x, qkv, batch_dim)
 
     def _project_qkv(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
+
+if TYPE_CHECKING:
+    from vislora.adapters.routing import Route
 
 
 class ModulesToSave(nn.Module):
@@ -18,6 +21,8 @@ class ModulesToSave(nn.Module):
         self.original_module = original_module
         self.copies = nn.ModuleDict()
         self.active: str | None = None
+        self.route: Route | None = None  # per-sample choice of copy for one forward (AdaptedModel sets it)
+        self.batch_dim = 0  # where the input holds the batch (1 in sequence-first blocks)
 
     @property
     def base_layer(self) -> nn.Module:
@@ -37,12 +42,14 @@ class ModulesToSave(nn.Module):
         return self.copies[self.active] if self.active is not None else self.original_module
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.route is not None:
+            return self.route.run_saved(self, *args, **kwargs)
         return self.current()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:  # attributes of the wrapped module (e.g. head.in_features)
-            if name in ("original_module", "copies", "active"):
+            if name in ("original_module", "copies", "active", "route", "batch_dim"):
                 raise
             return getattr(self.current(), name)
