@@ -18,10 +18,7 @@ import argparse
 import copy
 import json
 import platform
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import peft
@@ -30,6 +27,16 @@ import torch
 from torch import nn
 
 import vislora
+from common import (
+    copy_from_peft,
+    inference_fn,
+    interleaved_medians,
+    max_abs_diff,
+    print_table,
+    randomize_peft,
+    train_step_fn,
+    trainable,
+)
 
 TARGETS = ["attn.qkv", "attn.proj"]
 SEED = 0
@@ -66,82 +73,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def build_peft(base: nn.Module, rank: int) -> nn.Module:
     """PEFT LoRA on a copy of `base`, with lora_B made non-zero so the adapters change the output."""
     config = peft.LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS)
-    model = peft.get_peft_model(copy.deepcopy(base), config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.02)
-    return model
+    return randomize_peft(peft.get_peft_model(copy.deepcopy(base), config), SEED)
 
 
 def build_vislora(base: nn.Module, rank: int, reference: nn.Module) -> vislora.AdaptedModel:
     """vislora LoRA on a copy of `base`, adapter weights copied from the PEFT model `reference`."""
-    config = vislora.AdapterConfig(rank=rank, alpha=2 * rank, targets=TARGETS)
-    model = vislora.inject(copy.deepcopy(base), config)
-    peft_modules = dict(reference.base_model.model.named_modules())
-    layers = model.layers()
-    if len(layers) != sum(1 for m in peft_modules.values() if hasattr(m, "lora_A")):
-        raise RuntimeError("vislora and PEFT adapted a different number of layers; the comparison is unfair")
-    with torch.no_grad():
-        for path, layer in layers.items():
-            source = peft_modules[path]
-            layer.lora_A["default"].copy_(source.lora_A["default"].weight)  # [r, in]
-            layer.lora_B["default"].copy_(source.lora_B["default"].weight)  # [out, r]
+    model = vislora.inject(copy.deepcopy(base), vislora.AdapterConfig(rank=rank, alpha=2 * rank, targets=TARGETS))
+    copy_from_peft(model, reference)
     return model
-
-
-def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
-    a.eval()
-    b.eval()
-    with torch.inference_mode():
-        return (a(x) - b(x)).abs().max().item()
-
-
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-# ---------------------------------------------------------------- timing
-def interleaved_medians(
-    contenders: dict[str, Callable[[], object]], steps: int, warmup: int
-) -> dict[str, list[float]]:
-    """Seconds per call of each contender; round i runs them all once, starting at a rotated position."""
-    names = list(contenders)
-    samples: dict[str, list[float]] = {name: [] for name in names}
-    for i in range(warmup + steps):
-        for name in names[i % len(names):] + names[: i % len(names)]:
-            start = time.perf_counter()
-            contenders[name]()
-            elapsed = time.perf_counter() - start
-            if i >= warmup:
-                samples[name].append(elapsed)
-    return samples
-
-
-def train_step_fn(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], float]:
-    params = trainable(model)
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
-    loss_fn = nn.CrossEntropyLoss()
-    model.train()
-
-    def step() -> float:
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), labels)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    return step
-
-
-def inference_fn(model: nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
-    model.eval()
-
-    def run() -> torch.Tensor:
-        with torch.inference_mode():
-            return model(x)
-
-    return run
 
 
 # ---------------------------------------------------------------- the two benchmarks
@@ -195,15 +134,9 @@ def bench_inference(base: nn.Module, args: argparse.Namespace, x: torch.Tensor) 
 def report(train: dict[str, object], infer: dict[str, object]) -> dict[str, dict[str, float]]:
     """Print the table and the headline ratios; return medians (ms), ratios and headline figures."""
     samples = {name: s for part in (train, infer) for name, s in part["samples_s"].items()}
-    medians = {name: statistics.median(s) for name, s in samples.items()}
-    base_of = {name: "train peft" if name.startswith("train") else "infer base" for name in medians}
+    base_of = {name: "train peft" if name.startswith("train") else "infer base" for name in samples}
+    medians = print_table(samples, base_of)
     ratios = {name: medians[name] / medians[base_of[name]] for name in medians}
-    width = max(len(name) for name in medians)
-    print(f"\n{'name':<{width}}  {'median_ms':>10}  {'ratio':>6}  {'min_ms':>8}  {'max_ms':>8}  against")
-    for name, seconds in medians.items():
-        low, high = min(samples[name]) * 1e3, max(samples[name]) * 1e3
-        print(f"{name:<{width}}  {seconds * 1e3:>10.1f}  {ratios[name]:>6.3f}  {low:>8.1f}  {high:>8.1f}  "
-              f"{base_of[name]}")
     headline = {
         "train_vislora_over_peft": ratios["train vislora"],
         "merged_over_base": ratios["infer vislora merged"],

@@ -1,0 +1,108 @@
+"""Shared pieces of the benchmark scripts: interleaved timing, train/inference steps, PEFT weight copies."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import vislora
+
+
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    """Largest |a(x) - b(x)| in eval mode."""
+    a.eval()
+    b.eval()
+    with torch.inference_mode():
+        return (a(x) - b(x)).abs().max().item()
+
+
+def interleaved_medians(
+    contenders: dict[str, Callable[[], object]], steps: int, warmup: int
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender; round i runs them all once, starting at a rotated position,
+    so drift in machine load hits all of them alike."""
+    names = list(contenders)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + steps):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            start = time.perf_counter()
+            contenders[name]()
+            elapsed = time.perf_counter() - start
+            if i >= warmup:
+                samples[name].append(elapsed)
+    return samples
+
+
+def train_step_fn(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], float]:
+    """One AdamW step of cross-entropy on (x, labels) over the model's trainable parameters."""
+    optimizer = torch.optim.AdamW(trainable(model), lr=1e-4)
+    loss_fn = nn.CrossEntropyLoss()
+    model.train()
+
+    def step() -> float:
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), labels)
+        loss.backward()
+        optimizer.step()
+        return loss.item()
+
+    return step
+
+
+def inference_fn(model: nn.Module, x: torch.Tensor, **kwargs: object) -> Callable[[], torch.Tensor]:
+    model.eval()
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            return model(x, **kwargs)
+
+    return run
+
+
+def randomize_peft(model: nn.Module, seed: int) -> nn.Module:
+    """Non-zero lora_B (and DoRA magnitudes off ||W||) so the adapters change the output."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.05 * torch.randn(param.shape, generator=gen))
+    return model
+
+
+def copy_from_peft(model: vislora.AdaptedModel, reference: nn.Module, peft_name: str = "default",
+                   name: str = "default") -> None:
+    """Give vislora adapter `name` the weights of PEFT adapter `peft_name` (same targets, whole weights)."""
+    modules = dict(reference.base_model.model.named_modules())
+    layers = [(path, layer) for path, layer in model.layers().items() if name in layer.specs]
+    if len(layers) != sum(1 for m in modules.values() if hasattr(m, "lora_A") and peft_name in m.lora_A):
+        raise RuntimeError("vislora and PEFT adapted a different number of layers; the comparison is unfair")
+    with torch.no_grad():
+        for path, layer in layers:
+            source = modules[path]
+            layer.lora_A[name].copy_(source.lora_A[peft_name].weight)  # [r, in]
+            layer.lora_B[name].copy_(source.lora_B[peft_name].weight)  # [out, r]
+            if name in layer.lora_magnitude:
+                layer.lora_magnitude[name].copy_(source.lora_magnitude_vector[peft_name].weight)  # [out]
+
+
+def print_table(samples: dict[str, list[float]], baseline_of: dict[str, str]) -> dict[str, float]:
+    """Median ms per contender and its ratio to its baseline; returns the medians in seconds."""
+    medians = {name: statistics.median(s) for name, s in samples.items()}
+    width = max(len(name) for name in medians)
+    print(f"\n{'name':<{width}}  {'median_ms':>10}  {'ratio':>6}  {'min_ms':>8}  {'max_ms':>8}  against")
+    for name, seconds in medians.items():
+        base = baseline_of[name]
+        low, high = min(samples[name]) * 1e3, max(samples[name]) * 1e3
+        print(f"{name:<{width}}  {seconds * 1e3:>10.1f}  {seconds / medians[base]:>6.3f}  {low:>8.1f}  "
+              f"{high:>8.1f}  {base}")
+    return medians
