@@ -1,7 +1,8 @@
 """Benchmark routing, DoRA and memory against PEFT on a timm vision transformer, all figures measured in one run.
 
 1. Train step (forward + cross-entropy + backward + AdamW) with LoRA and with DoRA on attn.qkv + attn.proj:
-   vislora vs PEFT, identical adapter weights (forward outputs compared before anything is timed).
+   vislora vs PEFT, identical adapter weights (forward outputs compared before anything is timed), and the
+   floor no adapter can go below: forward + backward through the frozen model.
 2. Per-sample routing inference: a batch in which the samples use 8 (or 64) different adapters, against
    the same batch with one adapter active; PEFT's `adapter_names` mixed batch beside it.
 3. Peak resident memory (RSS) of a process that runs LoRA training steps (plain, and with timm's gradient
@@ -22,6 +23,7 @@ import json
 import platform
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import peft
@@ -102,7 +104,23 @@ def bench_train(base: nn.Module, args: argparse.Namespace) -> dict[str, object]:
         checks[method] = diff
         steps[f"train {method} vislora"] = train_step_fn(ours, x, labels)
         steps[f"train {method} peft"] = train_step_fn(reference, x, labels)
+    steps["train frozen floor"] = frozen_floor_step(copy.deepcopy(base), x, labels)
     return {"max_abs_diff": checks, "samples_s": interleaved_medians(steps, args.steps, args.warmup)}
+
+
+def frozen_floor_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], float]:
+    """What any adapter step costs at least: forward and backward through every block of the frozen model
+    (gradients flow from the loss back to the patch embedding's output; no adapter, no optimizer)."""
+    model.requires_grad_(False).train()
+    model.patch_embed.register_forward_hook(lambda _module, _inputs, out: out.detach().requires_grad_())
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> float:
+        loss = loss_fn(model(x), labels)
+        loss.backward()
+        return loss.item()
+
+    return step
 
 
 # ---------------------------------------------------------------- 2. routing
@@ -195,8 +213,11 @@ def report(results: dict[str, object], args: argparse.Namespace) -> dict[str, fl
         samples = results["train"]["samples_s"]
         base_of = {name: "train lora peft" if "peft" in name else "train lora vislora" for name in samples}
         base_of["train lora vislora"] = "train lora peft"
+        base_of["train frozen floor"] = "train lora vislora"
         m = print_table(samples, base_of)
         headline["lora_train_over_peft"] = m["train lora vislora"] / m["train lora peft"]
+        headline["lora_train_over_frozen_floor"] = m["train lora vislora"] / m["train frozen floor"]
+        headline["peft_lora_train_over_frozen_floor"] = m["train lora peft"] / m["train frozen floor"]
         headline["dora_over_lora"] = m["train dora vislora"] / m["train lora vislora"]
         headline["peft_dora_over_peft_lora"] = m["train dora peft"] / m["train lora peft"]
         headline["dora_train_over_peft_dora"] = m["train dora vislora"] / m["train dora peft"]
