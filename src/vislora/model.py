@@ -17,7 +17,7 @@ from vislora.adapters.routing import Route
 from vislora.adapters.saved import ModulesToSave
 from vislora.config import AdapterConfig
 from vislora.errors import AdapterError, TargetError
-from vislora.targets import QKV, TargetPlan, logical_modules, resolve_targets
+from vislora.targets import QKV, TargetPlan, block_prefix, logical_modules, resolve_targets
 
 if TYPE_CHECKING:
     from vislora.arithmetic import CombineReport
@@ -347,14 +347,12 @@ class AdaptedModel(nn.Module):
         modules = logical_modules(self.base_model)
         if isinstance(modules.get(path.rpartition(".")[0]), nn.MultiheadAttention):
             return 0  # its out_proj: the attention wrapper calls it batch first
-        parts = path.split(".")
-        for end in range(len(parts) - 1, -1, -1):
-            prefix = ".".join(parts[:end])
-            attentions = [m for p, m in modules.items() if isinstance(m, nn.MultiheadAttention)
-                          and (p == prefix or p.startswith(prefix + ".") or not prefix)]
-            if attentions:
-                return 0 if all(m.batch_first for m in attentions) else 1
-        return 0
+        block = block_prefix(path)
+        if block is None:
+            return 0
+        attentions = [m for p, m in modules.items()
+                      if p.startswith(block + ".") and isinstance(m, nn.MultiheadAttention)]
+        return 1 if attentions and not all(m.batch_first for m in attentions) else 0
 
     def _locate(self, path: str) -> tuple[nn.Module, str, nn.Module]:
         """(logical parent, attribute name, current child) of a logical module path."""

@@ -260,6 +260,12 @@ def _select_layers(
     return kept
 
 
+def block_prefix(path: str) -> str | None:
+    """The path of the transformer block holding `path` (`blocks.3` of `blocks.3.mlp.fc1`), or None."""
+    match = _BLOCK.search(path)
+    return path[: match.end()] if match else None
+
+
 def _stack_depths(modules: dict[str, nn.Module]) -> dict[str, int]:
     """Number of blocks in each stack, keyed by the path prefix up to the block index."""
     depth: dict[str, int] = {}

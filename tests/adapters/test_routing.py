@@ -188,3 +188,35 @@ def test_a_layer_that_does_not_see_the_batch_first_names_itself():
     with pytest.raises(AdapterError, match=r"layer 'fc' sees a batch of 6"):
         model(torch.randn(2, 3, 4), adapters=["default", None])
     assert all(isinstance(layer, LoraLayer) and layer.route is None for layer in model.layers().values())
+
+
+def test_a_sequence_first_tower_does_not_change_how_another_tower_is_routed():
+    class TwoTowers(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.vision = tiny_timm()
+            self.text = tiny_open_clip_tower()
+            for block in self.text.resblocks:
+                block.attn.batch_first = False
+            self.text.batch_first = False
+
+        def forward(self, images, tokens):
+            return self.vision(images), self.text(tokens)
+
+    model = vislora.inject(TwoTowers(), AdapterConfig(rank=2, alpha=4, targets=["qkv", "fc1", "c_fc"]), name="a")
+    assert model.layers()["vision.blocks.0.mlp.fc1"].batch_dim == 0
+    assert model.layers()["text.resblocks.0.mlp.c_fc"].batch_dim == 1
+    randomize_adapters(model)
+    images, tokens = torch.randn(3, 3, 32, 32), torch.randn(3, 5, 32)
+    routed = model(images, tokens, adapters=["a", None, "a"])
+    expected = [one_by_one_pair(model, images, tokens, i, name) for i, name in enumerate(["a", None, "a"])]
+    for tower in (0, 1):
+        torch.testing.assert_close(routed[tower], torch.cat([e[tower] for e in expected]), rtol=1e-5, atol=1e-6)
+
+
+def one_by_one_pair(model, images, tokens, i, name):
+    if name is None:
+        with model.disabled():
+            return model(images[i:i + 1], tokens[i:i + 1])
+    model.set_active(name)
+    return model(images[i:i + 1], tokens[i:i + 1])
