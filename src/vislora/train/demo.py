@@ -85,7 +85,7 @@ def run_demo(out: str | Path, steps: int = DEMO_DEFAULTS["steps"], batch_size: i
         adapter_dir=result.adapter_dir)
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def features(trainer: Trainer, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features of the frozen backbone (adapters are zero at init) and labels, eval transform."""
     transform = dataset.transform
