@@ -16,7 +16,7 @@ from vislora.errors import VisloraError
 from vislora.model import AdaptedModel, inject
 from vislora.parameters import parameter_report
 from vislora.targets import TargetPlan
-from vislora.train.demo import DEMO_DEFAULTS
+from vislora.train.config import DEMO_DEFAULTS
 
 app = typer.Typer(
     help="Low-rank adapters for vision transformers: audit data, choose targets, train, evaluate, save "

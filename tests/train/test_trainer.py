@@ -187,3 +187,26 @@ def test_a_finished_run_is_not_overwritten_by_another_config(tmp_path, folder):
         Trainer(config(tmp_path, folder, optim={"lr_adapter": 5e-3}, run={"save_every": 3})).fit()
     with pytest.raises(TrainingError, match=r"set run\.resume: true"):
         Trainer(config(tmp_path, folder, run={"save_every": 3, "resume": False})).fit()
+
+
+def test_gradient_accumulation_equals_the_larger_batch(tmp_path, folder):
+    accumulated = Trainer(config(tmp_path, folder, "acc", optim={"batch_size": 4, "grad_accum": 2})).fit()
+    large = Trainer(config(tmp_path, folder, "large", optim={"batch_size": 8})).fit()
+    a = tensors(accumulated.adapter_dir / "adapter_model.safetensors")
+    b = tensors(large.adapter_dir / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, folder):
+    plain = Trainer(config(tmp_path, folder, "plain")).fit()
+    checkpointed = Trainer(config(tmp_path, folder, "ckpt", run={"gradient_checkpointing": True})).fit()
+    a = tensors(plain.adapter_dir / "adapter_model.safetensors")
+    b = tensors(checkpointed.adapter_dir / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_trains(tmp_path, folder):
+    result = Trainer(config(tmp_path, folder, run={"mixed_precision": "bf16"})).fit()
+    assert result.steps == 6 and all(math.isfinite(r["loss"]) for r in metric_rows(result.run_dir, "train"))

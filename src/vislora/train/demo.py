@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from vislora.data.datasets import ImageDataset, collate
-from vislora.train.config import TrainConfig
+from vislora.train.config import DEMO_DEFAULTS, TrainConfig
 from vislora.train.schedule import parameter_groups
 from vislora.train.trainer import Trainer
 
-DEMO_DEFAULTS = {"steps": 150, "batch_size": 32, "train_images": 2000, "test_images": 2000, "image_size": 112}
 PROBE_L2 = 3e-3
 
 
@@ -94,8 +94,9 @@ def features(trainer: Trainer, dataset: ImageDataset) -> tuple[torch.Tensor, tor
     model.eval()
     try:
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=collate, generator=torch.Generator())
+        batches = tqdm(loader, desc=f"features {dataset.name}", unit="batch", leave=False)
         with model.disabled():
-            parts = [(model.base_model.features(b["image"]), b["label"]) for b in loader if "image" in b]
+            parts = [(model.base_model.features(b["image"]), b["label"]) for b in batches if "image" in b]
     finally:
         model.train()
         dataset.transform = transform

@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -21,12 +20,13 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import gather_object, set_seed
 from torch import nn
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
 from vislora.data.transforms import SampleTransform, build_mixup, build_transform, model_input_spec
-from vislora.errors import ConfigError, VisloraError
+from vislora.errors import ConfigError
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel, inject
 from vislora.parameters import parameter_report
@@ -38,16 +38,14 @@ from vislora.tasks.classification import (
     summarize,
 )
 from vislora.train import checkpoint as ckpt
+from vislora.train.batches import EpochBatches
 from vislora.train.config import TrainConfig
+from vislora.train.rundir import MetricsLog, TrainingError, changed_keys, load_weights_in_place
 from vislora.train.schedule import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
 
 RESUME_FREE_KEYS = {"run.resume", "run.progress", "run.output_dir", "data.num_workers", "run.log_every"}
-
-
-class TrainingError(VisloraError, RuntimeError):
-    """Training cannot go on (NaN/Inf loss for too long, a run directory that does not match)."""
 
 
 @dataclass
@@ -67,27 +65,6 @@ class TrainResult:
     seconds: float
 
 
-class EpochBatches(torch.utils.data.Sampler):
-    """This process's micro-batches of one epoch: a (seed, epoch)-seeded permutation, from batch `start`.
-
-    Global batch b covers permutation[b*B*W:(b+1)*B*W]; process r takes its r-th slice of B indices.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int, rank: int, world: int) -> None:
-        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
-        self.rank, self.world = rank, world
-
-    def __len__(self) -> int:
-        return max(0, self.n // (self.batch_size * self.world) - self.start)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
-        step = self.batch_size * self.world
-        for b in range(self.start, self.n // step):
-            first = b * step + self.rank * self.batch_size
-            yield order[first:first + self.batch_size].tolist()
-
-
 class Trainer:
     """Build model, data, optimizer from a TrainConfig; `fit()` trains. Tests may pass their own datasets."""
 
@@ -95,6 +72,9 @@ class Trainer:
                  val_data: ImageDataset | None = None) -> None:
         self.config = config
         self.run_dir = Path(config.run.output_dir)
+        # Accelerate keeps one global state per process; a second Trainer in the same process (a notebook,
+        # the tests) may ask for another precision. The process group (PartialState) is kept.
+        AcceleratorState._reset_state()
         # Without a GPU, cpu=True lets Accelerate join a multi-process launch over gloo (MULTI_CPU).
         self.accelerator = Accelerator(mixed_precision=config.run.mixed_precision, cpu=not _has_accelerator())
         set_seed(config.run.seed)
@@ -116,7 +96,7 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.optim)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.loop = ckpt.LoopState()
-        self._metrics_file: Any = None
+        self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self._last_eval_step: int | None = None
 
     # ---------------------------------------------------------------- setup
@@ -329,14 +309,13 @@ class Trainer:
         if checkpoints:
             self.load_checkpoint(checkpoints[-1])
         elif accelerator.is_main_process:
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            self.metrics.path.unlink(missing_ok=True)
         accelerator.wait_for_everyone()
 
     def _check_same_run(self, saved: Path) -> None:
         previous = TrainConfig.load(saved).model_dump(mode="json")
         current = self.config.model_dump(mode="json")
-        changed = sorted(k for k in _flatten(previous).keys() | _flatten(current).keys()
-                         if _flatten(previous).get(k) != _flatten(current).get(k) and k not in RESUME_FREE_KEYS)
+        changed = changed_keys(previous, current, RESUME_FREE_KEYS)
         if changed:
             raise TrainingError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} changed); "
                                 "resume it with the same config, or choose a new run.output_dir")
@@ -354,9 +333,7 @@ class Trainer:
         if accelerator.is_main_process:
             self._save_adapter_files(staging)
             ckpt.save_trainer_state(staging, self.loop, self.optimizer, self.scheduler)
-            if self._metrics_file is not None:
-                self._metrics_file.flush()
-                os.fsync(self._metrics_file.fileno())
+            self.metrics.sync()
         accelerator.wait_for_everyone()
         final = ckpt.step_dir(root, self.loop.step)
         if accelerator.is_main_process:
@@ -372,7 +349,7 @@ class Trainer:
         self.loop = ckpt.load_trainer_state(folder, self.optimizer, self.scheduler)
         ckpt.load_rng(folder, self.accelerator.process_index)
         if self.accelerator.is_main_process:
-            _truncate_metrics(self.run_dir / "metrics.jsonl", self.loop.step)
+            self.metrics.truncate(self.loop.step)
             logger.info("resumed from %s (step %d, epoch %d)", folder, self.loop.step, self.loop.epoch)
 
     def _save_adapter(self, target: Path) -> None:
@@ -395,11 +372,7 @@ class Trainer:
     def _write_metrics(self, row: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
-        if self._metrics_file is None:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._metrics_file = open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        self._metrics_file.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
-        self._metrics_file.flush()
+        self.metrics.write(row)
 
     def _log_train(self, loss: float, grad_norm: float, finite: bool, images_per_s: float, bar: Any) -> None:
         lrs = [group["lr"] for group in self.optimizer.param_groups]
@@ -435,30 +408,9 @@ class Trainer:
             summary = {**asdict(result), "run_dir": str(self.run_dir), "adapter_dir": str(adapter_dir),
                        "best_dir": str(result.best_dir) if result.best_dir else None}
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-            if self._metrics_file is not None:
-                self._metrics_file.close()
-                self._metrics_file = None
+            self.metrics.close()
         self.accelerator.wait_for_everyone()
         return result
-
-
-def load_weights_in_place(model: AdaptedModel, folder: Path, name: str = "default") -> None:
-    """Copy a saved adapter's values into adapter `name`'s existing parameters.
-
-    The parameter objects stay the same, so the optimizer and a DistributedDataParallel wrapper that
-    hold them keep working.
-    """
-    model.load_adapter(folder, "resume_tmp", activate=False)
-    try:
-        with torch.no_grad():
-            pairs = zip(model.adapter_parameters(name), model.adapter_parameters("resume_tmp"), strict=True)
-            for param, saved in pairs:
-                if param.shape != saved.shape:
-                    raise TrainingError(f"checkpoint {folder} does not fit the model ({tuple(saved.shape)} vs "
-                                        f"{tuple(param.shape)}); it belongs to another run")
-                param.copy_(saved)
-    finally:
-        model.delete_adapter("resume_tmp")
 
 
 def train(config: TrainConfig) -> TrainResult:
@@ -479,28 +431,3 @@ def _enable_gradient_checkpointing(model: nn.Module) -> None:
     else:
         raise ConfigError(f"{type(backbone).__name__} does not support gradient checkpointing; set "
                           "run.gradient_checkpointing: false")
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and key not in ("rank_pattern", "alpha_pattern"):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep metrics.jsonl lines up to `step` (a killed run may have logged past its last checkpoint)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line torn by a kill
-        if row.get("step", 0) <= step:
-            kept.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
