@@ -210,3 +210,11 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, folder):
 def test_bf16_autocast_trains(tmp_path, folder):
     result = Trainer(config(tmp_path, folder, run={"mixed_precision": "bf16"})).fit()
     assert result.steps == 6 and all(math.isfinite(r["loss"]) for r in metric_rows(result.run_dir, "train"))
+
+
+def test_worker_processes_do_not_change_what_is_trained(tmp_path, folder):
+    # augmentation is seeded per (seed, epoch, sample), not by whichever process decodes the image
+    inline = Trainer(config(tmp_path, folder, "inline", optim={"max_steps": 3})).fit()
+    workers = Trainer(config(tmp_path, folder, "workers", data={"num_workers": 2}, optim={"max_steps": 3})).fit()
+    assert_same_tensors(tensors(inline.adapter_dir / "adapter_model.safetensors"),
+                        tensors(workers.adapter_dir / "adapter_model.safetensors"))
