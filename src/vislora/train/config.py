@@ -18,7 +18,7 @@ from vislora.errors import ConfigError
 from vislora.io import atomic_write_text
 
 # `vislora demo`'s budget: under 5 minutes on 2 CPU cores (see vislora.train.demo).
-DEMO_DEFAULTS = {"steps": 150, "batch_size": 32, "train_images": 2000, "test_images": 2000, "image_size": 112}
+DEMO_DEFAULTS = {"steps": 150, "batch_size": 32, "train_images": 2000, "test_images": 1000, "image_size": 112}
 
 
 class _Section(BaseModel):

@@ -51,7 +51,7 @@ def demo_config(out: str | Path, steps: int, batch_size: int, train_images: int,
         "adapter": {"targets": ["q", "v"], "rank": 8, "alpha": 16},
         "data": {"train": "fashion-mnist:train", "train_limit": train_images, "val": "fashion-mnist:test",
                  "val_limit": test_images, "image_size": image_size},
-        "optim": {"batch_size": batch_size, "max_steps": steps, "lr_adapter": 1e-3, "lr_head": 1e-3,
+        "optim": {"batch_size": batch_size, "max_steps": steps, "lr_adapter": 3e-3, "lr_head": 1e-3,
                   "warmup_steps": 5},
         "run": {"output_dir": str(out), "seed": seed},
     })
