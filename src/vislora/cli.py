@@ -83,12 +83,13 @@ def train(
     config: Annotated[Path, typer.Argument(help="Run config YAML (see examples/ and docs/training.md).")],
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config value: section.key=value (YAML value); repeatable. "
-                      "Example: --set optim.max_steps=200 --set 'adapter.targets=[q, v]'")] = None,
+                      "Example: --set optim.max_steps=200 --set 'adapter.targets=\\[q, v]'")] = None,
 ) -> None:
     """Train an adapter as CONFIG says: progress bar, metrics.jsonl, checkpoints, best/, exact resume.
 
     Rerunning the same command continues from the last checkpoint in run.output_dir. Under
-    `accelerate launch --num_processes N -m vislora.cli train CONFIG` the same run is data-parallel.
+    `accelerate launch --multi_gpu --num_processes N -m vislora.cli train CONFIG` the same run is
+    data-parallel (on GPUs, or over gloo on CPU cores).
 
     Example: vislora train examples/fashion_mnist_dinov2.yaml --set optim.max_steps=50
     """
