@@ -153,8 +153,8 @@ def fashion_mnist_dir(download: bool = False) -> Path:
     if download:
         return download_fashion_mnist(cache_dir() / "fashion-mnist")
     raise AssetError(f"Fashion-MNIST not found in {', '.join(map(str, candidates))}; install it with "
-                     "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass download=True / "
-                     "--download to fetch it into the cache")
+                     "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or fetch it into the cache with "
+                     "python -c 'import vislora.assets as a; a.fashion_mnist_dir(download=True)'")
 
 
 def download_fashion_mnist(folder: Path, base_url: str = FASHION_MNIST_URL) -> Path:
