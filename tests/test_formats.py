@@ -255,3 +255,32 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # old adapter intact, no temp files
     assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
     assert copy.deepcopy(before) == before
+
+
+@pytest.mark.parametrize("cfg", [AdapterConfig(rank=4, alpha=8, targets=["q", "v", "o"], modules_to_save=["head"]),
+                                 AdapterConfig(rank=2, alpha=4, targets=["qkv", "fc1"], init="pissa"),
+                                 AdapterConfig(rank=2, alpha=4, targets=["qkv"], method="dora")])
+def test_load_adapter_weights_copies_in_place(tmp_path, cfg, images):
+    model = vislora.inject(tiny_timm(), cfg)
+    randomize_adapters(model)
+    saved = model(images)
+    model.save_adapter(tmp_path)
+    params = list(model.adapter_parameters("default"))
+    with torch.no_grad():
+        for param in params:
+            param.add_(0.5)
+    assert (model(images) - saved).abs().max() > 1e-3
+    model.load_adapter_weights(tmp_path)
+    assert all(a is b for a, b in zip(params, model.adapter_parameters("default"), strict=True))
+    torch.testing.assert_close(model(images), saved, rtol=1e-5, atol=1e-6)
+
+
+def test_load_adapter_weights_refuses_another_config(tmp_path, vit):
+    other = vislora.inject(tiny_timm(), AdapterConfig(rank=4, alpha=8, targets=["qkv"]))
+    other.save_adapter(tmp_path)
+    model = vislora.inject(vit, AdapterConfig(rank=4, alpha=4, targets=["qkv"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterFileError, match=r"another config than adapter 'default' \(differs in alpha\)"):
+        model.load_adapter_weights(tmp_path)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0)

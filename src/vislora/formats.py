@@ -245,6 +245,25 @@ def load_adapter_into(model: AdaptedModel, path: Path, name: str, activate: bool
     return plan
 
 
+def load_weights_into(model: AdaptedModel, path: Path, name: str) -> None:
+    """Copy the adapter saved at `path` into adapter `name`'s existing parameters, which stay the same objects
+    (an optimizer or a DistributedDataParallel wrapper holding them keeps working). The file must come from an
+    adapter with the same config, e.g. a checkpoint of this run; nothing is copied if anything does not fit."""
+    model._check_known([name])
+    config_file, weights_file, extra_file = _find_files(path)
+    config = saved_config(model.configs[name])
+    if extra_file.is_file():
+        found = _vislora_config(_read_json(extra_file), config_file)
+        if found != config:
+            changed = sorted(k for k in config.model_fields if getattr(found, k) != getattr(config, k))
+            raise AdapterFileError(f"adapter {path} was saved from another config than adapter {name!r} (differs in "
+                                   f"{', '.join(changed)}); load it as a new adapter with load_adapter instead")
+    plan = resolve_targets(model.base_model, config)
+    tensors = read_safetensors(weights_file)
+    _check_fit(path, _expected_shapes(model, plan, config), tensors)
+    _copy_in(model, plan, name, tensors)
+
+
 def _find_files(path: Path) -> tuple[Path, Path, Path]:
     if path.suffix in PICKLE_SUFFIXES or (path.is_dir() and not (path / WEIGHTS_FILE).exists() and any(
         (path / f"adapter_model{s}").exists() for s in PICKLE_SUFFIXES
@@ -415,8 +434,7 @@ def _copy_in(model: AdaptedModel, plan: TargetPlan, name: str, tensors: dict[str
             if key != target.path:  # an MHA pair, padded to the attention's shared rank and scale
                 rank = target.rank * max(1, len(target.slices))
                 a, b = a[:rank], b[:, :rank] * (_shared_mha_scale(plan, target) / target.scale)
-            layer.lora_A[name].copy_(a)
-            layer.lora_B[name].copy_(_unstack_slices(b, target) if target.slices else b)
+            layer.import_pair(name, a, _unstack_slices(b, target) if target.slices else b)
             if name in layer.lora_magnitude:
                 layer.lora_magnitude[name].copy_(tensors[f"{PREFIX}{key}.lora_magnitude_vector"])
         for module_path in plan.modules_to_save:

@@ -229,6 +229,13 @@ class AdaptedModel(nn.Module):
 
         return load_adapter_into(self, Path(path), name, activate)
 
+    def load_adapter_weights(self, path: str | Path, name: str = "default") -> None:
+        """Copy a saved adapter (e.g. a checkpoint of this run) into adapter `name` in place: the parameter objects
+        stay, so optimizers and DDP wrappers holding them keep working. The file must come from the same config."""
+        from vislora.formats import load_weights_into
+
+        load_weights_into(self, Path(path), name)
+
     def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
         """Adapter `name`'s tensors keyed by `<module path>.lora_A|lora_B|lora_magnitude` and `<path>.<param>` for
         saved modules."""

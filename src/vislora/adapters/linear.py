@@ -268,6 +268,26 @@ class LoraLayer(nn.Module):
             a, b, _ = self.export_pair(name)
             return (self.dense_b(b, spec) * spec.scale) @ a  # (out, R) @ (R, in)
 
+    def import_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Set adapter `name` from a pair in the stored layout relative to the original W (export_pair's inverse).
+
+        For a PiSSA adapter the pair is [A; A0], [B, -B0]: (A0, B0) must be this layer's residual, else the file
+        started from another base weight and loading it would be wrong.
+        """
+        if name == self.residual_owner:
+            spec = self.specs[name]
+            pairs, rank = spec.n_pairs, spec.rank
+            stacked = a.reshape(pairs, 2 * rank, -1)  # (S, 2r, in)
+            start_a, start_b = stacked[:, rank:].flatten(0, 1), -b[..., rank:]
+            if not (torch.allclose(start_a, self.residual_A, rtol=1e-4, atol=1e-6)
+                    and torch.allclose(start_b, self.residual_B, rtol=1e-4, atol=1e-6)):
+                raise AdapterError(f"{self.path}: the saved PiSSA adapter {name!r} started from another base weight "
+                                   "than this model's; load it onto a fresh base model with vislora.load_adapter")
+            a, b = stacked[:, :rank].flatten(0, 1), b[..., :rank]
+        with torch.no_grad():
+            self.lora_A[name].copy_(a)
+            self.lora_B[name].copy_(b)
+
     # ------------------------------------------------------------ DoRA
     def dora_factor(self, name: str) -> torch.Tensor:
         """g = m / ||W + delta_W||_row [out]: differentiable in the magnitude m, the norm is a constant."""

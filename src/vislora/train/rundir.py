@@ -8,11 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from vislora.errors import VisloraError
 from vislora.io import atomic_write_text
-from vislora.model import AdaptedModel
 
 
 class TrainingError(VisloraError, RuntimeError):
@@ -66,25 +63,6 @@ def changed_keys(previous: dict[str, Any], current: dict[str, Any], ignore: set[
     """Dotted keys whose values differ between two config dumps."""
     a, b = _flatten(previous), _flatten(current)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k) and k not in ignore)
-
-
-def load_weights_in_place(model: AdaptedModel, folder: Path, name: str = "default") -> None:
-    """Copy a saved adapter's values into adapter `name`'s existing parameters.
-
-    The parameter objects stay the same, so the optimizer and a DistributedDataParallel wrapper that
-    hold them keep working.
-    """
-    model.load_adapter(folder, "resume_tmp", activate=False)
-    try:
-        with torch.no_grad():
-            pairs = zip(model.adapter_parameters(name), model.adapter_parameters("resume_tmp"), strict=True)
-            for param, saved in pairs:
-                if param.shape != saved.shape:
-                    raise TrainingError(f"checkpoint {folder} does not fit the model ({tuple(saved.shape)} vs "
-                                        f"{tuple(param.shape)}); it belongs to another run")
-                param.copy_(saved)
-    finally:
-        model.delete_adapter("resume_tmp")
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

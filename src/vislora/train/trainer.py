@@ -40,7 +40,7 @@ from vislora.tasks.classification import (
 from vislora.train import checkpoint as ckpt
 from vislora.train.batches import EpochBatches
 from vislora.train.config import TrainConfig
-from vislora.train.rundir import MetricsLog, TrainingError, changed_keys, load_weights_in_place
+from vislora.train.rundir import MetricsLog, TrainingError, changed_keys
 from vislora.train.schedule import build_optimizer, build_scheduler
 
 logger = logging.getLogger(__name__)
@@ -345,7 +345,7 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore adapter, optimizer, scheduler, RNG and loop position from a checkpoint folder."""
-        load_weights_in_place(self.adapted, folder)
+        self.adapted.load_adapter_weights(folder)
         self.loop = ckpt.load_trainer_state(folder, self.optimizer, self.scheduler)
         ckpt.load_rng(folder, self.accelerator.process_index)
         if self.accelerator.is_main_process:
