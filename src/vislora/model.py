@@ -161,6 +161,24 @@ class AdaptedModel(nn.Module):
             if was_merged:
                 self.merge()
 
+    # ---------------------------------------------------------------- training hooks (the trainer calls these)
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """Sum of the regularisers the active adapters ask for (AdaLoRA orthogonality, MoLoRA load balance)."""
+        terms = [t for layer in self._layers.values() if (t := layer.auxiliary_loss()) is not None]
+        return torch.stack(terms).sum() if terms else None
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Let adapters act on a finished optimizer step while its gradients exist (AdaLoRA's rank budget)."""
+        for layer in self._layers.values():
+            layer.after_optimizer_step(step, total_steps)
+
+    def adapter_metrics(self) -> dict[str, float]:
+        """Figures adapters report while training (e.g. ranks kept, expert use), keyed by layer path."""
+        out: dict[str, float] = {}
+        for path, layer in self._layers.items():
+            out.update({f"{path}.{k}": v for k, v in layer.training_metrics().items()})
+        return out
+
     # ---------------------------------------------------------------- merge
     def merge(self, safe: bool = True) -> None:
         """Add the active adapters into the base weights: W += sum(scale * B @ A).

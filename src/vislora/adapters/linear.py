@@ -211,6 +211,18 @@ class LoraLayer(nn.Module):
     def without_bias(self, base_out: torch.Tensor) -> torch.Tensor:
         return base_out if self.base_bias is None else base_out - self.base_bias
 
+    # ------------------------------------------------------------ training hooks (plain LoRA and DoRA need none)
+    def auxiliary_loss(self) -> torch.Tensor | None:
+        """A regulariser this layer's active adapters add to the training loss."""
+        return None
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Act on a finished optimizer step while its gradients are still there."""
+
+    def training_metrics(self) -> dict[str, float]:
+        """Figures about this layer's adapters to log while training."""
+        return {}
+
     # ------------------------------------------------------------ the adapters as matrices
     def folded_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(A [R, in], B' [out, R]) with delta_W = B' @ A: scale folded in, slices as a block-sparse B'."""

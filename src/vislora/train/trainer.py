@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from vislora.tasks.classification import (
 )
 from vislora.train import checkpoint as ckpt
 from vislora.train.batches import EpochBatches
+from vislora.train.callbacks import TrainerCallback
 from vislora.train.config import TrainConfig
 from vislora.train.rundir import MetricsLog, TrainingError, changed_keys
 from vislora.train.schedule import build_optimizer, build_scheduler
@@ -69,8 +70,9 @@ class Trainer:
     """Build model, data, optimizer from a TrainConfig; `fit()` trains. Tests may pass their own datasets."""
 
     def __init__(self, config: TrainConfig, train_data: ImageDataset | None = None,
-                 val_data: ImageDataset | None = None) -> None:
+                 val_data: ImageDataset | None = None, callbacks: Sequence[TrainerCallback] = ()) -> None:
         self.config = config
+        self.callbacks = list(callbacks)
         self.run_dir = Path(config.run.output_dir)
         # Accelerate keeps one global state per process; a second Trainer in the same process (a notebook,
         # the tests) may ask for another precision. The process group (PartialState) is kept.
@@ -228,12 +230,21 @@ class Trainer:
             with accelerator.autocast():
                 logits = self.model(images)
                 loss = classification_loss(logits.float(), targets, self.config.data.augment.label_smoothing)
+                loss = loss + self._extra_loss()
             accelerator.backward(loss / self.config.optim.grad_accum)
             return loss.item(), len(images)
+
+    def _extra_loss(self) -> torch.Tensor | float:
+        """Regularisers the adapters ask for (AdaLoRA, MoLoRA) plus the callbacks' terms; 0.0 when none."""
+        terms = [self.adapted.auxiliary_loss(), *(cb.extra_loss(self) for cb in self.callbacks)]
+        terms = [t for t in terms if t is not None]
+        return torch.stack([t.float() for t in terms]).sum() if terms else 0.0
 
     def _optimizer_step(self) -> tuple[bool, float]:
         """Clip, check for NaN/Inf, step or skip; raise after `nan_max_consecutive` bad steps in a row."""
         cfg = self.config
+        for callback in self.callbacks:
+            callback.on_gradients(self)
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = self.accelerator.clip_grad_norm_(params, cfg.optim.max_grad_norm or math.inf)
         grad_norm = float(norm)
@@ -247,6 +258,10 @@ class Trainer:
             self.loop.nonfinite_total += 1
             logger.warning("step %d: loss or gradients are NaN/Inf; the step was skipped (%d in a row)",
                            self.loop.step + 1, self.loop.nonfinite_in_a_row)
+        if finite:  # adapters that act on the step (AdaLoRA's rank allocator) see its gradients
+            self.adapted.after_optimizer_step(self.loop.step + 1, cfg.optim.max_steps)
+        for callback in self.callbacks:
+            callback.on_step_end(self, finite)
         self.optimizer.zero_grad(set_to_none=True)
         if self.loop.nonfinite_in_a_row >= cfg.run.nan_max_consecutive:
             raise TrainingError(
@@ -377,10 +392,13 @@ class Trainer:
     def _log_train(self, loss: float, grad_norm: float, finite: bool, images_per_s: float, bar: Any) -> None:
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         if self.loop.step % self.config.run.log_every == 0 or not finite:
+            extra = self.adapted.adapter_metrics()
+            for callback in self.callbacks:
+                extra.update(callback.metrics(self))
             self._write_metrics({"step": self.loop.step, "epoch": self.loop.epoch, "split": "train", "loss": loss,
                                  "lr_adapter": lrs[0], "lr_head": lrs[-1], "grad_norm": grad_norm,
                                  "finite": finite, "images_per_s": round(images_per_s, 2),
-                                 "skipped_images": len(self.loop.skipped)})
+                                 "skipped_images": len(self.loop.skipped), **extra})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{images_per_s:.1f}")
