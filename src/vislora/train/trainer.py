@@ -41,6 +41,7 @@ from vislora.train import checkpoint as ckpt
 from vislora.train.batches import EpochBatches
 from vislora.train.callbacks import TrainerCallback
 from vislora.train.config import TrainConfig
+from vislora.train.monitor import GradientMonitor
 from vislora.train.rundir import MetricsLog, TrainingError, changed_keys
 from vislora.train.schedule import build_optimizer, build_scheduler
 
@@ -73,6 +74,8 @@ class Trainer:
                  val_data: ImageDataset | None = None, callbacks: Sequence[TrainerCallback] = ()) -> None:
         self.config = config
         self.callbacks = list(callbacks)
+        if config.run.monitor_gradients:
+            self.callbacks.append(GradientMonitor())
         self.run_dir = Path(config.run.output_dir)
         # Accelerate keeps one global state per process; a second Trainer in the same process (a notebook,
         # the tests) may ask for another precision. The process group (PartialState) is kept.
