@@ -126,6 +126,15 @@ def load_trainer_state(folder: Path, optimizer: torch.optim.Optimizer,
     return LoopState(**payload["loop"])
 
 
+def saved_step(folder: Path) -> int:
+    """The step a checkpoint was written at (read from its trainer_state.json)."""
+    try:
+        return int(json.loads((folder / "trainer_state.json").read_text())["loop"]["step"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise AdapterFileError(f"checkpoint {folder} cannot be read ({exc}); delete it to resume from the one "
+                               "before") from None
+
+
 def publish(staging: Path, final: Path) -> None:
     """Rename a fully written staging folder onto its final name (atomic), then fsync the parent."""
     if final.exists():

@@ -16,6 +16,7 @@ from vislora.config import AdapterConfig
 from vislora.data.transforms import AugmentConfig
 from vislora.errors import ConfigError
 from vislora.io import atomic_write_text
+from vislora.train.stages import StageSection
 
 # `vislora demo`'s budget: under 5 minutes on 2 CPU cores (see vislora.train.demo).
 DEMO_DEFAULTS = {"steps": 150, "batch_size": 32, "train_images": 2000, "test_images": 1000, "image_size": 112}
@@ -33,6 +34,12 @@ class ModelSection(_Section):
     pooling: Literal["cls", "mean", "cls_mean"] = Field("cls", description="Features the linear head reads.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra arguments for the model factory "
                                    "(timm.create_model / from_pretrained), e.g. {depth: 6}.")
+    text: str | None = Field(None, description="Dual encoders: the text tower (hf:<id or dir> or "
+                             "asset:all-minilm-l6-v2) paired with the image backbone `spec` through new projections; "
+                             "unset when `spec` already has both towers (hf: CLIP/SigLIP, open_clip:).")
+    embed_dim: int = Field(256, ge=1, description="Dual encoders: width of the shared embedding space.")
+    text_pooling: Literal["mean", "cls"] = Field("mean", description="Dual encoders: text features the projection "
+                                                 "reads (mean over tokens, as sentence-transformers).")
 
 
 class AdapterSection(_Section):
@@ -51,20 +58,57 @@ class AdapterSection(_Section):
     train_norms: bool | None = None
     modules_to_save: list[str] | None = None
     init: str | None = None
+    method: str | None = Field(None, description="lora (default), dora, adalora or molora.")
+    adalora: dict[str, Any] | None = Field(None, description="AdaLoRA budget: target_rank, tinit, tfinal, delta_t, "
+                                           "beta1, beta2, orth_reg_weight (method: adalora).")
+    molora: dict[str, Any] | None = Field(None, description="MoLoRA experts: experts, top_k, gate (token|image), "
+                                          "balance_weight (method: molora).")
+    vision_targets: list[str] | None = Field(None, description="Dual encoders: targets inside the image tower.")
+    text_targets: list[str] | None = Field(None, description="Dual encoders: targets inside the text tower.")
+    vision_rank: int | None = Field(None, ge=1, description="Rank in the image tower (default: rank).")
+    vision_alpha: float | None = Field(None, gt=0, description="Alpha in the image tower (default: alpha).")
+    text_rank: int | None = Field(None, ge=1, description="Rank in the text tower (default: rank).")
+    text_alpha: float | None = Field(None, gt=0, description="Alpha in the text tower (default: alpha).")
+    train_heads: bool = Field(True, description="Dual encoders: train and save the projections of adapted towers "
+                              "and the logit scale (CLIP-LoRA keeps them frozen).")
+    frozen: dict[str, str] = Field(default_factory=dict, description="Adapters loaded from these folders under "
+                                   "these names, kept active and frozen while this one trains (e.g. a shared "
+                                   "vision adapter under a per-language text adapter).")
 
     def build(self, head: str) -> AdapterConfig:
         """The AdapterConfig for a model whose classifier lives at `head`."""
-        fields = self.model_dump(exclude={"preset"}, exclude_none=True)
+        fields = self.model_dump(exclude={"preset", *TOWER_FIELDS}, exclude_none=True)
         fields["modules_to_save"] = list(dict.fromkeys([*fields.get("modules_to_save", []), head]))
         if self.preset:
             return AdapterConfig.from_preset(self.preset, **fields)
         return AdapterConfig.parse(fields)
 
 
+TOWER_FIELDS = ("vision_targets", "text_targets", "vision_rank", "vision_alpha", "text_rank", "text_alpha",
+                "train_heads", "frozen")
+
+
+class TaskSection(_Section):
+    """What is trained: an image classifier, or a dual encoder (contrastive image-text, few-shot prompt classifier)."""
+
+    kind: Literal["classification", "contrastive", "few_shot"] = Field(
+        "classification", description="classification: backbone + head; contrastive: symmetric InfoNCE on image-"
+        "caption pairs; few_shot: CLIP-LoRA, cross-entropy against a text classifier built from prompts.")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1, description=(
+        "Prompt templates ('{}' = class name). Evaluation ensembles all; training uses the first (few_shot) or "
+        "cycles through them (contrastive captions made from labels)."))
+    class_names: dict[str, str] = Field(default_factory=dict, description="Readable name per label for prompts "
+                                        "(e.g. {n01440764: tench}); labels not listed are used as they are.")
+    shots: int | None = Field(None, ge=1, description="few_shot: images per class sampled from data.train "
+                              "(seeded by run.seed); unset = all of data.train.")
+    loss: Literal["infonce", "sigmoid"] = Field("infonce", description="contrastive: InfoNCE (CLIP) or pairwise "
+                                                "sigmoid (SigLIP; needs a model with a logit bias).")
+
+
 class DataSection(_Section):
     train: str = Field(..., description="Image folder, .csv/.jsonl manifest, or fashion-mnist:train.")
     val: str | None = Field(None, description="Held-out data for evaluation and best-checkpoint choice.")
-    label_column: str = "label"
+    label_column: str | None = Field("label", description="Manifest label column; null for caption-only data.")
     path_column: str = "path"
     image_size: int | None = Field(None, ge=8, description="Square input side; default: the model's native size.")
     train_limit: int | None = Field(None, ge=1, description="Use a stratified random subset of this many images.")
@@ -93,7 +137,8 @@ class RunSection(_Section):
     eval_every: int = Field(0, ge=0, description="Evaluate on data.val every N steps (0: only at the end).")
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: never).")
     keep_last: int = Field(2, ge=1, description="Step checkpoints kept on disk.")
-    best_metric: Literal["accuracy", "loss"] = "accuracy"
+    best_metric: Literal["accuracy", "loss", "recall@1"] = Field(
+        "accuracy", description="recall@1: mean of image->text and text->image recall@1 (contrastive runs).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without improving best_metric.")
     early_stopping_min_delta: float = Field(0.0, ge=0)
@@ -112,10 +157,28 @@ class TrainConfig(_Section):
     """A whole training run. Load with `TrainConfig.load(path, overrides)`."""
 
     model: ModelSection
+    task: TaskSection = Field(default_factory=TaskSection)
     adapter: AdapterSection = Field(default_factory=AdapterSection)
     data: DataSection
     optim: OptimSection
     run: RunSection
+    stages: list[StageSection] = Field(default_factory=list, description="Multi-stage schedule, e.g. text tower "
+                                       "only, then vision only, then both at lr_scale 0.1; see docs/vlm.md.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_from_stages(cls, data: Any) -> Any:
+        """optim.max_steps defaults to the sum of the stages' steps, and must equal it when given."""
+        if not isinstance(data, dict) or not data.get("stages") or not isinstance(data.get("optim"), dict):
+            return data
+        total = sum(s.get("steps", 0) for s in data["stages"] if isinstance(s, dict))
+        given = data["optim"].get("max_steps")
+        if given is None:
+            return {**data, "optim": {**data["optim"], "max_steps": total}}
+        if given != total:
+            raise ValueError(f"optim.max_steps is {given} but the stages add up to {total} steps; drop "
+                             f"optim.max_steps (it defaults to the stages' sum) or make them agree")
+        return data
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -123,6 +186,11 @@ class TrainConfig(_Section):
             raise ValueError("run.eval_every is set but data.val is empty; give held-out data or set eval_every: 0")
         if self.run.early_stopping_patience and not self.data.val:
             raise ValueError("run.early_stopping_patience needs data.val to measure improvement")
+        if self.task.kind == "classification" and self.model.text:
+            raise ValueError("model.text pairs a text tower with the image backbone, which only dual-encoder tasks "
+                             "use; set task.kind: contrastive or few_shot, or drop model.text")
+        if self.task.kind == "few_shot" and self.data.label_column is None:
+            raise ValueError("task.kind few_shot needs labelled data: set data.label_column")
         return self
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -31,11 +32,13 @@ def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
     ], weight_decay=optim.weight_decay)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `max_steps` (or constant)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection,
+                    scale: Callable[[int], float] | None = None) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup over `warmup_steps`, then cosine decay to 0 at `max_steps` (or constant); times `scale(step)`
+    when given (a training stage's lr_scale)."""
     warmup, total = optim.warmup_steps, optim.max_steps
 
-    def factor(step: int) -> float:
+    def shape(step: int) -> float:
         if step < warmup:
             return (step + 1) / (warmup + 1)
         if optim.schedule == "constant":
@@ -43,4 +46,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimSection) -> to
         progress = (step - warmup) / max(1, total - warmup)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
+    def factor(step: int) -> float:
+        return shape(step) * (scale(step) if scale else 1.0)
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def position_scheduler(scheduler: torch.optim.lr_scheduler.LambdaLR, step: int) -> None:
+    """Put a freshly built scheduler where one that has already taken `step` steps would be (lrs included)."""
+    scheduler.last_epoch = step
+    for group, factor in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas, strict=True):
+        group["lr"] = group["initial_lr"] * factor(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]

@@ -21,22 +21,15 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from torch import nn
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
-from vislora.data.transforms import SampleTransform, build_mixup, build_transform, model_input_spec
+from vislora.data.transforms import SampleTransform, build_transform, model_input_spec
 from vislora.errors import ConfigError
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel, inject
 from vislora.parameters import parameter_report
-from vislora.tasks.classification import (
-    EvalResult,
-    build_classifier,
-    classification_loss,
-    predict_rows,
-    summarize,
-)
 from vislora.train import checkpoint as ckpt
 from vislora.train.batches import EpochBatches
 from vislora.train.callbacks import TrainerCallback
@@ -44,6 +37,8 @@ from vislora.train.config import TrainConfig
 from vislora.train.monitor import GradientMonitor
 from vislora.train.rundir import MetricsLog, TrainingError, changed_keys
 from vislora.train.schedule import build_optimizer, build_scheduler
+from vislora.train.stages import StagePlan, apply_stage
+from vislora.train.tasks import Evaluation, make_task
 
 logger = logging.getLogger(__name__)
 
@@ -83,24 +78,27 @@ class Trainer:
         # Without a GPU, cpu=True lets Accelerate join a multi-process launch over gloo (MULTI_CPU).
         self.accelerator = Accelerator(mixed_precision=config.run.mixed_precision, cpu=not _has_accelerator())
         set_seed(config.run.seed)
-        self.train_data = train_data if train_data is not None else self._open(config.data.train, None,
-                                                                                config.data.train_limit)
+        self.task = make_task(config)
+        self.train_data = self.task.prepare_data(train_data if train_data is not None else self._open(
+            config.data.train, None, config.data.train_limit), train=True)
         classes = self.train_data.classes
         self.val_data = val_data if val_data is not None or not config.data.val else self._open(
             config.data.val, classes, config.data.val_limit)
+        if self.val_data is not None:
+            self.val_data = self.task.prepare_data(self.val_data, train=False)
         self._check_resolutions(self.train_data, self.val_data)
-        self.model = self._build_model(len(classes))
+        self.model = self._build_model(classes)
         self.spec = model_input_spec(self._base_model(), config.data.image_size)
         self.train_transform = SampleTransform(build_transform(self.spec, True, config.data.augment), config.run.seed)
         self.eval_transform = SampleTransform(build_transform(self.spec, False), config.run.seed)
         self.train_data.transform = self.train_transform
         if self.val_data is not None:
             self.val_data.transform = self.eval_transform
-        self.mixup = build_mixup(config.data.augment, len(classes))
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
         self.loop = ckpt.LoopState()
+        self.stage_plan = self._plan_stages()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         self._last_eval_step: int | None = None
 
@@ -123,22 +121,52 @@ class Trainer:
                                   "is resized to the model's input size, which distorts some of them differently. "
                                   "Set data.allow_mixed_resolution: true to accept that, or resize the dataset")
 
-    def _build_model(self, num_classes: int) -> AdaptedModel:
+    def _build_model(self, classes: list[str]) -> AdaptedModel:
         cfg = self.config
-        base, head = build_classifier(cfg.model.spec, num_classes, cfg.model.pretrained, cfg.model.head,
-                                      cfg.model.pooling, cfg.data.image_size, **cfg.model.kwargs)
+        base, adapter_config = self.task.build(classes)
         if cfg.run.gradient_checkpointing:
-            _enable_gradient_checkpointing(base)
-        self.head_path = head
-        model = inject(base, cfg.adapter.build(head))
+            for backbone in self.task.backbones(base):
+                _enable_gradient_checkpointing(backbone)
+        model = inject(base, adapter_config)
+        self.task.adapted(model)
         model.train()
         if cfg.run.compile:
             model.base_model.compile()
         return model
 
     def _base_model(self) -> nn.Module:
-        base = self.accelerator.unwrap_model(self.model).base_model
-        return getattr(base, "backbone", base)
+        return self.task.image_model(self.accelerator.unwrap_model(self.model).base_model)
+
+    def _plan_stages(self) -> StagePlan | None:
+        """The run's stages resolved against the model, and the first one entered (None without stages)."""
+        if not self.config.stages:
+            return None
+        if self.accelerator.num_processes > 1:
+            raise ConfigError("multi-stage training (stages:) runs in one process for now: a stage change alters "
+                              "the trainable set, which a data-parallel wrapper fixes at start; drop stages or run "
+                              "without accelerate launch")
+        self.stage_plan = StagePlan(self.config.stages, self.adapted)
+        apply_stage(self, 0, carry_state=False)
+        return self.stage_plan
+
+    def _next_stage(self) -> None:
+        """After a step: enter the stage that runs the next step if it differs, and say so."""
+        plan = self.stage_plan
+        if plan is None or plan.index_at(self.loop.step) == plan.current:
+            return
+        apply_stage(self, plan.index_at(self.loop.step))
+        self._announce_stage()
+
+    def _announce_stage(self) -> None:
+        plan = self.stage_plan
+        index = plan.current
+        count = plan.trainable_count(index)
+        if self.accelerator.is_main_process:
+            logger.info("stage %d/%d from step %d: training %s, %s trainable parameters, lr x%g", index + 1,
+                        len(plan.stages), self.loop.step + 1, "+".join(plan.stages[index].train), f"{count:,}",
+                        plan.stages[index].lr_scale)
+        self._write_metrics({"step": self.loop.step, "split": "stage", "stage": index + 1, "trainable": count,
+                             "train": plan.stages[index].train, "lr_scale": plan.stages[index].lr_scale})
 
     @property
     def adapted(self) -> AdaptedModel:
@@ -155,9 +183,13 @@ class Trainer:
         if accelerator.is_main_process:
             logger.info("training %s trainable of %s parameters (%.3f%%)", f"{report.trainable:,}",
                         f"{report.total:,}", report.trainable_percent)
+            if self.stage_plan is not None:
+                logger.info("stages:\n%s", self.stage_plan.describe())
+        if self.stage_plan is not None and self.loop.step == 0:
+            self._announce_stage()
         bar = self._progress_bar()
         stopped_early = False
-        last_eval: EvalResult | None = None
+        last_eval: Evaluation | None = None
         micro, window_images, window_start, running_loss = 0, 0, time.perf_counter(), 0.0
         while self.loop.step < cfg.optim.max_steps and not stopped_early:
             for batch in self._epoch_batches():
@@ -177,6 +209,7 @@ class Trainer:
                 images_per_s = images / max(seconds, 1e-9)
                 mean_loss = accelerator.reduce(torch.tensor(running_loss / cfg.optim.grad_accum), "mean").item()
                 self._log_train(mean_loss, grad_norm, finite, images_per_s, bar)
+                self._next_stage()
                 running_loss, window_images, window_start = 0.0, 0, time.perf_counter()
                 if cfg.run.eval_every and self.loop.step % cfg.run.eval_every == 0:
                     last_eval = self.evaluate()
@@ -225,17 +258,11 @@ class Trainer:
                 loss = sum((p * 0).sum() for p in self.model.parameters() if p.requires_grad)
                 accelerator.backward(loss)
                 return 0.0, 0
-            images = batch["image"].to(accelerator.device)
-            targets = batch["label"].to(accelerator.device)
-            if self.mixup is not None:
-                even = len(images) - len(images) % 2
-                images, targets = self.mixup(images[:even], targets[:even])
             with accelerator.autocast():
-                logits = self.model(images)
-                loss = classification_loss(logits.float(), targets, self.config.data.augment.label_smoothing)
+                loss, n_images = self.task.loss(self.model, batch, accelerator.device)
                 loss = loss + self._extra_loss()
             accelerator.backward(loss / self.config.optim.grad_accum)
-            return loss.item(), len(images)
+            return loss.item(), n_images
 
     def _extra_loss(self) -> torch.Tensor | float:
         """Regularisers the adapters ask for (AdaLoRA, MoLoRA) plus the callbacks' terms; 0.0 when none."""
@@ -276,26 +303,23 @@ class Trainer:
         return finite, grad_norm
 
     # ---------------------------------------------------------------- evaluation
-    def evaluate(self) -> EvalResult:
-        """Held-out metrics over `val_data`, sharded across processes and gathered."""
-        accelerator = self.accelerator
-        indices = list(range(accelerator.process_index, len(self.val_data), accelerator.num_processes))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.val_data, indices),
-                                             batch_size=self.config.optim.batch_size, collate_fn=collate,
-                                             num_workers=self.config.data.num_workers, generator=torch.Generator())
-        rows, skipped = predict_rows(self.model, loader, accelerator.device, accelerator.autocast)
-        rows, skipped = gather_object(rows), gather_object(skipped)
-        result = summarize(rows, self.val_data.classes, skipped=len(set(skipped)))
+    def evaluate(self) -> Evaluation:
+        """Held-out metrics over `val_data` (the task's), sharded across processes and gathered."""
+        result = self.task.evaluate(self)
         self._last_eval_step = self.loop.step
-        self._write_metrics({"step": self.loop.step, "split": "val", "accuracy": result.accuracy,
-                             "loss": result.loss, "n": result.n, "skipped_images": result.skipped})
+        self._write_metrics({"step": self.loop.step, "split": "val", **result.metrics(), "n": result.n,
+                             "skipped_images": result.skipped})
         return result
 
-    def _after_eval(self, result: EvalResult) -> bool:
+    def _after_eval(self, result: Evaluation) -> bool:
         """Keep the best adapter; True when early stopping says stop."""
         cfg = self.config.run
-        value = result.accuracy if cfg.best_metric == "accuracy" else result.loss
-        sign = 1 if cfg.best_metric == "accuracy" else -1
+        metrics = result.metrics()
+        if cfg.best_metric not in metrics:
+            raise ConfigError(f"run.best_metric is {cfg.best_metric!r}, but this {self.task.kind} evaluation reports "
+                              f"only {sorted(metrics)}; choose one of those")
+        value = metrics[cfg.best_metric]
+        sign = -1 if cfg.best_metric == "loss" else 1
         best = self.loop.best_value
         if best is None or sign * (value - best) > cfg.early_stopping_min_delta:
             self.loop.best_value, self.loop.best_step = value, self.loop.step
@@ -363,6 +387,8 @@ class Trainer:
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore adapter, optimizer, scheduler, RNG and loop position from a checkpoint folder."""
+        if self.stage_plan is not None:  # the checkpoint holds the optimizer of the stage running its next step
+            apply_stage(self, self.stage_plan.index_at(ckpt.saved_step(folder)), carry_state=False)
         self.adapted.load_adapter_weights(folder)
         self.loop = ckpt.load_trainer_state(folder, self.optimizer, self.scheduler)
         ckpt.load_rng(folder, self.accelerator.process_index)
@@ -382,9 +408,7 @@ class Trainer:
 
     def _save_adapter_files(self, folder: Path) -> None:
         self.adapted.save_adapter(folder, "default")
-        task = {"task": "classification", "model": self.config.model.model_dump(mode="json"),
-                "classes": self.train_data.classes, "input": asdict(self.spec), "head": self.head_path,
-                "step": self.loop.step}
+        task = {**self.task.info(), "input": asdict(self.spec), "step": self.loop.step}
         atomic_write_text(folder / "task.json", json.dumps(task, indent=2))
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
@@ -395,7 +419,7 @@ class Trainer:
     def _log_train(self, loss: float, grad_norm: float, finite: bool, images_per_s: float, bar: Any) -> None:
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         if self.loop.step % self.config.run.log_every == 0 or not finite:
-            extra = self.adapted.adapter_metrics()
+            extra = {**self.task.train_metrics(), **self.adapted.adapter_metrics()}
             for callback in self.callbacks:
                 extra.update(callback.metrics(self))
             self._write_metrics({"step": self.loop.step, "epoch": self.loop.epoch, "split": "train", "loss": loss,
@@ -414,7 +438,7 @@ class Trainer:
         return tqdm(total=self.config.optim.max_steps, initial=self.loop.step, desc="train", unit="step",
                     dynamic_ncols=True)
 
-    def _finish(self, final: EvalResult | None, stopped_early: bool, report: Any, seconds: float) -> TrainResult:
+    def _finish(self, final: Evaluation | None, stopped_early: bool, report: Any, seconds: float) -> TrainResult:
         adapter_dir = self.run_dir / "adapter"
         self._save_adapter(adapter_dir)
         best_dir = self.run_dir / "best"
@@ -443,8 +467,7 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available() or torch.backends.mps.is_available()
 
 
-def _enable_gradient_checkpointing(model: nn.Module) -> None:
-    backbone = getattr(model, "backbone", model)
+def _enable_gradient_checkpointing(backbone: nn.Module) -> None:
     if hasattr(backbone, "set_grad_checkpointing"):  # timm
         backbone.set_grad_checkpointing(True)
     elif getattr(backbone, "supports_gradient_checkpointing", False):  # transformers

@@ -1,0 +1,103 @@
+"""Multi-stage training as config: which tower's adapters train in which steps, at which learning-rate scale.
+
+    stages:
+      - {steps: 200, train: [text]}
+      - {steps: 200, train: [vision]}
+      - {steps: 100, train: [text, vision], lr_scale: 0.1}
+
+A stage names towers; the trainable set of a stage is every parameter the run trains (adapter weights, saved
+projections) that lives in one of its towers, plus the shared ones outside both towers (the logit scale). At a
+stage boundary `apply_stage` - the one place a stage takes effect - switches requires_grad, rebuilds the optimizer
+carrying the AdamW state of parameters that stay trainable, and puts the LR schedule (warmup + cosine over the
+whole run, times the stage's lr_scale) at the current step. After step s the trainer is in the stage that runs step
+s + 1, so a checkpoint holds that stage's optimizer and resume re-enters it before loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from vislora.errors import ConfigError
+from vislora.towers import tower_of
+
+if TYPE_CHECKING:
+    from vislora.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+class StageSection(BaseModel):
+    """One stage: how many optimizer steps, which towers train, and the learning-rate factor."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    steps: int = Field(..., ge=1, description="Optimizer steps in this stage.")
+    train: list[Literal["vision", "text"]] = Field(..., min_length=1, description="Towers whose adapters train.")
+    lr_scale: float = Field(1.0, gt=0, description="Multiplies both learning rates during this stage.")
+
+
+class StagePlan:
+    """The stages of a run resolved against its model: step ranges and trainable parameters per stage."""
+
+    def __init__(self, stages: list[StageSection], model: nn.Module) -> None:
+        self.stages = stages
+        self.candidates = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.towers = {name: tower_of(model, name) for name in self.candidates}
+        self.starts = [sum(s.steps for s in stages[:i]) for i in range(len(stages))]
+        self.current: int | None = None
+        for index, stage in enumerate(stages):
+            if not any(self.towers[n] in stage.train for n in self.candidates):
+                adapted = sorted({t for t in self.towers.values() if t})
+                raise ConfigError(f"stage {index + 1} trains {stage.train}, but no trainable parameter of this model "
+                                  f"lives there (towers with adapters: {adapted}); add that tower's targets "
+                                  "(adapter.vision_targets / text_targets) or drop it")
+
+    def index_at(self, step: int) -> int:
+        """The stage that runs step `step + 1` (the last stage once the run is over)."""
+        return max(i for i, start in enumerate(self.starts) if start <= step)
+
+    def lr_scale(self, step: int) -> float:
+        return self.stages[self.index_at(step)].lr_scale
+
+    def members(self, index: int) -> list[str]:
+        """Names of the parameters stage `index` trains."""
+        wanted = self.stages[index].train
+        return [n for n, tower in self.towers.items() if tower is None or tower in wanted]
+
+    def trainable_count(self, index: int) -> int:
+        return sum(self.candidates[n].numel() for n in self.members(index))
+
+    def describe(self) -> str:
+        lines = []
+        for index, (stage, start) in enumerate(zip(self.stages, self.starts, strict=True)):
+            lines.append(f"stage {index + 1}/{len(self.stages)}: steps {start + 1}-{start + stage.steps}, train "
+                         f"{'+'.join(stage.train)}, lr x{stage.lr_scale:g}, "
+                         f"{self.trainable_count(index):,} trainable parameters")
+        return "\n".join(lines)
+
+
+def apply_stage(trainer: Trainer, index: int, carry_state: bool = True) -> None:
+    """Make stage `index` the trainer's stage: trainable set, optimizer (AdamW state carried for parameters that
+    stay trainable), LR schedule at the current step."""
+    from vislora.train.schedule import build_optimizer, build_scheduler, position_scheduler
+
+    plan = trainer.stage_plan
+    members = set(plan.members(index))
+    for name, param in plan.candidates.items():
+        param.requires_grad_(name in members)
+    old = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    optimizer = build_optimizer(trainer.adapted, trainer.config.optim)
+    if carry_state and old is not None:
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param in old.state:
+                    optimizer.state[param] = old.state[param]
+    scheduler = build_scheduler(optimizer, trainer.config.optim, plan.lr_scale)
+    position_scheduler(scheduler, trainer.loop.step)
+    trainer.optimizer = trainer.accelerator.prepare(optimizer)
+    trainer.scheduler = scheduler
+    plan.current = index

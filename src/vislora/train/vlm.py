@@ -1,0 +1,247 @@
+"""Dual-encoder tasks for the trainer: contrastive image-text fine-tuning and few-shot prompt classification.
+
+Both build a dual encoder (`vislora.dual_encoder`), adapt its towers with one tower-aware AdapterConfig
+(`adapter.vision_targets` / `text_targets`, per-tower rank and alpha), can keep other adapters active and frozen
+underneath (`adapter.frozen`), and evaluate with a text classifier built from prompts (prompt ensembling over
+`task.templates`) plus, on captioned data, retrieval recall@1/5/10 in both directions.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+from torch import nn
+
+from vislora.config import AdapterConfig
+from vislora.data.datasets import DataError, ImageDataset, collate
+from vislora.dual_encoder import DualTowerModel, build_dual_encoder
+from vislora.errors import ConfigError
+from vislora.tasks.clip import (
+    CLIP_LORA,
+    contrastive_loss,
+    retrieval_recall,
+    same_caption,
+    sample_shots,
+    sigmoid_loss,
+    text_classifier,
+)
+from vislora.towers import tower_adapter_config
+from vislora.train.config import TOWER_FIELDS
+from vislora.train.tasks import TrainTask
+
+if TYPE_CHECKING:
+    from vislora.train.trainer import Trainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DualEvalResult:
+    """Held-out figures of a dual-encoder task; absent figures (no labels, no captions) are left out."""
+
+    n: int
+    skipped: int = 0
+    figures: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.figures.get("accuracy", math.nan)
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.figures)
+
+
+class DualTask(TrainTask):
+    """Shared by the contrastive and few-shot tasks: model, adapter config, data checks, evaluation."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        if config.run.best_metric == "recall@1" and config.task.kind != "contrastive":
+            raise ConfigError("run.best_metric recall@1 needs task.kind contrastive on captioned data; use accuracy")
+
+    def prepare_data(self, dataset: ImageDataset, train: bool) -> ImageDataset:
+        return drop_missing(dataset)
+
+    def build(self, classes: list[str]) -> tuple[nn.Module, AdapterConfig]:
+        m = self.config.model
+        self.classes = list(classes)
+        base = build_dual_encoder(m.spec, m.text, pretrained=m.pretrained, embed_dim=m.embed_dim,
+                                  vision_pooling=m.pooling, text_pooling=m.text_pooling, **m.kwargs)
+        self.base = base
+        return base, self.adapter_config(base)
+
+    def adapter_config(self, base: DualTowerModel) -> AdapterConfig:
+        """adapter.vision_targets / text_targets (or adapter.targets in both towers), per-tower rank/alpha."""
+        a = self.config.adapter
+        if a.preset:
+            raise ConfigError("adapter.preset is for image classifiers; dual encoders take vision_targets / "
+                              "text_targets (examples/fewshot_fashion_mnist.yaml shows CLIP-LoRA's recipe)")
+        vision, text = a.vision_targets, a.text_targets
+        if vision is None and text is None:
+            vision = text = a.targets or CLIP_LORA["targets"]
+        common = a.model_dump(exclude={"preset", "targets", "rank", "alpha", *TOWER_FIELDS}, exclude_none=True)
+        return tower_adapter_config(base, vision, text, rank=a.rank or 8, alpha=a.alpha or 16.0,
+                                    vision_rank=a.vision_rank, vision_alpha=a.vision_alpha, text_rank=a.text_rank,
+                                    text_alpha=a.text_alpha, train_heads=a.train_heads,
+                                    train_logit_scale=a.train_heads, **common)
+
+    def adapted(self, model: nn.Module) -> None:
+        """Load `adapter.frozen` adapters, keep them active under `default`, train only `default`."""
+        frozen = self.config.adapter.frozen
+        for name, folder in frozen.items():
+            model.load_adapter(folder, name, activate=False)
+        if frozen:
+            model.set_active([*frozen, "default"])
+            model.set_trainable("default")
+
+    def image_model(self, base: nn.Module) -> nn.Module:
+        return base.vision_tower
+
+    def backbones(self, base: nn.Module) -> list[nn.Module]:
+        return [base.get_submodule(prefix) for prefix in base.towers.values()]
+
+    def names(self) -> list[str]:
+        """Readable class names for prompts (task.class_names maps labels to them)."""
+        return [self.config.task.class_names.get(c, c) for c in self.classes]
+
+    def captions(self, batch: dict[str, Any]) -> list[str]:
+        """The batch's captions, or captions made from labels (templates cycled by sample index)."""
+        if "caption" in batch:
+            return list(batch["caption"])
+        templates, names = self.config.task.templates, self.names()
+        return [templates[i % len(templates)].format(names[y])
+                for i, y in zip(batch["index"].tolist(), batch["label"].tolist(), strict=True)]
+
+    def evaluate(self, trainer: Trainer) -> DualEvalResult:
+        """Prompt-classifier accuracy (labelled data), contrastive loss, retrieval recall (captioned data)."""
+        rows, skipped = _embed_rows(trainer, self)
+        rows = sorted({r["index"]: r for r in gather_object(rows)}.values(), key=lambda r: r["index"])
+        skipped = set(gather_object(skipped))
+        if not rows:
+            return DualEvalResult(n=0, skipped=len(skipped))
+        model = trainer.adapted.base_model
+        images = torch.stack([r["image"] for r in rows])  # [n, dim]
+        figures = {}
+        with torch.no_grad():
+            scale = model.logit_scale().float().cpu()
+            if self.classes and rows[0]["label"] >= 0:
+                labels = torch.tensor([r["label"] for r in rows])
+                classifier = text_classifier(model, self.names(), self.config.task.templates,
+                                             trainer.accelerator.device).cpu()
+                logits = scale * images @ classifier.T  # [n, classes]
+                figures["accuracy"] = (logits.argmax(1) == labels).float().mean().item()
+                figures["loss"] = F.cross_entropy(logits, labels).item()
+            if "text" in rows[0]:
+                texts = torch.stack([r["text"] for r in rows])  # [n, dim]
+                captions = [r["caption"] for r in rows]
+                figures["contrastive_loss"] = contrastive_loss(images, texts, scale, same_caption(captions)).item()
+                figures.setdefault("loss", figures["contrastive_loss"])
+                recall = retrieval_recall(images, texts, range(len(rows)))
+                figures.update(recall.metrics())
+                figures["recall@1"] = (recall.image_to_text[1] + recall.text_to_image[1]) / 2
+        return DualEvalResult(n=len(rows), skipped=len(skipped), figures=figures)
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "class_names": self.names(), "templates": self.config.task.templates,
+                "towers": dict(self.base.towers), "frozen": dict(self.config.adapter.frozen)}
+
+    def train_metrics(self) -> dict[str, float]:
+        return {"truncated_captions": self.base.tokenizer.truncated}
+
+
+class ContrastiveTask(DualTask):
+    """Symmetric InfoNCE (or SigLIP's sigmoid loss) between images and their captions; identical captions in a
+    batch (e.g. made from class names) are positives of each other's images, not negatives."""
+
+    kind = "contrastive"
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
+        captions = self.captions(batch)
+        tokens = self.base.tokenize(captions)
+        images, texts = model(images=batch["image"].to(device), input_ids=tokens["input_ids"].to(device),
+                              attention_mask=tokens["attention_mask"].to(device))
+        positives = same_caption(captions).to(device)
+        scale = self.base.logit_scale()
+        if self.config.task.loss == "sigmoid":
+            bias = self.base.logit_scale.bias
+            if bias is None:
+                raise ConfigError("task.loss sigmoid needs a model with a logit bias (SigLIP); use infonce")
+            return sigmoid_loss(images, texts, scale, bias, positives), len(images)
+        return contrastive_loss(images, texts, scale, positives), len(images)
+
+
+class FewShotTask(DualTask):
+    """CLIP-LoRA: K images per class, cross-entropy of scale * image_emb @ text_classifier.T, the classifier rebuilt
+    from the first template every step so the text tower's adapters train through it."""
+
+    kind = "few_shot"
+
+    def prepare_data(self, dataset: ImageDataset, train: bool) -> ImageDataset:
+        dataset = super().prepare_data(dataset, train)
+        shots = self.config.task.shots
+        if not train or shots is None:
+            return dataset
+        support = copy.copy(dataset)
+        support.records = [dataset.records[i] for i in sample_shots(dataset.labels(), shots, self.config.run.seed)]
+        logger.info("%d-shot support set: %d images from %s", shots, len(support), dataset.name)
+        return support
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
+        images, _ = model(images=batch["image"].to(device))
+        classifier = text_classifier(self.base, self.names(), self.config.task.templates[:1], device)
+        logits = self.base.logit_scale() * images @ classifier.T  # [batch, classes]
+        return F.cross_entropy(logits, batch["label"].to(device)), len(images)
+
+
+def drop_missing(dataset: ImageDataset) -> ImageDataset:
+    """Report image files a manifest lists but the disk lacks, and leave them out (strict datasets fail)."""
+    missing = [i for i, r in enumerate(dataset.records) if isinstance(r.source, str) and not Path(r.source).is_file()]
+    if not missing:
+        return dataset
+    listed = ", ".join(dataset.describe(i) for i in missing[:5]) + (", ..." if len(missing) > 5 else "")
+    if dataset.strict:
+        raise DataError(f"{dataset.name}: {len(missing)} of {len(dataset)} images are missing ({listed}); restore "
+                        "them or remove their rows, or set data.strict: false to skip them")
+    logger.warning("%s: %d of %d images are missing and are skipped: %s", dataset.name, len(missing), len(dataset),
+                   listed)
+    kept = copy.copy(dataset)
+    gone = set(missing)
+    kept.records = [r for i, r in enumerate(dataset.records) if i not in gone]
+    return kept
+
+
+@torch.no_grad()
+def _embed_rows(trainer: Trainer, task: DualTask) -> tuple[list[dict[str, Any]], list[int]]:
+    """This process's share of val_data as rows {index, label, caption, image emb, text emb} on the CPU."""
+    accelerator, model = trainer.accelerator, trainer.model
+    indices = list(range(accelerator.process_index, len(trainer.val_data), accelerator.num_processes))
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(trainer.val_data, indices),
+                                         batch_size=trainer.config.optim.batch_size, collate_fn=collate,
+                                         num_workers=trainer.config.data.num_workers, generator=torch.Generator())
+    rows, skipped = [], []
+    was_training = model.training
+    model.eval()
+    for batch in loader:
+        skipped += batch["skipped"]
+        if "image" not in batch:
+            continue
+        captioned = "caption" in batch
+        tokens = task.base.tokenize(batch["caption"]) if captioned else {}
+        with accelerator.autocast():
+            images, texts = model(images=batch["image"].to(accelerator.device),
+                                  **{k: v.to(accelerator.device) for k, v in tokens.items()})
+        for j, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist(), strict=True)):
+            row = {"index": index, "label": label, "image": images[j].float().cpu()}
+            if captioned:
+                row.update(caption=batch["caption"][j], text=texts[j].float().cpu())
+            rows.append(row)
+    model.train(was_training)
+    return rows, skipped
