@@ -3,6 +3,7 @@
 __version__ = "0.1.0"
 
 from vislora.config import PRESETS, AdapterConfig
+from vislora.diagnostics import diagnose
 from vislora.errors import (
     AdapterError,
     AdapterFileError,
@@ -36,6 +37,7 @@ __all__ = [
     "VisloraError",
     "VisloraWarning",
     "__version__",
+    "diagnose",
     "inject",
     "load_adapter",
     "parameter_report",

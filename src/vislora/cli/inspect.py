@@ -1,0 +1,105 @@
+"""`vislora inspect`: adapter diagnostics (norms, singular values, effective rank, rank use) and a health verdict."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from vislora.cli.app import app, console
+from vislora.diagnostics import Diagnosis, GroupSummary, Stats
+
+STATUS_STYLE = {"healthy": "green", "attention": "yellow", "untrained": "red", "broken": "bold red"}
+
+
+@app.command()
+def inspect(
+    adapter: Annotated[Path, typer.Argument(help="Adapter directory (vislora or PEFT layout), e.g. runs/x/adapter.")],
+    base: Annotated[str | None, typer.Option(
+        help="The base model, for ||W|| and relative change: a spec (timm:<name>, hf:<id or dir>, open_clip:<name>, "
+             "asset:dinov2-small), or `auto` for the model recorded in the adapter's task.json (`vislora train` "
+             "runs).")] = None,
+    threshold: Annotated[float, typer.Option(help="Energy share for the energy rank (0.9 = 90% of sum s^2).")] = 0.9,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the diagnosis as JSON instead of tables.")] = False,
+    pretrained: Annotated[bool, typer.Option(help="Load the base model's pretrained weights (timm/open_clip "
+                                                  "download them).")] = True,
+) -> None:
+    """Diagnose an adapter: per-layer norms, singular values of scale*BA, effective rank, rank use, verdict.
+
+    Reads the adapter files alone; with --base also ||delta_W|| / ||W|| per layer. The verdict (healthy,
+    attention, untrained, broken) comes with the numbers behind it and what to change.
+
+    Example: vislora inspect runs/fmnist/adapter --base auto
+    """
+    from vislora.diagnostics import diagnose, inspect_adapter
+
+    if base == "auto":
+        from vislora.train.evaluation import load_trained
+
+        diagnosis = diagnose(load_trained(adapter)[0], threshold=threshold)
+        diagnosis.adapter, diagnosis.source = adapter.name, str(adapter)
+    else:
+        diagnosis = inspect_adapter(adapter, _base_model(base, pretrained) if base else None, threshold)
+    if as_json:
+        typer.echo(json.dumps(diagnosis.to_dict(), indent=2))
+        return
+    show_diagnosis(diagnosis)
+
+
+def _base_model(spec: str, pretrained: bool) -> object:
+    from vislora.backbones import load_base_model
+    from vislora.tasks.classification import resolve_spec
+
+    return load_base_model(resolve_spec(spec), pretrained=pretrained)
+
+
+def show_diagnosis(diagnosis: Diagnosis) -> None:
+    """Per-layer table, summaries per module type and per depth, and the verdict, on the console."""
+    relative = any(layer.relative_norm is not None for layer in diagnosis.layers)
+    energy = f"r@{diagnosis.threshold:.0%}"
+    table = Table(title=escape(f"adapter {diagnosis.adapter}: {len(diagnosis.layers)} low-rank pairs "
+                               "(dW = scale*B@A; s = its singular values)"))
+    table.add_column("layer", overflow="fold")
+    for column in ("type", "rank", "||A||", "||B||", "||dW||", *(["||dW||/||W||"] if relative else []), "top s",
+                   "eff. rank", energy, "use"):
+        table.add_column(escape(column))
+    for layer in diagnosis.layers:
+        top = " ".join(f"{s:.3g}" for s in layer.singular_values[:3])
+        table.add_row(escape(layer.path), escape(layer.module), str(layer.rank), f"{layer.norm_a:.3g}",
+                      f"{layer.norm_b:.3g}",
+                      f"{layer.delta_norm:.3g}",
+                      *([_num(layer.relative_norm)] if relative else []), top or "-",
+                      f"{layer.effective_rank:.2f}", str(layer.energy_rank), f"{layer.utilisation:.2f}")
+    console.print(table)
+    for key, groups in (("module type", diagnosis.by_module), ("depth", diagnosis.by_depth)):
+        console.print(_summary_table(key, groups, relative))
+    verdict = diagnosis.verdict
+    console.print(f"verdict: [{STATUS_STYLE.get(verdict.status, 'bold')}]{verdict.status}[/]")
+    for reason in verdict.reasons:
+        console.print(f"  - {reason}", markup=False)
+    for advice in verdict.recommendations:
+        console.print(f"  -> {advice}", markup=False)
+
+
+def _summary_table(key_name: str, groups: dict[str, GroupSummary], relative: bool) -> Table:
+    table = Table(key_name, "layers",
+                  "utilisation mean ± std", "range", "eff. rank mean", *(["||dW||/||W|| mean"] if relative else []),
+                  title=f"per {key_name}")
+    for key, group in groups.items():
+        u = group.utilisation
+        table.add_row(escape(key), str(group.layers), _mean_std(u), f"{u.min:.2f}-{u.max:.2f}" if u else "-",
+                      _num(group.effective_rank.mean if group.effective_rank else None),
+                      *([_num(group.relative_norm.mean if group.relative_norm else None)] if relative else []))
+    return table
+
+
+def _mean_std(stats: Stats | None) -> str:
+    return f"{stats.mean:.2f} ± {stats.std:.2f}" if stats else "-"
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"

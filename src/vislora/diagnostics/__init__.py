@@ -1,0 +1,137 @@
+"""Adapter diagnostics: per-layer norms, singular values, effective rank, rank utilisation, a health verdict.
+
+Every low-rank pair (a layer, or one q/k/v slice of a fused layer) is read as delta_W = scale * B @ A; see
+`vislora.diagnostics.spectrum` for the figures and `vislora.diagnostics.verdict` for the rules.
+`diagnose(model)` reads a live AdaptedModel; `inspect_adapter(dir)` reads a saved adapter directory (PEFT
+layout) without any model, and with `base` also the relative change ||delta_W|| / ||W||.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from vislora.diagnostics.files import read_adapter_pairs
+from vislora.diagnostics.records import Diagnosis, GroupSummary, LayerDiagnostics, Stats, Verdict
+from vislora.diagnostics.spectrum import analyse_pair, effective_rank, energy_rank, low_rank_singular_values
+from vislora.diagnostics.verdict import verdict
+from vislora.errors import AdapterError, ConfigError
+from vislora.targets import QKV
+
+if TYPE_CHECKING:
+    from vislora.adapters.linear import LoraLayer
+    from vislora.model import AdaptedModel
+
+__all__ = [
+    "Diagnosis",
+    "GroupSummary",
+    "LayerDiagnostics",
+    "Stats",
+    "Verdict",
+    "analyse_pair",
+    "build_diagnosis",
+    "diagnose",
+    "effective_rank",
+    "energy_rank",
+    "inspect_adapter",
+    "low_rank_singular_values",
+    "verdict",
+]
+
+
+def diagnose(model: AdaptedModel, adapter: str | None = None, threshold: float = 0.9) -> Diagnosis:
+    """Per-layer diagnostics, summaries and a health verdict of one adapter of a live AdaptedModel.
+
+    `adapter` defaults to the only (or the only active) adapter. Relative norms use the original base weights.
+    """
+    _check_threshold(threshold)
+    name = _pick_adapter(model, adapter)
+    if model.merged:
+        raise AdapterError(f"adapters {list(model.active_adapters)} are merged into the base weights, so W and "
+                           "delta_W cannot be told apart; call model.unmerge() before diagnose()")
+    layers: list[LayerDiagnostics] = []
+    with torch.no_grad():
+        for path, layer in model.layers().items():
+            if name in layer.specs:
+                layers += _layer_pairs(path, layer, name, threshold)
+    return build_diagnosis(name, "model", threshold, layers)
+
+
+def inspect_adapter(path: str | Path, base: nn.Module | None = None, threshold: float = 0.9) -> Diagnosis:
+    """Diagnostics of a saved adapter directory (vislora or PEFT), read from its files alone.
+
+    With `base` (the model the adapter was trained on, or its backbone) every layer also gets ||W|| and the
+    relative change; the base weights are found by module path (a leading wrapper such as `backbone.` may
+    differ) and must have the adapter's shapes.
+    """
+    _check_threshold(threshold)
+    layers = [analyse_pair(p.path, p.module, p.a, p.b, p.scale, p.method, threshold, p.weight, p.change,
+                           p.finite) for p in read_adapter_pairs(Path(path), base)]
+    return build_diagnosis(Path(path).name, str(path), threshold, layers)
+
+
+def build_diagnosis(adapter: str, source: str, threshold: float, layers: list[LayerDiagnostics]) -> Diagnosis:
+    """Summaries per module type and per depth, and the verdict, over analysed layers."""
+    return Diagnosis(adapter=adapter, source=source, threshold=threshold, layers=layers,
+                     by_module=_summaries(layers, lambda layer: layer.module),
+                     by_depth=_summaries(layers, lambda layer: "-" if layer.depth is None else str(layer.depth)),
+                     verdict=verdict(layers, threshold))
+
+
+def _layer_pairs(path: str, layer: LoraLayer, name: str, threshold: float) -> list[LayerDiagnostics]:
+    """One entry per pair of adapter `name` on `layer`: the whole weight, or each q/k/v slice."""
+    spec = layer.specs[name]
+    a, b, rank = layer.export_pair(name)  # relative to the original W (PiSSA: [A; A0], [B, -B0])
+    weight = layer.merged_weight(())  # the original W [out, in] (a PiSSA residual added back)
+    change = layer.change(name) if spec.method == "dora" else None
+    magnitude = layer.lora_magnitude.get(name)
+    finite = magnitude is None or bool(torch.isfinite(magnitude).all())
+    module = path.rpartition(".")[2]
+    if isinstance(layer.base_layer, nn.MultiheadAttention):  # named as in the file: `<attention>.in_proj`
+        path, module = f"{path}.in_proj", "in_proj"
+    if not spec.slices:
+        return [analyse_pair(path, module, a, b, spec.scale, spec.method, threshold, weight, change, finite)]
+    rows = layer.out_features // len(QKV)
+    out = []
+    for j, index in enumerate(spec.slices):
+        block = slice(index * rows, (index + 1) * rows)
+        out.append(analyse_pair(f"{path}[{QKV[index]}]", f"{module}[{QKV[index]}]", a[j * rank:(j + 1) * rank],
+                                b[j], spec.scale, spec.method, threshold, weight[block],
+                                None if change is None else change[block], finite))
+    return out
+
+
+def _pick_adapter(model: AdaptedModel, adapter: str | None) -> str:
+    if adapter is not None:
+        if adapter not in model.adapters:
+            raise AdapterError(f"unknown adapter {adapter!r}; loaded: {list(model.adapters) or 'none'}")
+        return adapter
+    if len(model.adapters) == 1:
+        return model.adapters[0]
+    if len(model.active_adapters) == 1:
+        return model.active_adapters[0]
+    raise AdapterError(f"the model holds adapters {list(model.adapters)} ({len(model.active_adapters)} active); "
+                       "name the one to diagnose: diagnose(model, adapter='...')")
+
+
+def _check_threshold(threshold: float) -> None:
+    if not 0 < threshold <= 1:
+        raise ConfigError(f"energy threshold must be in (0, 1], got {threshold}; e.g. 0.9 for 90% of the energy")
+
+
+def _summaries(layers: list[LayerDiagnostics], key: Any) -> dict[str, GroupSummary]:
+    groups: dict[str, list[LayerDiagnostics]] = defaultdict(list)
+    for layer in layers:
+        groups[key(layer)].append(layer)
+    out = {}
+    for name, members in groups.items():
+        ok = [m for m in members if m.finite]
+        out[name] = GroupSummary(
+            layers=len(members), utilisation=Stats.of(m.utilisation for m in ok),
+            effective_rank=Stats.of(m.effective_rank for m in ok),
+            relative_norm=Stats.of(m.relative_norm for m in ok if m.relative_norm is not None))
+    return out
