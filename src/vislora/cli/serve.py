@@ -1,0 +1,75 @@
+"""`vislora serve`: one base model, many adapters, over HTTP (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from vislora.cli.app import app, console
+from vislora.errors import ConfigError
+
+
+@app.command()
+def serve(
+    config: Annotated[Path | None, typer.Argument(help="Serve config YAML (see docs/serving.md). Optional when "
+                                                       "--adapter gives adapters trained by `vislora train`.")] = None,
+    adapter: Annotated[list[str] | None, typer.Option(
+        "--adapter", "-a", help="NAME=DIR: load the adapter directory DIR as NAME; repeatable.")] = None,
+    base: Annotated[str | None, typer.Option(
+        help="Base model spec (timm:<name>, hf:<id or dir>, asset:dinov2-small); default: the base named by the "
+             "first adapter's task.json.")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Head width of --base (every adapter shares it).")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input side of --base; default: its native size.")] = None,
+    random_init: Annotated[bool, typer.Option(help="Build --base with random weights (benchmarks, tests).")] = False,
+    host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a config value: key.path=value (YAML); repeatable. Example: "
+                      "--set batching.max_batch_size=32 --set batching.max_wait_ms=10")] = None,
+) -> None:
+    """Serve predictions and embeddings of many adapters over one base model, micro-batched across adapters.
+
+    Admin routes (load/unload adapters, change routes) need VISLORA_ADMIN_TOKEN in the environment; the live
+    dashboard is at /dashboard, Prometheus metrics at /metrics, the OpenAPI schema at /openapi.json.
+
+    Example: VISLORA_ADMIN_TOKEN=secret vislora serve -a cats=runs/cats/adapter -a dogs=runs/dogs/best --port 8080
+    """
+    import uvicorn
+
+    from vislora.serve import Engine, create_app
+
+    cfg = build_config(config, adapter or [], base, num_classes, image_size, random_init, host, port, set_ or [])
+    engine = Engine.from_config(cfg)
+    console.print(f"serving {len(engine.adapters())} adapters over {engine.base.spec} "
+                  f"({engine.input_spec.size} px): {', '.join(a.name for a in engine.adapters()) or 'none yet'}")
+    console.print(f"dashboard http://{cfg.host}:{cfg.port}/dashboard  ·  API http://{cfg.host}:{cfg.port}/docs")
+    if cfg.auth.admin() is None:
+        console.print(f"[yellow]admin routes are off[/]: set {cfg.auth.admin_token_env} to load/unload adapters "
+                      "over HTTP")
+    uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="info")
+
+
+def build_config(config: Path | None, adapters: list[str], base: str | None, num_classes: int | None,
+                 image_size: int | None, random_init: bool, host: str | None, port: int | None,
+                 overrides: list[str]) -> Any:
+    """The ServeConfig from CONFIG (if given) with the command-line flags applied on top."""
+    from vislora.serve.config import ServeConfig, read_config
+    from vislora.train.config import apply_overrides
+
+    data = read_config(config) if config is not None else {}
+    for item in adapters:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            raise ConfigError(f"--adapter {item!r} is not NAME=DIR (example: --adapter cats=runs/cats/adapter)")
+        data.setdefault("adapters", {})[name] = str(Path(folder).expanduser().resolve())
+    if base is not None:
+        if num_classes is None:
+            raise ConfigError("--base needs --num-classes (the head width every adapter shares)")
+        data["base"] = {"spec": base, "num_classes": num_classes, "image_size": image_size,
+                        "pretrained": not random_init}
+    elif num_classes is not None or image_size is not None or random_init:
+        raise ConfigError("--num-classes, --image-size and --random-init describe --base; give --base too")
+    data.update({k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    return ServeConfig.parse(apply_overrides(data, overrides))

@@ -1,0 +1,85 @@
+"""The FastAPI application: assembles the routers, the body limit, error answers and request metrics."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from vislora import __version__
+from vislora.errors import VisloraError
+from vislora.serve.config import ServeConfig
+from vislora.serve.dependencies import Tokens
+from vislora.serve.engine import Engine
+from vislora.serve.errors import ServeError, TooLarge
+from vislora.serve.limits import BodyLimit
+from vislora.serve.routers import adapters, inference, ops, routes
+
+logger = logging.getLogger(__name__)
+
+TIMED = ("/v1/predict", "/v1/embed")
+
+
+def create_app(engine: Engine, config: ServeConfig | None = None, close_engine: bool = True) -> FastAPI:
+    """The HTTP API over `engine`; `config` gives tokens, limits and defaults (its base/adapters are not read:
+    the engine already holds them). The engine is closed when the app shuts down if `close_engine`."""
+    config = config or ServeConfig.parse({"base": engine.base.model_dump()})
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if close_engine:
+            engine.close()
+
+    app = FastAPI(title="vislora serve", version=__version__, lifespan=lifespan,
+                  description="One base model, many adapters: per-request adapter choice, mixed-adapter "
+                              "micro-batches, hot load/unload, traffic routes with shadow adapters.")
+    app.state.engine, app.state.config = engine, config
+    app.state.tokens = Tokens(config.auth.admin(), config.auth.client())
+    for module in (inference, adapters, routes, ops):
+        app.include_router(module.router)
+    metrics = engine.metrics
+    app.add_middleware(BodyLimit, max_bytes=config.limits.max_upload_bytes,
+                       on_reject=lambda: metrics.errors.labels(TooLarge.kind).inc())
+
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        if path in TIMED:
+            metrics.latency.labels(path.rpartition("/")[2]).observe(time.perf_counter() - started)
+        return response
+
+    app.add_exception_handler(ServeError, _serve_error)
+    app.add_exception_handler(VisloraError, _serve_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
+    return app
+
+
+async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
+    status, kind = (exc.status, exc.kind) if isinstance(exc, ServeError) else (400, type(exc).__name__)
+    request.app.state.engine.metrics.errors.labels(kind).inc()
+    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    return JSONResponse({"detail": str(exc), "kind": kind}, status_code=status, headers=headers)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    request.app.state.engine.metrics.errors.labels("invalid_request").inc()
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return JSONResponse({"detail": f"invalid request: {problems}", "kind": "invalid_request"}, status_code=422)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    request.app.state.engine.metrics.errors.labels("internal").inc()
+    return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log", "kind": "internal"},
+                        status_code=500)

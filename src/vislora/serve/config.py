@@ -1,0 +1,156 @@
+"""ServeConfig: one YAML file describes a server (base model, adapters, batching, limits, auth, traffic)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from vislora.errors import ConfigError
+from vislora.train.config import apply_overrides
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BaseSection(_Section):
+    """The one base model every adapter is routed over. Omit it when the adapters carry task.json (written by
+    `vislora train`): the base is then rebuilt from the first adapter's task.json, as `vislora eval` does."""
+
+    spec: str = Field(..., description="timm:<name>, hf:<id or dir>, open_clip:<name>, or asset:dinov2-small.")
+    pretrained: bool = Field(True, description="Load pretrained weights (timm/open_clip download them).")
+    head: Literal["auto", "own", "linear"] = Field("auto", description="As in the train config's model.head.")
+    pooling: Literal["cls", "mean", "cls_mean"] = Field("cls", description="Features a linear head reads.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra arguments for the model factory.")
+    num_classes: int = Field(..., ge=1, description="Width of the classification head every adapter shares.")
+    image_size: int | None = Field(None, ge=8, description="Square input side; default: the model's native size.")
+    classes: list[str] | None = Field(
+        None, description="Names of the base head's outputs. Only then does predict without an adapter answer; "
+        "a head freshly built for the adapters predicts nothing meaningful on its own.")
+
+    @model_validator(mode="after")
+    def _classes_fit(self) -> BaseSection:
+        if self.classes is not None and len(self.classes) != self.num_classes:
+            raise ValueError(f"base.classes has {len(self.classes)} names but base.num_classes is {self.num_classes}")
+        return self
+
+
+class BatchingSection(_Section):
+    max_batch_size: int = Field(16, ge=1, description="Most samples (shadow copies included) in one forward.")
+    max_wait_ms: float = Field(5.0, ge=0, description="How long the first request of a batch waits for company.")
+    max_queue: int = Field(1024, ge=1, description="Requests waiting beyond this get 503 (server busy).")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads of the forward; default: torch's.")
+
+
+class LimitsSection(_Section):
+    max_upload_bytes: int = Field(10 * 2**20, ge=1024, description="Larger request bodies get 413.")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Larger decoded images get 400 (decompression "
+                                  "bombs).")
+    max_top_k: int = Field(100, ge=1)
+    unload_timeout_s: float = Field(60.0, gt=0, description="How long an unload waits for in-flight requests.")
+
+
+class AuthSection(_Section):
+    """Bearer tokens. Admin routes (load/unload adapters, change routes) are refused while no admin token is set."""
+
+    admin_token: SecretStr | None = Field(None, description="Prefer admin_token_env: config files get copied.")
+    admin_token_env: str = Field("VISLORA_ADMIN_TOKEN", description="Environment variable holding the admin token.")
+    client_token: SecretStr | None = Field(None, description="If set, predict/embed/adapters need it too.")
+    client_token_env: str = Field("VISLORA_CLIENT_TOKEN", description="Environment variable holding the client "
+                                  "token.")
+
+    def admin(self) -> str | None:
+        return _token(self.admin_token, self.admin_token_env)
+
+    def client(self) -> str | None:
+        return _token(self.client_token, self.client_token_env)
+
+
+def _token(value: SecretStr | None, env: str) -> str | None:
+    token = value.get_secret_value() if value is not None else os.environ.get(env)
+    return token or None
+
+
+class RolloutConfig(_Section):
+    """A named route: requests naming it go to one of `weights`' adapters (weighted draw), and a fraction of them
+    also runs on `shadow`, whose answer is compared with the primary's and never returned."""
+
+    weights: dict[str, float] = Field(..., min_length=1, description="Adapter -> relative share of the traffic.")
+    shadow: str | None = Field(None, description="Adapter run beside the primary on a fraction of requests.")
+    shadow_fraction: float = Field(1.0, ge=0, le=1, description="Share of requests that also run the shadow.")
+
+    @field_validator("weights")
+    @classmethod
+    def _positive(cls, value: dict[str, float]) -> dict[str, float]:
+        bad = {k: v for k, v in value.items() if not v >= 0}
+        if bad or not sum(value.values()) > 0:
+            raise ValueError(f"weights must be >= 0 with a positive sum, got {value}")
+        return value
+
+    def adapters(self) -> set[str]:
+        return {*self.weights, *([self.shadow] if self.shadow else [])}
+
+
+class ServeConfig(_Section):
+    """A whole server. Load with `ServeConfig.load(path, overrides)`."""
+
+    base: BaseSection | None = None
+    adapters: dict[str, str] = Field(default_factory=dict, description="Name -> adapter directory loaded at start.")
+    adapter_root: str | None = Field(None, description="If set, adapters loaded over HTTP must lie inside this "
+                                     "folder (relative paths are read from it).")
+    batching: BatchingSection = Field(default_factory=BatchingSection)
+    limits: LimitsSection = Field(default_factory=LimitsSection)
+    auth: AuthSection = Field(default_factory=AuthSection)
+    routes: dict[str, RolloutConfig] = Field(default_factory=dict, description="Traffic routes by name.")
+    seed: int = Field(0, description="Seed of the traffic split and shadow draws.")
+    top_k: int = Field(5, ge=1, description="Labels returned by predict unless the request says otherwise.")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> ServeConfig:
+        if self.base is None and not self.adapters:
+            raise ValueError("give a base model (base.spec, base.num_classes) or at least one adapter trained by "
+                             "`vislora train` (its task.json names the base)")
+        clash = sorted(set(self.routes) & set(self.adapters))
+        if clash:
+            raise ValueError(f"route names {clash} are also adapter names; a request names either one")
+        return self
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> ServeConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                                 for err in exc.errors())
+            raise ConfigError(f"invalid serve config: {problems}") from None
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ServeConfig:
+        """Read YAML, apply `key.path=value` overrides, validate."""
+        return cls.parse(apply_overrides(read_config(path), overrides))
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """The mapping in a serve config YAML file, adapter paths made absolute (relative ones are read from the
+    file's folder)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"serve config {path} does not exist; see docs/serving.md for an example")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping (base, adapters, batching, ...)")
+    adapters = data.get("adapters") or {}
+    if not isinstance(adapters, dict):
+        raise ConfigError(f"{path}: adapters must map names to directories, got {adapters!r}")
+    folder = path.resolve().parent
+    data["adapters"] = {name: str(folder / Path(str(source)).expanduser()) for name, source in adapters.items()}
+    return data

@@ -1,0 +1,351 @@
+"""Engine: one base model, many adapters, requests micro-batched across adapters into one forward pass.
+
+Every forward routes each sample to its own adapter (`AdaptedModel(x, adapters=[...])`), so a batch mixing 128
+adapters costs one pass. A route is state on the model's layers, so one worker thread runs every forward and
+adapter loads/unloads take the same lock: no request sees a half-loaded adapter. An adapter being unloaded
+takes no new requests and is removed once its in-flight requests have their answers.
+
+    with Engine.from_config(ServeConfig.parse({"adapters": {"cats": "runs/cats/adapter"}})) as engine:
+        engine.predict("cat.png", adapter="cats").labels[0]
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import Future
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from vislora.data.transforms import InputSpec, build_transform
+from vislora.errors import ConfigError
+from vislora.model import AdaptedModel
+from vislora.serve.batcher import Job, MicroBatcher
+from vislora.serve.config import BaseSection, BatchingSection, LimitsSection, RolloutConfig, ServeConfig
+from vislora.serve.errors import BadImage, Busy, Conflict, ServeError, UnknownAdapter
+from vislora.serve.images import decode_image
+from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
+from vislora.serve.records import Embedding, LoadedAdapter, Output, Prediction, top_k
+from vislora.serve.sources import AdapterSource, base_from_task, build_base, check_fits, open_source
+from vislora.serve.traffic import Assignment, TrafficPolicy
+
+NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
+ImageInput = Image.Image | bytes | str | Path
+
+
+def check_name(name: str, what: str = "adapter") -> str:
+    """`name` if it is 1-64 letters, digits, '_' or '-' starting with a letter (no path can hide in it)."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise ServeError(f"invalid {what} name {name!r}: use 1-64 letters, digits, '_' or '-', starting with a letter")
+    return name
+
+
+class Engine:
+    """Serves predictions and embeddings of a base model with any number of adapters; thread-safe."""
+
+    def __init__(self, model: AdaptedModel, head_path: str, input_spec: InputSpec, base: BaseSection, *,
+                 batching: BatchingSection | None = None, limits: LimitsSection | None = None,
+                 routes: dict[str, RolloutConfig] | None = None, seed: int = 0,
+                 metrics: ServeMetrics | None = None) -> None:
+        self.model = model.eval()
+        self.head_path = head_path
+        self.input_spec = input_spec
+        self.base = base.model_copy(update={"image_size": input_spec.size})
+        self.batching = batching or BatchingSection()
+        self.limits = limits or LimitsSection()
+        self.metrics = metrics or ServeMetrics()
+        self.transform = build_transform(input_spec, train=False)
+        self.traffic = TrafficPolicy(seed=seed)
+        self._state = threading.Condition()  # guards the four fields below
+        self._adapters: dict[str, LoadedAdapter] = {}
+        self._inflight: Counter[str] = Counter()  # adapter -> requests admitted, not yet answered
+        self._pending: set[str] = set()  # adapters being loaded or unloaded: no request may use them
+        self._model_lock = threading.Lock()  # one forward, or one change of the model, at a time
+        if self.batching.threads:
+            torch.set_num_threads(self.batching.threads)
+        self.metrics.model_bytes.set(sum(t.numel() * t.element_size() for t in (
+            *model.base_model.parameters(), *model.base_model.buffers())))
+        self._batcher = MicroBatcher(self._run_batch, self.batching.max_batch_size, self.batching.max_wait_ms / 1e3,
+                                     self.batching.max_queue)
+        self.metrics.bind_queue(lambda: self._batcher.depth)
+        for name in model.adapters:  # adapters already on the model are served as they are
+            self._register(name, LoadedAdapter(name, "(in memory)", "", self._classes(None), self._bytes(name),
+                                               time.time()))
+        for name, rollout in (routes or {}).items():
+            self.set_route(name, rollout)
+        self._batcher.start()
+
+    @classmethod
+    def from_config(cls, config: ServeConfig) -> Engine:
+        """Build the base (from config.base, or the first adapter's task.json), load the adapters, set routes."""
+        sources = {check_name(name): open_source(ref) for name, ref in config.adapters.items()}
+        task = next((s.task for s in sources.values() if s.task), None) if config.base is None else None
+        if config.base is None and task is None:
+            raise ConfigError(f"none of the adapters {sorted(sources)} has a task.json naming its base model; give "
+                              "base.spec and base.num_classes in the config (or --base/--num-classes)")
+        base = config.base or base_from_task(task)
+        model, head, spec = build_base(base, task)
+        engine = cls(AdaptedModel(model), head, spec, base, batching=config.batching, limits=config.limits,
+                     seed=config.seed)
+        try:
+            for name, source in sources.items():
+                engine.load(name, source)
+            for name, rollout in config.routes.items():
+                engine.set_route(name, rollout)
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
+    # ------------------------------------------------------------ adapters and routes
+    def adapters(self) -> list[LoadedAdapter]:
+        with self._state:
+            return [a for n, a in self._adapters.items() if n not in self._pending]
+
+    def load(self, name: str, source: str | Path | AdapterSource) -> LoadedAdapter:
+        """Load an adapter directory as `name`; requests can use it once this returns, never before."""
+        check_name(name)
+        source = source if isinstance(source, AdapterSource) else open_source(source)
+        check_fits(name, source, self.base, self.input_spec)
+        classes = self._classes(source)
+        with self._state:
+            self._check_free(name)
+            self._pending.add(name)
+        try:
+            with self._model_lock:
+                self.model.load_adapter(source.path, name, activate=False)
+                size = self._bytes(name)
+            record = LoadedAdapter(name, str(source.path), source.digest, classes, size, time.time())
+            self._register(name, record)
+        finally:
+            with self._state:
+                self._pending.discard(name)
+        return record
+
+    def unload(self, name: str, timeout: float | None = None) -> None:
+        """Stop admitting requests for `name`, let its in-flight requests finish, then remove it."""
+        timeout = self.limits.unload_timeout_s if timeout is None else timeout
+        with self._state:
+            if name not in self._adapters or name in self._pending:
+                raise UnknownAdapter(f"no adapter {name!r} is loaded (loaded: {self._loaded_names()})")
+            routes = self.traffic.using(name)
+            if routes:
+                raise Conflict(f"routes {routes} send traffic to adapter {name!r}; change or delete them first")
+            self._pending.add(name)
+            if not self._state.wait_for(lambda: self._inflight[name] == 0, timeout):
+                self._pending.discard(name)
+                raise Busy(f"adapter {name!r} still has {self._inflight[name]} requests in flight after {timeout} s; "
+                           "it stays loaded, retry the unload")
+        try:
+            with self._model_lock:
+                self.model.delete_adapter(name)
+        finally:
+            with self._state:
+                del self._adapters[name]
+                self._pending.discard(name)
+                sizes = {n: a.bytes for n, a in self._adapters.items()}
+            self.metrics.loaded(sizes, gone=name)
+
+    def set_route(self, name: str, rollout: RolloutConfig) -> None:
+        """Add or replace a traffic route; every adapter it names must be loaded."""
+        check_name(name, "route")
+        with self._state:
+            if name in self._adapters or name in self._pending:
+                raise Conflict(f"{name!r} is an adapter's name; a route needs a name of its own")
+            missing = sorted(n for n in rollout.adapters() if n not in self._adapters or n in self._pending)
+            if missing:
+                raise UnknownAdapter(f"route {name!r} names adapters that are not loaded: {missing} "
+                                     f"(loaded: {self._loaded_names()})")
+            self.traffic.set(name, rollout)
+
+    def delete_route(self, name: str) -> None:
+        if self.traffic.remove(name) is None:
+            raise UnknownAdapter(f"no route {name!r} (routes: {sorted(self.traffic.routes)})")
+
+    # ------------------------------------------------------------ requests
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        """Pixels (3, size, size) exactly as training evaluated: the timm eval transform of the base model."""
+        if isinstance(image, str | Path):
+            image = Path(image).read_bytes()
+        if isinstance(image, bytes):
+            image = decode_image(image, self.limits.max_image_pixels)
+        if not isinstance(image, Image.Image):
+            raise BadImage(f"expected a PIL image, bytes or a path, got {type(image).__name__}")
+        return self.transform(image.convert("RGB"))
+
+    def submit(self, pixels: torch.Tensor, adapter: str | None = None) -> Future[Output]:
+        """Queue one preprocessed sample for `adapter` (an adapter, a route, or None = the base model)."""
+        expected = (3, self.input_spec.size, self.input_spec.size)
+        if tuple(pixels.shape) != expected:
+            raise BadImage(f"pixels have shape {tuple(pixels.shape)}, expected {expected}; use engine.preprocess()")
+        assignment = self._admit(adapter)
+        job = Job(pixels, assignment.adapter, assignment.shadow, assignment.route)
+        job.future.add_done_callback(lambda _: self._release(assignment))
+        try:
+            return self._batcher.submit(job)
+        except Busy:
+            job.future.cancel()  # runs the release callback
+            raise
+
+    def predict(self, image: ImageInput, adapter: str | None = None, k: int = 5) -> Prediction:
+        """Top-k labels of one image; several calls from several threads share batches."""
+        return self.predict_many([image], [adapter], k)[0]
+
+    def predict_many(self, images: Sequence[ImageInput], adapters: Sequence[str | None], k: int = 5
+                     ) -> list[Prediction]:
+        """Top-k labels of many images, each with its own adapter (a batch inference job, no HTTP)."""
+        outputs = self._compute(images, adapters, need_classes=True)
+        return [Prediction(o.adapter, o.digest, o.route, top_k(o, k)) for o in outputs]
+
+    def embed(self, image: ImageInput, adapter: str | None = None) -> Embedding:
+        return self.embed_many([image], [adapter])[0]
+
+    def embed_many(self, images: Sequence[ImageInput], adapters: Sequence[str | None]) -> list[Embedding]:
+        """Pooled backbone features (the head's input) of many images, each with its own adapter."""
+        return [Embedding(o.adapter, o.digest, o.route, o.features) for o in self._compute(images, adapters)]
+
+    def check_predicts(self, adapter: str | None) -> None:
+        """Refuse predict without an adapter when the base head names no classes."""
+        if adapter is None and self.base.classes is None:
+            raise ServeError(f"name an adapter (loaded: {self._loaded_names()}): this base model's head was built "
+                             "for the adapters and predicts nothing meaningful alone (set base.classes if it does)")
+
+    # ------------------------------------------------------------ lifecycle
+    @property
+    def ready(self) -> bool:
+        return self._batcher.alive
+
+    def close(self) -> None:
+        """Answer the requests already queued, then stop the worker."""
+        self._batcher.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ internals
+    def _compute(self, images: Sequence[ImageInput], adapters: Sequence[str | None], need_classes: bool = False
+                 ) -> list[Output]:
+        if len(images) != len(adapters):
+            raise ServeError(f"{len(images)} images but {len(adapters)} adapter names; give one name (or None) each")
+        if need_classes:
+            for adapter in set(adapters):
+                self.check_predicts(adapter)
+        outputs: list[Output] = []
+        window = max(1, self.batching.max_queue // 2)  # never more in the queue than it holds
+        for start in range(0, len(images), window):
+            chunk = zip(images[start:start + window], adapters[start:start + window], strict=True)
+            futures = [self.submit(self.preprocess(image), adapter) for image, adapter in chunk]
+            outputs.extend(f.result() for f in futures)
+        return outputs
+
+    def _admit(self, name: str | None) -> Assignment:
+        """Resolve a route, check the adapters are servable and count the request in flight for them."""
+        assignment = self.traffic.assign(name)
+        with self._state:
+            usable = [n for n in (assignment.adapter, assignment.shadow)
+                      if n is None or (n in self._adapters and n not in self._pending)]
+            if assignment.adapter not in usable and assignment.adapter is not None:
+                state = "is being loaded or unloaded" if assignment.adapter in self._pending else "is not loaded"
+                raise UnknownAdapter(f"adapter {assignment.adapter!r} {state} (loaded: {self._loaded_names()}; "
+                                     f"routes: {sorted(self.traffic.routes)})")
+            if assignment.shadow is not None and assignment.shadow not in usable:
+                assignment = Assignment(assignment.adapter, assignment.route)
+            self._inflight.update(n for n in (assignment.adapter, assignment.shadow) if n is not None)
+        return assignment
+
+    def _release(self, assignment: Assignment) -> None:
+        with self._state:
+            self._inflight.subtract(n for n in (assignment.adapter, assignment.shadow) if n is not None)
+            self._state.notify_all()
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """One forward for every job of the batch (shadow copies appended), then each job's answer."""
+        started = time.perf_counter()
+        shadowed = [i for i, j in enumerate(jobs) if j.shadow is not None]
+        pixels = torch.stack([j.inputs for j in jobs] + [jobs[i].inputs for i in shadowed])  # (N + S, 3, H, W)
+        names = [j.adapter for j in jobs] + [jobs[i].shadow for i in shadowed]
+        with self._state:
+            records = {n: self._adapters[n] for n in names if n is not None}  # in flight: none can go away
+        with self._model_lock:
+            logits, features = self._forward(pixels, names)  # (N + S, classes), (N + S, width)
+        m = self.metrics
+        m.forward.observe(time.perf_counter() - started)
+        m.batch_size.observe(len(names))
+        for i, job in enumerate(jobs):
+            record = records.get(job.adapter)
+            output = Output(logits[i], features[i], job.adapter, record.digest if record else None, job.route,
+                            record.classes if record else self.base_classes, started - job.enqueued)
+            m.queue_wait.observe(output.queue_wait_s)
+            m.samples.labels(job.adapter or NO_ADAPTER, "primary").inc()
+            job.future.set_result(output)
+        for k, i in enumerate(shadowed):
+            s = len(jobs) + k
+            self._compare(jobs[i], (logits[i], features[i]), (logits[s], features[s]), records)
+
+    def _forward(self, pixels: torch.Tensor, names: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, pooled features) of one routed forward; the features are captured at the head's input."""
+        captured: list[torch.Tensor] = []
+        head = self.model.base_model.get_submodule(self.head_path)
+        handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
+        try:
+            with torch.inference_mode():
+                logits = self._logits(pixels, names)
+        finally:
+            handle.remove()
+        return logits.float(), captured[-1].float()
+
+    def _logits(self, pixels: torch.Tensor, names: list[str | None]) -> torch.Tensor:
+        return self.model(pixels, adapters=names)  # (N, classes): every sample with its own adapter, one pass
+
+    def _compare(self, job: Job, primary: tuple[torch.Tensor, torch.Tensor], shadow: tuple[torch.Tensor, torch.Tensor],
+                 records: dict[str, LoadedAdapter]) -> None:
+        """Record whether the shadow's top-1 label agrees with the primary's, and 1 - cosine of their features
+        (a route's primary and shadow are always adapters)."""
+        (logits, features), (shadow_logits, shadow_features) = primary, shadow
+        agree = records[job.adapter].classes[int(logits.argmax())] == records[job.shadow].classes[
+            int(shadow_logits.argmax())]
+        drift = 1.0 - float(torch.nn.functional.cosine_similarity(features, shadow_features, dim=0))
+        self.metrics.shadow.labels(job.route, job.adapter, job.shadow, str(agree).lower()).inc()
+        self.metrics.drift.labels(job.route).observe(max(drift, 0.0))
+        self.metrics.samples.labels(job.shadow, "shadow").inc()
+
+    @property
+    def base_classes(self) -> tuple[str, ...] | None:
+        """Names of the base head's outputs, if the config gave them."""
+        return tuple(self.base.classes) if self.base.classes else None
+
+    def _classes(self, source: AdapterSource | None) -> tuple[str, ...]:
+        """An adapter's class names: its task.json's, else the base's, else the output indices."""
+        classes = (source.classes if source else None) or self.base.classes
+        if classes is None:
+            return tuple(str(i) for i in range(self.base.num_classes))
+        if len(classes) != self.base.num_classes:
+            raise ConfigError(f"{len(classes)} class names for a head of {self.base.num_classes} outputs")
+        return tuple(classes)
+
+    def _bytes(self, name: str) -> int:
+        return sum(t.numel() * t.element_size() for t in self.model.adapter_state(name).values())
+
+    def _register(self, name: str, record: LoadedAdapter) -> None:
+        with self._state:
+            self._adapters[name] = record
+            sizes = {n: a.bytes for n, a in self._adapters.items()}
+        self.metrics.loaded(sizes)
+
+    def _check_free(self, name: str) -> None:
+        if name in self._adapters or name in self._pending:
+            raise Conflict(f"an adapter named {name!r} is already loaded (or loading); unload it first or pick "
+                           "another name")
+        if name in self.traffic.routes:
+            raise Conflict(f"{name!r} is a route's name; an adapter needs a name of its own")
+
+    def _loaded_names(self) -> list[str]:
+        return sorted(n for n in self._adapters if n not in self._pending)

@@ -1,0 +1,148 @@
+"""Prometheus metrics of one server (its own registry), and a JSON snapshot of them for the dashboard.
+
+Latency percentiles are derived from histogram buckets the way PromQL's histogram_quantile does (linear
+inside the bucket), so the dashboard and a Prometheus query agree.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+
+SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 2.5, 5.0, 10.0)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DRIFT = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+QUANTILES = (0.5, 0.95, 0.99)
+NO_ADAPTER = "none"  # label value of requests served by the base model
+
+
+class ServeMetrics:
+    """Everything the server measures. One instance per server; `registry` is what /metrics exposes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu seconds, open fds
+        self.latency = Histogram("vislora_request_seconds", "Request latency, receipt to response.", ["endpoint"],
+                                 buckets=SECONDS, registry=r)
+        self.queue_wait = Histogram("vislora_queue_wait_seconds", "Time a request waited for its batch to start.",
+                                    buckets=SECONDS, registry=r)
+        self.forward = Histogram("vislora_forward_seconds", "Seconds of one batched forward pass.", buckets=SECONDS,
+                                 registry=r)
+        self.batch_size = Histogram("vislora_batch_size", "Samples per forward pass (shadow copies included).",
+                                    buckets=BATCH_SIZES, registry=r)
+        self.samples = Counter("vislora_samples", "Samples computed by adapter; role primary (answered) or shadow "
+                               "(compared only). rate() of the primaries is the throughput.", ["adapter", "role"],
+                               registry=r)
+        self.requests = Counter("vislora_requests", "HTTP requests answered, by endpoint and status code.",
+                                ["endpoint", "status"], registry=r)
+        self.errors = Counter("vislora_errors", "Refused or failed requests by kind.", ["kind"], registry=r)
+        self.adapters_loaded = Gauge("vislora_adapters_loaded", "Adapters loaded now.", registry=r)
+        self.adapter_bytes = Gauge("vislora_adapter_bytes", "Bytes of each loaded adapter's tensors.", ["adapter"],
+                                   registry=r)
+        self.model_bytes = Gauge("vislora_model_bytes", "Bytes of the base model's parameters and buffers.",
+                                 registry=r)
+        self.queue_depth = Gauge("vislora_queue_depth", "Requests waiting for a batch.", registry=r)
+        self.shadow = Counter("vislora_shadow_comparisons", "Shadow runs by route and top-1 agreement with the "
+                              "primary.", ["route", "primary", "shadow", "agree"], registry=r)
+        self.drift = Histogram("vislora_shadow_drift", "1 - cosine(primary embedding, shadow embedding).", ["route"],
+                               buckets=DRIFT, registry=r)
+
+    def bind_queue(self, depth: Callable[[], int]) -> None:
+        self.queue_depth.set_function(depth)
+
+    def loaded(self, sizes: dict[str, int], gone: str | None = None) -> None:
+        """Publish the loaded adapters and their sizes (and forget the size of `gone`, just unloaded)."""
+        self.adapters_loaded.set(len(sizes))
+        if gone is not None:
+            with contextlib.suppress(KeyError):
+                self.adapter_bytes.remove(gone)
+        for name, size in sizes.items():
+            self.adapter_bytes.labels(name).set(size)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    # ------------------------------------------------------------ the dashboard's JSON
+    def snapshot(self) -> dict[str, Any]:
+        """Counts, percentiles (ms), adapters, memory and shadow figures, with the cumulative latency buckets so a
+        client can compute percentiles over its own window."""
+        got: dict[str, list[Any]] = defaultdict(list)
+        for metric in self.registry.collect():
+            for sample in metric.samples:
+                got[sample.name].append(sample)
+        per_adapter: dict[str, float] = defaultdict(float)
+        for s in got["vislora_samples_total"]:
+            per_adapter[s.labels["adapter"], s.labels["role"]] += s.value
+        sizes = {s.labels["adapter"]: s.value for s in got["vislora_adapter_bytes"]}
+        rss = got["process_resident_memory_bytes"]
+        return {
+            "time": time.time(),
+            "requests": sum(s.value for s in got["vislora_requests_total"]),
+            "samples": sum(v for (_, role), v in per_adapter.items() if role == "primary"),
+            "shadow_samples": sum(v for (_, role), v in per_adapter.items() if role == "shadow"),
+            "base_samples": per_adapter.get((NO_ADAPTER, "primary"), 0.0),
+            "errors": {s.labels["kind"]: s.value for s in got["vislora_errors_total"]},
+            "latency": _histogram(got, "vislora_request_seconds", scale=1e3),
+            "queue_wait": _histogram(got, "vislora_queue_wait_seconds", scale=1e3),
+            "forward": _histogram(got, "vislora_forward_seconds", scale=1e3),
+            "batch_size": _histogram(got, "vislora_batch_size"),
+            "adapters": [{"name": n, "bytes": sizes[n], "samples": per_adapter.get((n, "primary"), 0.0)}
+                         for n in sorted(sizes)],
+            "memory": {"rss_bytes": rss[0].value if rss else None,
+                       "model_bytes": got["vislora_model_bytes"][0].value, "adapter_bytes": sum(sizes.values())},
+            "queue_depth": got["vislora_queue_depth"][0].value,
+            "shadow": _shadow(got["vislora_shadow_comparisons_total"], got["vislora_shadow_drift_sum"]),
+        }
+
+
+def _histogram(got: dict[str, list[Any]], family: str, scale: float = 1.0) -> dict[str, Any]:
+    """One histogram merged over its labels: count, mean, p50/p95/p99 and cumulative buckets, values x `scale`."""
+    cumulative: dict[float, float] = defaultdict(float)
+    for s in got[f"{family}_bucket"]:
+        cumulative[float(s.labels["le"])] += s.value
+    count = sum(s.value for s in got[f"{family}_count"])
+    total = sum(s.value for s in got[f"{family}_sum"])
+    bounds = sorted(cumulative)
+    counts = [cumulative[b] for b in bounds]
+    out: dict[str, Any] = {"count": count, "mean": total / count * scale if count else None,
+                           "le": [b * scale if math.isfinite(b) else None for b in bounds], "cumulative": counts}
+    for q in QUANTILES:
+        value = histogram_quantile(q, bounds, counts)
+        out[f"p{round(q * 100)}"] = value * scale if value is not None else None
+    return out
+
+
+def _shadow(comparisons: list[Any], drift_sums: list[Any]) -> dict[str, dict[str, float | None]]:
+    """Per route: comparisons, top-1 agreement rate, mean drift (1 - cosine)."""
+    rows: dict[str, dict[str, float]] = defaultdict(lambda: {"comparisons": 0.0, "agree": 0.0})
+    for s in comparisons:
+        row = rows[s.labels["route"]]
+        row["comparisons"] += s.value
+        row["agree"] += s.value if s.labels["agree"] == "true" else 0.0
+    drift = {s.labels["route"]: s.value for s in drift_sums}
+    return {route: {"comparisons": row["comparisons"], "agreement": row["agree"] / row["comparisons"],
+                    "drift_mean": drift.get(route, 0.0) / row["comparisons"]}
+            for route, row in rows.items() if row["comparisons"]}
+
+
+def histogram_quantile(q: float, bounds: Sequence[float], cumulative: Sequence[float]) -> float | None:
+    """PromQL's histogram_quantile: the q-quantile from cumulative bucket counts (upper bounds ascending, the
+    last +Inf), linear inside the bucket it falls in; None without observations."""
+    if not cumulative or cumulative[-1] <= 0:
+        return None
+    rank = q * cumulative[-1]
+    for i, (bound, count) in enumerate(zip(bounds, cumulative, strict=True)):
+        if count >= rank:
+            if not math.isfinite(bound):  # past the last finite bucket: its bound is all that is known
+                return bounds[i - 1] if i else None
+            lower, below = (bounds[i - 1], cumulative[i - 1]) if i else (0.0, 0.0)
+            inside = count - below
+            return lower + (bound - lower) * ((rank - below) / inside if inside else 1.0)
+    return None

@@ -1,0 +1,64 @@
+"""What the engine hands back: loaded-adapter records, one job's output, predictions and embeddings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LoadedAdapter:
+    """An adapter the engine serves."""
+
+    name: str
+    path: str
+    digest: str  # sha256 of its weights file, first 16 hex digits
+    classes: tuple[str, ...]
+    bytes: int  # its tensors: low-rank pairs, DoRA magnitudes, its own copies of saved modules (head)
+    loaded_at: float  # unix time
+
+
+@dataclass(frozen=True)
+class Output:
+    """One sample computed by the engine."""
+
+    logits: torch.Tensor  # (classes,)
+    features: torch.Tensor  # (width,) pooled backbone features, the head's input
+    adapter: str | None
+    digest: str | None
+    route: str | None
+    classes: tuple[str, ...] | None  # None: the base head predicts nothing meaningful
+    queue_wait_s: float
+
+
+@dataclass(frozen=True)
+class Label:
+    label: str
+    index: int
+    score: float  # softmax probability
+
+
+@dataclass(frozen=True)
+class Prediction:
+    adapter: str | None
+    digest: str | None
+    route: str | None
+    labels: tuple[Label, ...]  # best first
+
+
+@dataclass(frozen=True)
+class Embedding:
+    adapter: str | None
+    digest: str | None
+    route: str | None
+    vector: torch.Tensor  # (width,)
+
+
+def top_k(output: Output, k: int) -> tuple[Label, ...]:
+    """The k most probable classes of one output, best first."""
+    if output.classes is None:
+        raise ValueError("this output has no class names")
+    probs = torch.softmax(output.logits.double(), dim=-1)  # (classes,)
+    scores, indices = probs.topk(min(k, probs.shape[0]))
+    return tuple(Label(output.classes[i], i, float(s)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True))

@@ -1,0 +1,1 @@
+"""One router per resource: inference (predict, embed), adapters, routes, operations (health, metrics, dashboard)."""

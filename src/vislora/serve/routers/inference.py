@@ -1,0 +1,94 @@
+"""POST /v1/predict and /v1/embed: one image (multipart file or base64 JSON) and an adapter or route name."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Any, TypeVar
+
+from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel, ValidationError
+from starlette.concurrency import run_in_threadpool
+
+from vislora.serve.dependencies import EngineDep, require_client
+from vislora.serve.engine import Engine
+from vislora.serve.errors import ServeError, UnsupportedMedia
+from vislora.serve.images import decode_base64
+from vislora.serve.records import Output, top_k
+from vislora.serve.schemas import EmbedJSON, EmbedResponse, ErrorOut, LabelOut, PredictJSON, PredictResponse
+
+Body = TypeVar("Body", bound=BaseModel)
+ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut, "description": text} for code, text in (
+    (400, "Malformed image or request"), (401, "Missing or wrong bearer token"), (404, "Unknown adapter or route"),
+    (413, "Body above limits.max_upload_bytes"), (415, "Neither JSON nor multipart"), (503, "Queue full"))}
+
+router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_client)], responses=ERRORS)
+
+
+def body_doc(schema: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body: the JSON schema, and the same fields as multipart with `image` a file."""
+    json_schema = schema.model_json_schema()
+    form = {**json_schema, "properties": {**json_schema["properties"], "image": {"type": "string",
+                                                                                "format": "binary"}}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": json_schema},
+                                                          "multipart/form-data": {"schema": form}}}}
+
+
+@router.post("/predict", response_model=PredictResponse, openapi_extra=body_doc(PredictJSON))
+async def predict(request: Request, engine: EngineDep) -> PredictResponse:
+    """Top-k labels and softmax scores of one image under its adapter (or a route's draw)."""
+    data, body = await read_body(request, PredictJSON)
+    k = body.top_k or request.app.state.config.top_k
+    limit = request.app.state.config.limits.max_top_k
+    if k > limit:
+        raise ServeError(f"top_k={k} is above the server's limit of {limit} (limits.max_top_k)")
+    engine.check_predicts(body.adapter)
+    output = await compute(engine, data, body.adapter)
+    return PredictResponse(adapter=output.adapter, digest=output.digest, route=output.route,
+                           labels=[LabelOut(**asdict(label)) for label in top_k(output, k)])
+
+
+@router.post("/embed", response_model=EmbedResponse, openapi_extra=body_doc(EmbedJSON))
+async def embed(request: Request, engine: EngineDep) -> EmbedResponse:
+    """The image's pooled backbone features under its adapter (or a route's draw)."""
+    data, body = await read_body(request, EmbedJSON)
+    output = await compute(engine, data, body.adapter)
+    return EmbedResponse(adapter=output.adapter, digest=output.digest, route=output.route,
+                         embedding=output.features.tolist(), dim=output.features.shape[0])
+
+
+async def compute(engine: Engine, data: bytes, adapter: str | None) -> Output:
+    """Decode and preprocess off the event loop, then wait for the batch that computes it."""
+    pixels = await run_in_threadpool(engine.preprocess, data)
+    return await asyncio.wrap_future(engine.submit(pixels, adapter))
+
+
+async def read_body(request: Request, schema: type[Body]) -> tuple[bytes, Body]:
+    """(image bytes, validated fields) from a JSON body (base64 image) or a multipart form (image file)."""
+    media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media == "application/json":
+        try:
+            fields = await request.json()
+        except ValueError as exc:
+            raise ServeError(f"the body is not valid JSON ({exc})") from None
+        body = _validate(schema, fields)
+        return decode_base64(body.image), body
+    if media == "multipart/form-data":
+        async with request.form(max_files=1, max_fields=8) as form:
+            upload = form.get("image")
+            if upload is None or isinstance(upload, str):
+                raise ServeError("the multipart form needs the image as a file field named 'image' "
+                                 "(curl -F image=@cat.png)")
+            data = await upload.read()
+            fields = {k: v for k, v in form.items() if k != "image" and v != ""}
+        return data, _validate(schema, {**fields, "image": ""})
+    raise UnsupportedMedia(f"content type {media or 'none'!r} is not accepted: send multipart/form-data with an "
+                           "'image' file, or application/json with a base64 'image'")
+
+
+def _validate(schema: type[Body], fields: Any) -> Body:
+    try:
+        return schema.model_validate(fields)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors())
+        raise ServeError(f"invalid request: {problems}") from None

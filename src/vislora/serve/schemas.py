@@ -1,0 +1,79 @@
+"""HTTP request and response bodies (pydantic), shared by the routers and the OpenAPI schema."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vislora.serve.config import RolloutConfig
+from vislora.serve.records import LoadedAdapter
+
+ADAPTER_FIELD = ("An adapter or route name; omit for the base model. A route draws one of its adapters by "
+                 "weight; the response names the adapter that answered.")
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PredictJSON(_Body):
+    """A predict request as JSON (multipart/form-data takes the same fields, `image` as a file)."""
+
+    image: str = Field(..., description="The image file's bytes, base64-encoded (a data: URL prefix is allowed).")
+    adapter: str | None = Field(None, description=ADAPTER_FIELD)
+    top_k: int | None = Field(None, ge=1, description="Labels to return; default: the server's top_k.")
+
+
+class EmbedJSON(_Body):
+    """An embed request as JSON (multipart/form-data takes the same fields, `image` as a file)."""
+
+    image: str = Field(..., description="The image file's bytes, base64-encoded (a data: URL prefix is allowed).")
+    adapter: str | None = Field(None, description=ADAPTER_FIELD)
+
+
+class LabelOut(BaseModel):
+    label: str
+    index: int
+    score: float = Field(..., description="Softmax probability.")
+
+
+class Served(BaseModel):
+    adapter: str | None = Field(..., description="The adapter that computed the answer (None: the base model).")
+    digest: str | None = Field(..., description="sha256 (16 hex) of that adapter's weights file.")
+    route: str | None = Field(..., description="The route the request named, if any.")
+
+
+class PredictResponse(Served):
+    labels: list[LabelOut] = Field(..., description="Most probable first.")
+
+
+class EmbedResponse(Served):
+    embedding: list[float] = Field(..., description="Pooled backbone features (the classification head's input).")
+    dim: int
+
+
+class AdapterOut(BaseModel):
+    name: str
+    path: str
+    digest: str
+    classes: list[str]
+    bytes: int = Field(..., description="Bytes of the adapter's tensors (what loading it adds to memory).")
+    loaded_at: float
+
+    @classmethod
+    def of(cls, record: LoadedAdapter) -> AdapterOut:
+        return cls(name=record.name, path=record.path, digest=record.digest, classes=list(record.classes),
+                   bytes=record.bytes, loaded_at=record.loaded_at)
+
+
+class LoadAdapter(_Body):
+    name: str = Field(..., description="1-64 letters, digits, '_' or '-', starting with a letter.")
+    path: str = Field(..., description="Adapter directory on the server (inside adapter_root if one is set).")
+
+
+class RouteOut(RolloutConfig):
+    name: str
+
+
+class ErrorOut(BaseModel):
+    detail: str
+    kind: str

@@ -1,0 +1,104 @@
+"""Where the served base model and adapters come from: a base config, or the task.json `vislora train` writes.
+
+An adapter directory from `vislora train` names its base model, classes and input transform in task.json; the
+server builds its base from the first such adapter (as `vislora eval` does) and checks every later adapter was
+trained on the same base with the same input transform, so no request is preprocessed for the wrong model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vislora.data.transforms import InputSpec, model_input_spec
+from vislora.errors import AdapterFileError
+from vislora.formats import PICKLE_SUFFIXES, WEIGHTS_FILE
+from vislora.serve.config import BaseSection
+from vislora.tasks.classification import build_classifier
+
+logger = logging.getLogger(__name__)
+
+TASK_FILE = "task.json"
+
+
+@dataclass(frozen=True)
+class AdapterSource:
+    """An adapter directory and what it says about itself."""
+
+    path: Path
+    task: dict[str, Any] | None  # task.json, when `vislora train` wrote the directory
+    digest: str  # sha256 of the weights file, first 16 hex digits: which file a response came from
+
+    @property
+    def classes(self) -> list[str] | None:
+        return list(self.task["classes"]) if self.task else None
+
+
+def open_source(reference: str | Path) -> AdapterSource:
+    """Read an adapter directory's task.json and weights digest; nothing is loaded into a model yet."""
+    path = Path(reference).expanduser()
+    if path.suffix in PICKLE_SUFFIXES:
+        raise AdapterFileError(f"refusing {path}: pickle files can run code when loaded; serve safetensors adapter "
+                               "directories (vislora and PEFT write them)")
+    folder = path.parent if path.suffix == ".safetensors" else path
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
+        raise AdapterFileError(f"{folder} is not an adapter directory: {WEIGHTS_FILE} is missing "
+                               f"({'found: ' + ', '.join(found) if found else 'the folder does not exist'})")
+    task_file = folder / TASK_FILE
+    task = None
+    if task_file.is_file():
+        try:
+            task = json.loads(task_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AdapterFileError(f"{task_file} is not valid JSON ({exc}); the file is corrupt or truncated") from None
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    return AdapterSource(folder, task, digest)
+
+
+def base_from_task(task: dict[str, Any]) -> BaseSection:
+    """The base model section an adapter's task.json describes (its classes become the head width)."""
+    model = task["model"]
+    return BaseSection(spec=model["spec"], pretrained=model.get("pretrained", True), head=model.get("head", "auto"),
+                       pooling=model.get("pooling", "cls"), kwargs=model.get("kwargs", {}),
+                       num_classes=len(task["classes"]), image_size=task["input"]["size"])
+
+
+def input_spec_from_task(task: dict[str, Any]) -> InputSpec:
+    spec = task["input"]
+    return InputSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+
+
+def build_base(section: BaseSection, task: dict[str, Any] | None = None) -> tuple[nn.Module, str, InputSpec]:
+    """(classifier in eval mode, path of its head, input transform spec) for the base section; the spec comes from
+    `task` when the base was read from one, so serving preprocesses exactly as training evaluated."""
+    if not section.pretrained:
+        logger.warning("base model %s built with random weights (pretrained: false): adapters trained on another "
+                       "random draw of it will not reproduce their results", section.spec)
+    model, head = build_classifier(section.spec, section.num_classes, section.pretrained, section.head,
+                                   section.pooling, section.image_size, **section.kwargs)
+    spec = input_spec_from_task(task) if task else model_input_spec(getattr(model, "backbone", model),
+                                                                    section.image_size)
+    return model.eval(), head, spec
+
+
+def check_fits(name: str, source: AdapterSource, base: BaseSection, spec: InputSpec) -> None:
+    """Refuse an adapter trained on another base model, with another head width or another input transform."""
+    if source.task is None:
+        return  # a bare PEFT/vislora directory: load_adapter checks its shapes against the model
+    theirs = base_from_task(source.task)
+    fields = ("spec", "pretrained", "head", "pooling", "kwargs", "num_classes", "image_size")
+    differ = {f: (getattr(theirs, f), getattr(base, f)) for f in fields if getattr(theirs, f) != getattr(base, f)}
+    if input_spec_from_task(source.task) != spec:
+        differ["input transform"] = (input_spec_from_task(source.task), spec)
+    if differ:
+        listed = "; ".join(f"{f}: adapter {a!r}, server {b!r}" for f, (a, b) in differ.items())
+        raise AdapterFileError(f"adapter {name!r} ({source.path}) was trained for another base model than this "
+                               f"server's ({listed}); serve it from a server built on its base")

@@ -1,0 +1,60 @@
+"""Traffic routes: a name that splits requests between adapters by weight, with an optional shadow adapter.
+
+Draws come from one seeded generator, so a server started with the same seed and fed the same sequence of
+requests splits them the same way.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from dataclasses import dataclass
+
+from vislora.serve.config import RolloutConfig
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Who computes one request: the adapter whose answer is returned, and maybe a shadow."""
+
+    adapter: str | None
+    route: str | None = None
+    shadow: str | None = None
+
+
+class TrafficPolicy:
+    """Named routes (feature-flag style rollouts) resolved with a seeded generator; thread-safe."""
+
+    def __init__(self, routes: dict[str, RolloutConfig] | None = None, seed: int = 0) -> None:
+        self._routes: dict[str, RolloutConfig] = dict(routes or {})
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    @property
+    def routes(self) -> dict[str, RolloutConfig]:
+        with self._lock:
+            return dict(self._routes)
+
+    def set(self, name: str, rollout: RolloutConfig) -> None:
+        with self._lock:
+            self._routes[name] = rollout
+
+    def remove(self, name: str) -> RolloutConfig | None:
+        with self._lock:
+            return self._routes.pop(name, None)
+
+    def using(self, adapter: str) -> list[str]:
+        """Routes that send traffic (primary or shadow) to `adapter`."""
+        with self._lock:
+            return sorted(name for name, r in self._routes.items() if adapter in r.adapters())
+
+    def assign(self, name: str | None) -> Assignment:
+        """The route's weighted draw (and shadow draw) if `name` is a route; else `name` itself."""
+        with self._lock:
+            rollout = self._routes.get(name) if name is not None else None
+            if rollout is None:
+                return Assignment(name)
+            names = [n for n, w in rollout.weights.items() if w > 0]
+            adapter = self._rng.choices(names, weights=[rollout.weights[n] for n in names])[0]
+            shadow = rollout.shadow if rollout.shadow and self._rng.random() < rollout.shadow_fraction else None
+        return Assignment(adapter, name, shadow if shadow != adapter else None)

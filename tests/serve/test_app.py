@@ -1,0 +1,239 @@
+"""The HTTP API through FastAPI's TestClient: answers equal offline outputs, bad input gets clear 4xx answers."""
+
+import base64
+import math
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from serving import build_served, make_engine, serve_config
+
+from vislora.serve import create_app
+
+ADMIN = {"Authorization": "Bearer admin-secret"}
+
+
+@pytest.fixture
+def served(tmp_path_factory):
+    return build_served(tmp_path_factory)
+
+
+@pytest.fixture
+def client(served):
+    fields = {"auth": {"admin_token": "admin-secret"}, "batching": {"max_wait_ms": 2}}
+    engine = make_engine(served, **fields)
+    with TestClient(create_app(engine, serve_config(served, **fields))) as client:
+        yield client
+
+
+def upload(served, index=0):
+    return {"image": (f"img{index}.png", served["images"][index], "image/png")}
+
+
+def scores(body):
+    return {label["index"]: label["score"] for label in body["labels"]}
+
+
+def assert_predict_matches(body, ref, image):
+    expected = torch.softmax(ref.logits[image].double(), dim=-1)
+    got = scores(body)
+    assert len(got) == min(5, expected.shape[0])
+    assert [label["index"] for label in body["labels"]] == expected.argsort(descending=True)[:len(got)].tolist()
+    for index, score in got.items():
+        assert math.isclose(score, expected[index].item(), abs_tol=1e-5)
+    assert all(label["label"] == ref.classes[label["index"]] for label in body["labels"])
+
+
+def test_predict_multipart_and_json_equal_offline(client, served):
+    for i, adapter in enumerate(["a0", "a1", "a2", "a1"]):
+        response = client.post("/v1/predict", files=upload(served, i), data={"adapter": adapter})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["adapter"] == adapter and body["route"] is None and len(body["digest"]) == 16
+        assert_predict_matches(body, served["refs"][adapter], i)
+    encoded = base64.b64encode(served["images"][3]).decode()
+    response = client.post("/v1/predict", json={"image": f"data:image/png;base64,{encoded}", "adapter": "a2",
+                                                "top_k": 2})
+    assert response.status_code == 200, response.text
+    assert len(response.json()["labels"]) == 2
+    top2 = served["refs"]["a2"].logits[3].argsort(descending=True)[:2].tolist()
+    assert [label["index"] for label in response.json()["labels"]] == top2
+
+
+def test_embed_equals_offline_features_of_its_adapter_and_of_the_base(client, served):
+    for adapter in ("a1", None):
+        data = {"adapter": adapter} if adapter else {}
+        response = client.post("/v1/embed", files=upload(served, 5), data=data)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["adapter"] == adapter and body["dim"] == len(body["embedding"])
+        ref = served["refs"][adapter]
+        assert torch.allclose(torch.tensor(body["embedding"]), ref.features[5], atol=1e-5, rtol=0)
+
+
+def test_predict_without_adapter_is_refused_when_the_base_head_names_nothing(client, served):
+    response = client.post("/v1/predict", files=upload(served))
+    assert response.status_code == 400
+    assert "name an adapter" in response.json()["detail"] and "a0" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(("payload", "message"), [
+    (b"this is not an image", "could not decode the upload"),
+    (b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, "could not decode the upload"),
+    (b"", "the image is empty"),
+])
+def test_malformed_image_gets_400_with_a_message(client, payload, message):
+    response = client.post("/v1/predict", files={"image": ("x.png", payload, "image/png")}, data={"adapter": "a0"})
+    assert response.status_code == 400
+    assert message in response.json()["detail"] and response.json()["kind"] == "bad_image"
+
+
+def test_truncated_image_and_bad_base64_get_400(client, served):
+    cut = served["images"][0][: len(served["images"][0]) // 2]
+    response = client.post("/v1/predict", files={"image": ("cut.png", cut, "image/png")}, data={"adapter": "a0"})
+    assert response.status_code == 400 and "could not decode" in response.json()["detail"]
+    response = client.post("/v1/predict", json={"image": "not base64 !!", "adapter": "a0"})
+    assert response.status_code == 400 and "not valid base64" in response.json()["detail"]
+
+
+def test_oversized_image_in_pixels_gets_400(served):
+    engine = make_engine(served, limits={"max_image_pixels": 100})
+    with TestClient(create_app(engine)) as client:
+        response = client.post("/v1/predict", files=upload(served), data={"adapter": "a0"})
+    assert response.status_code == 400
+    assert "40x40 = 1,600 pixels, above the limit of 100" in response.json()["detail"]
+
+
+def test_unknown_adapter_gets_404_naming_the_loaded_ones(client, served):
+    response = client.post("/v1/predict", files=upload(served), data={"adapter": "nope"})
+    assert response.status_code == 404
+    assert "'nope' is not loaded" in response.json()["detail"] and "a0" in response.json()["detail"]
+
+
+def test_oversize_upload_is_rejected_with_413(served):
+    fields = {"limits": {"max_upload_bytes": 2048}}
+    engine = make_engine(served, **fields)
+    big = served["images"][0] + b"\x00" * 4096
+    with TestClient(create_app(engine, serve_config(served, **fields))) as client:
+        response = client.post("/v1/predict", files={"image": ("big.png", big, "image/png")}, data={"adapter": "a0"})
+        assert response.status_code == 413 and "above the limit of 2,048 bytes" in response.json()["detail"]
+
+        def chunks():  # no Content-Length: the limit is enforced while reading
+            for start in range(0, len(big), 512):
+                yield big[start:start + 512]
+        response = client.post("/v1/predict", content=chunks(), headers={"Content-Type": "application/json"})
+        assert response.status_code == 413 and response.json()["kind"] == "too_large"
+        snapshot = engine.metrics.snapshot()
+    assert snapshot["errors"]["too_large"] == 2
+
+
+def test_admin_routes_need_the_bearer_token(client, served):
+    load = {"name": "a3", "path": str(served["dirs"]["a3"])}
+    assert client.post("/v1/adapters", json=load).status_code == 401
+    wrong = client.post("/v1/adapters", json=load, headers={"Authorization": "Bearer guess"})
+    assert wrong.status_code == 401 and wrong.headers["WWW-Authenticate"] == "Bearer"
+    assert client.delete("/v1/adapters/a0").status_code == 401
+    assert client.put("/v1/routes/r", json={"weights": {"a0": 1}}).status_code == 401
+    assert [a["name"] for a in client.get("/v1/adapters").json()] == ["a0", "a1", "a2"]  # nothing changed
+
+    loaded = client.post("/v1/adapters", json=load, headers=ADMIN)
+    assert loaded.status_code == 201 and loaded.json()["name"] == "a3" and loaded.json()["bytes"] > 0
+    response = client.post("/v1/predict", files=upload(served, 2), data={"adapter": "a3"})
+    assert_predict_matches(response.json(), served["refs"]["a3"], 2)
+    assert client.delete("/v1/adapters/a3", headers=ADMIN).status_code == 204
+    assert client.post("/v1/predict", files=upload(served), data={"adapter": "a3"}).status_code == 404
+
+
+def test_admin_routes_are_off_without_a_token(served, monkeypatch):
+    monkeypatch.delenv("VISLORA_ADMIN_TOKEN", raising=False)
+    with TestClient(create_app(make_engine(served))) as client:
+        response = client.delete("/v1/adapters/a0", headers=ADMIN)
+    assert response.status_code == 403 and "VISLORA_ADMIN_TOKEN" in response.json()["detail"]
+
+
+def test_client_token_guards_inference_when_set(served, monkeypatch):
+    monkeypatch.setenv("VISLORA_CLIENT_TOKEN", "client-secret")
+    with TestClient(create_app(make_engine(served))) as client:
+        assert client.post("/v1/predict", files=upload(served), data={"adapter": "a0"}).status_code == 401
+        ok = client.post("/v1/predict", files=upload(served), data={"adapter": "a0"},
+                         headers={"Authorization": "Bearer client-secret"})
+        assert ok.status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
+
+
+@pytest.mark.parametrize("name", ["../etc", "a/b", "..", "-x", "x" * 65, "a b"])
+def test_adapter_names_that_could_be_paths_are_refused(client, served, name):
+    response = client.post("/v1/adapters", json={"name": name, "path": str(served["dirs"]["a3"])}, headers=ADMIN)
+    assert response.status_code == 400 and "invalid adapter name" in response.json()["detail"]
+
+
+def test_adapter_root_keeps_loads_inside_it(served):
+    root = served["dirs"]["a3"].parent
+    fields = {"auth": {"admin_token": "admin-secret"}, "adapter_root": str(root)}
+    with TestClient(create_app(make_engine(served, **fields), serve_config(served, **fields))) as client:
+        inside = client.post("/v1/adapters", json={"name": "a4", "path": "a4"}, headers=ADMIN)
+        outside = client.post("/v1/adapters", json={"name": "x", "path": "../../etc"}, headers=ADMIN)
+    assert inside.status_code == 201
+    assert outside.status_code == 403 and "outside the adapter root" in outside.json()["detail"]
+
+
+def test_loading_a_pickle_or_a_missing_folder_is_refused_and_serving_goes_on(client, served, tmp_path):
+    pickle = tmp_path / "adapter_model.bin"
+    pickle.write_bytes(b"not really")
+    for path, message in ((str(pickle), "pickle"), (str(tmp_path / "none"), "not an adapter directory")):
+        response = client.post("/v1/adapters", json={"name": "bad", "path": path}, headers=ADMIN)
+        assert response.status_code == 400 and message in response.json()["detail"]
+    assert client.post("/v1/predict", files=upload(served), data={"adapter": "a0"}).status_code == 200
+    duplicate = client.post("/v1/adapters", json={"name": "a0", "path": str(served["dirs"]["a3"])}, headers=ADMIN)
+    assert duplicate.status_code == 409
+
+
+def test_shadow_never_changes_the_response_and_records_agreement_and_drift(client, served):
+    route = {"weights": {"a0": 1.0}, "shadow": "a1", "shadow_fraction": 1.0}
+    assert client.put("/v1/routes/canary", json=route, headers=ADMIN).status_code == 200
+    direct = [client.post("/v1/predict", files=upload(served, i), data={"adapter": "a0"}).json() for i in range(6)]
+    routed = [client.post("/v1/predict", files=upload(served, i), data={"adapter": "canary"}).json()
+              for i in range(6)]
+    for i, (a, b) in enumerate(zip(direct, routed, strict=True)):
+        assert b["adapter"] == "a0" and b["route"] == "canary"
+        assert [label["index"] for label in a["labels"]] == [label["index"] for label in b["labels"]]
+        assert_predict_matches(b, served["refs"]["a0"], i)
+    shadow = client.get("/v1/stats").json()["shadow"]["canary"]
+    refs = served["refs"]
+    agree = sum(int(refs["a0"].logits[i].argmax() == refs["a1"].logits[i].argmax()) for i in range(6))
+    drift = sum(1 - float(torch.cosine_similarity(refs["a0"].features[i], refs["a1"].features[i], dim=0))
+                for i in range(6)) / 6
+    assert shadow["comparisons"] == 6 and shadow["agreement"] == pytest.approx(agree / 6)
+    assert shadow["drift_mean"] == pytest.approx(drift, abs=1e-5) and drift > 1e-3
+    metrics = client.get("/metrics").text
+    assert 'vislora_samples_total{adapter="a1",role="shadow"} 6.0' in metrics
+
+
+def test_routes_refuse_unloaded_adapters_and_pin_theirs(client):
+    missing = client.put("/v1/routes/r", json={"weights": {"a0": 1, "zz": 1}}, headers=ADMIN)
+    assert missing.status_code == 404 and "zz" in missing.json()["detail"]
+    assert client.put("/v1/routes/r", json={"weights": {"a0": 1, "a1": 3}}, headers=ADMIN).status_code == 200
+    pinned = client.delete("/v1/adapters/a1", headers=ADMIN)
+    assert pinned.status_code == 409 and "routes ['r']" in pinned.json()["detail"]
+    assert client.delete("/v1/routes/r", headers=ADMIN).status_code == 204
+    assert client.delete("/v1/adapters/a1", headers=ADMIN).status_code == 204
+    assert client.put("/v1/routes/a0", json={"weights": {"a2": 1}}, headers=ADMIN).status_code == 409
+
+
+def test_operations_endpoints(client, served):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"ready": True, "adapters": 3}
+    client.post("/v1/predict", files=upload(served), data={"adapter": "a0"})
+    metrics = client.get("/metrics").text
+    for name in ("vislora_request_seconds_bucket", "vislora_queue_wait_seconds", "vislora_batch_size_bucket",
+                 "vislora_adapters_loaded 3.0", 'vislora_adapter_bytes{adapter="a0"}', "process_resident_memory_bytes",
+                 'vislora_samples_total{adapter="a0",role="primary"} 1.0'):
+        assert name in metrics, name
+    schema = client.get("/openapi.json").json()
+    for path in ("/v1/predict", "/v1/embed", "/v1/adapters", "/v1/adapters/{name}", "/healthz", "/readyz",
+                 "/metrics", "/dashboard"):
+        assert path in schema["paths"], path
+    content = schema["paths"]["/v1/predict"]["post"]["requestBody"]["content"]
+    assert set(content) == {"application/json", "multipart/form-data"}
+    assert "<canvas" in client.get("/dashboard").text
+    assert client.post("/v1/predict", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
