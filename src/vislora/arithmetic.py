@@ -77,8 +77,12 @@ def combine(model, weights: Mapping[str, float], name: str, how: str = "exact",
             a, b, error = *_concatenate(layer, layer_parts, slices), 0.0
         else:
             a, b, error = _truncate(layer, layer_parts, slices, rank)
+        if a.shape[0] == 0:  # nothing left in this layer (an AdaLoRA layer pruned to rank 0)
+            continue
         pairs[path] = (slices, a, b)
         report.append(LayerCombination(path, a.shape[0] // max(1, len(slices)), error))
+    if not pairs:
+        raise AdapterError(f"the combination {weights} changes no layer: every part has rank 0 everywhere")
     saved = sorted({p for adapter in weights for p in model.plans[adapter].modules_to_save})
     config = _config(pairs, saved)
     model._install(name, config, resolve_targets(model.base_model, config))
@@ -114,6 +118,10 @@ def _checked(model, weights: Mapping[str, float], name: str, how: str, rank: int
     if how == "exact" and dora:
         raise AdapterError(f"DoRA adapter(s) {dora} rescale the whole weight, so their change is not low-rank and "
                            "cannot be combined exactly; use how='svd' with a rank")
+    experts = [n for n in weights if model.configs[n].method == "molora"]
+    if experts:
+        raise AdapterError(f"MoLoRA adapter(s) {experts} change W through an input-dependent gate: they have no "
+                           "single delta to combine")
     model._check_new_name(name)
     return {k: float(v) for k, v in weights.items()}
 
@@ -121,8 +129,8 @@ def _checked(model, weights: Mapping[str, float], name: str, how: str, rank: int
 def _common_slices(layer: LoraLayer, parts: list[Part]) -> tuple[int, ...]:
     """The parts' q/k/v slices if all share them (and none is DoRA, whose change covers every row), else ()."""
     specs = [layer.specs[adapter] for _, adapter in parts]
-    if any(spec.method == "dora" for spec in specs) or len({spec.slices for spec in specs}) != 1:
-        return ()
+    if any(spec.method in ("dora", "adalora") for spec in specs) or len({spec.slices for spec in specs}) != 1:
+        return ()  # AdaLoRA exports whole-weight pairs of its kept triplets
     return specs[0].slices
 
 
@@ -130,14 +138,15 @@ def _concatenate(layer: LoraLayer, parts: list[Part], slices: tuple[int, ...]) -
     """[A_1; A_2; ...] and [w_1 s_1 B_1, ...] in the stored layout: (S*R, in) and (S, d, R), or (R, in), (out, R)."""
     a_parts, b_parts = [], []
     for weight, adapter in parts:
-        spec = layer.specs[adapter]
-        a, b, rank = layer.export_pair(adapter)
+        factor = weight * layer.specs[adapter].scale
         if slices:
+            a, b, rank = layer.export_pair(adapter)
             a_parts.append(a.view(len(slices), rank, -1))  # (S, r, in)
-            b_parts.append(b * (weight * spec.scale))  # (S, d, r)
+            b_parts.append(b * factor)  # (S, d, r)
         else:
+            a, b = layer.export_dense(adapter)
             a_parts.append(a)  # (P*r, in)
-            b_parts.append(layer.dense_b(b, spec) * (weight * spec.scale))  # (out, P*r)
+            b_parts.append(b * factor)  # (out, P*r)
     if slices:
         return torch.cat(a_parts, dim=1).flatten(0, 1), torch.cat(b_parts, dim=-1)
     return torch.cat(a_parts), torch.cat(b_parts, dim=1)

@@ -15,7 +15,7 @@ from vislora.errors import ConfigError, VisloraWarning
 from vislora.io import atomic_write_text
 
 Init = Literal["kaiming", "gaussian", "pissa"]
-Method = Literal["lora", "dora"]
+Method = Literal["lora", "dora", "adalora", "molora"]
 
 HIGH_RANK = 64
 LOW_ALPHA_PER_RANK = 0.5
@@ -30,6 +30,38 @@ PRESETS: dict[str, dict[str, Any]] = {
     "driving": {"rank": 24, "alpha": 24, "targets": ["q", "k", "v", "o"]},
     "few_shot": {"rank": 8, "alpha": 16, "targets": ["q", "v"], "dropout": 0.0},
 }
+
+
+class AdaLoraOptions(BaseModel):
+    """AdaLoRA's rank budget (Zhang et al. 2023): each layer starts at the adapter's `rank` and the triplets of least
+    importance are pruned until the average rank per layer is `target_rank`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target_rank: int = Field(4, ge=1, description="Average rank per layer once the budget has fallen.")
+    tinit: int = Field(0, ge=0, description="Steps at the full budget before ranks start to fall.")
+    tfinal: int = Field(0, ge=0, description="Last steps at the target budget, with the rank pattern fixed.")
+    delta_t: int = Field(10, ge=1, description="Steps between two budget allocations while the budget falls.")
+    beta1: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity |w * grad|.")
+    beta2: float = Field(0.85, gt=0, lt=1, description="EMA factor of the sensitivity's uncertainty.")
+    orth_reg_weight: float = Field(
+        0.5, ge=0, description="Weight of the orthogonality regulariser ||A A^T - I||_F + ||B^T B - I||_F."
+    )
+
+
+class MoLoraOptions(BaseModel):
+    """A mixture of LoRA experts per layer with a learned softmax gate over the top-k experts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experts: int = Field(4, ge=2, description="LoRA experts per layer, each of the adapter's rank.")
+    top_k: int = Field(2, ge=1, description="Experts mixed for each token (or image).")
+    gate: Literal["token", "image"] = Field(
+        "token", description="token: a gate decision per token; image: one per image (mean of its tokens)."
+    )
+    balance_weight: float = Field(
+        0.01, ge=0, description="Weight of the load-balancing loss E * sum_e f_e * P_e (Switch Transformer)."
+    )
 
 
 class AdapterConfig(BaseModel):
@@ -60,8 +92,11 @@ class AdapterConfig(BaseModel):
     )
     method: Method = Field(
         "lora", description="lora: W + scale*BA; dora: a trainable magnitude per output row over the normalised "
-        "direction of W + scale*BA (DoRA)."
+        "direction of W + scale*BA (DoRA); adalora: scale*B diag(E) A with ranks pruned to a budget during "
+        "training (AdaLoRA); molora: a gated mixture of LoRA experts (MoLoRA)."
     )
+    adalora: AdaLoraOptions | None = Field(None, description="AdaLoRA's budget (method='adalora'; defaults filled).")
+    molora: MoLoraOptions | None = Field(None, description="MoLoRA's experts (method='molora'; defaults filled).")
     init: Init = Field(
         "kaiming", description="kaiming: A Kaiming-uniform, B zeros; gaussian: A ~ N(0, 1/r), B zeros; pissa: A, B "
         "from W's top-r singular vectors and W replaced by the residual (PiSSA)."
@@ -90,9 +125,21 @@ class AdapterConfig(BaseModel):
 
     @model_validator(mode="after")
     def _advise(self) -> AdapterConfig:
-        if self.init == "pissa" and self.method == "dora":
-            raise ValueError("init='pissa' with method='dora' is not supported: DoRA normalises W, which PiSSA "
-                             "rewrites; use init='kaiming' with DoRA, or method='lora' with PiSSA")
+        if self.init == "pissa" and self.method != "lora":
+            raise ValueError(f"init='pissa' with method={self.method!r} is not supported: PiSSA rewrites W, which "
+                             f"{self.method} relies on; use method='lora' with PiSSA, or init='kaiming'")
+        for method, options in (("adalora", AdaLoraOptions), ("molora", MoLoraOptions)):
+            given = getattr(self, method)
+            if self.method == method and given is None:
+                object.__setattr__(self, method, options())
+            elif self.method != method and given is not None:
+                raise ValueError(f"`{method}` options are set but method={self.method!r}; set method='{method}' "
+                                 f"or remove the `{method}` block")
+        if self.adalora is not None and self.adalora.target_rank > self.rank:
+            raise ValueError(f"adalora.target_rank={self.adalora.target_rank} exceeds rank={self.rank}, the rank "
+                             "every layer starts at; AdaLoRA only prunes")
+        if self.molora is not None and self.molora.top_k > self.molora.experts:
+            raise ValueError(f"molora.top_k={self.molora.top_k} exceeds molora.experts={self.molora.experts}")
         if self.rank > HIGH_RANK:
             warnings.warn(
                 f"rank={self.rank} is very high for an adapter (> {HIGH_RANK}); ranks 8-32 rarely lose "

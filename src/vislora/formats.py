@@ -61,6 +61,15 @@ class Pair:
 # ------------------------------------------------------------------ save
 def save_adapter(model: AdaptedModel, path: Path, name: str) -> Path:
     """Write adapter `name` of `model` into directory `path` (created if missing)."""
+    if model.configs[name].method in ("adalora", "molora"):
+        from vislora.formats_variants import save_variant
+
+        return save_variant(model, path, name)
+    return save_lora(model, path, name)
+
+
+def save_lora(model: AdaptedModel, path: Path, name: str, trained_as: AdapterConfig | None = None) -> Path:
+    """Write a LoRA/DoRA/PiSSA adapter in PEFT's layout; `trained_as` records the config it was exported from."""
     config, plan = saved_config(model.configs[name]), model.plans[name]
     tensors: dict[str, torch.Tensor] = {}
     ranks: dict[str, int] = {}
@@ -97,13 +106,22 @@ def save_adapter(model: AdaptedModel, path: Path, name: str) -> Path:
         "init_lora_weights": True,
         "inference_mode": True,
     }
-    extra = {
-        "format_version": FORMAT_VERSION,
-        "library": f"vislora {__version__}",
-        "adapter_config": config.model_dump(mode="json"),
-        "targets": [{"path": t.path, "slices": list(t.slices), "rank": _saved_rank(model, t, name),
-                     "scale": t.scale} for t in plan.targets],
-    }
+    extra = extra_record(config, [{"path": t.path, "slices": list(t.slices), "rank": _saved_rank(model, t, name),
+                                   "scale": t.scale} for t in plan.targets])
+    if trained_as is not None:
+        extra["trained_as"] = trained_as.model_dump(mode="json")
+    return write_adapter_dir(path, tensors, peft_config, extra)
+
+
+def extra_record(config: AdapterConfig, targets: list[dict[str, Any]]) -> dict[str, Any]:
+    """The content of vislora_adapter.json: what PEFT's config cannot say."""
+    return {"format_version": FORMAT_VERSION, "library": f"vislora {__version__}",
+            "adapter_config": config.model_dump(mode="json"), "targets": targets}
+
+
+def write_adapter_dir(path: Path, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any],
+                      extra: dict[str, Any]) -> Path:
+    """Write the three files of an adapter directory, each atomically (weights first, config last)."""
     path.mkdir(parents=True, exist_ok=True)
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
@@ -250,6 +268,10 @@ def load_weights_into(model: AdaptedModel, path: Path, name: str) -> None:
     (an optimizer or a DistributedDataParallel wrapper holding them keeps working). The file must come from an
     adapter with the same config, e.g. a checkpoint of this run; nothing is copied if anything does not fit."""
     model._check_known([name])
+    if model.configs[name].method == "adalora":
+        from vislora.formats_variants import load_training_state
+
+        return load_training_state(model, path, name)
     config_file, weights_file, extra_file = _find_files(path)
     config = saved_config(model.configs[name])
     if extra_file.is_file():
@@ -360,7 +382,11 @@ def config_from_peft(peft: dict[str, Any], file: Path | None = None) -> AdapterC
 
 
 def _expected_shapes(model: AdaptedModel, plan: TargetPlan, config: AdapterConfig) -> dict[str, tuple]:
-    """File keys and shapes the plan needs, in PEFT's layout."""
+    """File keys and shapes the plan needs, in PEFT's layout (MoLoRA: vislora's own)."""
+    if config.method == "molora":
+        from vislora.formats_variants import expert_shapes
+
+        return {**expert_shapes(plan, config), **_saved_module_shapes(model, plan)}
     shapes: dict[str, tuple] = {}
     mha_ranks: dict[str, int] = {}
     mha_paths = _mha_paths(model)
@@ -382,13 +408,15 @@ def _expected_shapes(model: AdaptedModel, plan: TargetPlan, config: AdapterConfi
             shapes[f"{PREFIX}{key}.lora_B.weight"] = (n_out, rank)
             if config.method == "dora":
                 shapes[f"{PREFIX}{key}.lora_magnitude_vector"] = (n_out,)
+    return {**shapes, **_saved_module_shapes(model, plan)}
+
+
+def _saved_module_shapes(model: AdaptedModel, plan: TargetPlan) -> dict[str, tuple]:
     from vislora.targets import logical_modules
 
     modules = logical_modules(model.base_model)
-    for module_path in plan.modules_to_save:
-        for key, value in modules[module_path].state_dict().items():
-            shapes[f"{PREFIX}{module_path}.{key}"] = tuple(value.shape)
-    return shapes
+    return {f"{PREFIX}{module_path}.{key}": tuple(value.shape) for module_path in plan.modules_to_save
+            for key, value in modules[module_path].state_dict().items()}
 
 
 def _embed_dim(model: AdaptedModel, mha: str) -> int:
@@ -419,27 +447,36 @@ def _strip(key: str) -> str:
 
 
 def _copy_in(model: AdaptedModel, plan: TargetPlan, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    mha_paths = _mha_paths(model)
     with torch.no_grad():
-        for target in plan.targets:
-            layer = model._layers[target.module_path]
-            parent = target.path.rpartition(".")[0]
-            if target.kind == "mha_in_proj":
-                key = target.module_path
-            elif parent in mha_paths and target.path.endswith(".out_proj"):
-                key = f"{parent}.base_layer.out_proj"
-            else:
-                key = target.path
-            a, b = tensors[f"{PREFIX}{key}.lora_A.weight"], tensors[f"{PREFIX}{key}.lora_B.weight"]
-            if key != target.path:  # an MHA pair, padded to the attention's shared rank and scale
-                rank = target.rank * max(1, len(target.slices))
-                a, b = a[:rank], b[:, :rank] * (_shared_mha_scale(plan, target) / target.scale)
-            layer.import_pair(name, a, _unstack_slices(b, target) if target.slices else b)
-            if name in layer.lora_magnitude:
-                layer.lora_magnitude[name].copy_(tensors[f"{PREFIX}{key}.lora_magnitude_vector"])
+        if model.configs[name].method == "molora":
+            from vislora.formats_variants import copy_experts
+
+            copy_experts(model, plan, name, tensors)
+        else:
+            _copy_pairs(model, plan, name, tensors)
         for module_path in plan.modules_to_save:
             copy = model._saved[module_path].copies[name]
             copy.load_state_dict({k: tensors[f"{PREFIX}{module_path}.{k}"] for k in copy.state_dict()})
+
+
+def _copy_pairs(model: AdaptedModel, plan: TargetPlan, name: str, tensors: dict[str, torch.Tensor]) -> None:
+    mha_paths = _mha_paths(model)
+    for target in plan.targets:
+        layer = model._layers[target.module_path]
+        parent = target.path.rpartition(".")[0]
+        if target.kind == "mha_in_proj":
+            key = target.module_path
+        elif parent in mha_paths and target.path.endswith(".out_proj"):
+            key = f"{parent}.base_layer.out_proj"
+        else:
+            key = target.path
+        a, b = tensors[f"{PREFIX}{key}.lora_A.weight"], tensors[f"{PREFIX}{key}.lora_B.weight"]
+        if key != target.path:  # an MHA pair, padded to the attention's shared rank and scale
+            rank = target.rank * max(1, len(target.slices))
+            a, b = a[:rank], b[:, :rank] * (_shared_mha_scale(plan, target) / target.scale)
+        layer.import_pair(name, a, _unstack_slices(b, target) if target.slices else b)
+        if name in layer.lora_magnitude:
+            layer.lora_magnitude[name].copy_(tensors[f"{PREFIX}{key}.lora_magnitude_vector"])
 
 
 def _shared_mha_scale(plan: TargetPlan, target: Target) -> float:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from vislora.adapters import variants
+from vislora.adapters.adalora import RankAllocator, kept_ranks
 from vislora.adapters.linear import LoraLayer, LoraLinear, PairSpec
 from vislora.adapters.routing import Route
 from vislora.adapters.saved import ModulesToSave
@@ -44,6 +46,7 @@ class AdaptedModel(nn.Module):
         self.plans: dict[str, TargetPlan] = {}
         self._layers: dict[str, LoraLayer] = {}  # logical module path -> wrapper
         self._saved: dict[str, ModulesToSave] = {}
+        self._allocators: dict[str, RankAllocator] = {}  # AdaLoRA adapters' rank budgets
         self._active: tuple[str, ...] = ()
         self._merged = False
         self._patched: list[tuple[nn.Module, str, Any]] = []  # (module, attribute, original value)
@@ -163,21 +166,33 @@ class AdaptedModel(nn.Module):
 
     # ---------------------------------------------------------------- training hooks (the trainer calls these)
     def auxiliary_loss(self) -> torch.Tensor | None:
-        """Sum of the regularisers the active adapters ask for (AdaLoRA orthogonality, MoLoRA load balance)."""
-        terms = [t for layer in self._layers.values() if (t := layer.auxiliary_loss()) is not None]
-        return torch.stack(terms).sum() if terms else None
+        """Sum of the regularisers the adapters in training ask for (AdaLoRA orthogonality, MoLoRA load balance)."""
+        return variants.auxiliary_loss(self)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """Let adapters act on a finished optimizer step while its gradients exist (AdaLoRA's rank budget)."""
-        for layer in self._layers.values():
-            layer.after_optimizer_step(step, total_steps)
+        """Let adapters act on a finished optimizer step while its gradients exist (AdaLoRA's rank allocator)."""
+        variants.after_optimizer_step(self, step, total_steps)
 
     def adapter_metrics(self) -> dict[str, float]:
-        """Figures adapters report while training (e.g. ranks kept, expert use), keyed by layer path."""
-        out: dict[str, float] = {}
-        for path, layer in self._layers.items():
-            out.update({f"{path}.{k}": v for k, v in layer.training_metrics().items()})
-        return out
+        """Figures adapters report while training: AdaLoRA rank budgets, MoLoRA expert shares."""
+        return variants.metrics(self)
+
+    def adapter_ranks(self, name: str) -> dict[str, int]:
+        """The rank adapter `name` has in each layer now (AdaLoRA: triplets kept; others: as configured)."""
+        self._check_known([name])
+        if name in self._allocators:
+            return kept_ranks(variants.layers_of(self, name), name)
+        return {t.path: t.rank * max(1, len(t.slices)) for t in self.plans[name].targets}
+
+    def grow_rank(self, name: str, rank: int) -> list[tuple[nn.Parameter, nn.Parameter, tuple[int, int]]]:
+        """Raise adapter `name` to `rank` without changing the model's output (progressive rank growth).
+
+        New rows of A start like a fresh adapter's, new columns of B at zero, each layer's scale is kept (alpha grows
+        with the rank). Returns (old parameter, new parameter, (old rank, grown dim)) so a trainer can move the
+        optimizer state of the old entries over (vislora.adapters.linear.embed_grown).
+        """
+        self._check_known([name])
+        return variants.grow_rank(self, name, rank)
 
     # ---------------------------------------------------------------- merge
     def merge(self, safe: bool = True) -> None:
@@ -305,10 +320,12 @@ class AdaptedModel(nn.Module):
                 layer = self._wrap(target.module_path)
                 slices = tuple(QKV.index(s) for s in target.slices)
                 layer.add_adapter(name, PairSpec(target.rank, target.scale, config.dropout, slices, config.init,
-                                                 config.method))
+                                                 config.method, config.molora))
             for path in plan.modules_to_save:
                 saved = self._saved.get(path) or self._wrap_saved(path)
                 saved.add_adapter(name)
+            if config.method == "adalora":
+                self._allocators[name] = RankAllocator(variants.layers_of(self, name), name, config.adalora)
         except Exception:
             self._remove(name)
             raise
@@ -327,6 +344,7 @@ class AdaptedModel(nn.Module):
                 if not len(saved.copies):
                     self._unwrap(path)
         del self.configs[name], self.plans[name]
+        self._allocators.pop(name, None)
         self._active = tuple(n for n in self._active if n != name)
 
     def _wrap(self, path: str) -> LoraLayer:
@@ -407,6 +425,10 @@ class AdaptedModel(nn.Module):
         unknown = sorted({n for n in adapters if n is not None and n not in self.configs})
         if unknown:
             raise AdapterError(f"unknown adapter(s) {unknown} in adapters=; loaded: {list(self.adapters) or 'none'}")
+        experts = sorted({n for n in adapters if n is not None and self.configs[n].method == "molora"})
+        if experts:
+            raise AdapterError(f"MoLoRA adapter(s) {experts} cannot be routed per sample (their experts are chosen by "
+                               "a gate per token); run them with set_active() on their own batches")
         batch = next((t for t in (*args, *kwargs.values()) if torch.is_tensor(t)), None)
         if batch is None:
             raise AdapterError("per-sample routing needs a tensor input whose first dimension is the batch")

@@ -11,19 +11,24 @@ the adapter branch never needs a second base matmul, and g is folded into B's ro
 PiSSA (`init="pissa"`): the pair starts on W's principal singular directions and the base weight becomes
 W_res = W - scale * B0 A0. The layer keeps (A0, B0) as its residual and adds scale * B0 A0 x back whenever
 its owner is not among the adapters computing, so other adapters and `disabled()` still see W.
+
+AdaLoRA (`method="adalora"`): delta_W = scale * B diag(E) A; E [S*r] is folded into A wherever a pair is used, so
+routing, merge and export work unchanged (see adapters/adalora.py for the budget). MoLoRA (`method="molora"`):
+X experts A [X*r, in], B [X, out, r] mixed by a gate [X, in] (adapters/molora.py); input-dependent, never merged.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from vislora.adapters import dora
+from vislora.adapters import dora, molora
 from vislora.adapters.pissa import principal_pair
+from vislora.config import MoLoraOptions
 from vislora.errors import AdapterError
 from vislora.targets import QKV
 
@@ -40,11 +45,13 @@ class PairSpec:
     dropout: float
     slices: tuple[int, ...] = ()  # indices into (q, k, v); () = the whole weight
     init: str = "kaiming"
-    method: str = "lora"  # "lora" | "dora"
+    method: str = "lora"  # "lora" | "dora" | "adalora" | "molora"
+    molora: MoLoraOptions | None = None  # experts, top-k and gate of a MoLoRA adapter
 
     @property
     def n_pairs(self) -> int:
-        return max(1, len(self.slices))
+        """Low-rank pairs stored stacked in A: one per q/k/v slice, or one per expert."""
+        return self.molora.experts if self.molora else max(1, len(self.slices))
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,10 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_magnitude = nn.ParameterDict()  # DoRA adapters only
+        self.lora_E = nn.ParameterDict()  # AdaLoRA's singular values
+        self.lora_gate = nn.ParameterDict()  # MoLoRA's gates
         self.lora_dropout = nn.ModuleDict()
+        self.expert_stats: dict[str, molora.ExpertStats] = {}
         self.specs: dict[str, PairSpec] = {}
         self.active: tuple[str, ...] = ()
         self.merge_record: MergeRecord | None = None
@@ -106,11 +116,18 @@ class LoraLayer(nn.Module):
         self._check_combination(name, spec)
         kwargs = {"dtype": self._adapter_dtype, "device": self._device}
         a = torch.empty(spec.n_pairs * spec.rank, self.in_features, **kwargs)
-        b = torch.zeros(*((spec.n_pairs,) if spec.slices else ()), self._rows(spec), spec.rank, **kwargs)
-        if spec.init == "gaussian":
+        stacked = (spec.n_pairs,) if spec.slices or spec.molora else ()
+        b = torch.zeros(*stacked, self._rows(spec), spec.rank, **kwargs)
+        if spec.method == "adalora":  # PEFT's AdaLoRA start: P, Q small, singular values zero
+            nn.init.normal_(a, std=0.02)
+            nn.init.normal_(b, std=0.02)
+            self.lora_E[name] = nn.Parameter(torch.zeros(a.shape[0], **kwargs))
+        elif spec.init == "gaussian":
             nn.init.normal_(a, std=1.0 / spec.rank)
         else:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear and PEFT do
+        if spec.molora:
+            self.lora_gate[name] = nn.Parameter(torch.randn(spec.molora.experts, self.in_features, **kwargs) * 0.02)
         self.lora_A[name] = nn.Parameter(a)
         self.lora_B[name] = nn.Parameter(b)
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
@@ -123,9 +140,10 @@ class LoraLayer(nn.Module):
     def delete_adapter(self, name: str) -> None:
         if name == self.residual_owner:
             self.release()
-        for store in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_dropout):
+        for store in (self.lora_A, self.lora_B, self.lora_magnitude, self.lora_E, self.lora_gate, self.lora_dropout):
             if name in store:
                 del store[name]
+        self.expert_stats.pop(name, None)
         del self.specs[name]
         self.active = tuple(n for n in self.active if n != name)
         self._cache.clear()
@@ -141,6 +159,9 @@ class LoraLayer(nn.Module):
         self.residual_owner = self.residual_A = self.residual_B = None
 
     def _check_combination(self, name: str, spec: PairSpec) -> None:
+        if spec.molora and spec.slices:
+            raise AdapterError(f"{self.path}: MoLoRA experts adapt whole weights; target the fused layer as a whole "
+                               f"(role 'qkv' or its path) instead of q/k/v slices for {name!r}")
         has_dora = any(s.method == "dora" for s in self.specs.values())
         if spec.init == "pissa" and self.residual_owner is not None:
             raise AdapterError(f"{self.path}: adapter {self.residual_owner!r} already holds a PiSSA residual of this "
@@ -175,17 +196,37 @@ class LoraLayer(nn.Module):
         if self.residual_owner is not None and self.residual_owner not in self.active:
             out = self.add_residual(x, out)
         for name in self.active:
-            out = self.add_delta(name, x, out, base_out)
+            out = self.add_delta(name, x, out, base_out, batch_dim)
         return out
 
-    def add_delta(self, name: str, x: torch.Tensor, out: torch.Tensor, base_out: torch.Tensor) -> torch.Tensor:
+    def add_delta(
+        self, name: str, x: torch.Tensor, out: torch.Tensor, base_out: torch.Tensor, batch_dim: int = 0
+    ) -> torch.Tensor:
         """out + adapter `name`'s contribution; `base_out` = W x + b, which DoRA rescales."""
         spec, a, b = self.specs[name], self.lora_A[name], self.lora_B[name]
-        if spec.method == "dora":
+        if spec.method == "molora":
+            return self.add_experts(name, x, out, batch_dim)
+        if spec.method == "adalora":
+            a = self.lora_E[name][:, None] * a  # B diag(E) A
+        elif spec.method == "dora":
             g = self.dora_factor(name)  # (out,)
             out = out + ((g - 1) * self.without_bias(base_out)).to(out.dtype)
             b = self.scale_rows(b, g, spec)
         return self.add_low_rank(x, out, a, b, spec, self.lora_dropout[name])
+
+    def add_experts(self, name: str, x: torch.Tensor, out: torch.Tensor, batch_dim: int) -> torch.Tensor:
+        """out + scale * sum over the gate's top-k experts of w_e B_e A_e dropout(x) (MoLoRA)."""
+        spec, a = self.specs[name], self.lora_A[name]
+        x = x.to(a.dtype)
+        weights, logits = molora.gate_weights(x, self.lora_gate[name], spec.molora, batch_dim)  # (..., X) each
+        h = self.lora_dropout[name](x) @ a.T  # (..., in) @ (in, X*r) -> (..., X*r)
+        delta = molora.mixture(h, self.lora_B[name], weights) * spec.scale  # (..., out)
+        stats = self.expert_stats.setdefault(name, molora.ExpertStats())
+        counts = molora.slot_counts(weights.detach())
+        stats.slots = counts if stats.slots is None else stats.slots + counts
+        if self.training and torch.is_grad_enabled():
+            stats.balance = molora.balance_loss(weights, logits)
+        return out + delta.to(out.dtype)
 
     def add_residual(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + scale * B0 A0 x: the part of W that PiSSA moved into its adapter."""
@@ -211,23 +252,49 @@ class LoraLayer(nn.Module):
     def without_bias(self, base_out: torch.Tensor) -> torch.Tensor:
         return base_out if self.base_bias is None else base_out - self.base_bias
 
-    # ------------------------------------------------------------ training hooks (plain LoRA and DoRA need none)
-    def auxiliary_loss(self) -> torch.Tensor | None:
-        """A regulariser this layer's active adapters add to the training loss."""
-        return None
-
-    def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """Act on a finished optimizer step while its gradients are still there."""
-
+    # ------------------------------------------------------------ training
     def training_metrics(self) -> dict[str, float]:
-        """Figures about this layer's adapters to log while training."""
-        return {}
+        """Figures about this layer's adapters to log while training: each MoLoRA expert's share of the gate's
+        top-k slots since the last call."""
+        out = {}
+        for name, stats in self.expert_stats.items():
+            if stats.slots is not None and stats.slots.sum() > 0:
+                share = stats.slots / stats.slots.sum()
+                out.update({f"molora.{name}.expert_{e}": float(v) for e, v in enumerate(share)})
+                stats.slots = None
+        return out
+
+    def grow_rank(self, name: str, rank: int) -> list[tuple[nn.Parameter, nn.Parameter, tuple[int, int]]]:
+        """Give adapter `name` rank `rank` > its rank without changing the layer's output: new rows of A drawn
+        like a fresh adapter's, new columns of B zero, the scale kept. Returns (old, new, (rank, grown_dim)) for A
+        and B, so an optimizer can carry the old entries' state over (see `embed_grown`)."""
+        spec = self.specs[name]
+        if spec.method not in ("lora", "dora") or name == self.residual_owner:
+            raise AdapterError(f"{self.path}: adapter {name!r} ({spec.method}, init {spec.init}) cannot grow its "
+                               "rank; progressive rank growth works on LoRA and DoRA adapters not initialised by PiSSA")
+        extra = rank - spec.rank
+        old_a, old_b = self.lora_A[name], self.lora_B[name]
+        fresh = torch.empty(spec.n_pairs * extra, self.in_features, dtype=old_a.dtype, device=old_a.device)
+        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+        with torch.no_grad():
+            a = torch.cat([old_a.view(spec.n_pairs, spec.rank, -1), fresh.view(spec.n_pairs, extra, -1)], dim=1)
+            b = torch.cat([old_b, old_b.new_zeros(*old_b.shape[:-1], extra)], dim=-1)  # (..., r + extra)
+        self.lora_A[name] = nn.Parameter(a.flatten(0, 1), requires_grad=old_a.requires_grad)
+        self.lora_B[name] = nn.Parameter(b, requires_grad=old_b.requires_grad)
+        self.specs[name] = replace(spec, rank=rank)
+        self._cache.clear()
+        return [(old_a, self.lora_A[name], (spec.rank, 1)), (old_b, self.lora_B[name], (spec.rank, -1))]
 
     # ------------------------------------------------------------ the adapters as matrices
     def folded_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A [R, in], B' [out, R]) with delta_W = B' @ A: scale folded in, slices as a block-sparse B'."""
+        """(A [R, in], B' [out, R]) with delta_W = B' @ A: scale (and AdaLoRA's E) folded in, slices as a
+        block-sparse B'."""
         spec = self.specs[name]
-        return self.lora_A[name], self.dense_b(self.lora_B[name], spec) * spec.scale
+        if spec.method == "molora":
+            raise AdapterError(f"adapter {name!r} is a mixture of experts: its change of W depends on the input "
+                               "through the gate, so it has no single delta_W to merge, route, combine or export")
+        a = self.lora_E[name][:, None] * self.lora_A[name] if spec.method == "adalora" else self.lora_A[name]
+        return a, self.dense_b(self.lora_B[name], spec) * spec.scale
 
     def dense_b(self, b: torch.Tensor, spec: PairSpec) -> torch.Tensor:
         """B as one [out, S*r] matrix: per-slice B [S, d, r] placed block-diagonally into (q, k, v) rows."""
@@ -259,9 +326,14 @@ class LoraLayer(nn.Module):
         """(A, B, rank per pair) in the stored layout, relative to the original W.
 
         For a PiSSA adapter that is [A; A0] and [B, -B0] (rank 2r): scale * (B A - B0 A0) is exactly what it
-        changed in W, so the pair loads onto an untouched base model.
+        changed in W, so the pair loads onto an untouched base model. For AdaLoRA: the kept triplets as a plain
+        pair, E folded into A, in the whole-weight layout (A [k, in], B [out, k]).
         """
         spec, a, b = self.specs[name], self.lora_A[name].detach(), self.lora_B[name].detach()
+        if spec.method == "adalora":
+            a, b = self.folded_pair(name)
+            kept = self.lora_E[name].detach() != 0
+            return a.detach()[kept], (b.detach() / spec.scale)[:, kept], int(kept.sum())
         if name != self.residual_owner:
             return a, b, spec.rank
         pairs, rank = spec.n_pairs, spec.rank
@@ -277,8 +349,14 @@ class LoraLayer(nn.Module):
             if spec.method == "dora":
                 weight = self.base_weight.to(self._adapter_dtype)
                 return self.dora_factor(name)[:, None] * (weight + self.delta_weight(name)) - weight
-            a, b, _ = self.export_pair(name)
-            return (self.dense_b(b, spec) * spec.scale) @ a  # (out, R) @ (R, in)
+            a, b = self.export_dense(name)
+            return (b * spec.scale) @ a  # (out, R) @ (R, in)
+
+    def export_dense(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """export_pair with B as one dense [out, R] matrix (q/k/v slices block-sparse); the scale not folded in."""
+        spec = self.specs[name]
+        a, b, _ = self.export_pair(name)
+        return a, b if spec.method == "adalora" else self.dense_b(b, spec)  # AdaLoRA exports dense already
 
     def import_pair(self, name: str, a: torch.Tensor, b: torch.Tensor) -> None:
         """Set adapter `name` from a pair in the stored layout relative to the original W (export_pair's inverse).
@@ -306,17 +384,22 @@ class LoraLayer(nn.Module):
         return self.lora_magnitude[name] / self.dora_norm(name)
 
     def dora_norm(self, name: str) -> torch.Tensor:
-        """||W + delta_W|| per output row, from cached ||w_i||^2 and low-rank terms; cached per tensor version."""
+        """||W + delta_W|| per output row, from cached ||w_i||^2 and low-rank terms.
+
+        While no gradient is recorded (inference) the result is cached until a tensor's version changes; in-place
+        edits through `.data` bypass version counters, so training, where A and B change every step, never caches.
+        """
         weight = self.base_weight
         a, b = self.lora_A[name], self.lora_B[name]
         key = (a._version, b._version, weight._version, weight.data_ptr(), torch.is_inference_mode_enabled())
         cached = self._cache.get(f"norm:{name}")
-        if cached is not None and cached[0] == key:
+        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
             return cached[1]
         with torch.no_grad():
             pair_a, pair_b = self.folded_pair(name)
             norm = dora.row_norms(weight, self._weight_sq(), pair_a, pair_b)
-        self._cache[f"norm:{name}"] = (key, norm)
+        if not torch.is_grad_enabled():
+            self._cache[f"norm:{name}"] = (key, norm)
         return norm
 
     def _weight_sq(self) -> torch.Tensor:
@@ -332,6 +415,8 @@ class LoraLayer(nn.Module):
     def merged_weight(self, names: tuple[str, ...]) -> torch.Tensor:
         """W with `names` merged in: W_res + residual (unless its owner merges) + sum of deltas; DoRA g (W + dW)."""
         weight = self.base_weight.detach().to(self._adapter_dtype)
+        for name in names:
+            self.folded_pair(name)  # a MoLoRA adapter refuses here, before anything is computed
         dora_names = [n for n in names if self.specs[n].method == "dora"]
         with torch.no_grad():
             if dora_names:
@@ -375,6 +460,21 @@ class LoraLayer(nn.Module):
 
     def _rows(self, spec: PairSpec) -> int:
         return self.out_features // len(QKV) if spec.slices else self.out_features
+
+
+def embed_grown(old: torch.Tensor, new_shape: torch.Size, rank: int, dim: int) -> torch.Tensor:
+    """Place a tensor shaped like an adapter's old A or B into its grown shape, zeros in the new entries.
+
+    `dim` is the grown dimension (1 for A viewed as [P, r, in], -1 for B); used to carry optimizer state over.
+    """
+    if dim == 1:  # A [P*r, in] -> [P*r', in], pair by pair
+        pairs = old.shape[0] // rank
+        grown = old.new_zeros(pairs, new_shape[0] // pairs, old.shape[1])
+        grown[:, :rank] = old.view(pairs, rank, -1)
+        return grown.flatten(0, 1)
+    grown = old.new_zeros(new_shape)
+    grown[..., :rank] = old
+    return grown
 
 
 class LoraLinear(LoraLayer):
