@@ -8,7 +8,6 @@ other test folders. Each test module declares `served` as a fixture calling `bui
 from __future__ import annotations
 
 import contextlib
-import functools
 import io
 import json
 import shutil
@@ -74,8 +73,17 @@ def offline(adapter_dir: Path | None, pixels: torch.Tensor, trained: Path) -> Re
     return Reference(model(pixels), features, task["classes"])
 
 
-@functools.cache
+_SERVED: dict = {}  # one build per test session
+
+
 def build_served(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Built once per session: see _build."""
+    if not _SERVED:
+        _SERVED.update(_build(tmp_path_factory))
+    return _SERVED
+
+
+def _build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """(adapter dirs by name, test images as PNG bytes, offline references by adapter name, None = base)."""
     root = tmp_path_factory.mktemp("serve")
     folder = image_folder(root / "images", per_class=4)
