@@ -14,12 +14,13 @@ from torch import nn
 
 from vislora.adapters import variants
 from vislora.adapters.adalora import RankAllocator, kept_ranks
-from vislora.adapters.linear import LoraLayer, LoraLinear, PairSpec
+from vislora.adapters.linear import LoraLayer, PairSpec
 from vislora.adapters.routing import Route
 from vislora.adapters.saved import ModulesToSave
+from vislora.adapters.tree import ModuleTree
 from vislora.config import AdapterConfig
 from vislora.errors import AdapterError, TargetError
-from vislora.targets import QKV, TargetPlan, block_prefix, logical_modules, resolve_targets
+from vislora.targets import QKV, TargetPlan, resolve_targets
 
 if TYPE_CHECKING:
     from vislora.arithmetic import CombineReport
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 _ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
 
 
-class AdaptedModel(nn.Module):
+class AdaptedModel(ModuleTree, nn.Module):
     """A base model carrying named adapters. Build it with `vislora.inject`.
 
     Calls are forwarded to the base model; attributes it lacks are looked up on the base model, so
@@ -59,7 +60,7 @@ class AdaptedModel(nn.Module):
         """
         if adapters is None:
             return self.base_model(*args, **kwargs)
-        route = self._make_route(adapters, args, kwargs)
+        route = Route.for_call(self, adapters, args, kwargs)
         self._set_route(route)
         try:
             return self.base_model(*args, **kwargs)
@@ -189,7 +190,7 @@ class AdaptedModel(nn.Module):
 
         New rows of A start like a fresh adapter's, new columns of B at zero, each layer's scale is kept (alpha grows
         with the rank). Returns (old parameter, new parameter, (old rank, grown dim)) so a trainer can move the
-        optimizer state of the old entries over (vislora.adapters.linear.embed_grown).
+        optimizer state of the old entries over (vislora.train.growth.replace_grown).
         """
         self._check_known([name])
         return variants.grow_rank(self, name, rank)
@@ -346,96 +347,6 @@ class AdaptedModel(nn.Module):
         del self.configs[name], self.plans[name]
         self._allocators.pop(name, None)
         self._active = tuple(n for n in self._active if n != name)
-
-    def _wrap(self, path: str) -> LoraLayer:
-        if path in self._layers:
-            return self._layers[path]
-        parent, attribute, module = self._locate(path)
-        if isinstance(module, nn.MultiheadAttention):
-            from vislora.adapters.mha import LoraMultiheadAttention
-
-            layer: LoraLayer = LoraMultiheadAttention(module)
-        else:
-            if isinstance(parent, nn.MultiheadAttention):  # its forward reads out_proj.weight directly
-                self._wrap(path.rpartition(".")[0])
-            layer = LoraLinear(module)
-            self._unfuse_qkv_bias(parent, attribute)
-        layer.path, layer.batch_dim = path, self._batch_dim(path)
-        setattr(parent, attribute, layer)
-        self._layers[path] = layer
-        return layer
-
-    def _unfuse_qkv_bias(self, parent: nn.Module, attribute: str) -> None:
-        """timm BEiT/EVA fold q/v biases into F.linear(x, qkv.weight, bias), bypassing the qkv module.
-
-        Their `qkv_bias_separate` switch makes them call the module and add the bias after: same result.
-        """
-        if attribute == "qkv" and getattr(parent, "q_bias", None) is not None and hasattr(
-            parent, "qkv_bias_separate"
-        ) and not parent.qkv_bias_separate:
-            self._patched.append((parent, "qkv_bias_separate", False))
-            parent.qkv_bias_separate = True
-
-    def _wrap_saved(self, path: str) -> ModulesToSave:
-        parent, attribute, module = self._locate(path)
-        saved = ModulesToSave(module)
-        saved.batch_dim = self._batch_dim(path)
-        setattr(parent, attribute, saved)
-        self._saved[path] = saved
-        return saved
-
-    def _batch_dim(self, path: str) -> int:
-        """Where the module at `path` sees the batch: 1 inside a block whose attention is sequence-first
-        (nn.MultiheadAttention with batch_first=False, e.g. older open_clip), else 0."""
-        modules = logical_modules(self.base_model)
-        if isinstance(modules.get(path.rpartition(".")[0]), nn.MultiheadAttention):
-            return 0  # its out_proj: the attention wrapper calls it batch first
-        block = block_prefix(path)
-        if block is None:
-            return 0
-        attentions = [m for p, m in modules.items()
-                      if p.startswith(block + ".") and isinstance(m, nn.MultiheadAttention)]
-        return 1 if attentions and not all(m.batch_first for m in attentions) else 0
-
-    def _locate(self, path: str) -> tuple[nn.Module, str, nn.Module]:
-        """(logical parent, attribute name, current child) of a logical module path."""
-        parent_path, _, attribute = path.rpartition(".")
-        parent = logical_modules(self.base_model)[parent_path]
-        return parent, attribute, getattr(parent, attribute)
-
-    def _nested_adapters(self, path: str) -> bool:
-        return any(p.startswith(path + ".") and layer.specs for p, layer in self._layers.items())
-
-    def _unwrap(self, path: str) -> None:
-        wrapper = self._layers.pop(path, None) or self._saved.pop(path)
-        parent, attribute, _ = self._locate(path)
-        if isinstance(wrapper, ModulesToSave):
-            setattr(parent, attribute, wrapper.current())
-            return
-        wrapper.release()  # a PiSSA residual goes back into W
-        setattr(parent, attribute, wrapper.base_layer)
-
-    def _make_route(self, adapters: Sequence[str | None], args: tuple, kwargs: dict) -> Route:
-        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
-            raise AdapterError(f"adapters= takes one adapter name (or None) per sample, got {adapters!r}; "
-                               "to use one adapter for the whole batch call set_active() instead")
-        if self._merged:
-            raise AdapterError(f"adapters {list(self._active)} are merged into the weights; call unmerge() before "
-                               "routing samples to adapters")
-        unknown = sorted({n for n in adapters if n is not None and n not in self.configs})
-        if unknown:
-            raise AdapterError(f"unknown adapter(s) {unknown} in adapters=; loaded: {list(self.adapters) or 'none'}")
-        experts = sorted({n for n in adapters if n is not None and self.configs[n].method == "molora"})
-        if experts:
-            raise AdapterError(f"MoLoRA adapter(s) {experts} cannot be routed per sample (their experts are chosen by "
-                               "a gate per token); run them with set_active() on their own batches")
-        batch = next((t for t in (*args, *kwargs.values()) if torch.is_tensor(t)), None)
-        if batch is None:
-            raise AdapterError("per-sample routing needs a tensor input whose first dimension is the batch")
-        if len(adapters) != batch.shape[0]:
-            raise AdapterError(f"adapters= has {len(adapters)} entries but the batch has {batch.shape[0]} samples "
-                               f"(input shape {tuple(batch.shape)}); give one adapter name or None per sample")
-        return Route.build(adapters, batch.device)
 
     def _set_route(self, route: Route | None) -> None:
         for wrapper in (*self._layers.values(), *self._saved.values()):

@@ -20,7 +20,7 @@ X experts A [X*r, in], B [X, out, r] mixed by a gate [X, in] (adapters/molora.py
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -205,7 +205,7 @@ class LoraLayer(nn.Module):
         """out + adapter `name`'s contribution; `base_out` = W x + b, which DoRA rescales."""
         spec, a, b = self.specs[name], self.lora_A[name], self.lora_B[name]
         if spec.method == "molora":
-            return self.add_experts(name, x, out, batch_dim)
+            return molora.add_experts(self, name, x, out, batch_dim)
         if spec.method == "adalora":
             a = self.lora_E[name][:, None] * a  # B diag(E) A
         elif spec.method == "dora":
@@ -213,20 +213,6 @@ class LoraLayer(nn.Module):
             out = out + ((g - 1) * self.without_bias(base_out)).to(out.dtype)
             b = self.scale_rows(b, g, spec)
         return self.add_low_rank(x, out, a, b, spec, self.lora_dropout[name])
-
-    def add_experts(self, name: str, x: torch.Tensor, out: torch.Tensor, batch_dim: int) -> torch.Tensor:
-        """out + scale * sum over the gate's top-k experts of w_e B_e A_e dropout(x) (MoLoRA)."""
-        spec, a = self.specs[name], self.lora_A[name]
-        x = x.to(a.dtype)
-        weights, logits = molora.gate_weights(x, self.lora_gate[name], spec.molora, batch_dim)  # (..., X) each
-        h = self.lora_dropout[name](x) @ a.T  # (..., in) @ (in, X*r) -> (..., X*r)
-        delta = molora.mixture(h, self.lora_B[name], weights) * spec.scale  # (..., out)
-        stats = self.expert_stats.setdefault(name, molora.ExpertStats())
-        counts = molora.slot_counts(weights.detach())
-        stats.slots = counts if stats.slots is None else stats.slots + counts
-        if self.training and torch.is_grad_enabled():
-            stats.balance = molora.balance_loss(weights, logits)
-        return out + delta.to(out.dtype)
 
     def add_residual(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + scale * B0 A0 x: the part of W that PiSSA moved into its adapter."""
@@ -254,36 +240,9 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------ training
     def training_metrics(self) -> dict[str, float]:
-        """Figures about this layer's adapters to log while training: each MoLoRA expert's share of the gate's
-        top-k slots since the last call."""
-        out = {}
-        for name, stats in self.expert_stats.items():
-            if stats.slots is not None and stats.slots.sum() > 0:
-                share = stats.slots / stats.slots.sum()
-                out.update({f"molora.{name}.expert_{e}": float(v) for e, v in enumerate(share)})
-                stats.slots = None
-        return out
-
-    def grow_rank(self, name: str, rank: int) -> list[tuple[nn.Parameter, nn.Parameter, tuple[int, int]]]:
-        """Give adapter `name` rank `rank` > its rank without changing the layer's output: new rows of A drawn
-        like a fresh adapter's, new columns of B zero, the scale kept. Returns (old, new, (rank, grown_dim)) for A
-        and B, so an optimizer can carry the old entries' state over (see `embed_grown`)."""
-        spec = self.specs[name]
-        if spec.method not in ("lora", "dora") or name == self.residual_owner:
-            raise AdapterError(f"{self.path}: adapter {name!r} ({spec.method}, init {spec.init}) cannot grow its "
-                               "rank; progressive rank growth works on LoRA and DoRA adapters not initialised by PiSSA")
-        extra = rank - spec.rank
-        old_a, old_b = self.lora_A[name], self.lora_B[name]
-        fresh = torch.empty(spec.n_pairs * extra, self.in_features, dtype=old_a.dtype, device=old_a.device)
-        nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
-        with torch.no_grad():
-            a = torch.cat([old_a.view(spec.n_pairs, spec.rank, -1), fresh.view(spec.n_pairs, extra, -1)], dim=1)
-            b = torch.cat([old_b, old_b.new_zeros(*old_b.shape[:-1], extra)], dim=-1)  # (..., r + extra)
-        self.lora_A[name] = nn.Parameter(a.flatten(0, 1), requires_grad=old_a.requires_grad)
-        self.lora_B[name] = nn.Parameter(b, requires_grad=old_b.requires_grad)
-        self.specs[name] = replace(spec, rank=rank)
-        self._cache.clear()
-        return [(old_a, self.lora_A[name], (spec.rank, 1)), (old_b, self.lora_B[name], (spec.rank, -1))]
+        """Figures about this layer's adapters to log while training (MoLoRA: each expert's share of the gate's top-k
+        slots since the last call)."""
+        return molora.expert_shares(self.expert_stats)
 
     # ------------------------------------------------------------ the adapters as matrices
     def folded_pair(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,21 +419,6 @@ class LoraLayer(nn.Module):
 
     def _rows(self, spec: PairSpec) -> int:
         return self.out_features // len(QKV) if spec.slices else self.out_features
-
-
-def embed_grown(old: torch.Tensor, new_shape: torch.Size, rank: int, dim: int) -> torch.Tensor:
-    """Place a tensor shaped like an adapter's old A or B into its grown shape, zeros in the new entries.
-
-    `dim` is the grown dimension (1 for A viewed as [P, r, in], -1 for B); used to carry optimizer state over.
-    """
-    if dim == 1:  # A [P*r, in] -> [P*r', in], pair by pair
-        pairs = old.shape[0] // rank
-        grown = old.new_zeros(pairs, new_shape[0] // pairs, old.shape[1])
-        grown[:, :rank] = old.view(pairs, rank, -1)
-        return grown.flatten(0, 1)
-    grown = old.new_zeros(new_shape)
-    grown[..., :rank] = old
-    return grown
 
 
 class LoraLinear(LoraLayer):

@@ -10,11 +10,15 @@ The delta depends on the input through the gate: it cannot be merged into W nor 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from vislora.config import MoLoraOptions
+
+if TYPE_CHECKING:
+    from vislora.adapters.linear import LoraLayer
 
 
 @dataclass
@@ -23,7 +27,32 @@ class ExpertStats:
 
     slots: torch.Tensor | None = None  # (X,) float counts
     balance: torch.Tensor | None = None  # scalar with grad, from the last training forward
-    extra: dict[str, float] = field(default_factory=dict)
+
+
+def add_experts(layer: LoraLayer, name: str, x: torch.Tensor, out: torch.Tensor, batch_dim: int) -> torch.Tensor:
+    """out + scale * sum over the gate's top-k experts of w_e B_e A_e dropout(x); records the gate's choices."""
+    spec, a = layer.specs[name], layer.lora_A[name]
+    x = x.to(a.dtype)
+    weights, logits = gate_weights(x, layer.lora_gate[name], spec.molora, batch_dim)  # (..., X) each
+    h = layer.lora_dropout[name](x) @ a.T  # (..., in) @ (in, X*r) -> (..., X*r)
+    delta = mixture(h, layer.lora_B[name], weights) * spec.scale  # (..., out)
+    stats = layer.expert_stats.setdefault(name, ExpertStats())
+    counts = slot_counts(weights.detach())
+    stats.slots = counts if stats.slots is None else stats.slots + counts
+    if layer.training and torch.is_grad_enabled():
+        stats.balance = balance_loss(weights, logits)
+    return out + delta.to(out.dtype)
+
+
+def expert_shares(stats: dict[str, ExpertStats]) -> dict[str, float]:
+    """Each expert's share of the top-k slots since the last call, per adapter; resets the counts."""
+    out = {}
+    for name, record in stats.items():
+        if record.slots is not None and record.slots.sum() > 0:
+            share = record.slots / record.slots.sum()
+            out.update({f"molora.{name}.expert_{e}": float(v) for e, v in enumerate(share)})
+            record.slots = None
+    return out
 
 
 def gate_weights(x: torch.Tensor, gate: torch.Tensor, options: MoLoraOptions, batch_dim: int) -> tuple[

@@ -27,6 +27,7 @@ from vislora.errors import AdapterError
 if TYPE_CHECKING:
     from vislora.adapters.linear import LoraLayer
     from vislora.adapters.saved import ModulesToSave
+    from vislora.model import AdaptedModel
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,30 @@ class Route:
         slot = {name: k for k, name in enumerate(used)}
         index = torch.tensor([slot[n] for n in names], dtype=torch.long, device=device)
         return cls(tuple(names), used, index)
+
+    @classmethod
+    def for_call(cls, model: AdaptedModel, adapters: Sequence[str | None], args: tuple, kwargs: dict) -> Route:
+        """The route of one `model(*args, adapters=..., **kwargs)` call, after checking `adapters` against it."""
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
+            raise AdapterError(f"adapters= takes one adapter name (or None) per sample, got {adapters!r}; "
+                               "to use one adapter for the whole batch call set_active() instead")
+        if model.merged:
+            raise AdapterError(f"adapters {list(model.active_adapters)} are merged into the weights; call unmerge() "
+                               "before routing samples to adapters")
+        unknown = sorted({n for n in adapters if n is not None and n not in model.configs})
+        if unknown:
+            raise AdapterError(f"unknown adapter(s) {unknown} in adapters=; loaded: {list(model.adapters) or 'none'}")
+        experts = sorted({n for n in adapters if n is not None and model.configs[n].method == "molora"})
+        if experts:
+            raise AdapterError(f"MoLoRA adapter(s) {experts} cannot be routed per sample (their experts are chosen by "
+                               "a gate per token); run them with set_active() on their own batches")
+        batch = next((t for t in (*args, *kwargs.values()) if torch.is_tensor(t)), None)
+        if batch is None:
+            raise AdapterError("per-sample routing needs a tensor input whose first dimension is the batch")
+        if len(adapters) != batch.shape[0]:
+            raise AdapterError(f"adapters= has {len(adapters)} entries but the batch has {batch.shape[0]} samples "
+                               f"(input shape {tuple(batch.shape)}); give one adapter name or None per sample")
+        return cls.build(adapters, batch.device)
 
     # ------------------------------------------------------------ adapter layers
     def adapt(self, layer: LoraLayer, x: torch.Tensor, out: torch.Tensor, batch_dim: int) -> torch.Tensor:

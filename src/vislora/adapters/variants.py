@@ -12,18 +12,15 @@ from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from vislora.adapters import adalora
+from vislora.adapters.growth import Grown, grow_layer_rank
 from vislora.errors import AdapterError, ConfigError
 from vislora.targets import resolve_targets
 
 if TYPE_CHECKING:
     from vislora.adapters.linear import LoraLayer
     from vislora.model import AdaptedModel
-
-Grown = tuple[nn.Parameter, nn.Parameter, tuple[int, int]]
-
 
 def layers_of(model: AdaptedModel, name: str) -> dict[str, LoraLayer]:
     """The adapter layers that hold adapter `name`, by path."""
@@ -86,7 +83,7 @@ def grow_rank(model: AdaptedModel, name: str, rank: int) -> list[Grown]:
     if model.merged:
         raise AdapterError(f"call unmerge() before growing the rank of {name!r}")
     ratio = math.sqrt(rank / config.rank) if config.use_rslora else rank / config.rank
-    grown = [pair for layer in layers_of(model, name).values() for pair in layer.grow_rank(name, rank)]
+    grown = [pair for layer in layers_of(model, name).values() for pair in grow_layer_rank(layer, name, rank)]
     model.configs[name] = config.model_copy(update={
         "rank": rank, "alpha": config.alpha * ratio,
         "alpha_pattern": {k: v * ratio for k, v in config.alpha_pattern.items()},

@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from vislora.adapters.linear import embed_grown
-
-Grown = tuple[torch.nn.Parameter, torch.nn.Parameter, tuple[int, int]]
+from vislora.adapters.growth import Grown, embed_grown
 
 
 def replace_grown(optimizer: torch.optim.Optimizer, grown: list[Grown]) -> None:
