@@ -1,0 +1,167 @@
+"""`vislora export onnx`: adapter folder -> merged model -> model.onnx (+ model.int8.onnx and its report).
+
+Every input is checked before any work (calibration and evaluation images first), and the output folder
+is built in a temp folder and renamed into place, so it is either complete or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from vislora.data.datasets import ImageDataset
+from vislora.export.calibration import (
+    CalibrationReader,
+    check_resolutions,
+    open_images,
+    run_config,
+    training_resolutions,
+)
+from vislora.export.common import (
+    INPUT_NAME,
+    OUTPUT_NAME,
+    Exportable,
+    ExportError,
+    load_exportable,
+    plain_merged,
+    staged_dir,
+    write_json,
+)
+from vislora.export.merge import MERGE_ATOL
+from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OnnxCheck, check_onnx, export_onnx
+from vislora.export.quantize import QuantizeReport, compare_accuracy, measure_latency, quantize_int8, session
+
+logger = logging.getLogger(__name__)
+
+Log = Callable[[str], Any]
+
+
+@dataclass
+class Int8Data:
+    """Checked calibration and held-out images for INT8."""
+
+    calibration: ImageDataset
+    calibration_source: str
+    evaluation: ImageDataset
+    evaluation_source: str
+
+
+@dataclass
+class OnnxExport:
+    """What `export_onnx_dir` wrote and measured."""
+
+    out: Path
+    model: Path
+    int8: Path | None
+    check: OnnxCheck
+    merge_max_abs_diff: float
+    report: QuantizeReport | None
+    classes: list[str] | None
+    image_size: int
+
+
+def prepare_int8(adapter_dir: str | Path, calibration: str | Path | None, eval_data: str | Path | None = None,
+                 calibration_limit: int | None = 128, eval_limit: int | None = None, seed: int = 0) -> Int8Data:
+    """Open and check the calibration and held-out images: empty, unreadable, wrong resolution -> ExportError.
+
+    Without `eval_data` the run's validation data (config.yaml `data.val`, `data.val_limit`) is used.
+    """
+    adapter_dir = Path(adapter_dir)
+    if calibration is None:
+        raise ExportError("INT8 needs calibration images: pass --calibration DIR|MANIFEST (images like the "
+                          "training data, e.g. fashion-mnist:train for the demo)")
+    task_file = adapter_dir / "task.json"
+    classes = json.loads(task_file.read_text())["classes"] if task_file.is_file() else None
+    config = run_config(adapter_dir)
+    if eval_data is None and config is not None and config.data.val:
+        eval_data, eval_limit = config.data.val, eval_limit or config.data.val_limit
+    if eval_data is None or classes is None:
+        raise ExportError("the INT8 accuracy report needs labelled held-out images and the class list of a trained "
+                          "adapter folder (task.json): pass --eval-data DIR|MANIFEST and a run's adapter folder")
+    if str(eval_data) == str(calibration):
+        raise ExportError(f"calibration and evaluation data are the same ({calibration}); accuracy must be measured "
+                          "on images the INT8 ranges were not fitted on: use e.g. the training split to calibrate")
+    cal = open_images(calibration, calibration_limit, seed, "calibration")
+    check_resolutions(cal, training_resolutions(adapter_dir))
+    evaluation = open_images(eval_data, eval_limit, seed, "evaluation", classes=classes)
+    if any(label < 0 for label in evaluation.labels()):
+        raise ExportError(f"evaluation data {str(eval_data)!r} has unlabelled images; give a labelled folder/manifest")
+    return Int8Data(cal, str(calibration), evaluation, str(eval_data))
+
+
+def load_and_merge(adapter_dir: str | Path, base: str | None = None) -> tuple[Exportable, nn.Module, float]:
+    """(the adapter's Exportable, its merged plain module, max |merged - adapted|), raising if they differ."""
+    item = load_exportable(adapter_dir, base)
+    plain, difference = plain_merged(item)
+    if difference > MERGE_ATOL:
+        raise ExportError(f"the merged model differs from the adapted one by {difference:.3g} (> {MERGE_ATOL:g})")
+    return item, plain, difference
+
+
+def write_onnx_pair(item: Exportable, plain: nn.Module, fp32_path: Path, int8_path: Path | None,
+                    data: Int8Data | None, latency_batch: int = 8, threads: int | None = None,
+                    log: Log = logger.info) -> tuple[OnnxCheck, QuantizeReport | None]:
+    """Write the fp32 ONNX file (checked against PyTorch) and, given `int8_path`, the INT8 file and its report."""
+    size = item.spec.size
+    fp32_path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"exporting ONNX ({size} px, dynamic batch) ...")
+    export_onnx(plain, size, fp32_path)
+    check = check_onnx(plain, fp32_path, size)
+    log(str(check))
+    if int8_path is None or data is None:
+        return check, None
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    log(f"calibrating INT8 on {len(data.calibration)} images ...")
+    quantize_int8(fp32_path, int8_path, CalibrationReader(data.calibration, item.spec))
+    sessions = {"fp32": session(fp32_path, threads), "int8": session(int8_path, threads)}
+    log(f"scoring fp32 and INT8 on {len(data.evaluation)} held-out images ...")
+    accuracy, agreement, n = compare_accuracy(sessions, data.evaluation, item.spec)
+    log(f"timing batch 1 and {latency_batch} ...")
+    latency = measure_latency(sessions, size, (1, latency_batch))
+    report = QuantizeReport(
+        fp32_accuracy=accuracy["fp32"], int8_accuracy=accuracy["int8"], agreement=agreement, eval_images=n,
+        eval_data=data.evaluation_source, calibration_images=len(data.calibration),
+        calibration_data=data.calibration_source, threads=threads, latency=latency,
+        sizes_mb={"fp32": fp32_path.stat().st_size / 1e6, "int8": int8_path.stat().st_size / 1e6})
+    return check, report
+
+
+def export_onnx_dir(adapter_dir: str | Path, out: str | Path, base: str | None = None, int8: bool = False,
+                    calibration: str | Path | None = None, eval_data: str | Path | None = None,
+                    calibration_limit: int | None = 128, eval_limit: int | None = None, latency_batch: int = 8,
+                    threads: int | None = None, overwrite: bool = False, log: Log = logger.info) -> OnnxExport:
+    """Write OUT/model.onnx (+ model.int8.onnx, int8_report.json), labels.txt and export.json."""
+    data = prepare_int8(adapter_dir, calibration, eval_data, calibration_limit, eval_limit) if int8 else None
+    item, plain, difference = load_and_merge(adapter_dir, base)
+    out = Path(out)
+    with staged_dir(out, overwrite) as tmp:
+        check, report = write_onnx_pair(item, plain, tmp / "model.onnx", tmp / "model.int8.onnx" if int8 else None,
+                                        data, latency_batch, threads, log)
+        write_metadata(tmp, item, check, difference, report)
+    return OnnxExport(out, out / "model.onnx", out / "model.int8.onnx" if int8 else None, check, difference, report,
+                      item.classes, item.spec.size)
+
+
+def write_metadata(folder: Path, item: Exportable, check: OnnxCheck, merge_difference: float,
+                   report: QuantizeReport | None) -> None:
+    """export.json (inputs, outputs, preprocessing, measured differences), labels.txt, int8_report.json."""
+    spec = item.spec
+    write_json(folder / "export.json", {
+        "base": item.base, "adapter": str(item.adapter_dir.resolve()), "input": {
+            "name": INPUT_NAME, "shape": ["batch", 3, spec.size, spec.size], "dtype": "float32",
+            "preprocessing": {"resize_shorter_side": spec.size, "center_crop": spec.size, "mean": list(spec.mean),
+                              "std": list(spec.std), "interpolation": spec.interpolation}},
+        "output": {"name": OUTPUT_NAME, "classes": item.classes},
+        "merge_max_abs_diff": merge_difference,
+        "onnx_max_abs_diff": {str(k): v for k, v in check.max_abs_diff.items()},
+        "onnx_tolerance": {"atol": ONNX_ATOL, "rtol": ONNX_RTOL}})
+    if item.classes:
+        (folder / "labels.txt").write_text("".join(f"{c}\n" for c in item.classes))
+    if report is not None:
+        write_json(folder / "int8_report.json", report.to_dict())
