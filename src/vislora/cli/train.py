@@ -1,4 +1,4 @@
-"""`vislora train`, `eval`, `data check` and `demo`: the training pipeline from the shell."""
+"""`vislora train`, `data check` and `demo`: the training pipeline from the shell (`eval` is in cli/evaluate.py)."""
 
 from __future__ import annotations
 
@@ -45,41 +45,12 @@ def train(
         if result.skipped_images:
             console.print(f"[yellow]{result.skipped_images} corrupt training images were skipped[/] "
                           "(run `vislora data check` to list them)")
+        if len(set(result.adapter_ranks.values())) > 1:  # AdaLoRA: the ranks the budget left per layer
+            table = Table("layer", "rank", title=f"ranks after training ({sum(result.adapter_ranks.values())} in all)")
+            for path, rank in result.adapter_ranks.items():
+                table.add_row(path, str(rank))
+            console.print(table)
         console.print(f"adapter saved to {result.adapter_dir}; run directory {result.run_dir}")
-
-
-@app.command("eval")
-def evaluate(
-    adapter: Annotated[Path, typer.Option(help="A trained adapter folder: RUN/adapter, RUN/best or a checkpoint.")],
-    data: Annotated[str, typer.Option(help="Image folder, .csv/.jsonl manifest, or fashion-mnist:test.")],
-    limit: Annotated[int | None, typer.Option(help="Evaluate a stratified random subset of this many images.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
-    label_column: Annotated[str, typer.Option(help="Manifest column holding the label.")] = "label",
-    path_column: Annotated[str, typer.Option(help="Manifest column holding the image path.")] = "path",
-    predictions: Annotated[Path | None, typer.Option(
-        help="Write one CSV row per image (label, prediction, loss, metadata) here.")] = None,
-) -> None:
-    """Accuracy of a trained adapter on DATA, per class and per metadata group (e.g. a `group` column).
-
-    Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --limit 2000
-    """
-    from vislora.train.evaluation import evaluate_adapter
-
-    result = evaluate_adapter(adapter, data, batch_size=batch_size, limit=limit, label_column=label_column,
-                              path_column=path_column, predictions=predictions)
-    console.print(f"accuracy {result.accuracy:.4f}  loss {result.loss:.4f}  on {result.n} images"
-                  + (f" ({result.skipped} corrupt skipped)" if result.skipped else ""))
-    table = Table("class", "accuracy", title="per class")
-    for name, value in result.per_class.items():
-        table.add_row(name, f"{value:.4f}")
-    console.print(table)
-    for column, values in result.groups.items():
-        table = Table(column, "accuracy", title=f"per {column}")
-        for value, acc in sorted(values.items()):
-            table.add_row(value, f"{acc:.4f}")
-        console.print(table)
-    if predictions:
-        console.print(f"predictions written to {predictions}")
 
 
 data_app = typer.Typer(help="Inspect datasets before training.", no_args_is_help=True)

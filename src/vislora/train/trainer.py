@@ -14,7 +14,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +60,7 @@ class TrainResult:
     trainable_params: int
     total_params: int
     seconds: float
+    adapter_ranks: dict[str, int] = field(default_factory=dict)  # per layer; AdaLoRA's after pruning
 
 
 class Trainer:
@@ -448,7 +449,7 @@ class Trainer:
             best={"step": self.loop.best_step, self.config.run.best_metric: self.loop.best_value}
             if self.loop.best_step is not None else None,
             skipped_images=len(self.loop.skipped), trainable_params=report.trainable, total_params=report.total,
-            seconds=seconds)
+            seconds=seconds, adapter_ranks=self.adapted.adapter_ranks("default"))
         if self.accelerator.is_main_process:
             summary = {**asdict(result), "run_dir": str(self.run_dir), "adapter_dir": str(adapter_dir),
                        "best_dir": str(result.best_dir) if result.best_dir else None}
