@@ -49,7 +49,8 @@ def png(image: Image.Image) -> bytes:
 
 
 def derive(trained: Path, out: Path, seed: int) -> Path:
-    """A copy of the trained adapter with every adapter tensor (pairs and head copy) drawn from `seed`."""
+    """A copy of the trained adapter with every adapter tensor (pairs and head copy) drawn from `seed`, written
+    inside the run directory (a random-init base is rebuilt from the run's seed, found beside the adapter)."""
     torch.manual_seed(0)  # the tiny base is random init: every build must draw the same weights
     model, _ = load_trained(trained)
     gen = torch.Generator().manual_seed(seed)
@@ -89,7 +90,7 @@ def _build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = image_folder(root / "images", per_class=4)
     cfg = TrainConfig.parse(tiny_train_config(root / "run", folder, optim={"max_steps": 2}))
     trained = Trainer(cfg).fit().adapter_dir
-    dirs = {f"a{i}": derive(trained, root / f"a{i}", seed=100 + i) for i in range(N_ADAPTERS)}
+    dirs = {f"a{i}": derive(trained, root / "run" / f"a{i}", seed=100 + i) for i in range(N_ADAPTERS)}
     rng = np.random.default_rng(7)
     images = [png(class_image(i % 3, rng, size=40)) for i in range(8)]
     task = json.loads((trained / "task.json").read_text())

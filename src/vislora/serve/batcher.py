@@ -126,11 +126,14 @@ class MicroBatcher:
                     break
             if job is _STOP:
                 stop = True
-            elif job.modality == first.modality and size + job.size <= self.max_batch_size:
+            elif job.modality != first.modality:
+                skipped.append(job)
+            elif size + job.size > self.max_batch_size:  # it opens the next batch: no later job overtakes it
+                skipped.append(job)
+                break
+            else:
                 batch.append(job)
                 size += job.size
-            else:
-                skipped.append(job)
         self._held.extend([*skipped, *held])
         return batch, stop
 

@@ -1,0 +1,93 @@
+"""The dashboard in real headless Chromium (Debian's chromium + chromedriver, driven by selenium): it loads, lists
+the adapters, and its numbers change after requests and after a hot load."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import httpx
+import pytest
+from serving import build_served, live_server, make_engine, serve_config
+
+from vislora.serve import create_app
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
+ADMIN = {"Authorization": "Bearer admin-secret"}
+FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage", "--window-size=1280,1000")
+
+pytestmark = pytest.mark.skipif(
+    not (Path(CHROMIUM).exists() and CHROMEDRIVER),
+    reason="needs Debian's chromium and chromium-driver (`make test` installs them as root: "
+           "apt-get install chromium chromium-driver)")
+
+
+@pytest.fixture
+def served(tmp_path_factory):
+    return build_served(tmp_path_factory)
+
+
+@pytest.fixture
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="vislora-chromium-")
+    for flag in (*FLAGS, f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def table(driver, table_id):
+    """The cells of a table, read in one script call (the page redraws it on every poll)."""
+    return driver.execute_script(
+        f"return [...document.querySelectorAll('#{table_id} tbody tr')].map(r => [...r.cells].map(c => c.textContent))")
+
+
+def wait_for(driver, condition, what):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, 30, poll_frequency=0.1).until(lambda d: condition(d), message=what)
+
+
+def text(driver, element_id):
+    return driver.execute_script(f"return document.getElementById('{element_id}').textContent")
+
+
+def test_dashboard_lists_adapters_and_updates_after_requests(served, browser, tmp_path):
+    fields = {"auth": {"admin_token": "admin-secret"}, "batching": {"max_wait_ms": 2}}
+    engine = make_engine(served, **fields)
+    with live_server(create_app(engine, serve_config(served, **fields))) as url:
+        browser.get(f"{url}/dashboard?interval=200")
+        wait_for(browser, lambda d: text(d, "status") == "live", "the page never reached /v1/stats")
+        wait_for(browser, lambda d: [r[0] for r in table(d, "adapters")] == ["a0", "a1", "a2"], "adapters not listed")
+        assert text(browser, "samples") == "0" and text(browser, "adapter-count") == "3"
+
+        with httpx.Client(base_url=url, timeout=60) as http:
+            for i, adapter in enumerate(["a0", "a0", "a1", "a0", "a2"]):
+                response = http.post("/v1/predict", files={"image": ("x.png", served["images"][i])},
+                                     data={"adapter": adapter})
+                assert response.status_code == 200
+            assert http.post("/v1/predict", files={"image": ("x.png", b"junk")}, data={"adapter": "a0"}
+                             ).status_code == 400
+            wait_for(browser, lambda d: text(d, "samples") == "5", "the request count never updated")
+            rows = {r[0]: r for r in table(browser, "adapters")}
+            assert [rows[n][2] for n in ("a0", "a1", "a2")] == ["3", "1", "1"]
+            assert rows["a0"][1] == engine.adapters()[0].digest
+            assert float(text(browser, "p50")) > 0 and text(browser, "errors") == "1"
+            assert table(browser, "error-kinds") == [["bad_image", "1"]]
+
+            assert http.post("/v1/adapters", json={"name": "a3", "path": str(served["dirs"]["a3"])},
+                             headers=ADMIN).status_code == 201
+            wait_for(browser, lambda d: text(d, "adapter-count") == "4", "the hot-loaded adapter never appeared")
+            assert [r[0] for r in table(browser, "adapters")] == ["a0", "a1", "a2", "a3"]
+        browser.save_screenshot(str(tmp_path / "dashboard.png"))
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
