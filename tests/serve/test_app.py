@@ -237,3 +237,17 @@ def test_operations_endpoints(client, served):
     assert set(content) == {"application/json", "multipart/form-data"}
     assert "<canvas" in client.get("/dashboard").text
     assert client.post("/v1/predict", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
+
+
+def test_weighted_route_answers_with_the_drawn_adapter_and_its_exact_output(client, served):
+    assert client.put("/v1/routes/rollout", json={"weights": {"a0": 3, "a1": 1}}, headers=ADMIN).status_code == 200
+    answered = []
+    for i in range(40):
+        body = client.post("/v1/predict", files=upload(served, i % 8), data={"adapter": "rollout"}).json()
+        assert body["route"] == "rollout"
+        assert_predict_matches(body, served["refs"][body["adapter"]], i % 8)
+        answered.append(body["adapter"])
+    assert set(answered) == {"a0", "a1"}  # P(a1 never drawn in 40) = 0.75**40 ~ 1e-5; the split itself is
+    assert answered.count("a0") > answered.count("a1")  # measured on 4,000 draws in test_traffic.py
+    listed = client.get("/v1/routes").json()
+    assert listed == [{"name": "rollout", "weights": {"a0": 3.0, "a1": 1.0}, "shadow": None, "shadow_fraction": 1.0}]
