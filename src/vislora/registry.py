@@ -138,7 +138,8 @@ class Registry:
         """Every version (of `name`, or of all names), oldest first."""
         adapters = self._read()["adapters"]
         names = [name] if name else sorted(adapters)
-        return [AdapterVersion(**row) for n in names for row in self._entry(adapters, n)["versions"].values()]
+        rows = [row for n in names for row in self._entry(adapters, n)["versions"].values()]
+        return [AdapterVersion(**row) for row in sorted(rows, key=lambda r: (r["name"], r["version"]))]
 
     def promoted(self, name: str) -> int | None:
         history = self._entry(self._read()["adapters"], name)["history"]
