@@ -26,13 +26,13 @@ def tower_adapter_config(model: nn.Module, vision_targets: Sequence[str] | None 
                          text_targets: Sequence[str] | None = None, *, rank: int = 8, alpha: float = 16.0,
                          vision_rank: int | None = None, vision_alpha: float | None = None,
                          text_rank: int | None = None, text_alpha: float | None = None, train_heads: bool = True,
-                         train_logit_scale: bool = True, **fields: Any) -> AdapterConfig:
+                         train_logit_scale: bool | None = None, **fields: Any) -> AdapterConfig:
     """One AdapterConfig adapting `vision_targets` in the image tower and `text_targets` in the text tower.
 
     `model` is a dual encoder (it names its towers in `model.towers` and projections in `model.heads`).
     Per-tower rank/alpha default to `rank`/`alpha`. With `train_heads` the projections of adapted towers are
-    trained in full and saved; with `train_logit_scale` the temperature too. Other `fields` (dropout,
-    use_rslora, layers, exclude, method, init, ...) go to AdapterConfig unchanged.
+    trained in full and saved; with `train_logit_scale` (default: as `train_heads`) the temperature too. Other
+    `fields` (dropout, use_rslora, layers, exclude, method, init, ...) go to AdapterConfig unchanged.
     """
     towers, heads = _towers(model)
     wanted = {"vision": vision_targets, "text": text_targets}
@@ -49,7 +49,7 @@ def tower_adapter_config(model: nn.Module, vision_targets: Sequence[str] | None 
             rank_pattern[body], alpha_pattern[body] = values[tower]
         if train_heads and tower in heads:
             to_save.append(heads[tower])
-    if train_logit_scale and hasattr(model, "logit_scale"):
+    if (train_heads if train_logit_scale is None else train_logit_scale) and hasattr(model, "logit_scale"):
         to_save.append("logit_scale")
     return AdapterConfig.parse({**fields, "rank": rank, "alpha": alpha, "targets": targets,
                                 "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern,

@@ -33,9 +33,10 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
                      positives: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE over a batch of pairs; embeddings [batch, dim] are L2-normalised.
 
-    `positives` [batch, batch] (bool) marks which texts match which images; default: the diagonal. Captions
-    repeated within a batch (class templates) are all positives of each other's images, spread evenly,
-    instead of counting as negatives.
+    `positives` [batch, batch] (bool) marks which texts match which images; default: the diagonal. With
+    `same_label(labels)` the captions of other images of the same class (other templates, other wordings) are
+    positives too, the target spread evenly over them, instead of negatives. (Identical captions need no such
+    help: their equal embeddings give the diagonal loss the same value and gradient.)
     """
     logits = scale * image_emb @ text_emb.T  # [images, texts]
     if positives is None:
@@ -57,11 +58,11 @@ def sigmoid_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.T
     return -F.logsigmoid(signs * logits).sum() / len(logits)
 
 
-def same_caption(captions: Sequence[str]) -> torch.Tensor:
-    """[batch, batch] bool: True where two captions are the same text."""
-    ids = {c: i for i, c in enumerate(dict.fromkeys(captions))}
-    codes = torch.tensor([ids[c] for c in captions])
-    return codes[:, None] == codes[None, :]
+def same_label(labels: torch.Tensor) -> torch.Tensor | None:
+    """[batch, batch] bool: True where two samples share a class; None for unlabelled samples (label -1)."""
+    if (labels < 0).any():
+        return None
+    return labels[:, None] == labels[None, :]
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -136,7 +137,7 @@ def clip_lora_config(model: Any, **overrides: Any) -> AdapterConfig:
 
     fields = {**CLIP_LORA, **overrides}
     targets = fields.pop("targets")
-    return tower_adapter_config(model, targets, targets, train_heads=False, train_logit_scale=False, **fields)
+    return tower_adapter_config(model, targets, targets, train_heads=False, **fields)
 
 
 # ---------------------------------------------------------------------------------------------- retrieval

@@ -202,7 +202,7 @@ class TrainConfig(_Section):
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-                + (f" (got {err['input']!r})" if err["type"] != "missing" else "")
+                + (f" (got {err['input']!r})" if err["type"] != "missing" and err["loc"] else "")
                 for err in exc.errors()
             )
             raise ConfigError(f"invalid train config: {problems}") from None

@@ -28,7 +28,7 @@ from vislora.tasks.clip import (
     CLIP_LORA,
     contrastive_loss,
     retrieval_recall,
-    same_caption,
+    same_label,
     sample_shots,
     sigmoid_loss,
     text_classifier,
@@ -55,6 +55,10 @@ class DualEvalResult:
     def accuracy(self) -> float:
         return self.figures.get("accuracy", math.nan)
 
+    @property
+    def loss(self) -> float:
+        return self.figures.get("loss", math.nan)
+
     def metrics(self) -> dict[str, float]:
         return dict(self.figures)
 
@@ -79,7 +83,8 @@ class DualTask(TrainTask):
         return base, self.adapter_config(base)
 
     def adapter_config(self, base: DualTowerModel) -> AdapterConfig:
-        """adapter.vision_targets / text_targets (or adapter.targets in both towers), per-tower rank/alpha."""
+        """adapter.vision_targets / text_targets (or adapter.targets in both towers), per-tower rank/alpha; the
+        logit scale is left to the frozen adapters when there are some (one adapter may own a saved module)."""
         a = self.config.adapter
         if a.preset:
             raise ConfigError("adapter.preset is for image classifiers; dual encoders take vision_targets / "
@@ -91,7 +96,7 @@ class DualTask(TrainTask):
         return tower_adapter_config(base, vision, text, rank=a.rank or 8, alpha=a.alpha or 16.0,
                                     vision_rank=a.vision_rank, vision_alpha=a.vision_alpha, text_rank=a.text_rank,
                                     text_alpha=a.text_alpha, train_heads=a.train_heads,
-                                    train_logit_scale=a.train_heads, **common)
+                                    train_logit_scale=a.train_heads and not a.frozen, **common)
 
     def adapted(self, model: nn.Module) -> None:
         """Load `adapter.frozen` adapters, keep them active under `default`, train only `default`."""
@@ -141,8 +146,8 @@ class DualTask(TrainTask):
                 figures["loss"] = F.cross_entropy(logits, labels).item()
             if "text" in rows[0]:
                 texts = torch.stack([r["text"] for r in rows])  # [n, dim]
-                captions = [r["caption"] for r in rows]
-                figures["contrastive_loss"] = contrastive_loss(images, texts, scale, same_caption(captions)).item()
+                positives = same_label(torch.tensor([r["label"] for r in rows]))
+                figures["contrastive_loss"] = contrastive_loss(images, texts, scale, positives).item()
                 figures.setdefault("loss", figures["contrastive_loss"])
                 recall = retrieval_recall(images, texts, range(len(rows)))
                 figures.update(recall.metrics())
@@ -158,8 +163,8 @@ class DualTask(TrainTask):
 
 
 class ContrastiveTask(DualTask):
-    """Symmetric InfoNCE (or SigLIP's sigmoid loss) between images and their captions; identical captions in a
-    batch (e.g. made from class names) are positives of each other's images, not negatives."""
+    """Symmetric InfoNCE (or SigLIP's sigmoid loss) between images and their captions; on labelled data the captions
+    of other images of the same class are positives too, not negatives."""
 
     kind = "contrastive"
 
@@ -168,7 +173,7 @@ class ContrastiveTask(DualTask):
         tokens = self.base.tokenize(captions)
         images, texts = model(images=batch["image"].to(device), input_ids=tokens["input_ids"].to(device),
                               attention_mask=tokens["attention_mask"].to(device))
-        positives = same_caption(captions).to(device)
+        positives = same_label(batch["label"].to(device))
         scale = self.base.logit_scale()
         if self.config.task.loss == "sigmoid":
             bias = self.base.logit_scale.bias

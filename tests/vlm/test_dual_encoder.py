@@ -1,0 +1,81 @@
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dual_fixtures import tiny_dual, word_tokenizer
+
+from conftest import tiny_hf_clip
+from vislora import ConfigError
+from vislora.dual_encoder import HFDualEncoder, OpenClipDualEncoder, build_dual_encoder
+from vislora.tokenize import HFCaptionTokenizer, OpenClipCaptionTokenizer
+
+
+def test_dual_encoder_projects_pooled_towers_and_normalises(images):
+    model = tiny_dual()
+    tokens = model.tokenize(["a photo of a red picture", "blue"])
+    image_emb, text_emb = model(images=images, **tokens)
+    with torch.no_grad():
+        cls = model.vision(pixel_values=images).pooler_output  # [2, 32]
+        hidden = model.text(**tokens).last_hidden_state  # [2, T, 32]
+        mask = tokens["attention_mask"].unsqueeze(-1).float()
+        mean = (hidden * mask).sum(1) / mask.sum(1)  # padding left out of the mean
+    torch.testing.assert_close(image_emb, F.normalize(cls @ model.vision_proj.weight.T, dim=-1))
+    torch.testing.assert_close(text_emb, F.normalize(mean @ model.text_proj.weight.T, dim=-1))
+    assert image_emb.shape == text_emb.shape == (2, 16)
+    padded_alone = model.embed_texts(["blue"])  # the same caption without padding gives the same embedding
+    torch.testing.assert_close(padded_alone[0], text_emb[1], atol=1e-5, rtol=1e-5)
+
+
+def test_hf_clip_wrapper_matches_clip_features(images):
+    clip = tiny_hf_clip()
+    model = HFDualEncoder(clip, HFCaptionTokenizer(word_tokenizer(), max_length=16))
+    ids = torch.tensor([[0, 5, 7, 1], [0, 9, 1, 1]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+    with torch.no_grad():
+        out = clip(input_ids=ids, attention_mask=mask, pixel_values=images)
+        image_emb, text_emb = model(images=images, input_ids=ids, attention_mask=mask)
+        torch.testing.assert_close(model.logit_scale() * image_emb @ text_emb.T, out.logits_per_image)
+    assert model.towers == {"vision": "model.vision_model", "text": "model.text_model"}
+    assert model.heads == {"vision": "model.visual_projection", "text": "model.text_projection"}
+
+
+def test_open_clip_wrapper_matches_encode_image_and_text():
+    import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    torch.manual_seed(0)
+    clip = open_clip.model.CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16,
+                                                                       patch_size=8, image_size=32),
+                                text_cfg=CLIPTextCfg(context_length=12, vocab_size=49408, width=32, heads=2,
+                                                     layers=1)).eval()
+    tokenizer = OpenClipCaptionTokenizer(open_clip.get_tokenizer("ViT-B-32"), context_length=12)
+    model = OpenClipDualEncoder(clip, tokenizer)
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = model.tokenize(["a photo of a cat", "a dog"])
+    with torch.no_grad():
+        image_emb, text_emb = model(images=pixels, **tokens)
+        torch.testing.assert_close(image_emb, clip.encode_image(pixels, normalize=True))
+        torch.testing.assert_close(text_emb, clip.encode_text(tokens["input_ids"], normalize=True))
+    assert model.towers == {"vision": "model.visual", "text": "model.transformer"}
+    model.tokenize(["a photo of a " + "very " * 20 + "long cat"])
+    assert tokenizer.truncated == 1
+
+
+def test_over_long_captions_are_truncated_counted_and_logged_once(caplog):
+    model = tiny_dual(max_length=8)
+    long = "a long caption that goes on and on and on and on"
+    with caplog.at_level(logging.WARNING, logger="vislora.tokenize"):
+        tokens = model.tokenize([long, "red", long])
+        model.tokenize([long])
+    assert tokens["input_ids"].shape == (3, 8)
+    assert model.tokenizer.truncated == 3 and model.tokenizer.seen == 4
+    warnings = [r for r in caplog.records if "truncated" in r.message]
+    assert len(warnings) == 1 and "8 tokens" in warnings[0].message
+
+
+def test_specs_without_a_text_tower_are_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"has no text tower; .*model\.text"):
+        build_dual_encoder("timm:vit_tiny_patch16_224")
+    with pytest.raises(ConfigError, match=r"unknown text asset 'nope'"):
+        build_dual_encoder("timm:vit_tiny_patch16_224", "asset:nope", pretrained=False)
