@@ -11,7 +11,12 @@ which costs one [out, in] x [in, R] product plus [R, R] work instead of an [out,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from vislora.adapters.linear import LoraLayer
 
 
 def row_norms(weight: torch.Tensor, weight_sq: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -28,3 +33,34 @@ def squared_row_norms(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """||w_i||^2 for every row of W [out, in] -> [out], in `dtype`."""
     with torch.no_grad():
         return weight.to(dtype).square().sum(dim=1)
+
+
+def layer_norms(layer: LoraLayer, name: str) -> torch.Tensor:
+    """||W + delta_W|| per output row of adapter `name` on `layer`, from cached ||w_i||^2 and low-rank terms.
+
+    While no gradient is recorded (inference) the result is cached until a tensor's version changes; in-place edits
+    through `.data` bypass version counters, so training, where A and B change every step, never caches.
+    """
+    weight = layer.base_weight
+    a, b = layer.lora_A[name], layer.lora_B[name]
+    key = (a._version, b._version, weight._version, weight.data_ptr(), torch.is_inference_mode_enabled())
+    cached = layer._cache.get(f"norm:{name}")
+    if cached is not None and cached[0] == key and not torch.is_grad_enabled():
+        return cached[1]
+    with torch.no_grad():
+        pair_a, pair_b = layer.folded_pair(name)
+        norm = row_norms(weight, _weight_sq(layer), pair_a, pair_b)
+    if not torch.is_grad_enabled():
+        layer._cache[f"norm:{name}"] = (key, norm)
+    return norm
+
+
+def _weight_sq(layer: LoraLayer) -> torch.Tensor:
+    """||w_i||^2 of the layer's base weight, cached until the weight changes."""
+    weight = layer.base_weight
+    key = (weight._version, weight.data_ptr(), torch.is_inference_mode_enabled())
+    cached = layer._cache.get("weight_sq")
+    if cached is None or cached[0] != key:
+        cached = (key, squared_row_norms(weight, layer._adapter_dtype))
+        layer._cache["weight_sq"] = cached
+    return cached[1]

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from vislora.adapters import dora, molora
-from vislora.adapters.pissa import principal_pair
+from vislora.adapters.pissa import start_from_principal
 from vislora.config import MoLoraOptions
 from vislora.errors import AdapterError
 from vislora.targets import QKV
@@ -133,9 +133,9 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = nn.Dropout(spec.dropout) if spec.dropout > 0 else nn.Identity()
         self.specs[name] = spec
         if spec.init == "pissa":
-            self._init_pissa(name)
+            start_from_principal(self, name)
         if spec.method == "dora":
-            self.lora_magnitude[name] = nn.Parameter(self.dora_norm(name).clone())  # g = 1 at init
+            self.lora_magnitude[name] = nn.Parameter(dora.layer_norms(self, name).clone())  # g = 1 at init
 
     def delete_adapter(self, name: str) -> None:
         if name == self.residual_owner:
@@ -169,21 +169,6 @@ class LoraLayer(nn.Module):
         if (spec.init == "pissa" and has_dora) or (spec.method == "dora" and self.residual_owner is not None):
             raise AdapterError(f"{self.path}: DoRA and PiSSA adapters cannot share a layer (DoRA normalises W, which "
                                f"PiSSA rewrites); put {name!r} on other targets or change its init/method")
-
-    def _init_pissa(self, name: str) -> None:
-        spec = self.specs[name]
-        weight = self.base_weight
-        blocks = [weight] if not spec.slices else [weight.unflatten(0, (len(QKV), -1))[s] for s in spec.slices]
-        pairs = [principal_pair(block, spec.rank, spec.scale) for block in blocks]
-        a = torch.cat([pa for pa, _ in pairs])  # (S*r, in)
-        b = torch.stack([pb for _, pb in pairs]) if spec.slices else pairs[0][1]  # (S, d, r) | (out, r)
-        with torch.no_grad():
-            self.lora_A[name].copy_(a)
-            self.lora_B[name].copy_(b)
-        self.residual_owner = name
-        self.residual_A, self.residual_B = a.to(self._adapter_dtype), b.to(self._adapter_dtype)
-        with torch.no_grad():
-            weight -= self._residual_delta().to(weight.dtype)
 
     # ------------------------------------------------------------ forward
     def adapt(self, x: torch.Tensor, out: torch.Tensor, batch_dim: int = 0) -> torch.Tensor:
@@ -340,35 +325,7 @@ class LoraLayer(nn.Module):
     # ------------------------------------------------------------ DoRA
     def dora_factor(self, name: str) -> torch.Tensor:
         """g = m / ||W + delta_W||_row [out]: differentiable in the magnitude m, the norm is a constant."""
-        return self.lora_magnitude[name] / self.dora_norm(name)
-
-    def dora_norm(self, name: str) -> torch.Tensor:
-        """||W + delta_W|| per output row, from cached ||w_i||^2 and low-rank terms.
-
-        While no gradient is recorded (inference) the result is cached until a tensor's version changes; in-place
-        edits through `.data` bypass version counters, so training, where A and B change every step, never caches.
-        """
-        weight = self.base_weight
-        a, b = self.lora_A[name], self.lora_B[name]
-        key = (a._version, b._version, weight._version, weight.data_ptr(), torch.is_inference_mode_enabled())
-        cached = self._cache.get(f"norm:{name}")
-        if cached is not None and cached[0] == key and not torch.is_grad_enabled():
-            return cached[1]
-        with torch.no_grad():
-            pair_a, pair_b = self.folded_pair(name)
-            norm = dora.row_norms(weight, self._weight_sq(), pair_a, pair_b)
-        if not torch.is_grad_enabled():
-            self._cache[f"norm:{name}"] = (key, norm)
-        return norm
-
-    def _weight_sq(self) -> torch.Tensor:
-        weight = self.base_weight
-        key = (weight._version, weight.data_ptr(), torch.is_inference_mode_enabled())
-        cached = self._cache.get("weight_sq")
-        if cached is None or cached[0] != key:
-            cached = (key, dora.squared_row_norms(weight, self._adapter_dtype))
-            self._cache["weight_sq"] = cached
-        return cached[1]
+        return self.lora_magnitude[name] / dora.layer_norms(self, name)
 
     # ------------------------------------------------------------ merge
     def merged_weight(self, names: tuple[str, ...]) -> torch.Tensor:
