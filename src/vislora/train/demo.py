@@ -7,10 +7,14 @@ the same labelled training images and are scored on the same held-out test image
 2. LoRA: adapters on the attention projections plus the head, trained with the real Trainer for a few
    hundred steps with mild augmentation. The head starts from the probe (LP-FT, Kumar et al. 2022), so
    the adapters only have to improve on it.
+3. the report (vislora.report): probe vs LoRA per class and per group, calibration, embedding drift on the
+   test features both steps already computed, latency, adapter diagnostics, plots and a model card.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,11 +26,16 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from vislora.data.datasets import ImageDataset, collate
+from vislora.evaluate import Outputs, collect, compare, measure_latency, recording_head
+from vislora.report import ReportFiles, build_report, load_run, summarize_data
 from vislora.train.config import DEMO_DEFAULTS, TrainConfig
 from vislora.train.schedule import parameter_groups
 from vislora.train.trainer import Trainer
 
+logger = logging.getLogger(__name__)
+
 PROBE_L2 = 3e-3
+LATENCY_IMAGES = 8
 
 
 @dataclass
@@ -41,6 +50,7 @@ class DemoResult:
     probe_seconds: float
     train_seconds: float
     adapter_dir: Path
+    report: Path  # report.html (MODEL_CARD.md beside it)
 
 
 def demo_config(out: str | Path, steps: int, batch_size: int, train_images: int, test_images: int,
@@ -53,7 +63,7 @@ def demo_config(out: str | Path, steps: int, batch_size: int, train_images: int,
                  "val_limit": test_images, "image_size": image_size},
         "optim": {"batch_size": batch_size, "max_steps": steps, "lr_adapter": 3e-3, "lr_head": 1e-3,
                   "warmup_steps": 5},
-        "run": {"output_dir": str(out), "seed": seed},
+        "run": {"output_dir": str(out), "seed": seed, "monitor_gradients": True},
     })
 
 
@@ -71,18 +81,42 @@ def run_demo(out: str | Path, steps: int = DEMO_DEFAULTS["steps"], batch_size: i
         f"{image_size} px; LoRA targets: {trainer.adapted.plans['default'].counts()}")
     _, head_params = parameter_groups(trainer.adapted)
     log("linear probe: computing frozen features ...")
-    probe_accuracy, weight, bias = linear_probe(trainer, trainer.train_data, trainer.val_data)
+    probe = linear_probe(trainer, trainer.train_data, trainer.val_data)
     with torch.no_grad():  # LP-FT: the trained head starts where the probe ended
-        head_params[0].copy_(weight)
-        head_params[1].copy_(bias)
+        head_params[0].copy_(probe.weight)
+        head_params[1].copy_(probe.bias)
     probe_seconds = time.perf_counter() - start
-    log(f"linear probe accuracy {probe_accuracy:.4f} ({probe_seconds:.0f} s); training LoRA + head ...")
-    result = trainer.fit()
+    log(f"linear probe accuracy {probe.accuracy:.4f} ({probe_seconds:.0f} s); training LoRA + head ...")
+    with recording_head(trainer.adapted) as recorded:  # the final evaluation's embeddings, reused by the report
+        result = trainer.fit()
+    log("writing the report: diagnostics, before/after, drift, latency, plots, model card ...")
+    report = demo_report(trainer, probe, recorded, result.final["accuracy"])
     return DemoResult(
-        probe_accuracy=probe_accuracy, lora_accuracy=result.final["accuracy"], adapter="r=8 on q, v",
+        probe_accuracy=probe.accuracy, lora_accuracy=result.final["accuracy"], adapter="r=8 on q, v",
         trainable=result.trainable_params, total=result.total_params, test_images=len(trainer.val_data),
         seconds=time.perf_counter() - start, probe_seconds=probe_seconds, train_seconds=result.seconds,
-        adapter_dir=result.adapter_dir)
+        adapter_dir=result.adapter_dir, report=report.html)
+
+
+def demo_report(trainer: Trainer, probe: Probe, recorded: list[tuple[torch.Tensor, torch.Tensor]],
+                accuracy: float) -> ReportFiles:
+    """The run's report with base = the linear probe on the frozen features the probe already computed, and
+    adapted = the outputs of the trainer's final evaluation on the same test images: no extra pass over them."""
+    model = trainer.adapted
+    loader = torch.utils.data.DataLoader(trainer.val_data, batch_size=64, collate_fn=collate,
+                                         generator=torch.Generator())
+    if recorded:
+        adapted = Outputs(torch.cat([logits for _, logits in recorded]), torch.cat([emb for emb, _ in recorded]))
+    if not recorded or len(adapted.logits) != len(probe.test_labels) or not math.isclose(
+            (adapted.logits.argmax(-1) == probe.test_labels).double().mean().item(), accuracy, abs_tol=1e-9):
+        logger.warning("the recorded evaluation does not match the trainer's; evaluating the test images again")
+        _, adapted, _, _ = collect(model, loader)
+    base = Outputs(probe.test_features @ probe.weight.T + probe.bias, probe.test_features)
+    comparison = compare(base, adapted, probe.test_labels, trainer.val_data.classes,
+                         data=f"{trainer.val_data.name} ({len(probe.test_labels)} images)")
+    comparison.baseline = "the frozen backbone with the linear probe (the head LoRA training started from)"
+    comparison.latency = measure_latency(model, next(iter(loader))["image"][:LATENCY_IMAGES], repeats=3)
+    return build_report(load_run(trainer.run_dir), model, comparison, summarize_data(trainer.train_data))
 
 
 @torch.no_grad()
@@ -103,14 +137,24 @@ def features(trainer: Trainer, dataset: ImageDataset) -> tuple[torch.Tensor, tor
     return torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts])
 
 
-def linear_probe(trainer: Trainer, train: ImageDataset, test: ImageDataset) -> tuple[float, torch.Tensor,
-                                                                                        torch.Tensor]:
-    """(test accuracy, weight, bias) of an L2-regularised logistic regression on frozen features."""
+@dataclass
+class Probe:
+    """A fitted linear probe and the frozen test features it was scored on."""
+
+    accuracy: float
+    weight: torch.Tensor  # [classes, width]
+    bias: torch.Tensor  # [classes]
+    test_features: torch.Tensor  # [test images, width]
+    test_labels: torch.Tensor  # [test images]
+
+
+def linear_probe(trainer: Trainer, train: ImageDataset, test: ImageDataset) -> Probe:
+    """An L2-regularised logistic regression on frozen features, with its test accuracy."""
     x_train, y_train = features(trainer, train)
     x_test, y_test = features(trainer, test)
     weight, bias = fit_logistic(x_train, y_train, len(train.classes))
     accuracy = ((x_test @ weight.T + bias).argmax(-1) == y_test).float().mean().item()
-    return accuracy, weight, bias
+    return Probe(accuracy, weight, bias, x_test, y_test)
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = PROBE_L2,

@@ -1,0 +1,98 @@
+"""`vislora eval`: the base model and the adapted model on the same images, side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from vislora.cli.app import app, console
+from vislora.evaluate import Comparison, Delta
+
+
+@app.command("eval")
+def evaluate(
+    adapter: Annotated[Path, typer.Option(help="A trained adapter folder: RUN/adapter, RUN/best or a checkpoint.")],
+    data: Annotated[str, typer.Option(help="Image folder, .csv/.jsonl manifest, or fashion-mnist:test.")],
+    limit: Annotated[int | None, typer.Option(help="Evaluate a stratified random subset of this many images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
+    label_column: Annotated[str, typer.Option(help="Manifest column holding the label.")] = "label",
+    path_column: Annotated[str, typer.Option(help="Manifest column holding the image path.")] = "path",
+    predictions: Annotated[Path | None, typer.Option(
+        help="Write one CSV row per image (label, prediction, loss, metadata) here.")] = None,
+    base_head: Annotated[str, typer.Option(
+        help="Head of the base model: `trained` (the adapter's head on base features; what the adapters add) or "
+             "`original` (the base model's own head).")] = "trained",
+    tolerance: Annotated[float, typer.Option(
+        help="A class or group whose accuracy drops by more than this (0.01 = 1 point) is a regression.")] = 0.01,
+    latency_images: Annotated[int, typer.Option(
+        help="Batch size of the latency test (base, unmerged, merged); 0 skips it.")] = 8,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the whole comparison as JSON here.")
+                        ] = None,
+) -> None:
+    """Base vs adapted on the same DATA: accuracy, top-5, macro-F1, calibration (ECE), per class and per metadata
+    group (e.g. a `group` column) with regressions flagged, embedding drift, and latency.
+
+    Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --limit 2000 --json eval.json
+    """
+    from rich.progress import track
+
+    from vislora.io import atomic_write_text
+    from vislora.train.evaluation import compare_adapter
+
+    comparison = compare_adapter(
+        adapter, data, batch_size=batch_size, limit=limit, label_column=label_column, path_column=path_column,
+        predictions=predictions, base_head=base_head, tolerance=tolerance, latency_images=latency_images,
+        progress=lambda items, total: track(items, total=total, description="base + adapted", console=console,
+                                            transient=True))
+    show_comparison(comparison)
+    if predictions:
+        console.print(f"predictions written to {predictions}")
+    if json_out:
+        atomic_write_text(json_out, json.dumps(comparison.to_dict(), indent=2))
+        console.print(f"comparison written to {json_out}")
+
+
+def show_comparison(comparison: Comparison) -> None:
+    """Metrics, per-class and per-group tables, drift and latency on the console."""
+    base, adapted = comparison.base, comparison.adapted
+    console.print(f"accuracy {adapted.accuracy:.4f} (base {base.accuracy:.4f}, "
+                  f"{100 * (adapted.accuracy - base.accuracy):+.1f} points) on {adapted.n} images")
+    table = Table("metric", "base", "adapted", "change", title=escape(comparison.data))
+    for name, key in (("accuracy", "accuracy"), ("top-5", "top5"), ("macro-F1", "macro_f1"), ("loss", "loss"),
+                      ("ECE (calibration error)", "ece")):
+        before, after = getattr(base, key), getattr(adapted, key)
+        table.add_row(name, f"{before:.4f}", f"{after:.4f}", f"{after - before:+.4f}")
+    console.print(table)
+    console.print(_delta_table("class", comparison.per_class, comparison.tolerance))
+    for column, deltas in comparison.per_group.items():
+        console.print(_delta_table(column, deltas, comparison.tolerance))
+    regressions = comparison.regressions
+    if regressions:
+        console.print(f"[red]{len(regressions)} regressions[/] (accuracy down by more than "
+                      f"{100 * comparison.tolerance:g} points): " + ", ".join(escape(d.name) for d in regressions))
+    drift = comparison.drift
+    if drift is not None:
+        console.print(f"embedding drift (cosine similarity of base and adapted features per image): mean "
+                      f"{drift.mean:.4f}, median {drift.median:.4f}, p5 {drift.p5:.4f}, min {drift.min:.4f}")
+    latency = comparison.latency
+    if latency is not None:
+        table = Table("model", "ms / batch", "images / s", title=f"latency, batch of {latency.batch_size} (median of "
+                      f"{latency.repeats})")
+        for name, seconds in (("base", latency.base), ("adapters unmerged", latency.unmerged),
+                              ("adapters merged", latency.merged)):
+            table.add_row(name, f"{1000 * seconds:.1f}", f"{latency.throughput(seconds):.1f}")
+        console.print(table)
+        console.print(f"merged vs unmerged outputs: max |difference| {latency.merged_max_abs_diff:.2e}")
+
+
+def _delta_table(key: str, deltas: list[Delta], tolerance: float) -> Table:
+    table = Table(escape(key), "n", "base", "adapted", "change", "", title=escape(f"per {key}"))
+    for d in deltas:
+        table.add_row(escape(d.name), str(d.n), f"{d.base:.4f}", f"{d.adapted:.4f}", f"{d.delta:+.4f}",
+                      "[red]regression[/]" if d.regression else "")
+    return table

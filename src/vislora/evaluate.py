@@ -1,0 +1,317 @@
+"""Before/after evaluation: the base model and the adapted model on the same images.
+
+Metrics per model (accuracy, top-5, macro-F1, loss, expected calibration error, per-class accuracy, confusion
+matrix, per-group accuracy for metadata columns), per-class and per-group deltas with regressions flagged,
+embedding drift (cosine similarity between base and adapted pooled features of each image) and latency of the
+base, unmerged and merged models on the same inputs. "Base" is the backbone without its adapters; by default it
+keeps the trained head (a classifier's own head would be untrained), so the delta is what the adapters add.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vislora.diagnostics.records import json_safe
+from vislora.errors import AdapterError, ConfigError
+from vislora.model import AdaptedModel
+
+ECE_BINS = 15
+BaseHead = Literal["trained", "original"]
+
+
+@dataclass
+class Outputs:
+    """What one model produced for N images: logits [N, C] and pooled embeddings [N, D] (None if unknown)."""
+
+    logits: torch.Tensor
+    embeddings: torch.Tensor | None = None
+
+
+@dataclass
+class Metrics:
+    """Classification metrics of one model; `groups[column][value]` is the accuracy within that group."""
+
+    n: int
+    accuracy: float
+    top5: float
+    macro_f1: float
+    loss: float
+    ece: float
+    per_class: dict[str, float]
+    confusion: list[list[int]]  # [true class][predicted class]
+    groups: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+@dataclass
+class Delta:
+    """Accuracy of one class or group before and after; a regression loses more than the tolerance."""
+
+    name: str
+    n: int
+    base: float
+    adapted: float
+    regression: bool
+
+    @property
+    def delta(self) -> float:
+        return self.adapted - self.base
+
+
+@dataclass
+class Drift:
+    """Cosine similarity between base and adapted embeddings of the same images, and its histogram."""
+
+    mean: float
+    median: float
+    p5: float
+    min: float
+    counts: list[int]
+    edges: list[float]
+
+
+@dataclass
+class Latency:
+    """Median seconds per batch of the same images: base (adapters off), unmerged and merged adapters."""
+
+    batch_size: int
+    repeats: int
+    base: float
+    unmerged: float
+    merged: float
+    merged_max_abs_diff: float  # |merged - unmerged| logits: merging must not change the outputs
+
+    def throughput(self, seconds: float) -> float:
+        return self.batch_size / seconds
+
+
+@dataclass
+class Comparison:
+    """Base vs adapted on the same data."""
+
+    data: str
+    base: Metrics
+    adapted: Metrics
+    per_class: list[Delta]
+    per_group: dict[str, list[Delta]]
+    drift: Drift | None
+    tolerance: float
+    latency: Latency | None = None
+    baseline: str = "the backbone without its adapters, with the trained head"
+
+    @property
+    def regressions(self) -> list[Delta]:
+        """Classes and groups whose accuracy dropped by more than `tolerance`."""
+        return [d for d in self.per_class if d.regression] + [
+            d for deltas in self.per_group.values() for d in deltas if d.regression]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able data (non-finite floats become None)."""
+        return json_safe({**asdict(self), "regressions": [asdict(d) for d in self.regressions]})
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str],
+                           metadata: Sequence[dict[str, str]] | None = None, bins: int = ECE_BINS) -> Metrics:
+    """All metrics of one model from its logits [N, C] and the labels [N]."""
+    n, n_classes = logits.shape
+    if n == 0:
+        raise ConfigError("no images to evaluate (all were skipped or the data is empty)")
+    logits, labels = logits.detach().double(), labels.long()
+    preds = logits.argmax(-1)
+    correct = preds == labels
+    top = logits.topk(min(5, n_classes), dim=-1).indices  # [N, k]
+    confusion = torch.bincount(labels * n_classes + preds, minlength=n_classes ** 2).view(n_classes, n_classes)
+    support = confusion.sum(1)
+    return Metrics(
+        n=n, accuracy=correct.double().mean().item(), top5=(top == labels[:, None]).any(-1).double().mean().item(),
+        macro_f1=macro_f1(confusion), loss=F.cross_entropy(logits, labels).item(),
+        ece=expected_calibration_error(logits, labels, bins),
+        per_class={classes[c]: (confusion[c, c] / support[c]).item() for c in range(n_classes) if support[c]},
+        confusion=confusion.tolist(), groups=_group_accuracy(correct.tolist(), metadata or []))
+
+
+def macro_f1(confusion: torch.Tensor) -> float:
+    """Mean F1 over classes present in the labels or the predictions (as scikit-learn's average='macro')."""
+    tp = confusion.diag().double()
+    predicted, actual = confusion.sum(0).double(), confusion.sum(1).double()
+    present = (predicted + actual) > 0
+    f1 = torch.where(predicted + actual > 0, 2 * tp / (predicted + actual).clamp_min(1), torch.zeros_like(tp))
+    return f1[present].mean().item()  # 2PR/(P+R) = 2TP/(predicted + actual)
+
+
+def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """sum over equal-width confidence bins of |bin| / N * |accuracy(bin) - mean confidence(bin)|."""
+    confidence, preds = F.softmax(logits.double(), dim=-1).max(-1)
+    correct = (preds == labels).double()
+    index = torch.bucketize(confidence, torch.linspace(0, 1, bins + 1, dtype=torch.float64)[1:-1])  # (lo, hi]
+    count = torch.bincount(index, minlength=bins).double()
+    gap = (torch.bincount(index, correct, bins) - torch.bincount(index, confidence, bins)).abs()
+    return (gap.sum() / count.sum()).item()  # sum_b |sum(correct) - sum(conf)| / N
+
+
+def _group_accuracy(correct: list[bool], metadata: Sequence[dict[str, str]]) -> dict[str, dict[str, float]]:
+    """Accuracy per value of every metadata column with 2..N-1 distinct values (ids and dates are not groups)."""
+    columns: dict[str, dict[str, list[bool]]] = {}
+    for ok, meta in zip(correct, metadata, strict=False):
+        for column, value in meta.items():
+            columns.setdefault(column, {}).setdefault(value, []).append(ok)
+    return {column: {value: sum(v) / len(v) for value, v in sorted(values.items())}
+            for column, values in columns.items() if 1 < len(values) < len(correct)}
+
+
+def embedding_drift(base: torch.Tensor, adapted: torch.Tensor, bins: int = 20) -> Drift:
+    """Per-image cosine similarity of base [N, D] and adapted [N, D] embeddings: summary and histogram."""
+    cos = F.cosine_similarity(base.detach().double(), adapted.detach().double(), dim=-1)  # [N]
+    low = min(math.floor(cos.min().item() * 100) / 100, 0.99)  # a multiple of 0.01 below the smallest value
+    counts, edges = np.histogram(cos.numpy(), bins=bins, range=(low, 1.0 + 1e-9))
+    return Drift(mean=cos.mean().item(), median=cos.median().item(), p5=torch.quantile(cos, 0.05).item(),
+                 min=cos.min().item(), counts=counts.tolist(), edges=[round(e, 6) for e in edges.tolist()])
+
+
+def compare(base: Outputs, adapted: Outputs, labels: torch.Tensor, classes: Sequence[str],
+            metadata: Sequence[dict[str, str]] | None = None, tolerance: float = 0.01, data: str = "") -> Comparison:
+    """Metrics of both models, per-class and per-group deltas (regression: adapted < base - tolerance), drift."""
+    before = classification_metrics(base.logits, labels, classes, metadata)
+    after = classification_metrics(adapted.logits, labels, classes, metadata)
+    support = dict(zip(classes, torch.bincount(labels.long(), minlength=len(classes)).tolist(), strict=True))
+    per_class = [Delta(c, support[c], before.per_class[c], after.per_class[c],
+                       after.per_class[c] < before.per_class[c] - tolerance) for c in after.per_class]
+    sizes: dict[str, dict[str, int]] = {}
+    for meta in metadata or []:
+        for column, value in meta.items():
+            sizes.setdefault(column, {}).setdefault(value, 0)
+            sizes[column][value] += 1
+    per_group = {column: [Delta(value, sizes[column][value], before.groups[column][value], acc,
+                                acc < before.groups[column][value] - tolerance) for value, acc in values.items()]
+                 for column, values in after.groups.items()}
+    drift = None
+    if base.embeddings is not None and adapted.embeddings is not None:
+        drift = embedding_drift(base.embeddings, adapted.embeddings)
+    return Comparison(data=data, base=before, adapted=after, per_class=per_class, per_group=per_group, drift=drift,
+                      tolerance=tolerance)
+
+
+# ---------------------------------------------------------------------------------------------- running models
+def classifier_parts(classifier: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], nn.Module]:
+    """(images -> pooled features [N, D], head) of a vislora classifier or a timm model with its own head."""
+    if hasattr(classifier, "features") and hasattr(classifier, "head"):
+        return classifier.features, classifier.head
+    if hasattr(classifier, "forward_features") and hasattr(classifier, "get_classifier"):  # timm
+        return (lambda x: classifier.forward_head(classifier.forward_features(x), pre_logits=True),
+                classifier.get_classifier())
+    raise ConfigError(f"cannot split a {type(classifier).__name__} into features and a head; before/after "
+                      "evaluation needs a classifier built by vislora (build_classifier) or a timm model")
+
+
+@torch.no_grad()
+def collect(model: AdaptedModel, batches: Iterable[dict[str, Any]], base_head: BaseHead = "trained",
+            ) -> tuple[Outputs, Outputs, torch.Tensor, list[dict[str, Any]]]:
+    """(base outputs, adapted outputs, labels, per-image rows {index, metadata}) over `batches` of images.
+
+    Each batch runs twice: with the adapters, then inside `model.disabled()`. base_head="trained" keeps the
+    adapter's trained head for the base model; "original" uses the base model's own head.
+    """
+    if base_head not in ("trained", "original"):
+        raise ConfigError(f"base_head must be 'trained' or 'original', got {base_head!r}")
+    features, head = classifier_parts(model.base_model)
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("base", "base_emb", "adapted", "adapted_emb", "labels")}
+    rows: list[dict[str, Any]] = []
+    try:
+        for batch in batches:
+            if "image" not in batch:
+                continue
+            images = batch["image"]
+            embeddings = features(images)  # [B, D]
+            parts["adapted_emb"].append(embeddings.float())
+            parts["adapted"].append(head(embeddings).float())
+            with model.disabled():
+                base_embeddings = features(images)
+                if base_head == "original":
+                    parts["base"].append(head(base_embeddings).float())
+            if base_head == "trained":
+                parts["base"].append(head(base_embeddings).float())
+            parts["base_emb"].append(base_embeddings.float())
+            parts["labels"].append(batch["label"])
+            rows += [{"index": i, "metadata": m} for i, m in zip(batch["index"].tolist(), batch["metadata"],
+                                                                  strict=True)]
+    finally:
+        model.train(was_training)
+    if not rows:
+        raise ConfigError("no readable image to evaluate: every image was skipped as corrupt")
+    cat = {k: torch.cat(v) for k, v in parts.items()}
+    return (Outputs(cat["base"], cat["base_emb"]), Outputs(cat["adapted"], cat["adapted_emb"]), cat["labels"],
+            rows)
+
+
+@contextlib.contextmanager
+def recording_head(model: AdaptedModel) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Inside the block, every eval-mode call of the classifier's head appends (embeddings [B, D], logits [B, C]).
+
+    An evaluation that already runs (the trainer's last one) then yields the adapted embeddings for free.
+    """
+    _, head = classifier_parts(model.base_model)
+    records: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        if not module.training:
+            records.append((args[0].detach().float(), output.detach().float()))
+
+    handle = head.register_forward_hook(hook)
+    try:
+        yield records
+    finally:
+        handle.remove()
+
+
+@torch.no_grad()
+def measure_latency(model: AdaptedModel, images: torch.Tensor, repeats: int = 5, warmup: int = 1) -> Latency:
+    """Median wall time per batch of base (adapters off), unmerged and merged forward passes on `images`.
+
+    Base and unmerged alternate within each repeat; the model is merged once for the merged timings and
+    unmerged again afterwards (exact up to float rounding).
+    """
+    if model.merged:
+        raise AdapterError("measure_latency needs an unmerged model (it merges for its own timings); call unmerge()")
+    was_training = model.training
+    model.eval()
+
+    def timed() -> tuple[float, Any]:
+        start = time.perf_counter()
+        out = model(images)
+        return time.perf_counter() - start, out
+
+    times: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
+    try:
+        for i in range(warmup + repeats):
+            seconds, unmerged_out = timed()
+            with model.disabled():
+                base_seconds, _ = timed()
+            if i >= warmup:
+                times["unmerged"].append(seconds)
+                times["base"].append(base_seconds)
+        model.merge()
+        try:
+            for i in range(warmup + repeats):
+                seconds, merged_out = timed()
+                if i >= warmup:
+                    times["merged"].append(seconds)
+        finally:
+            model.unmerge()
+    finally:
+        model.train(was_training)
+    diff = (merged_out - unmerged_out).abs().max().item() if torch.is_tensor(merged_out) else math.nan
+    return Latency(batch_size=len(images), repeats=repeats, merged_max_abs_diff=diff,
+                   **{k: statistics.median(v) for k, v in times.items()})

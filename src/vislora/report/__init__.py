@@ -1,0 +1,98 @@
+"""`vislora report RUN_DIR`: a self-contained HTML report with PNG plots, MODEL_CARD.md and the raw figures as JSON.
+
+`write_report(run_dir)` rebuilds the trained classifier from the run's adapter, diagnoses the adapter, compares
+base and adapted on the run's held-out data (or `data`), and writes into RUN_DIR/report/:
+report.html, MODEL_CARD.md, evaluation.json, diagnostics.json and the PNGs (training.png, per_class.png,
+confusion.png, drift.png, rank_utilisation.png, parameters.png). `build_report` does the writing for a model and
+comparison already in hand (the demo reuses its own predictions that way).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vislora.diagnostics import diagnose
+from vislora.errors import VisloraError
+from vislora.evaluate import Comparison
+from vislora.io import atomic_write_text
+from vislora.model import AdaptedModel
+from vislora.parameters import parameter_report
+from vislora.report import plots
+from vislora.report.card import model_card
+from vislora.report.html import render_html
+from vislora.report.run import DataSummary, RunInfo, load_run, summarize_data, training_data
+
+__all__ = ["ReportFiles", "build_report", "load_run", "summarize_data", "write_report"]
+
+
+@dataclass
+class ReportFiles:
+    """Where the report went."""
+
+    folder: Path
+    html: Path
+    model_card: Path
+    diagnostics: Path
+    evaluation: Path | None
+    plots: list[Path]
+
+
+def write_report(run_dir: str | Path, data: str | None = None, limit: int | None = None, adapter: str = "adapter",
+                 out: str | Path | None = None, batch_size: int = 64, latency_images: int = 8,
+                 progress: Callable[[Iterable, int], Iterable] | None = None) -> ReportFiles:
+    """Report on a finished run; `data` (default: the run's data.val, same limit) is the before/after data."""
+    from vislora.train.evaluation import compare_model, load_trained
+
+    info = load_run(run_dir, adapter)
+    kind = info.task.get("task", "classification")
+    if kind != "classification":
+        raise VisloraError(f"{info.adapter_dir} is a {kind!r} run; vislora report covers classification runs. "
+                           f"`vislora inspect {info.adapter_dir}` diagnoses any adapter")
+    model, task = load_trained(info.adapter_dir)
+    settings = info.config.get("data", {})
+    source = data or settings.get("val")
+    comparison = None
+    if source:
+        comparison = compare_model(model, task, source, batch_size, limit or (None if data else settings.get(
+            "val_limit")), settings.get("label_column", "label"), settings.get("path_column", "path"),
+            info.config.get("run", {}).get("seed", 0), latency_images=latency_images, progress=progress)
+    return build_report(info, model, comparison, training_data(info), out)
+
+
+def build_report(info: RunInfo, model: AdaptedModel, comparison: Comparison | None, data: DataSummary | None,
+                 out: str | Path | None = None, adapter: str = "default") -> ReportFiles:
+    """Diagnose `model`'s adapter and write the plots, report.html, MODEL_CARD.md and JSON files into `out`."""
+    folder = Path(out) if out is not None else info.run_dir / "report"
+    diagnosis = diagnose(model, adapter)
+    params = parameter_report(model)
+    config = model.configs[adapter].model_dump(mode="json")
+    images = {"training": plots.training_curves(info.metrics, folder / "training.png"),
+              "rank_utilisation": plots.rank_heatmap(diagnosis, folder / "rank_utilisation.png")}
+    by_module: Counter = Counter()
+    for target in model.plans[adapter].targets:
+        by_module[target.path.rpartition(".")[2] + (f"[{','.join(target.slices)}]" if target.slices else "")] += (
+            target.n_params)
+    gain = comparison.adapted.accuracy - comparison.base.accuracy if comparison else None
+    images["parameters"] = plots.parameter_efficiency(params.base, params.trainable, model.plans[adapter].n_params,
+                                                      dict(by_module), folder / "parameters.png", gain)
+    evaluation = None
+    if comparison is not None:
+        images["per_class"] = plots.per_class_bars(comparison, folder / "per_class.png")
+        images["confusion"] = plots.confusion_matrices(comparison, info.task["classes"], folder / "confusion.png")
+        if comparison.drift is not None:
+            images["drift"] = plots.drift_histogram(comparison.drift, folder / "drift.png")
+        evaluation = folder / "evaluation.json"
+        atomic_write_text(evaluation, json.dumps(comparison.to_dict(), indent=2))
+    drawn = {k: v for k, v in images.items() if v is not None}
+    atomic_write_text(folder / "diagnostics.json", json.dumps(diagnosis.to_dict(), indent=2))
+    card = folder / "MODEL_CARD.md"
+    atomic_write_text(card, model_card(info, config, diagnosis, comparison, params, data))
+    links = [p.name for p in (card, folder / "diagnostics.json", evaluation) if p is not None]
+    html = folder / "report.html"
+    atomic_write_text(html, render_html(info, config, diagnosis, comparison, params, data, drawn, links))
+    return ReportFiles(folder=folder, html=html, model_card=card, diagnostics=folder / "diagnostics.json",
+                       evaluation=evaluation, plots=list(drawn.values()))

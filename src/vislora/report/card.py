@@ -1,0 +1,175 @@
+"""MODEL_CARD.md in Hugging Face model-card style: YAML front matter (model-index with the measured results),
+then model details, training data with metadata coverage, before/after evaluation, per-group regressions,
+adapter health, intended use and limitations. Every figure comes from the run's files and measurements."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vislora.diagnostics import Diagnosis
+from vislora.evaluate import Comparison
+from vislora.parameters import ParameterReport
+from vislora.report.run import DataSummary, RunInfo
+
+ASSET_IDS = {"asset:dinov2-small": "facebook/dinov2-small"}
+
+
+def base_model_id(spec: str) -> str | None:
+    """The hub id of a model spec (`timm/<name>` for timm), or None for a local directory."""
+    if spec in ASSET_IDS:
+        return ASSET_IDS[spec]
+    family, _, name = spec.partition(":") if ":" in spec else ("timm", "", spec)
+    if family == "hf":
+        return None if Path(name).exists() else name
+    return f"timm/{name}" if family == "timm" else name
+
+
+def model_card(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagnosis, comparison: Comparison | None,
+               params: ParameterReport | None, data: DataSummary | None) -> str:
+    """The whole MODEL_CARD.md text."""
+    spec = info.task["model"]["spec"]
+    sections = [
+        "---\n" + yaml.safe_dump(_front_matter(info, adapter_config, comparison), sort_keys=False) + "---",
+        f"# {info.name}: {adapter_config.get('method', 'lora').upper()} adapter for {spec}",
+        f"A low-rank adapter plus a classification head over `{spec}`, trained with vislora for "
+        f"{len(info.task['classes'])}-class image classification. It loads with vislora and with Hugging Face PEFT "
+        "(PEFT directory layout, safetensors).",
+        _details(info, adapter_config, params),
+        _data_section(data),
+        _evaluation(comparison),
+        _health(diagnosis),
+        _intended_use(info, data),
+        _limitations(info, comparison, data),
+        _usage(info),
+    ]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _front_matter(info: RunInfo, adapter_config: dict[str, Any], comparison: Comparison | None) -> dict[str, Any]:
+    front: dict[str, Any] = {"library_name": "peft"}
+    base = base_model_id(info.task["model"]["spec"])
+    if base:
+        front["base_model"] = base
+    front.update({"pipeline_tag": "image-classification",
+                  "tags": ["vislora", "lora", adapter_config.get("method", "lora"), "image-classification"],
+                  "metrics": ["accuracy", "f1"]})
+    if comparison is not None:
+        metrics = [{"type": "accuracy", "value": round(comparison.adapted.accuracy, 4), "name": "accuracy (adapted)"},
+                   {"type": "accuracy", "value": round(comparison.base.accuracy, 4), "name": "accuracy (base)"},
+                   {"type": "f1", "value": round(comparison.adapted.macro_f1, 4), "name": "macro-F1 (adapted)"}]
+        front["model-index"] = [{"name": info.name, "results": [{
+            "task": {"type": "image-classification", "name": "Image Classification"},
+            "dataset": {"name": comparison.data, "type": comparison.data.split(" ")[0]},
+            "metrics": metrics}]}]
+    return front
+
+
+def _details(info: RunInfo, adapter_config: dict[str, Any], params: ParameterReport | None) -> str:
+    rows = [("base model", f"`{info.task['model']['spec']}`"),
+            ("method", adapter_config.get("method", "lora") + (" (rsLoRA scaling)" if adapter_config.get("use_rslora")
+                                                              else "")),
+            ("rank / alpha", f"{adapter_config.get('rank')} / {adapter_config.get('alpha')}"),
+            ("targets", ", ".join(f"`{t}`" for t in adapter_config.get("targets", []))),
+            ("trained in full", ", ".join(f"`{m}`" for m in adapter_config.get("modules_to_save", [])) or "-"),
+            ("input", f"{info.task['input'].get('size')} px"),
+            ("training steps", str(info.task.get("step", "-")))]
+    if params is not None:
+        rows.append(("trainable parameters", f"{params.trainable:,} ({100 * params.trainable / params.base:.2f}% of "
+                                             f"the {params.base:,} that full fine-tuning trains)"))
+    return "## Model details\n\n" + _table(("", ""), rows)
+
+
+def _data_section(data: DataSummary | None) -> str:
+    if data is None:
+        return "## Training data\n\nThe training data could not be opened when this card was written."
+    balance = [n for n in data.class_counts.values() if n]
+    text = (f"## Training data\n\n`{data.source}`: {data.n_images:,} images, {len(data.class_counts)} classes "
+            f"(largest/smallest class {max(balance) / min(balance):.2f}).\n\n**Metadata coverage** "
+            "(share of images with a non-empty value):\n\n")
+    text += _table(("field", "coverage"), [(k, f"{v:.1f}%") for k, v in data.coverage.items()])
+    if data.missing_provenance:
+        text += (f"\n\nProvenance is incomplete: {', '.join(data.missing_provenance)} "
+                 "is missing for some or all images.")
+    return text
+
+
+def _evaluation(comparison: Comparison | None) -> str:
+    if comparison is None:
+        return "## Evaluation\n\nNo held-out data was evaluated (`vislora report RUN --data DIR` adds it)."
+    base, adapted = comparison.base, comparison.adapted
+    rows = [(name, f"{getattr(base, key):.4f}", f"{getattr(adapted, key):.4f}",
+             f"{getattr(adapted, key) - getattr(base, key):+.4f}")
+            for name, key in (("accuracy", "accuracy"), ("top-5 accuracy", "top5"), ("macro-F1", "macro_f1"),
+                              ("expected calibration error", "ece"), ("cross-entropy loss", "loss"))]
+    text = (f"## Evaluation\n\nOn `{comparison.data}`. *Base* is {comparison.baseline}; *adapted* is the model with "
+            "the adapter.\n\n" + _table(("metric", "base", "adapted", "change"), rows))
+    if comparison.drift is not None:
+        d = comparison.drift
+        text += (f"\n\nEmbedding drift: cosine similarity between base and adapted embeddings of the same image has "
+                 f"mean {d.mean:.4f}, 5th percentile {d.p5:.4f}, minimum {d.min:.4f}.")
+    text += "\n\n### Per-group results and regressions\n\n"
+    for column, deltas in comparison.per_group.items():
+        text += f"**{column}**\n\n" + _table((column, "images", "base", "adapted", "change"), [
+            (d.name, str(d.n), f"{d.base:.4f}", f"{d.adapted:.4f}",
+             f"{d.delta:+.4f}" + (" (regression)" if d.regression else "")) for d in deltas]) + "\n\n"
+    if not comparison.per_group:
+        text += "The evaluation data has no metadata column with groups (e.g. `group`, `location`).\n\n"
+    regressions = comparison.regressions
+    text += (f"Regressions (accuracy down by more than {100 * comparison.tolerance:g} points): "
+             + (", ".join(f"{d.name} ({100 * d.delta:+.1f})" for d in regressions) if regressions else "none") + ".")
+    return text
+
+
+def _health(diagnosis: Diagnosis) -> str:
+    v = diagnosis.verdict
+    lines = [f"## Adapter health\n\nVerdict: **{v.status}** ({len(diagnosis.layers)} low-rank pairs; "
+             f"`vislora inspect` gives the per-layer figures).\n"]
+    lines += [f"- {r}" for r in v.reasons] + [f"- recommendation: {r}" for r in v.recommendations]
+    return "\n".join(lines)
+
+
+def _intended_use(info: RunInfo, data: DataSummary | None) -> str:
+    classes = ", ".join(info.task["classes"][:20]) + (" ..." if len(info.task["classes"]) > 20 else "")
+    source = f" like those of `{data.source}`" if data else ""
+    return (f"## Intended use\n\nClassifying images{source} into these {len(info.task['classes'])} classes: {classes}. "
+            "Inputs are resized and normalised as `task.json` records. Use it as a research and engineering "
+            "baseline; decisions about people need their own evaluation.")
+
+
+def _limitations(info: RunInfo, comparison: Comparison | None, data: DataSummary | None) -> str:
+    items = []
+    if comparison is not None:
+        accuracy, n = comparison.adapted.accuracy, comparison.adapted.n
+        margin = 1.96 * (accuracy * (1 - accuracy) / n) ** 0.5  # normal approximation of a binomial proportion
+        items.append(f"Evaluated on {n:,} images only: the accuracy carries a sampling error of about "
+                     f"±{100 * margin:.1f} points (95%).")
+        worst = sorted(comparison.per_class, key=lambda d: d.adapted)[:2]
+        items.append("Weakest classes: " + ", ".join(f"{d.name} ({d.adapted:.3f})" for d in worst) + ".")
+        if comparison.regressions:
+            items.append("Some classes or groups got worse than the base model: "
+                         + ", ".join(d.name for d in comparison.regressions) + ".")
+        if comparison.drift is not None and comparison.drift.mean < 0.99:
+            items.append(f"The adapter moves the embeddings (mean cosine similarity {comparison.drift.mean:.3f}): "
+                         "indices or caches built from the base model's embeddings must be rebuilt.")
+    if data is not None and data.missing_provenance:
+        items.append(f"The training data lacks {', '.join(data.missing_provenance)} for some images: its licensing "
+                     "and its coverage of places and times cannot be checked from the data.")
+    if not any(col for col in (comparison.per_group if comparison else {})):
+        items.append("No per-group evaluation was possible: behaviour on subpopulations is unknown.")
+    return "## Limitations\n\n" + "\n".join(f"- {item}" for item in items)
+
+
+def _usage(info: RunInfo) -> str:
+    return ("## How to use\n\n```python\nfrom vislora.train.evaluation import load_trained\n\n"
+            f"model, task = load_trained(\"{info.adapter_dir}\")  # base model rebuilt from task.json, adapter loaded\n"
+            "logits = model(images)  # images normalised as task['input'] says\n"
+            "model.merge()           # fold the adapter into the weights: base-model speed\n```")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+import base64
+import json
+from html.parser import HTMLParser
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from synthetic_images import class_image, csv_manifest, tiny_train_config
+from vislora.cli import app
+from vislora.errors import VisloraError
+from vislora.report import write_report
+
+runner = CliRunner()
+PNG = b"\x89PNG\r\n\x1a\n"
+VOID = {"meta", "img", "br", "hr", "link", "input"}
+PLOTS = {"training", "per_class", "confusion", "drift", "rank_utilisation", "parameters"}
+
+
+class Page(HTMLParser):
+    """Collects images and headings, and checks that every element is closed in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.images, self.headings, self.errors, self._in_heading = [], [], [], [], False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs))
+        elif tag not in VOID:
+            self.stack.append(tag)
+        self._in_heading = tag in ("h1", "h2", "h3")
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack.pop() != tag:
+            self.errors.append(tag)
+        self._in_heading = False
+
+    def handle_data(self, data):
+        if self._in_heading:
+            self.headings.append(data.strip())
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A short real run on a manifest with metadata: a group column and a licence for half of the images."""
+    root = tmp_path_factory.mktemp("report")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(30):
+        class_image(i % 3, rng).save(root / f"{i}.png")
+        rows.append({"path": f"{i}.png", "label": f"c{i % 3}", "group": "indoor" if i < 15 else "outdoor",
+                     "license": "cc-by-4.0" if i % 2 else ""})
+    manifest = csv_manifest(root, rows)
+    config = root / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_train_config(root / "run", manifest, manifest, optim={"max_steps": 8},
+                                                       run={"eval_every": 4, "monitor_gradients": True})))
+    result = runner.invoke(app, ["train", str(config)])
+    assert result.exit_code == 0, result.output
+    return root / "run"
+
+
+def test_report_renders_html_pngs_and_model_card(run):
+    result = runner.invoke(app, ["report", str(run), "--latency-images", "4"])
+    assert result.exit_code == 0, result.output
+    folder = run / "report"
+    assert f"report: {folder / 'report.html'}" in result.output.replace("\n", "")
+
+    for name in PLOTS:
+        data = (folder / f"{name}.png").read_bytes()
+        assert data.startswith(PNG) and len(data) > 2000, name
+        assert Image.open(folder / f"{name}.png").size[0] > 300
+    page = Page()
+    page.feed((folder / "report.html").read_text())
+    page.close()
+    assert page.errors == [] and page.stack == []
+    assert {image["alt"] for image in page.images} == PLOTS
+    for image in page.images:  # embedded, so the page stands alone
+        assert base64.b64decode(image["src"].removeprefix("data:image/png;base64,")).startswith(PNG)
+    for heading in ("Training", "Before / after", "Per group", "Embedding drift", "Latency", "Adapter diagnostics",
+                    "Parameter efficiency", "Training data"):
+        assert heading in page.headings, heading
+
+    evaluation = json.loads((folder / "evaluation.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert evaluation["adapted"]["accuracy"] == pytest.approx(summary["final"]["accuracy"])  # same model, same data
+    assert {d["name"] for d in evaluation["per_group"]["group"]} == {"indoor", "outdoor"}
+
+    card = (folder / "MODEL_CARD.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "peft" and front["base_model"] == "timm/vit_tiny_patch16_224"
+    metrics = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["accuracy (adapted)"] == round(evaluation["adapted"]["accuracy"], 4)
+    assert metrics["accuracy (base)"] == round(evaluation["base"]["accuracy"], 4)
+    assert "| license | 50.0% |" in card and "| capture_date | 0.0% |" in card and "| location | 0.0% |" in card
+    assert "Provenance is incomplete: license, capture_date, location" in card
+    for section in ("## Model details", "## Training data", "## Evaluation", "### Per-group results and regressions",
+                    "## Adapter health", "## Intended use", "## Limitations"):
+        assert section in card
+    diagnostics = json.loads((folder / "diagnostics.json").read_text())
+    assert len(diagnostics["layers"]) == 4 and diagnostics["verdict"]["status"] in card
+
+
+def test_training_curves_show_the_logged_gradient_flow(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all("grad_norm_median" in r for r in rows if r["split"] == "train")
+    from vislora.report.plots import training_curves
+
+    with_grads = training_curves(rows, run / "with.png")
+    without = training_curves([{k: v for k, v in r.items() if not k.startswith("grad")} for r in rows],
+                              run / "without.png")
+    assert Image.open(with_grads).size[0] > Image.open(without).size[0]  # a fourth panel
+
+
+def test_report_names_what_is_missing(tmp_path, run):
+    with pytest.raises(VisloraError, match=r"config\.yaml is missing"):
+        write_report(tmp_path)
+    with pytest.raises(VisloraError, match=r"run/checkpoints holds no trained adapter \(task.json missing\)"):
+        write_report(run, adapter="checkpoints")
+
+
+@pytest.mark.slow
+def test_demo_report_reuses_the_probe_and_final_evaluation(tmp_path):
+    from vislora import assets
+    from vislora.train.demo import run_demo
+
+    try:
+        assets.dinov2_onnx_path()
+        assets.fashion_mnist_dir()
+    except assets.AssetError as err:
+        pytest.skip(f"real assets absent ({err}); `make test` installs them")
+    result = run_demo(tmp_path / "demo", steps=4, batch_size=16, train_images=96, test_images=60, image_size=28,
+                      log=lambda _: None)
+    assert result.report == tmp_path / "demo" / "report" / "report.html" and result.report.is_file()
+    evaluation = json.loads((result.report.parent / "evaluation.json").read_text())
+    assert evaluation["base"]["accuracy"] == pytest.approx(result.probe_accuracy, abs=1e-6)
+    assert evaluation["adapted"]["accuracy"] == pytest.approx(result.lora_accuracy, abs=1e-9)
+    assert evaluation["base"]["n"] == evaluation["adapted"]["n"] == 60 and 0 < evaluation["drift"]["mean"] <= 1
+    for name in PLOTS:
+        assert (result.report.parent / f"{name}.png").stat().st_size > 2000
+    card = (result.report.parent / "MODEL_CARD.md").read_text()
+    assert "base_model: facebook/dinov2-small" in card and "linear probe" in card
