@@ -102,14 +102,15 @@ def _build(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"dirs": dirs, "images": images, "refs": refs, "task": task, "trained": trained}
 
 
-def serve_config(served, adapters=("a0", "a1", "a2"), **fields) -> ServeConfig:
-    """A ServeConfig over the served adapters named; `fields` are top-level config entries."""
-    return ServeConfig.parse({"adapters": {n: str(served["dirs"][n]) for n in adapters}, **fields})
+def serve_config(served, names=("a0", "a1", "a2"), **fields) -> ServeConfig:
+    """A ServeConfig over the served adapters named; `fields` are top-level config entries (an `adapters` entry
+    replaces `names`)."""
+    return ServeConfig.parse({"adapters": {n: str(served["dirs"][n]) for n in names}, **fields})
 
 
-def make_engine(served, adapters=("a0", "a1", "a2"), **fields) -> Engine:
+def make_engine(served, names=("a0", "a1", "a2"), **fields) -> Engine:
     torch.manual_seed(0)  # the same random base weights as the offline references
-    return Engine.from_config(serve_config(served, adapters, **fields))
+    return Engine.from_config(serve_config(served, names, **fields))
 
 
 def assert_matches(output_logits, output_features, ref: Reference, image: int, atol: float = 1e-5) -> None:

@@ -8,6 +8,7 @@ import torch
 from fastapi.testclient import TestClient
 from serving import build_served, make_engine, serve_config
 
+from vislora.errors import ConfigError
 from vislora.serve import create_app
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -251,3 +252,31 @@ def test_weighted_route_answers_with_the_drawn_adapter_and_its_exact_output(clie
     assert answered.count("a0") > answered.count("a1")  # measured on 4,000 draws in test_traffic.py
     listed = client.get("/v1/routes").json()
     assert listed == [{"name": "rollout", "weights": {"a0": 3.0, "a1": 1.0}, "shadow": None, "shadow_fraction": 1.0}]
+
+
+def test_adapters_from_the_registry_by_version(served, tmp_path):
+    from vislora.registry import Registry
+
+    registry = Registry(tmp_path / "registry")
+    registry.add("cats", served["dirs"]["a3"], metrics={}, promote=True)
+    registry.add("cats", served["dirs"]["a4"], metrics={})
+    fields = {"auth": {"admin_token": "admin-secret"}, "registry": str(tmp_path / "registry"),
+              "adapters": {"cats": "registry:cats"}}
+    with TestClient(create_app(make_engine(served, **fields), serve_config(served, **fields))) as client:
+        listed = client.get("/v1/adapters").json()
+        assert [(a["name"], a["source"]) for a in listed] == [("cats", "registry:cats")]
+        assert listed[0]["path"] == str(tmp_path / "registry" / "cats" / "1")
+        body = client.post("/v1/predict", files=upload(served, 1), data={"adapter": "cats"}).json()
+        assert_predict_matches(body, served["refs"]["a3"], 1)
+        loaded = client.post("/v1/adapters", json={"name": "cats-next", "path": "registry:cats@latest"},
+                             headers=ADMIN)
+        assert loaded.status_code == 201 and loaded.json()["path"].endswith("cats/2")
+        body = client.post("/v1/predict", files=upload(served, 1), data={"adapter": "cats-next"}).json()
+        assert_predict_matches(body, served["refs"]["a4"], 1)
+        missing = client.post("/v1/adapters", json={"name": "x", "path": "registry:dogs"}, headers=ADMIN)
+        assert missing.status_code == 400 and "no adapter named 'dogs'" in missing.json()["detail"]
+
+
+def test_a_registry_reference_without_a_registry_is_refused(served):
+    with pytest.raises(ConfigError, match="no registry is set"):
+        make_engine(served, adapters={"cats": "registry:cats"})

@@ -63,7 +63,7 @@ def admin_loop(url, served, done, log):
 
 def test_load_unload_during_a_request_stream_never_mixes_adapters(served):
     fields = {"auth": {"admin_token": "admin-secret"}, "batching": {"max_wait_ms": 3, "max_batch_size": 16}}
-    engine = make_engine(served, adapters=("a0", "a1"), **fields)
+    engine = make_engine(served, names=("a0", "a1"), **fields)
     refs_by_digest = {}
     for name in ("a0", "a1", "a2", "a3", "a4"):
         from vislora.serve.sources import open_source
@@ -71,7 +71,7 @@ def test_load_unload_during_a_request_stream_never_mixes_adapters(served):
         refs_by_digest[open_source(served["dirs"][name]).digest] = served["refs"][name]
     results = {"images": served["images"], "answers": []}
     done, log = threading.Event(), []
-    with live_server(create_app(engine, serve_config(served, adapters=("a0", "a1"), **fields))) as url:
+    with live_server(create_app(engine, serve_config(served, names=("a0", "a1"), **fields))) as url:
         admin = threading.Thread(target=admin_loop, args=(url, served, done, log))
         clients = [threading.Thread(target=client_stream, args=(url, seed, results)) for seed in range(CLIENTS)]
         admin.start()

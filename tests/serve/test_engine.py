@@ -61,7 +61,7 @@ def test_base_predicts_when_its_classes_are_given(served):
     task = served["task"]
     base = {"spec": task["model"]["spec"], "pretrained": False, "kwargs": task["model"]["kwargs"],
             "num_classes": 3, "image_size": 32, "classes": ["x", "y", "z"]}
-    with make_engine(served, adapters=(), base=base) as engine:
+    with make_engine(served, names=(), base=base) as engine:
         prediction = engine.predict(served["images"][4], k=1)
     ref = served["refs"][None]
     assert prediction.adapter is None
@@ -105,7 +105,7 @@ def test_adapter_for_another_base_is_refused_and_nothing_changes(served, tmp_pat
 
 
 def test_reloading_a_name_serves_the_new_weights(served):
-    with make_engine(served, adapters=("a0",)) as engine:
+    with make_engine(served, names=("a0",)) as engine:
         pixels = engine.preprocess(served["images"][2])
         for source in ("a3", "a4", "a3"):
             engine.load("t", served["dirs"][source])

@@ -16,7 +16,10 @@ def serve(
     config: Annotated[Path | None, typer.Argument(help="Serve config YAML (see docs/serving.md). Optional when "
                                                        "--adapter gives adapters trained by `vislora train`.")] = None,
     adapter: Annotated[list[str] | None, typer.Option(
-        "--adapter", "-a", help="NAME=DIR: load the adapter directory DIR as NAME; repeatable.")] = None,
+        "--adapter", "-a", help="NAME=DIR: load the adapter directory DIR as NAME (or NAME=registry:NAME@VERSION "
+                                "from --registry); repeatable.")] = None,
+    registry: Annotated[Path | None, typer.Option(help="Adapter registry root (vislora registry) for "
+                                                       "registry:NAME@VERSION sources.")] = None,
     base: Annotated[str | None, typer.Option(
         help="Base model spec (timm:<name>, hf:<id or dir>, asset:dinov2-small); default: the base named by the "
              "first adapter's task.json.")] = None,
@@ -35,12 +38,15 @@ def serve(
     dashboard is at /dashboard, Prometheus metrics at /metrics, the OpenAPI schema at /openapi.json.
 
     Example: VISLORA_ADMIN_TOKEN=secret vislora serve -a cats=runs/cats/adapter -a dogs=runs/dogs/best --port 8080
+
+    Example: vislora serve --registry adapters/ -a cats=registry:cats@promoted -a cats-next=registry:cats@latest
     """
     import uvicorn
 
     from vislora.serve import Engine, create_app
 
-    cfg = build_config(config, adapter or [], base, num_classes, image_size, random_init, host, port, set_ or [])
+    cfg = build_config(config, adapter or [], base, num_classes, image_size, random_init, host, port, set_ or [],
+                       registry)
     engine = Engine.from_config(cfg)
     console.print(f"serving {len(engine.adapters())} adapters over {engine.base.spec} "
                   f"({engine.input_spec.size} px): {', '.join(a.name for a in engine.adapters()) or 'none yet'}")
@@ -53,9 +59,10 @@ def serve(
 
 def build_config(config: Path | None, adapters: list[str], base: str | None, num_classes: int | None,
                  image_size: int | None, random_init: bool, host: str | None, port: int | None,
-                 overrides: list[str]) -> Any:
+                 overrides: list[str], registry: Path | None = None) -> Any:
     """The ServeConfig from CONFIG (if given) with the command-line flags applied on top."""
     from vislora.serve.config import ServeConfig, read_config
+    from vislora.serve.sources import REGISTRY
     from vislora.train.config import apply_overrides
 
     data = read_config(config) if config is not None else {}
@@ -63,7 +70,10 @@ def build_config(config: Path | None, adapters: list[str], base: str | None, num
         name, sep, folder = item.partition("=")
         if not sep or not name or not folder:
             raise ConfigError(f"--adapter {item!r} is not NAME=DIR (example: --adapter cats=runs/cats/adapter)")
-        data.setdefault("adapters", {})[name] = str(Path(folder).expanduser().resolve())
+        data.setdefault("adapters", {})[name] = folder if folder.startswith(REGISTRY) else str(
+            Path(folder).expanduser().resolve())
+    if registry is not None:
+        data["registry"] = str(registry.expanduser().resolve())
     if base is not None:
         if num_classes is None:
             raise ConfigError("--base needs --num-classes (the head width every adapter shares)")

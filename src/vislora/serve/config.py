@@ -99,7 +99,10 @@ class ServeConfig(_Section):
     """A whole server. Load with `ServeConfig.load(path, overrides)`."""
 
     base: BaseSection | None = None
-    adapters: dict[str, str] = Field(default_factory=dict, description="Name -> adapter directory loaded at start.")
+    adapters: dict[str, str] = Field(default_factory=dict, description="Name -> adapter directory, or "
+                                     "registry:NAME[@VERSION] (default version: promoted), loaded at start.")
+    registry: str | None = Field(None, description="Root folder of an adapter registry (vislora registry) that "
+                                 "registry:NAME@VERSION references are resolved in.")
     adapter_root: str | None = Field(None, description="If set, adapters loaded over HTTP must lie inside this "
                                      "folder (relative paths are read from it).")
     batching: BatchingSection = Field(default_factory=BatchingSection)
@@ -152,5 +155,13 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if not isinstance(adapters, dict):
         raise ConfigError(f"{path}: adapters must map names to directories, got {adapters!r}")
     folder = path.resolve().parent
-    data["adapters"] = {name: str(folder / Path(str(source)).expanduser()) for name, source in adapters.items()}
+    data["adapters"] = {name: _from(folder, str(source)) for name, source in adapters.items()}
+    for key in ("registry", "adapter_root"):
+        if data.get(key):
+            data[key] = _from(folder, str(data[key]))
     return data
+
+
+def _from(folder: Path, source: str) -> str:
+    """A path read from `folder` if relative; registry references unchanged."""
+    return source if source.startswith("registry:") else str(folder / Path(source).expanduser())

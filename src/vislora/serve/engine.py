@@ -51,7 +51,7 @@ class Engine:
     def __init__(self, model: AdaptedModel, head_path: str, input_spec: InputSpec, base: BaseSection, *,
                  batching: BatchingSection | None = None, limits: LimitsSection | None = None,
                  routes: dict[str, RolloutConfig] | None = None, seed: int = 0,
-                 metrics: ServeMetrics | None = None) -> None:
+                 metrics: ServeMetrics | None = None, registry: str | Path | None = None) -> None:
         self.model = model.eval()
         self.head_path = head_path
         self.input_spec = input_spec
@@ -60,6 +60,7 @@ class Engine:
         self.limits = limits or LimitsSection()
         self.metrics = metrics or ServeMetrics()
         self.transform = build_transform(input_spec, train=False)
+        self.registry = registry  # root of the adapter registry that registry:NAME@VERSION sources name
         self.traffic = TrafficPolicy(seed=seed)
         self._state = threading.Condition()  # guards the four fields below
         self._adapters: dict[str, LoadedAdapter] = {}
@@ -74,7 +75,7 @@ class Engine:
                                      self.batching.max_queue)
         self.metrics.bind_queue(lambda: self._batcher.depth)
         for name in model.adapters:  # adapters already on the model are served as they are
-            self._register(name, LoadedAdapter(name, "(in memory)", "", self._classes(None), self._bytes(name),
+            self._register(name, LoadedAdapter(name, "(in memory)", "", "", self._classes(None), self._bytes(name),
                                                time.time()))
         for name, rollout in (routes or {}).items():
             self.set_route(name, rollout)
@@ -83,7 +84,7 @@ class Engine:
     @classmethod
     def from_config(cls, config: ServeConfig) -> Engine:
         """Build the base (from config.base, or the first adapter's task.json), load the adapters, set routes."""
-        sources = {check_name(name): open_source(ref) for name, ref in config.adapters.items()}
+        sources = {check_name(name): open_source(ref, config.registry) for name, ref in config.adapters.items()}
         task = next((s.task for s in sources.values() if s.task), None) if config.base is None else None
         if config.base is None and task is None:
             raise ConfigError(f"none of the adapters {sorted(sources)} has a task.json naming its base model; give "
@@ -91,7 +92,7 @@ class Engine:
         base = config.base or base_from_task(task)
         model, head, spec = build_base(base, task)
         engine = cls(AdaptedModel(model), head, spec, base, batching=config.batching, limits=config.limits,
-                     seed=config.seed)
+                     seed=config.seed, registry=config.registry)
         try:
             for name, source in sources.items():
                 engine.load(name, source)
@@ -108,9 +109,10 @@ class Engine:
             return [a for n, a in self._adapters.items() if n not in self._pending]
 
     def load(self, name: str, source: str | Path | AdapterSource) -> LoadedAdapter:
-        """Load an adapter directory as `name`; requests can use it once this returns, never before."""
+        """Load an adapter (a directory, or registry:NAME[@VERSION]) as `name`; requests can use it once this
+        returns, never before."""
         check_name(name)
-        source = source if isinstance(source, AdapterSource) else open_source(source)
+        source = source if isinstance(source, AdapterSource) else open_source(source, self.registry)
         check_fits(name, source, self.base, self.input_spec)
         classes = self._classes(source)
         with self._state:
@@ -120,7 +122,8 @@ class Engine:
             with self._model_lock:
                 self.model.load_adapter(source.path, name, activate=False)
                 size = self._bytes(name)
-            record = LoadedAdapter(name, str(source.path), source.digest, classes, size, time.time())
+            record = LoadedAdapter(name, source.reference, str(source.path), source.digest, classes, size,
+                                   time.time())
             self._register(name, record)
         finally:
             with self._state:

@@ -12,7 +12,8 @@ class LoadedAdapter:
     """An adapter the engine serves."""
 
     name: str
-    path: str
+    source: str  # as given: a directory or registry:NAME@VERSION
+    path: str  # the folder loaded
     digest: str  # sha256 of its weights file, first 16 hex digits
     classes: tuple[str, ...]
     bytes: int  # its tensors: low-rank pairs, DoRA magnitudes, its own copies of saved modules (head)

@@ -53,6 +53,7 @@ class EmbedResponse(Served):
 
 class AdapterOut(BaseModel):
     name: str
+    source: str = Field(..., description="As given: a directory, or registry:NAME@VERSION.")
     path: str
     digest: str
     classes: list[str]
@@ -61,13 +62,14 @@ class AdapterOut(BaseModel):
 
     @classmethod
     def of(cls, record: LoadedAdapter) -> AdapterOut:
-        return cls(name=record.name, path=record.path, digest=record.digest, classes=list(record.classes),
-                   bytes=record.bytes, loaded_at=record.loaded_at)
+        return cls(name=record.name, source=record.source, path=record.path, digest=record.digest,
+                   classes=list(record.classes), bytes=record.bytes, loaded_at=record.loaded_at)
 
 
 class LoadAdapter(_Body):
     name: str = Field(..., description="1-64 letters, digits, '_' or '-', starting with a letter.")
-    path: str = Field(..., description="Adapter directory on the server (inside adapter_root if one is set).")
+    path: str = Field(..., description="Adapter directory on the server (inside adapter_root if one is set), or "
+                      "registry:NAME[@VERSION] from the server's registry (VERSION: a number, latest, promoted).")
 
 
 class RouteOut(RolloutConfig):

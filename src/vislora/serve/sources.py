@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from vislora.data.transforms import InputSpec, model_input_spec
-from vislora.errors import AdapterFileError
+from vislora.errors import AdapterFileError, ConfigError
 from vislora.formats import PICKLE_SUFFIXES, WEIGHTS_FILE
 from vislora.serve.config import BaseSection
 from vislora.tasks.classification import build_classifier
@@ -25,13 +25,15 @@ from vislora.tasks.classification import build_classifier
 logger = logging.getLogger(__name__)
 
 TASK_FILE = "task.json"
+REGISTRY = "registry:"
 
 
 @dataclass(frozen=True)
 class AdapterSource:
     """An adapter directory and what it says about itself."""
 
-    path: Path
+    path: Path  # the adapter folder
+    reference: str  # as given: a directory or registry:NAME@VERSION
     task: dict[str, Any] | None  # task.json, when `vislora train` wrote the directory
     digest: str  # sha256 of the weights file, first 16 hex digits: which file a response came from
 
@@ -40,9 +42,25 @@ class AdapterSource:
         return list(self.task["classes"]) if self.task else None
 
 
-def open_source(reference: str | Path) -> AdapterSource:
-    """Read an adapter directory's task.json and weights digest; nothing is loaded into a model yet."""
-    path = Path(reference).expanduser()
+def locate(reference: str | Path, registry: str | Path | None = None) -> Path:
+    """The adapter folder `reference` names: a directory, or `registry:NAME[@VERSION]` (VERSION a number,
+    "latest" or "promoted", the default) resolved in the registry at `registry`, its file hashes checked."""
+    text = str(reference)
+    if not text.startswith(REGISTRY):
+        return Path(reference).expanduser()
+    if registry is None:
+        raise ConfigError(f"{text!r} names a registry adapter, but no registry is set; give `registry: ROOT` in the "
+                          "serve config (or --registry ROOT)")
+    from vislora.registry import Registry
+
+    name, _, version = text.removeprefix(REGISTRY).partition("@")
+    return Registry(registry).resolve(name, version or "promoted")
+
+
+def open_source(reference: str | Path, registry: str | Path | None = None) -> AdapterSource:
+    """Read an adapter's task.json and weights digest (a directory or a registry reference, see `locate`);
+    nothing is loaded into a model yet."""
+    path = locate(reference, registry)
     if path.suffix in PICKLE_SUFFIXES:
         raise AdapterFileError(f"refusing {path}: pickle files can run code when loaded; serve safetensors adapter "
                                "directories (vislora and PEFT write them)")
@@ -60,7 +78,7 @@ def open_source(reference: str | Path) -> AdapterSource:
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterFileError(f"{task_file} is not valid JSON ({exc}); the file is corrupt or truncated") from None
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    return AdapterSource(folder, task, digest)
+    return AdapterSource(folder, str(reference), task, digest)
 
 
 def base_from_task(task: dict[str, Any]) -> BaseSection:

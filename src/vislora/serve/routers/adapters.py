@@ -12,6 +12,7 @@ from vislora.serve.engine import check_name
 from vislora.serve.errors import Forbidden
 from vislora.serve.routers.inference import ERRORS
 from vislora.serve.schemas import AdapterOut, LoadAdapter
+from vislora.serve.sources import REGISTRY
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=ERRORS)
 
@@ -24,7 +25,8 @@ def list_adapters(engine: EngineDep) -> list[AdapterOut]:
 
 @router.post("", response_model=AdapterOut, status_code=201, dependencies=[Depends(require_admin)])
 async def load_adapter(body: LoadAdapter, request: Request, engine: EngineDep) -> AdapterOut:
-    """Load an adapter directory from the server's disk; requests can use it once this answers."""
+    """Load an adapter directory from the server's disk, or registry:NAME@VERSION from its registry; requests can
+    use it once this answers."""
     name = check_name(body.name)
     path = resolve_path(body.path, request.app.state.config.adapter_root)
     return AdapterOut.of(await run_in_threadpool(engine.load, name, path))
@@ -37,8 +39,11 @@ async def unload_adapter(name: str, engine: EngineDep) -> Response:
     return Response(status_code=204)
 
 
-def resolve_path(path: str, root: str | None) -> Path:
-    """The adapter path; with a root, relative paths are read from it and nothing may lead outside it."""
+def resolve_path(path: str, root: str | None) -> str | Path:
+    """The adapter path (registry references as they are); with a root, relative paths are read from it and
+    nothing may lead outside it."""
+    if path.startswith(REGISTRY):
+        return path
     if root is None:
         return Path(path).expanduser()
     base = Path(root).expanduser().resolve()

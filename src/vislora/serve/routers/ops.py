@@ -38,7 +38,7 @@ def metrics(engine: EngineDep) -> Response:
 def stats(engine: EngineDep) -> dict[str, Any]:
     """The metrics as JSON (counts, percentiles in ms, buckets, memory, shadow), plus the adapters and routes."""
     snapshot = engine.metrics.snapshot()
-    snapshot["loaded"] = [AdapterOut.of(a).model_dump(exclude={"path"}) for a in engine.adapters()]
+    snapshot["loaded"] = [AdapterOut.of(a).model_dump(exclude={"path", "source"}) for a in engine.adapters()]
     snapshot["routes"] = {name: r.model_dump() for name, r in engine.traffic.routes.items()}
     return snapshot
 
