@@ -92,8 +92,8 @@ def _change_rules(trained: list[LayerDiagnostics], result: Verdict) -> None:
     large = [layer for value, layer in relative if value > LARGE_CHANGE]
     if large:
         worst = max(relative, key=lambda item: item[0])
-        result.reasons.append(f"{len(large)} layers change W by more than its own norm (largest "
-                              f"||delta_W||/||W|| = {worst[0]:.2f} in {worst[1].path})")
+        result.reasons.append(f"{len(large)} of {len(trained)} trained layers change W by more than its own norm "
+                              f"(largest ||delta_W||/||W|| = {worst[0]:.2f} in {worst[1].path})")
         result.recommendations.append("lower optim.lr_adapter or alpha; such large updates overwrite the "
                                       "pretrained features")
     median = statistics.median(value for value, _ in relative)
