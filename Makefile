@@ -27,6 +27,17 @@ $(STAMP): pyproject.toml
 		echo "Fashion-MNIST is not installed and apt-get is unavailable (or not root): run"; \
 		echo "  sudo apt-get install dataset-fashion-mnist   or   $(BIN)/python -c 'import vislora.assets as a; a.fashion_mnist_dir(download=True)'"; \
 	fi
+	# A real browser for the serve dashboard test: Debian's chromium and its matching chromedriver (as root, as in CI).
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then \
+		echo "chromium and chromedriver found"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
+		echo "could not apt-get install chromium chromium-driver: the dashboard browser test will skip"; \
+	else \
+		echo "chromium and chromedriver are not installed and apt-get is unavailable (or not root): run"; \
+		echo "  sudo apt-get install chromium chromium-driver   (without them the dashboard browser test skips)"; \
+	fi
 	touch $(STAMP)
 
 demo: $(STAMP)
