@@ -101,10 +101,12 @@ def test_low_use_suggests_a_lower_rank_and_uneven_use_a_rank_pattern():
     assert any("rank_pattern {'qkv': 1, 'fc1': 8}" in r for r in report.verdict.recommendations)
 
 
-@pytest.mark.parametrize("options", [{"targets": ["q", "v", "fc2"]}, {"targets": ["qkv"], "init": "pissa"},
-                                     {"targets": ["qkv", "fc1"], "method": "dora"}],
-                         ids=["slices", "pissa", "dora"])
-def test_saved_directory_reads_as_the_live_model_with_and_without_base(tmp_path, options):
+@pytest.mark.parametrize(("options", "saved_as"), [
+    ({"targets": ["q", "v", "fc2"]}, "lora"), ({"targets": ["qkv"], "init": "pissa"}, "lora"),
+    ({"targets": ["qkv", "fc1"], "method": "dora"}, "dora"), ({"targets": ["qkv"], "method": "adalora"}, "lora"),
+    ({"targets": ["fc1"], "method": "molora"}, "molora"),
+], ids=["slices", "pissa", "dora", "adalora", "molora"])
+def test_saved_directory_reads_as_the_live_model_with_and_without_base(tmp_path, options, saved_as):
     model = vislora.inject(tiny_timm(), vislora.AdapterConfig(rank=4, alpha=8, **options))
     randomize_adapters(model)
     live = diagnose(model)
@@ -116,7 +118,7 @@ def test_saved_directory_reads_as_the_live_model_with_and_without_base(tmp_path,
         assert file.singular_values == pytest.approx(mine.singular_values, rel=1e-5, abs=1e-6)
         assert file.utilisation == pytest.approx(mine.utilisation, rel=1e-6)
         assert file.relative_norm is None and based.relative_norm == pytest.approx(mine.relative_norm, rel=1e-5)
-        assert file.method == mine.method == options.get("method", "lora")
+        assert mine.method == options.get("method", "lora") and file.method == saved_as
 
 
 def test_peft_saved_adapter_scales_by_its_rank_and_alpha_patterns(tmp_path):

@@ -184,3 +184,12 @@ def test_eval_command_compares_and_writes_json(tmp_path):
     assert data["latency"]["batch_size"] == 4 and data["latency"]["merged_max_abs_diff"] < 1e-4
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert data["adapted"]["accuracy"] == pytest.approx(summary["final"]["accuracy"])  # the trainer's own figure
+
+
+def test_latency_of_an_adapter_that_cannot_merge_has_no_merged_figure():
+    base, _ = build_classifier("timm:vit_tiny_patch16_224", 3, pretrained=False, head="linear", image_size=32,
+                               patch_size=8, embed_dim=32, depth=2, num_heads=2)
+    model = vislora.inject(base, vislora.AdapterConfig(rank=2, alpha=4, targets=["fc1"], method="molora"))
+    latency = measure_latency(model, batches(1)[0]["image"], repeats=1)
+    assert latency.merged is None and math.isnan(latency.merged_max_abs_diff) and latency.unmerged > 0
+    assert not model.merged

@@ -10,6 +10,7 @@ keeps the trained head (a classifier's own head would be untrained), so the delt
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import statistics
 import time
@@ -25,6 +26,8 @@ from torch import nn
 from vislora.diagnostics.records import json_safe
 from vislora.errors import AdapterError, ConfigError
 from vislora.model import AdaptedModel
+
+logger = logging.getLogger(__name__)
 
 ECE_BINS = 15
 BaseHead = Literal["trained", "original"]
@@ -88,8 +91,8 @@ class Latency:
     repeats: int
     base: float
     unmerged: float
-    merged: float
-    merged_max_abs_diff: float  # |merged - unmerged| logits: merging must not change the outputs
+    merged: float | None  # None: the adapter cannot be merged (MoLoRA)
+    merged_max_abs_diff: float  # |merged - unmerged| logits: merging must not change the outputs (NaN: not merged)
 
     def throughput(self, seconds: float) -> float:
         return self.batch_size / seconds
@@ -281,37 +284,52 @@ def measure_latency(model: AdaptedModel, images: torch.Tensor, repeats: int = 5,
     """Median wall time per batch of base (adapters off), unmerged and merged forward passes on `images`.
 
     Base and unmerged alternate within each repeat; the model is merged once for the merged timings and
-    unmerged again afterwards (exact up to float rounding).
+    unmerged again afterwards (exact up to float rounding). An adapter that cannot merge (MoLoRA's gate depends
+    on the input) gets no merged timing.
     """
     if model.merged:
         raise AdapterError("measure_latency needs an unmerged model (it merges for its own timings); call unmerge()")
     was_training = model.training
     model.eval()
-
-    def timed() -> tuple[float, Any]:
-        start = time.perf_counter()
-        out = model(images)
-        return time.perf_counter() - start, out
-
     times: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
     try:
         for i in range(warmup + repeats):
-            seconds, unmerged_out = timed()
+            seconds, unmerged_out = _timed(model, images)
             with model.disabled():
-                base_seconds, _ = timed()
+                base_seconds, _ = _timed(model, images)
             if i >= warmup:
                 times["unmerged"].append(seconds)
                 times["base"].append(base_seconds)
-        model.merge()
-        try:
-            for i in range(warmup + repeats):
-                seconds, merged_out = timed()
-                if i >= warmup:
-                    times["merged"].append(seconds)
-        finally:
-            model.unmerge()
+        merged_out = _merged_timings(model, images, warmup, repeats, times["merged"])
     finally:
         model.train(was_training)
-    diff = (merged_out - unmerged_out).abs().max().item() if torch.is_tensor(merged_out) else math.nan
-    return Latency(batch_size=len(images), repeats=repeats, merged_max_abs_diff=diff,
-                   **{k: statistics.median(v) for k, v in times.items()})
+    diff = math.nan
+    if torch.is_tensor(merged_out) and torch.is_tensor(unmerged_out):
+        diff = (merged_out - unmerged_out).abs().max().item()
+    return Latency(batch_size=len(images), repeats=repeats, base=statistics.median(times["base"]),
+                   unmerged=statistics.median(times["unmerged"]),
+                   merged=statistics.median(times["merged"]) if times["merged"] else None, merged_max_abs_diff=diff)
+
+
+def _timed(model: nn.Module, images: torch.Tensor) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = model(images)
+    return time.perf_counter() - start, out
+
+
+def _merged_timings(model: AdaptedModel, images: torch.Tensor, warmup: int, repeats: int,
+                    times: list[float]) -> Any:
+    """Merge, time `repeats` forwards into `times`, unmerge; the last output, or None if the adapter cannot merge."""
+    try:
+        model.merge()
+    except AdapterError as exc:
+        logger.info("no merged latency: %s", exc)
+        return None
+    try:
+        for i in range(warmup + repeats):
+            seconds, out = _timed(model, images)
+            if i >= warmup:
+                times.append(seconds)
+    finally:
+        model.unmerge()
+    return out

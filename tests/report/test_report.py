@@ -103,6 +103,17 @@ def test_report_renders_html_pngs_and_model_card(run):
     assert len(diagnostics["layers"]) == 4 and diagnostics["verdict"]["status"] in card
 
 
+def test_inspect_auto_rebuilds_the_base_from_task_json(run):
+    result = runner.invoke(app, ["inspect", str(run / "adapter"), "--base", "auto", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["source"] == str(run / "adapter") and len(data["layers"]) == 4
+    assert all(layer["relative_norm"] > 0 for layer in data["layers"])
+    files_only = json.loads(runner.invoke(app, ["inspect", str(run / "adapter"), "--json"]).stdout)
+    for from_files, from_model in zip(files_only["layers"], data["layers"], strict=True):
+        assert from_files["singular_values"] == pytest.approx(from_model["singular_values"], rel=1e-5)
+
+
 def test_training_curves_show_the_logged_gradient_flow(run):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("grad_norm_median" in r for r in rows if r["split"] == "train")

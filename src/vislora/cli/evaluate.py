@@ -85,9 +85,13 @@ def show_comparison(comparison: Comparison) -> None:
                       f"{latency.repeats})")
         for name, seconds in (("base", latency.base), ("adapters unmerged", latency.unmerged),
                               ("adapters merged", latency.merged)):
-            table.add_row(name, f"{1000 * seconds:.1f}", f"{latency.throughput(seconds):.1f}")
+            if seconds is None:
+                table.add_row(name, "-", "cannot merge")
+            else:
+                table.add_row(name, f"{1000 * seconds:.1f}", f"{latency.throughput(seconds):.1f}")
         console.print(table)
-        console.print(f"merged vs unmerged outputs: max |difference| {latency.merged_max_abs_diff:.2e}")
+        if latency.merged is not None:
+            console.print(f"merged vs unmerged outputs: max |difference| {latency.merged_max_abs_diff:.2e}")
 
 
 def _delta_table(key: str, deltas: list[Delta], tolerance: float) -> Table:

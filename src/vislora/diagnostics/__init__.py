@@ -83,7 +83,7 @@ def build_diagnosis(adapter: str, source: str, threshold: float, layers: list[La
 
 
 def _layer_pairs(path: str, layer: LoraLayer, name: str, threshold: float) -> list[LayerDiagnostics]:
-    """One entry per pair of adapter `name` on `layer`: the whole weight, or each q/k/v slice."""
+    """One entry per pair of adapter `name` on `layer`: the whole weight, each q/k/v slice, or each MoLoRA expert."""
     spec = layer.specs[name]
     a, b, rank = layer.export_pair(name)  # relative to the original W (PiSSA: [A; A0], [B, -B0])
     weight = layer.merged_weight(())  # the original W [out, in] (a PiSSA residual added back)
@@ -93,6 +93,9 @@ def _layer_pairs(path: str, layer: LoraLayer, name: str, threshold: float) -> li
     module = path.rpartition(".")[2]
     if isinstance(layer.base_layer, nn.MultiheadAttention):  # named as in the file: `<attention>.in_proj`
         path, module = f"{path}.in_proj", "in_proj"
+    if b.dim() == 3 and not spec.slices:  # MoLoRA: B [experts, out, r], each expert its own pair
+        return [analyse_pair(f"{path}[expert {e}]", module, a[e * rank:(e + 1) * rank], b[e], spec.scale,
+                             spec.method, threshold, weight) for e in range(b.shape[0])]
     if not spec.slices:
         return [analyse_pair(path, module, a, b, spec.scale, spec.method, threshold, weight, change, finite)]
     rows = layer.out_features // len(QKV)

@@ -4,7 +4,9 @@ Keys are `base_model.model.<path>.lora_A.weight` [r, in] and `.lora_B.weight` [o
 `.lora_magnitude_vector` [out]); an nn.MultiheadAttention keeps its out_proj pair under
 `<mha>.base_layer.out_proj`. The scale follows PEFT's rule: alpha / r (alpha / sqrt(r) with use_rslora), r and
 alpha taken from rank_pattern / alpha_pattern when a key matches the end of the module path. vislora's own
-`vislora_adapter.json`, when present, tells which q/k/v slices a stacked fused-qkv pair holds.
+`vislora_adapter.json`, when present, tells which q/k/v slices a stacked fused-qkv pair holds. A MoLoRA file
+(vislora's own peft_type) stores B as [experts, out, r]: each expert is read as its own pair, at the scale
+vislora_adapter.json records.
 """
 
 from __future__ import annotations
@@ -42,12 +44,13 @@ class SavedPair:
 
 
 def read_adapter_pairs(path: Path, base: nn.Module | None = None) -> list[SavedPair]:
-    """Every low-rank pair of the adapter at `path`, q/k/v slices split apart when vislora_adapter.json names them."""
+    """Every low-rank pair of the adapter at `path`: q/k/v slices (named by vislora_adapter.json) and MoLoRA
+    experts split apart."""
     config_file, weights_file, extra_file = formats._find_files(path)
     peft = formats._read_json(config_file)
     extra = formats._read_json(extra_file) if extra_file.is_file() else {}
     tensors = formats.read_safetensors(weights_file)
-    slices = {t["path"]: (tuple(t.get("slices") or ()), int(t["rank"])) for t in extra.get("targets", [])}
+    targets = {t["path"]: t for t in extra.get("targets", [])}
     weights = dict(base.state_dict()) if base is not None else None
     modules = dict(base.named_modules()) if base is not None else {}
     keys = [k[len(formats.PREFIX):-len(LORA_A)] for k in tensors if k.startswith(formats.PREFIX) and
@@ -58,17 +61,24 @@ def read_adapter_pairs(path: Path, base: nn.Module | None = None) -> list[SavedP
     pairs: list[SavedPair] = []
     for key in keys:
         a, b = tensors[f"{formats.PREFIX}{key}{LORA_A}"], tensors.get(f"{formats.PREFIX}{key}{LORA_B}")
-        if b is None or a.dim() != 2 or b.dim() != 2 or b.shape[1] != a.shape[0]:
+        pieces = 1 if b is None or b.dim() != 3 else b.shape[0]  # MoLoRA: B [experts, out, r]
+        if b is None or a.dim() != 2 or b.dim() not in (2, 3) or b.shape[-1] * pieces != a.shape[0]:
             raise AdapterFileError(f"{weights_file}: {key} has lora_A {tuple(a.shape)} and lora_B "
                                    f"{None if b is None else tuple(b.shape)}; expected [r, in] and [out, r]")
-        module_path, module = _module_of(key, slices, modules)
+        module_path, module = _module_of(key, targets, modules)
+        scale = _scale(peft, targets.get(module_path), key.removesuffix(MHA_OUT), config_file)
+        weight = None if weights is None else _base_weight(weights, module_path, (b.shape[-2], a.shape[1]), path)
+        if b.dim() == 3:
+            rank = b.shape[-1]
+            pairs += [SavedPair(f"{module_path}[expert {e}]", module, a[e * rank:(e + 1) * rank], b[e], scale,
+                                "molora", weight, None, True) for e in range(pieces)]
+            continue
         magnitude = tensors.get(f"{formats.PREFIX}{key}{MAGNITUDE}")
-        scale = peft_scale(peft, key.removesuffix(MHA_OUT))
-        weight = None if weights is None else _base_weight(weights, module_path, (b.shape[0], a.shape[1]), path)
         change = None if magnitude is None or weight is None else dora_change(weight, a, b, scale, magnitude)
         finite = magnitude is None or bool(torch.isfinite(magnitude).all())
         method = "lora" if magnitude is None else "dora"
-        chosen, rank = slices.get(module_path, ((), a.shape[0]))
+        target = targets.get(module_path, {})
+        chosen, rank = tuple(target.get("slices") or ()), int(target.get("rank", a.shape[0]))
         if not chosen:
             pairs.append(SavedPair(module_path, module, a, b, scale, method, weight, change, finite))
             continue
@@ -80,6 +90,16 @@ def read_adapter_pairs(path: Path, base: nn.Module | None = None) -> list[SavedP
                                    None if weight is None else weight[block],
                                    None if change is None else change[block], finite))
     return pairs
+
+
+def _scale(peft: dict[str, Any], target: dict[str, Any] | None, owner: str, config_file: Path) -> float:
+    """PEFT's scale for a LoRA file; vislora's recorded scale for its own kinds (MoLoRA)."""
+    if peft.get("peft_type", "LORA") == "LORA":
+        return peft_scale(peft, owner)
+    if target is None or "scale" not in target:
+        raise AdapterFileError(f"{config_file}: peft_type {peft.get('peft_type')!r} and no scale recorded for {owner} "
+                               "in vislora_adapter.json; the adapter directory is incomplete")
+    return float(target["scale"])
 
 
 def peft_scale(peft: dict[str, Any], module_path: str) -> float:
@@ -103,11 +123,11 @@ def _pattern_value(pattern: dict[str, Any], path: str, default: float) -> float:
     return next((value for key, value in pattern.items() if re.match(rf"(.*\.)?({key})$", path)), default)
 
 
-def _module_of(key: str, slices: dict[str, tuple], modules: dict[str, nn.Module]) -> tuple[str, str]:
+def _module_of(key: str, targets: dict[str, Any], modules: dict[str, nn.Module]) -> tuple[str, str]:
     """(module path as vislora names it, module type) of a file key."""
     if key.endswith(MHA_OUT):
         return key.removesuffix(MHA_OUT) + ".out_proj", "out_proj"
-    if f"{key}.in_proj" in slices or isinstance(_find_module(modules, key), nn.MultiheadAttention):
+    if f"{key}.in_proj" in targets or isinstance(_find_module(modules, key), nn.MultiheadAttention):
         return f"{key}.in_proj", "in_proj"
     return key, key.rpartition(".")[2]
 

@@ -136,10 +136,11 @@ def _latency(comparison: Comparison) -> list[str]:
     lat = comparison.latency
     if lat is None:
         return []
-    rows = [(name, f"{1000 * s:.1f}", f"{lat.throughput(s):.1f}")
+    rows = [(name, f"{1000 * s:.1f}", f"{lat.throughput(s):.1f}") if s is not None else (name, "-", "cannot merge")
             for name, s in (("base", lat.base), ("adapters unmerged", lat.unmerged), ("adapters merged", lat.merged))]
-    return ["<h3>Latency</h3>", f"<p>Median of {lat.repeats} runs, batch of {lat.batch_size} images; merged vs "
-            f"unmerged outputs differ by at most {lat.merged_max_abs_diff:.1e}.</p>",
+    check = (f"merged vs unmerged outputs differ by at most {lat.merged_max_abs_diff:.1e}" if lat.merged is not None
+             else "the adapter cannot be merged (its change depends on the input)")
+    return ["<h3>Latency</h3>", f"<p>Median of {lat.repeats} runs, batch of {lat.batch_size} images; {check}.</p>",
             _table(("model", "ms / batch", "images / s"), rows)]
 
 
