@@ -93,9 +93,13 @@ def test_adapter_for_another_base_is_refused_and_nothing_changes(served, tmp_pat
     task = json.loads((other / "task.json").read_text())
     task["model"]["kwargs"]["depth"] = 3
     (other / "task.json").write_text(json.dumps(task))
+    clip = shutil.copytree(served["dirs"]["a3"], tmp_path / "clip")
+    (clip / "task.json").write_text(json.dumps({**task, "task": "contrastive"}))
     with make_engine(served) as engine:
         with pytest.raises(AdapterFileError, match=r"trained for another base model.*kwargs"):
             engine.load("other", other)
+        with pytest.raises(AdapterFileError, match="'contrastive' task"):
+            engine.load("clip", clip)
         with pytest.raises(Conflict, match="already loaded"):
             engine.load("a0", served["dirs"]["a3"])
         assert [a.name for a in engine.adapters()] == ["a0", "a1", "a2"]

@@ -134,7 +134,9 @@ class Engine:
         """Stop admitting requests for `name`, let its in-flight requests finish, then remove it."""
         timeout = self.limits.unload_timeout_s if timeout is None else timeout
         with self._state:
-            if name not in self._adapters or name in self._pending:
+            if name in self._pending:
+                raise Conflict(f"adapter {name!r} is being loaded or unloaded already; retry when that is done")
+            if name not in self._adapters:
                 raise UnknownAdapter(f"no adapter {name!r} is loaded (loaded: {self._loaded_names()})")
             routes = self.traffic.using(name)
             if routes:

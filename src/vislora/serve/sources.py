@@ -83,6 +83,10 @@ def open_source(reference: str | Path, registry: str | Path | None = None) -> Ad
 
 def base_from_task(task: dict[str, Any]) -> BaseSection:
     """The base model section an adapter's task.json describes (its classes become the head width)."""
+    kind = task.get("task", "classification")
+    if kind != "classification":
+        raise AdapterFileError(f"this adapter was trained for the {kind!r} task; the server serves classification "
+                               "adapters (image predictions and embeddings) only so far")
     model = task["model"]
     return BaseSection(spec=model["spec"], pretrained=model.get("pretrained", True), head=model.get("head", "auto"),
                        pooling=model.get("pooling", "cls"), kwargs=model.get("kwargs", {}),
