@@ -124,15 +124,18 @@ def classifier():
 def batches(n=2, size=4):
     gen = torch.Generator().manual_seed(5)
     return [{"image": torch.randn(size, 3, 32, 32, generator=gen), "label": torch.arange(size) % 3,
-             "index": torch.arange(i * size, (i + 1) * size), "metadata": [{}] * size, "skipped": []}
+             "index": torch.arange(i * size, (i + 1) * size), "metadata": [{}] * size, "skipped": [3] if i else []}
             for i in range(n)]
 
 
 def test_collect_runs_base_and_adapted_on_the_same_images(classifier):
-    base, adapted, labels, rows = collect(classifier, batches())
+    run = collect(classifier, batches())
+    base, adapted = run.base, run.adapted
+    assert run.skipped == [3]  # the corrupt image the second batch reported
     assert torch.equal(base.logits, adapted.logits) and torch.equal(base.embeddings, adapted.embeddings)  # B = 0
     randomize_adapters(classifier)
-    base, adapted, labels, rows = collect(classifier, batches())
+    run = collect(classifier, batches())
+    base, adapted, labels, rows = run.base, run.adapted, run.labels, run.rows
     images = torch.cat([b["image"] for b in batches()])
     with torch.no_grad():
         assert torch.allclose(adapted.logits, classifier(images), atol=1e-5)
@@ -140,7 +143,7 @@ def test_collect_runs_base_and_adapted_on_the_same_images(classifier):
             base_features = classifier.base_model.features(images)
         trained_head = classifier.base_model.head.current()
         assert torch.allclose(base.logits, trained_head(base_features), atol=1e-5)
-        original, _, _, _ = collect(classifier, batches(), base_head="original")
+        original = collect(classifier, batches(), base_head="original").base
         with classifier.disabled():
             assert torch.allclose(original.logits, classifier(images), atol=1e-5)
     assert not torch.allclose(base.logits, adapted.logits) and [r["index"] for r in rows] == list(range(8))

@@ -42,6 +42,18 @@ class Outputs:
 
 
 @dataclass
+class Collected:
+    """Both models' outputs on the same readable images, their labels [N], rows {index, metadata}, and the
+    indices of images skipped as corrupt."""
+
+    base: Outputs
+    adapted: Outputs
+    labels: torch.Tensor
+    rows: list[dict[str, Any]]
+    skipped: list[int]
+
+
+@dataclass
 class Metrics:
     """Classification metrics of one model; `groups[column][value]` is the accuracy within that group."""
 
@@ -110,6 +122,7 @@ class Comparison:
     drift: Drift | None
     tolerance: float
     latency: Latency | None = None
+    skipped: int = 0  # corrupt images left out
     baseline: str = "the backbone without its adapters, with the trained head"
 
     @property
@@ -218,9 +231,8 @@ def classifier_parts(classifier: nn.Module) -> tuple[Callable[[torch.Tensor], to
 
 
 @torch.no_grad()
-def collect(model: AdaptedModel, batches: Iterable[dict[str, Any]], base_head: BaseHead = "trained",
-            ) -> tuple[Outputs, Outputs, torch.Tensor, list[dict[str, Any]]]:
-    """(base outputs, adapted outputs, labels, per-image rows {index, metadata}) over `batches` of images.
+def collect(model: AdaptedModel, batches: Iterable[dict[str, Any]], base_head: BaseHead = "trained") -> Collected:
+    """Base and adapted outputs, labels and per-image rows {index, metadata} over `batches` of images.
 
     Each batch runs twice: with the adapters, then inside `model.disabled()`. base_head="trained" keeps the
     adapter's trained head for the base model; "original" uses the base model's own head.
@@ -232,8 +244,10 @@ def collect(model: AdaptedModel, batches: Iterable[dict[str, Any]], base_head: B
     model.eval()
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("base", "base_emb", "adapted", "adapted_emb", "labels")}
     rows: list[dict[str, Any]] = []
+    skipped: list[int] = []
     try:
         for batch in batches:
+            skipped += batch.get("skipped", [])
             if "image" not in batch:
                 continue
             images = batch["image"]
@@ -255,8 +269,8 @@ def collect(model: AdaptedModel, batches: Iterable[dict[str, Any]], base_head: B
     if not rows:
         raise ConfigError("no readable image to evaluate: every image was skipped as corrupt")
     cat = {k: torch.cat(v) for k, v in parts.items()}
-    return (Outputs(cat["base"], cat["base_emb"]), Outputs(cat["adapted"], cat["adapted_emb"]), cat["labels"],
-            rows)
+    return Collected(Outputs(cat["base"], cat["base_emb"]), Outputs(cat["adapted"], cat["adapted_emb"]),
+                     cat["labels"], rows, skipped)
 
 
 @contextlib.contextmanager

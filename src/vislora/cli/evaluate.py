@@ -61,7 +61,8 @@ def show_comparison(comparison: Comparison) -> None:
     """Metrics, per-class and per-group tables, drift and latency on the console."""
     base, adapted = comparison.base, comparison.adapted
     console.print(f"accuracy {adapted.accuracy:.4f} (base {base.accuracy:.4f}, "
-                  f"{100 * (adapted.accuracy - base.accuracy):+.1f} points) on {adapted.n} images")
+                  f"{100 * (adapted.accuracy - base.accuracy):+.1f} points) on {adapted.n} images"
+                  + (f" ({comparison.skipped} corrupt skipped)" if comparison.skipped else ""))
     table = Table("metric", "base", "adapted", "change", title=escape(comparison.data))
     for name, key in (("accuracy", "accuracy"), ("top-5", "top5"), ("macro-F1", "macro_f1"), ("loss", "loss"),
                       ("ECE (calibration error)", "ece")):

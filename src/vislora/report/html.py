@@ -104,7 +104,8 @@ def _run_table(info: RunInfo) -> str:
             ("wall time", f"{summary['seconds']:.0f} s" if "seconds" in summary else "-"),
             ("stopped early", summary.get("stopped_early", "-")),
             ("corrupt images skipped", summary.get("skipped_images", "-")),
-            ("best", summary.get("best") or "-")]
+            ("best", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                               for k, v in (summary.get("best") or {}).items()) or "-")]
     return _table(("run", ""), [(k, str(v)) for k, v in rows])
 
 

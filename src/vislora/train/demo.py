@@ -110,7 +110,7 @@ def demo_report(trainer: Trainer, probe: Probe, recorded: list[tuple[torch.Tenso
     if not recorded or len(adapted.logits) != len(probe.test_labels) or not math.isclose(
             (adapted.logits.argmax(-1) == probe.test_labels).double().mean().item(), accuracy, abs_tol=1e-9):
         logger.warning("the recorded evaluation does not match the trainer's; evaluating the test images again")
-        _, adapted, _, _ = collect(model, loader)
+        adapted = collect(model, loader).adapted
     base = Outputs(probe.test_features @ probe.weight.T + probe.bias, probe.test_features)
     comparison = compare(base, adapted, probe.test_labels, trainer.val_data.classes,
                          data=f"{trainer.val_data.name} ({len(probe.test_labels)} images)")

@@ -98,9 +98,11 @@ def compare_model(model: AdaptedModel, task: dict[str, Any], data: str | Path, b
     dataset = open_eval_data(task, data, limit, label_column, path_column, seed)
     loader = _loader(dataset, batch_size)
     batches = progress(loader, len(loader)) if progress else loader
-    base, adapted, labels, rows = collect(model, batches, base_head)
-    comparison = compare(base, adapted, labels, task["classes"], [r["metadata"] for r in rows], tolerance,
+    run = collect(model, batches, base_head)
+    adapted, labels, rows = run.adapted, run.labels, run.rows
+    comparison = compare(run.base, adapted, labels, task["classes"], [r["metadata"] for r in rows], tolerance,
                          data=f"{data} ({len(rows)} images)")
+    comparison.skipped = len(run.skipped)
     if latency_images:
         first = collate([dataset[r["index"]] for r in rows[:latency_images]])
         comparison.latency = measure_latency(model, first["image"])
