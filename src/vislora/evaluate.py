@@ -160,10 +160,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 def macro_f1(confusion: torch.Tensor) -> float:
     """Mean F1 over classes present in the labels or the predictions (as scikit-learn's average='macro')."""
     tp = confusion.diag().double()
-    predicted, actual = confusion.sum(0).double(), confusion.sum(1).double()
-    present = (predicted + actual) > 0
-    f1 = torch.where(predicted + actual > 0, 2 * tp / (predicted + actual).clamp_min(1), torch.zeros_like(tp))
-    return f1[present].mean().item()  # 2PR/(P+R) = 2TP/(predicted + actual)
+    seen = confusion.sum(0).double() + confusion.sum(1).double()  # predicted + actual count of each class
+    return (2 * tp[seen > 0] / seen[seen > 0]).mean().item()  # F1 = 2PR/(P+R) = 2TP/(predicted + actual)
 
 
 def expected_calibration_error(logits: torch.Tensor, labels: torch.Tensor, bins: int = ECE_BINS) -> float:
