@@ -10,6 +10,7 @@ from serving import build_served, make_engine, serve_config
 
 from vislora.errors import ConfigError
 from vislora.serve import create_app
+from vislora.serve.sources import base_from_task
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
 
@@ -260,8 +261,10 @@ def test_adapters_from_the_registry_by_version(served, tmp_path):
     registry = Registry(tmp_path / "registry")
     registry.add("cats", served["dirs"]["a3"], metrics={}, promote=True)
     registry.add("cats", served["dirs"]["a4"], metrics={})
+    # the tiny base is random init and a registry copy leaves its run folder (and run seed) behind: name the base
+    base = base_from_task(served["task"]).model_dump()
     fields = {"auth": {"admin_token": "admin-secret"}, "registry": str(tmp_path / "registry"),
-              "adapters": {"cats": "registry:cats"}}
+              "adapters": {"cats": "registry:cats"}, "base": base}
     with TestClient(create_app(make_engine(served, **fields), serve_config(served, **fields))) as client:
         listed = client.get("/v1/adapters").json()
         assert [(a["name"], a["source"]) for a in listed] == [("cats", "registry:cats")]

@@ -7,9 +7,10 @@ import time
 
 import pytest
 import torch
-from serving import assert_matches, build_served, make_engine
+from serving import assert_matches, build_served, make_engine, serve_config
 
 from vislora.errors import AdapterFileError
+from vislora.serve import Engine
 from vislora.serve.errors import Busy, Conflict, ServeError, UnknownAdapter
 
 
@@ -129,3 +130,10 @@ def test_full_queue_answers_busy(served):
                 engine.submit(pixels, "a0")
         assert first.result() and second.result()
         assert engine._inflight["a0"] == 0  # the refused request was not left counted in flight
+
+
+def test_a_random_init_base_is_rebuilt_from_its_runs_seed_whatever_the_global_seed(served):
+    torch.manual_seed(123)  # not the run's seed: the engine must not depend on the caller's random state
+    with Engine.from_config(serve_config(served, ("a0",))) as engine:
+        output = engine.submit(engine.preprocess(served["images"][3]), "a0").result()
+    assert_matches(output.logits, output.features, served["refs"]["a0"], 3)

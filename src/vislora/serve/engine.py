@@ -85,12 +85,12 @@ class Engine:
     def from_config(cls, config: ServeConfig) -> Engine:
         """Build the base (from config.base, or the first adapter's task.json), load the adapters, set routes."""
         sources = {check_name(name): open_source(ref, config.registry) for name, ref in config.adapters.items()}
-        task = next((s.task for s in sources.values() if s.task), None) if config.base is None else None
-        if config.base is None and task is None:
+        trained = next((s for s in sources.values() if s.task), None) if config.base is None else None
+        if config.base is None and trained is None:
             raise ConfigError(f"none of the adapters {sorted(sources)} has a task.json naming its base model; give "
                               "base.spec and base.num_classes in the config (or --base/--num-classes)")
-        base = config.base or base_from_task(task)
-        model, head, spec = build_base(base, task)
+        base = config.base or base_from_task(trained.task)
+        model, head, spec = build_base(base, trained)
         engine = cls(AdaptedModel(model), head, spec, base, batching=config.batching, limits=config.limits,
                      seed=config.seed, registry=config.registry)
         try:

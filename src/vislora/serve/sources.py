@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from vislora.data.transforms import InputSpec, model_input_spec
@@ -21,6 +22,7 @@ from vislora.errors import AdapterFileError, ConfigError
 from vislora.formats import PICKLE_SUFFIXES, WEIGHTS_FILE
 from vislora.serve.config import BaseSection
 from vislora.tasks.classification import build_classifier
+from vislora.train.evaluation import run_seed
 
 logger = logging.getLogger(__name__)
 
@@ -98,16 +100,20 @@ def input_spec_from_task(task: dict[str, Any]) -> InputSpec:
     return InputSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
 
 
-def build_base(section: BaseSection, task: dict[str, Any] | None = None) -> tuple[nn.Module, str, InputSpec]:
-    """(classifier in eval mode, path of its head, input transform spec) for the base section; the spec comes from
-    `task` when the base was read from one, so serving preprocesses exactly as training evaluated."""
-    if not section.pretrained:
-        logger.warning("base model %s built with random weights (pretrained: false): adapters trained on another "
-                       "random draw of it will not reproduce their results", section.spec)
-    model, head = build_classifier(section.spec, section.num_classes, section.pretrained, section.head,
-                                   section.pooling, section.image_size, **section.kwargs)
-    spec = input_spec_from_task(task) if task else model_input_spec(getattr(model, "backbone", model),
-                                                                    section.image_size)
+def build_base(section: BaseSection, trained: AdapterSource | None = None) -> tuple[nn.Module, str, InputSpec]:
+    """(classifier in eval mode, path of its head, input transform spec) for the base section. Read from a
+    `trained` adapter, the spec is its task.json's (serving preprocesses exactly as evaluation did) and a randomly
+    initialised base is rebuilt from its run's seed, as `vislora eval` rebuilds it."""
+    with torch.random.fork_rng(devices=[]):
+        if trained is not None and not section.pretrained:
+            torch.manual_seed(run_seed(trained.path))
+        elif not section.pretrained:
+            logger.warning("base model %s built with random weights (pretrained: false): adapters trained on another "
+                           "random draw of it will not reproduce their results", section.spec)
+        model, head = build_classifier(section.spec, section.num_classes, section.pretrained, section.head,
+                                       section.pooling, section.image_size, **section.kwargs)
+    spec = input_spec_from_task(trained.task) if trained and trained.task else model_input_spec(
+        getattr(model, "backbone", model), section.image_size)
     return model.eval(), head, spec
 
 
