@@ -283,3 +283,19 @@ def test_adapters_from_the_registry_by_version(served, tmp_path):
 def test_a_registry_reference_without_a_registry_is_refused(served):
     with pytest.raises(ConfigError, match="no registry is set"):
         make_engine(served, adapters={"cats": "registry:cats"})
+
+
+def test_requests_not_computed_in_time_get_504_and_waiting_ones_are_dropped(served):
+    fields = {"limits": {"request_timeout_s": 0.3}, "batching": {"max_wait_ms": 0}}
+    engine = make_engine(served, **fields)
+    with TestClient(create_app(engine, serve_config(served, **fields))) as client:
+        with engine._model_lock:  # the worker takes the first request and waits for the model
+            running = client.post("/v1/predict", files=upload(served), data={"adapter": "a0"})
+            waiting = client.post("/v1/predict", files=upload(served), data={"adapter": "a1"})
+        for response in (running, waiting):
+            assert response.status_code == 504 and "request_timeout_s" in response.json()["detail"]
+        after = client.post("/v1/predict", files=upload(served, 2), data={"adapter": "a1"})
+        assert_predict_matches(after.json(), served["refs"]["a1"], 2)
+        samples = {a["name"]: a["samples"] for a in client.get("/v1/stats").json()["adapters"]}
+    assert samples["a0"] == 1 and samples["a1"] == 1  # the timed-out a1 request was never computed
+    assert engine._inflight["a0"] == 0 and engine._inflight["a1"] == 0

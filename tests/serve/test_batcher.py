@@ -1,6 +1,7 @@
 """MicroBatcher with a recording runner: batch limits, order, modalities, failures and shutdown."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -93,3 +94,19 @@ def test_close_answers_queued_jobs_then_refuses_new_ones():
     assert not batcher.alive
     with pytest.raises(Busy, match="shutting down"):
         batcher.submit(job(9))
+
+
+def test_a_job_cancelled_before_its_batch_starts_is_dropped():
+    runner = Recorder()
+    runner.gate.clear()
+    batcher = MicroBatcher(runner, max_batch_size=8, max_wait_s=0.0)
+    batcher.start()
+    first = batcher.submit(job(0))
+    while not first.running():  # until the worker runs the first job (bounded by the test timeout)
+        time.sleep(0.001)
+    later = [batcher.submit(job(i)) for i in (1, 2, 3)]
+    assert later[1].cancel() and not first.cancel()  # a running job cannot be cancelled
+    runner.gate.set()
+    assert first.result(30) == 0 and later[0].result(30) == 1 and later[2].result(30) == 3
+    batcher.close()
+    assert runner.batches == [[0], [1, 3]]

@@ -45,7 +45,8 @@ class Job:
 
 
 class MicroBatcher:
-    """Feeds `run(jobs)` from a bounded queue on one worker thread; `run` must resolve every job's future."""
+    """Feeds `run(jobs)` from a bounded queue on one worker thread; `run` must resolve every job's future.
+    A job whose future was cancelled before its batch started is dropped."""
 
     def __init__(self, run: Callable[[list[Job]], None], max_batch_size: int = 16, max_wait_s: float = 0.005,
                  max_queue: int = 1024, name: str = "vislora-batcher") -> None:
@@ -138,6 +139,9 @@ class MicroBatcher:
         return batch, stop
 
     def _run(self, batch: list[Job]) -> None:
+        batch = [job for job in batch if job.future.set_running_or_notify_cancel()]  # drops cancelled jobs
+        if not batch:
+            return
         try:
             self.run(batch)
         except Exception as exc:  # the runner failed as a whole: every job of the batch learns why

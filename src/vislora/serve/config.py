@@ -52,6 +52,8 @@ class LimitsSection(_Section):
                                   "bombs).")
     max_top_k: int = Field(100, ge=1)
     unload_timeout_s: float = Field(60.0, gt=0, description="How long an unload waits for in-flight requests.")
+    request_timeout_s: float = Field(60.0, gt=0, description="A request not computed by then gets 504 (and is "
+                                     "dropped if its batch has not started).")
 
 
 class AuthSection(_Section):

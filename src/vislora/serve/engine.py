@@ -225,6 +225,11 @@ class Engine:
     def ready(self) -> bool:
         return self._batcher.alive
 
+    @property
+    def queue_depth(self) -> int:
+        """Requests waiting for a batch."""
+        return self._batcher.depth
+
     def close(self) -> None:
         """Answer the requests already queued, then stop the worker."""
         self._batcher.close()

@@ -44,6 +44,11 @@ class Forbidden(ServeError):
     kind = "forbidden"
 
 
+class Timeout(ServeError):
+    status = 504
+    kind = "timeout"
+
+
 class TooLarge(ServeError):
     status = 413
     kind = "too_large"

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from vislora.serve.dependencies import EngineDep, require_client
 from vislora.serve.engine import Engine
-from vislora.serve.errors import ServeError, UnsupportedMedia
+from vislora.serve.errors import ServeError, Timeout, UnsupportedMedia
 from vislora.serve.images import decode_base64
 from vislora.serve.records import Output, top_k
 from vislora.serve.schemas import EmbedJSON, EmbedResponse, ErrorOut, LabelOut, PredictJSON, PredictResponse
@@ -20,7 +20,8 @@ from vislora.serve.schemas import EmbedJSON, EmbedResponse, ErrorOut, LabelOut, 
 Body = TypeVar("Body", bound=BaseModel)
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut, "description": text} for code, text in (
     (400, "Malformed image or request"), (401, "Missing or wrong bearer token"), (404, "Unknown adapter or route"),
-    (413, "Body above limits.max_upload_bytes"), (415, "Neither JSON nor multipart"), (503, "Queue full"))}
+    (413, "Body above limits.max_upload_bytes"), (415, "Neither JSON nor multipart"), (503, "Queue full"),
+    (504, "Not computed within limits.request_timeout_s"))}
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_client)], responses=ERRORS)
 
@@ -43,7 +44,7 @@ async def predict(request: Request, engine: EngineDep) -> PredictResponse:
     if k > limit:
         raise ServeError(f"top_k={k} is above the server's limit of {limit} (limits.max_top_k)")
     engine.check_predicts(body.adapter)
-    output = await compute(engine, data, body.adapter)
+    output = await compute(engine, data, body.adapter, request.app.state.config.limits.request_timeout_s)
     return PredictResponse(adapter=output.adapter, digest=output.digest, route=output.route,
                            labels=[LabelOut(**asdict(label)) for label in top_k(output, k)])
 
@@ -52,15 +53,19 @@ async def predict(request: Request, engine: EngineDep) -> PredictResponse:
 async def embed(request: Request, engine: EngineDep) -> EmbedResponse:
     """The image's pooled backbone features under its adapter (or a route's draw)."""
     data, body = await read_body(request, EmbedJSON)
-    output = await compute(engine, data, body.adapter)
+    output = await compute(engine, data, body.adapter, request.app.state.config.limits.request_timeout_s)
     return EmbedResponse(adapter=output.adapter, digest=output.digest, route=output.route,
                          embedding=output.features.tolist(), dim=output.features.shape[0])
 
 
-async def compute(engine: Engine, data: bytes, adapter: str | None) -> Output:
-    """Decode and preprocess off the event loop, then wait for the batch that computes it."""
+async def compute(engine: Engine, data: bytes, adapter: str | None, timeout: float) -> Output:
+    """Decode and preprocess off the event loop, then wait (at most `timeout` s) for the batch that computes it."""
     pixels = await run_in_threadpool(engine.preprocess, data)
-    return await asyncio.wrap_future(engine.submit(pixels, adapter))
+    try:  # on timeout the job is cancelled: dropped if its batch has not started
+        return await asyncio.wait_for(asyncio.wrap_future(engine.submit(pixels, adapter)), timeout)
+    except TimeoutError:
+        raise Timeout(f"the request was not computed within {timeout:g} s (limits.request_timeout_s); the server "
+                      f"is overloaded or stalled (queue depth {engine.queue_depth})") from None
 
 
 async def read_body(request: Request, schema: type[Body]) -> tuple[bytes, Body]:
