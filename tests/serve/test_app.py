@@ -239,6 +239,12 @@ def test_operations_endpoints(client, served):
     assert set(content) == {"application/json", "multipart/form-data"}
     assert "<canvas" in client.get("/dashboard").text
     assert client.post("/v1/predict", content=b"x", headers={"Content-Type": "text/plain"}).status_code == 415
+    two = client.post("/v1/predict", files=[("image", ("a.png", served["images"][0])),
+                                            ("image", ("b.png", served["images"][1]))], data={"adapter": "a0"})
+    assert two.status_code == 400 and "Too many files" in two.json()["detail"]
+    assert client.get("/nowhere").json()["kind"] == "http_404"
+    errors = client.get("/v1/stats").json()["errors"]
+    assert errors["unsupported_media"] == 1 and errors["http_400"] == 1 and errors["http_404"] == 1
 
 
 def test_weighted_route_answers_with_the_drawn_adapter_and_its_exact_output(client, served):

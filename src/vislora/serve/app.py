@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vislora import __version__
 from vislora.errors import VisloraError
@@ -61,6 +62,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, close_engine: 
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(VisloraError, _serve_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(Exception, _internal_error)
     return app
 
@@ -76,6 +78,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     request.app.state.engine.metrics.errors.labels("invalid_request").inc()
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
     return JSONResponse({"detail": f"invalid request: {problems}", "kind": "invalid_request"}, status_code=422)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Errors FastAPI/Starlette raise themselves (no such path, too many files in a form, ...)."""
+    kind = f"http_{exc.status_code}"
+    request.app.state.engine.metrics.errors.labels(kind).inc()
+    return JSONResponse({"detail": str(exc.detail), "kind": kind}, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
