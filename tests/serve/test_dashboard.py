@@ -78,16 +78,27 @@ def test_dashboard_lists_adapters_and_updates_after_requests(served, browser, tm
                 assert response.status_code == 200
             assert http.post("/v1/predict", files={"image": ("x.png", b"junk")}, data={"adapter": "a0"}
                              ).status_code == 400
-            wait_for(browser, lambda d: text(d, "samples") == "5", "the request count never updated")
+            wait_for(browser, lambda d: text(d, "samples") == "5" and text(d, "errors") == "1",
+                     "the request and error counts never updated")
             rows = {r[0]: r for r in table(browser, "adapters")}
             assert [rows[n][2] for n in ("a0", "a1", "a2")] == ["3", "1", "1"]
             assert rows["a0"][1] == engine.adapters()[0].digest
-            assert float(text(browser, "p50")) > 0 and text(browser, "errors") == "1"
+            assert float(text(browser, "p50")) > 0
             assert table(browser, "error-kinds") == [["bad_image", "1"]]
 
             assert http.post("/v1/adapters", json={"name": "a3", "path": str(served["dirs"]["a3"])},
                              headers=ADMIN).status_code == 201
             wait_for(browser, lambda d: text(d, "adapter-count") == "4", "the hot-loaded adapter never appeared")
             assert [r[0] for r in table(browser, "adapters")] == ["a0", "a1", "a2", "a3"]
+
+            route = {"weights": {"a0": 1}, "shadow": "a3"}
+            assert http.put("/v1/routes/canary", json=route, headers=ADMIN).status_code == 200
+            for i in range(2):
+                http.post("/v1/predict", files={"image": ("x.png", served["images"][i])}, data={"adapter": "canary"})
+            wait_for(browser, lambda d: [r[:2] for r in table(d, "shadow")] == [["canary", "2"]],
+                     "the shadow comparisons never appeared")
+            stats = http.get("/v1/stats").json()["shadow"]["canary"]
+            agreement, drift = table(browser, "shadow")[0][2:]
+            assert agreement == f"{100 * stats['agreement']:.1f}%" and drift == f"{stats['drift_mean']:.4f}"
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
