@@ -56,7 +56,7 @@ def adapted_outputs(adapter_dir, tmp_path, seed=0):
 
 
 def test_dinov2_classifier_merges_into_a_transformers_folder_loadable_without_vislora(tmp_path):
-    x, ref = adapted_outputs(tmp_path)
+    x, ref = adapted_outputs(dinov2_run(), tmp_path)
     result = merge_adapter(dinov2_run(), tmp_path / "merged")
 
     assert result.layout == "transformers:Dinov2ForImageClassification"

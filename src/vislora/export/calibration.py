@@ -97,22 +97,37 @@ def check_resolutions(dataset: ImageDataset, expected: Counter | None) -> Counte
 
 
 class CalibrationReader:
-    """onnxruntime `CalibrationDataReader`: batches of preprocessed images fed as {"input": array}."""
+    """onnxruntime `CalibrationDataReader`: batches of preprocessed images fed as {"input": array}.
+
+    `len()` counts batches and `set_range` selects some, which lets quantize_static collect ranges one stride
+    of batches at a time (`CalibStridedMinMax`), so memory stays bounded however many images calibrate.
+    """
 
     def __init__(self, dataset: ImageDataset, spec: InputSpec, batch_size: int = 16) -> None:
         self.dataset = dataset
         self.spec = spec
         self.batch_size = batch_size
         self.batches_read = 0
+        self._range = (0, len(self))
         self._batches: Iterator[np.ndarray] | None = None
 
     def __len__(self) -> int:
+        return -(-len(self.dataset) // self.batch_size)
+
+    @property
+    def images(self) -> int:
         return len(self.dataset)
 
     def batches(self) -> Iterator[np.ndarray]:
-        """Each batch [batch, 3, size, size] float32, transformed like the training run's evaluation images."""
-        for batch in preprocessed(self.dataset, self.spec, self.batch_size):
+        """Each batch [batch, 3, size, size] float32 of the selected range, transformed like evaluation images."""
+        start, end = (i * self.batch_size for i in self._range)
+        subset = torch.utils.data.Subset(self.dataset, range(start, min(end, len(self.dataset))))
+        for batch in preprocessed(subset, self.spec, self.batch_size):
             yield batch["image"].numpy()
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._range = (start_index, end_index)
+        self._batches = None
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         if self._batches is None:
@@ -124,12 +139,13 @@ class CalibrationReader:
         return {INPUT_NAME: array}
 
     def rewind(self) -> None:
-        self._batches = None
+        self.set_range(0, len(self))
 
 
-def preprocessed(dataset: ImageDataset, spec: InputSpec, batch_size: int) -> Iterator[dict]:
+def preprocessed(dataset: ImageDataset | torch.utils.data.Subset, spec: InputSpec, batch_size: int) -> Iterator[dict]:
     """Batches of `dataset` through the evaluation transform of training (`build_transform(spec, train=False)`)."""
-    dataset.transform = SampleTransform(build_transform(spec, train=False))
+    images = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
+    images.transform = SampleTransform(build_transform(spec, train=False))
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          generator=torch.Generator())
     for batch in loader:

@@ -77,8 +77,9 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
                           "trained on, e.g. --base hf:facebook/dinov2-small or --base timm:vit_base_patch16_224")
     from vislora.backbones import load_base_model
     from vislora.model import load_adapter
+    from vislora.tasks.classification import resolve_spec
 
-    base_model = load_base_model(base, pretrained=True)
+    base_model = load_base_model(resolve_spec(base), pretrained=True)
     try:
         spec = model_input_spec(base_model)
     except ValueError as exc:
@@ -116,11 +117,15 @@ def plain_merged(item: Exportable) -> tuple[nn.Module, float]:
 
     The AdaptedModel is emptied (see `AdaptedModel.unload`).
     """
-    hf_backbone = item.task is None and item.base.startswith("hf:")
+    from transformers import PreTrainedModel
+
+    hf_backbone = item.task is None and isinstance(item.adapted.base_model, PreTrainedModel)
     probe = item.example(batch=2, seed=1)
     with torch.inference_mode():
         reference = TensorOutput(item.adapted, hf_backbone)(probe)
+    with torch.no_grad():  # not inference mode: merged weights must stay normal tensors for the ONNX exporter
         plain = TensorOutput(item.adapted.unload(merge=True), hf_backbone).eval()
+    with torch.inference_mode():
         difference = (plain(probe) - reference).abs().max().item()
     return plain, difference
 

@@ -1,0 +1,153 @@
+"""Benchmark what export buys on the demo's DINOv2-S + LoRA Fashion-MNIST adapter, all measured in one run.
+
+1. PyTorch eager: the base model (no adapter), the adapted model with LoRA unmerged, and the merged model
+   (`AdaptedModel.unload(merge=True)`). Aim: merged <= base x 1.02.
+2. onnxruntime fp32 (the file `vislora export onnx` writes) against the merged model in PyTorch eager.
+3. onnxruntime static INT8 (QDQ, per-channel, calibrated on real training images) against fp32.
+   Aims: >= 2x faster at batch 1; accuracy drop <= 1 point on the demo's 1,000 held-out test images.
+
+Every contender runs at batch 1 and batch N, interleaved call by call (the order rotates every round), on one
+thread (torch.set_num_threads(1), onnxruntime intra-op 1) and timed with time.process_time(), so load from
+other processes on a shared machine does not tilt the comparison; medians are reported.
+
+    python benchmarks/bench_export.py --run runs/demo          # reuse `make demo`'s run; trains it when absent
+    python benchmarks/bench_export.py --run /tmp/smoke --steps 2 --train-images 64 --test-images 64 \\
+        --image-size 56 --calibration-images 32 --calls 3       # smoke test (~1 minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from vislora.export.pipeline import export_onnx_dir
+from vislora.export.quantize import session
+from vislora.train.evaluation import load_trained
+
+AIMS = {"merged_over_base": 1.02, "int8_speedup_batch1": 2.0, "int8_accuracy_drop_points": 1.0}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, default=Path("runs/demo"),
+                        help="demo run directory (RUN/adapter is used); trained with `vislora demo` settings when "
+                             "absent (default: %(default)s)")
+    parser.add_argument("--batch", type=int, default=8, help="the larger batch size (default: %(default)s)")
+    parser.add_argument("--calls", type=int, default=20, help="timed calls per contender and batch size")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (default: %(default)s)")
+    parser.add_argument("--calibration-images", type=int, default=128,
+                        help="Fashion-MNIST training images to calibrate INT8 on (default: %(default)s)")
+    for name in ("steps", "train-images", "test-images", "image-size"):
+        parser.add_argument(f"--{name}", type=int, default=None, help=f"demo {name} when training the run")
+    return parser.parse_args(argv)
+
+
+def ensure_run(args: argparse.Namespace) -> Path:
+    """RUN/adapter, training the demo into RUN first if it is not there."""
+    adapter = args.run / "adapter"
+    if (adapter / "task.json").is_file():
+        return adapter
+    from vislora.train.demo import run_demo
+
+    settings = {key: value for key, value in (("steps", args.steps), ("train_images", args.train_images),
+                                              ("test_images", args.test_images), ("image_size", args.image_size))
+                if value is not None}
+    print(f"no trained adapter in {args.run}: training the demo there ({settings or 'default settings'}) ...")
+    return run_demo(args.run, **settings).adapter_dir
+
+
+def torch_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], object]:
+    def run() -> object:
+        with torch.inference_mode():
+            return model(x)
+
+    return run
+
+
+def ort_fn(path: Path, x: torch.Tensor) -> Callable[[], object]:
+    ort_session = session(path, threads=1)
+    feed = {"input": x.numpy()}
+    return lambda: ort_session.run(["logits"], feed)
+
+
+def interleaved(contenders: dict[str, Callable[[], object]], calls: int, warmup: int) -> dict[str, float]:
+    """Median CPU ms per call of each contender; round i starts at a rotated position."""
+    names = list(contenders)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    for i in range(warmup + calls):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            start = time.process_time()
+            contenders[name]()
+            if i >= warmup:
+                samples[name].append((time.process_time() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    adapter = ensure_run(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        print("exporting fp32 + INT8 ONNX and scoring both on the held-out images ...")
+        export = export_onnx_dir(adapter, Path(tmp) / "onnx", int8=True, calibration="fashion-mnist:train",
+                                 calibration_limit=args.calibration_images, latency_batch=args.batch, threads=1,
+                                 log=print)
+        base = load_trained(adapter)[0].unload(merge=False).eval()
+        unmerged = load_trained(adapter)[0]
+        merged = load_trained(adapter)[0].unload(merge=True).eval()
+        size = export.image_size
+        rows = []
+        for batch in (1, args.batch):
+            x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+            with torch.inference_mode():
+                difference = (merged(x) - unmerged(x)).abs().max().item()
+            medians = interleaved({"pytorch base": torch_fn(base, x), "pytorch unmerged": torch_fn(unmerged, x),
+                                   "pytorch merged": torch_fn(merged, x), "onnx fp32": ort_fn(export.model, x),
+                                   "onnx int8": ort_fn(export.int8, x)}, args.calls, args.warmup)
+            rows += [(batch, name, ms) for name, ms in medians.items()]
+            print(f"batch {batch}: max |merged - unmerged| = {difference:.2e}")
+        report = export.report
+    return print_results(rows, report, args)
+
+
+BASELINES = {"pytorch base": "pytorch base", "pytorch unmerged": "pytorch base", "pytorch merged": "pytorch base",
+             "onnx fp32": "pytorch merged", "onnx int8": "onnx fp32"}
+
+
+def print_results(rows: list[tuple[int, str, float]], report: object, args: argparse.Namespace) -> dict:
+    ms = {(batch, name): value for batch, name, value in rows}
+    print(f"\n{'batch':>5}  {'contender':<17} {'median_cpu_ms':>13}  {'ratio':>6}  against")
+    for batch, name, value in rows:
+        base = BASELINES[name]
+        print(f"{batch:>5}  {name:<17} {value:>13.2f}  {value / ms[batch, base]:>6.3f}  {base}")
+    results = {
+        "merged_over_base": {b: ms[b, "pytorch merged"] / ms[b, "pytorch base"] for b in (1, args.batch)},
+        "unmerged_over_base": {b: ms[b, "pytorch unmerged"] / ms[b, "pytorch base"] for b in (1, args.batch)},
+        "onnx_fp32_over_eager": {b: ms[b, "onnx fp32"] / ms[b, "pytorch merged"] for b in (1, args.batch)},
+        "int8_speedup": {b: ms[b, "onnx fp32"] / ms[b, "onnx int8"] for b in (1, args.batch)},
+        "fp32_accuracy": report.fp32_accuracy, "int8_accuracy": report.int8_accuracy,
+        "int8_accuracy_drop_points": report.accuracy_drop_points, "eval_images": report.eval_images,
+        "calibration_images": report.calibration_images, "machine": platform.processor() or platform.machine(),
+    }
+    print(f"\naccuracy on {report.eval_images} held-out images: fp32 {report.fp32_accuracy:.4f}, INT8 "
+          f"{report.int8_accuracy:.4f} (drop {report.accuracy_drop_points:.2f} points; calibrated on "
+          f"{report.calibration_images} training images)")
+    checks = {"merged_over_base": max(results["merged_over_base"].values()) <= AIMS["merged_over_base"],
+              "int8_speedup_batch1": results["int8_speedup"][1] >= AIMS["int8_speedup_batch1"],
+              "int8_accuracy_drop_points": report.accuracy_drop_points <= AIMS["int8_accuracy_drop_points"]}
+    for key, ok in checks.items():
+        print(f"aim {key} {AIMS[key]}: {'met' if ok else 'NOT met'}")
+    print(json.dumps(results, indent=1, default=str))
+    return results
+
+
+if __name__ == "__main__":
+    main()
