@@ -8,8 +8,8 @@ import torch
 from fastapi.testclient import TestClient
 from serving import build_served, make_engine, serve_config
 
-from vislora.errors import ConfigError
-from vislora.serve import create_app
+from vislora.errors import AdapterFileError, ConfigError
+from vislora.serve import Engine, create_app
 from vislora.serve.sources import base_from_task
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -271,7 +271,9 @@ def test_adapters_from_the_registry_by_version(served, tmp_path):
     base = base_from_task(served["task"]).model_dump()
     fields = {"auth": {"admin_token": "admin-secret"}, "registry": str(tmp_path / "registry"),
               "adapters": {"cats": "registry:cats"}, "base": base}
-    with TestClient(create_app(make_engine(served, **fields), serve_config(served, **fields))) as client:
+    engine = make_engine(served, **fields)
+    assert engine._base_print == registry.get("cats", 1).base_fingerprint  # the base weights were compared
+    with TestClient(create_app(engine, serve_config(served, **fields))) as client:
         listed = client.get("/v1/adapters").json()
         assert [(a["name"], a["source"]) for a in listed] == [("cats", "registry:cats")]
         assert listed[0]["path"] == str(tmp_path / "registry" / "cats" / "1")
@@ -305,3 +307,15 @@ def test_requests_not_computed_in_time_get_504_and_waiting_ones_are_dropped(serv
         samples = {a["name"]: a["samples"] for a in client.get("/v1/stats").json()["adapters"]}
     assert samples["a0"] == 1 and samples["a1"] == 1  # the timed-out a1 request was never computed
     assert engine._inflight["a0"] == 0 and engine._inflight["a1"] == 0
+
+
+def test_a_registry_adapter_registered_against_other_base_weights_is_refused(served, tmp_path):
+    from vislora.registry import Registry
+
+    Registry(tmp_path / "registry").add("cats", served["dirs"]["a3"], metrics={}, promote=True)
+    fields = {"registry": str(tmp_path / "registry"), "base": base_from_task(served["task"]).model_dump()}
+    torch.manual_seed(1)  # another draw of the random base: other weights, same architecture
+    with Engine.from_config(serve_config(served, names=(), **fields)) as engine:
+        with pytest.raises(AdapterFileError, match="registered against other base weights"):
+            engine.load("cats", "registry:cats")
+        engine.load("plain", served["dirs"]["a3"])  # a plain folder carries no fingerprint to compare

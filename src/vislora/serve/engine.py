@@ -31,7 +31,14 @@ from vislora.serve.errors import BadImage, Busy, Conflict, ServeError, UnknownAd
 from vislora.serve.images import decode_image
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
 from vislora.serve.records import Embedding, LoadedAdapter, Output, Prediction, top_k
-from vislora.serve.sources import AdapterSource, base_from_task, build_base, check_fits, open_source
+from vislora.serve.sources import (
+    AdapterSource,
+    base_from_task,
+    build_base,
+    check_base_weights,
+    check_fits,
+    open_source,
+)
 from vislora.serve.traffic import Assignment, TrafficPolicy
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
@@ -67,6 +74,11 @@ class Engine:
         self._inflight: Counter[str] = Counter()  # adapter -> requests admitted, not yet answered
         self._pending: set[str] = set()  # adapters being loaded or unloaded: no request may use them
         self._model_lock = threading.Lock()  # one forward, or one change of the model, at a time
+        self._base_print = None  # fingerprint of the base weights, to check registry adapters against
+        if registry is not None and not model.adapters:
+            from vislora.registry import fingerprint
+
+            self._base_print = fingerprint(model.base_model, exclude=(head_path,))
         if self.batching.threads:
             torch.set_num_threads(self.batching.threads)
         self.metrics.model_bytes.set(sum(t.numel() * t.element_size() for t in (
@@ -114,6 +126,7 @@ class Engine:
         check_name(name)
         source = source if isinstance(source, AdapterSource) else open_source(source, self.registry)
         check_fits(name, source, self.base, self.input_spec)
+        check_base_weights(name, source, self._base_print, self.head_path)
         classes = self._classes(source)
         with self._state:
             self._check_free(name)

@@ -19,7 +19,7 @@ from torch import nn
 
 from vislora.data.transforms import InputSpec, model_input_spec
 from vislora.errors import AdapterFileError, ConfigError
-from vislora.formats import PICKLE_SUFFIXES, WEIGHTS_FILE
+from vislora.formats import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from vislora.serve.config import BaseSection
 from vislora.tasks.classification import build_classifier
 from vislora.train.evaluation import run_seed
@@ -38,31 +38,35 @@ class AdapterSource:
     reference: str  # as given: a directory or registry:NAME@VERSION
     task: dict[str, Any] | None  # task.json, when `vislora train` wrote the directory
     digest: str  # sha256 of the weights file, first 16 hex digits: which file a response came from
+    base_fingerprint: str | None = None  # registry adapters: the base weights they were registered against
 
     @property
     def classes(self) -> list[str] | None:
         return list(self.task["classes"]) if self.task else None
 
 
-def locate(reference: str | Path, registry: str | Path | None = None) -> Path:
-    """The adapter folder `reference` names: a directory, or `registry:NAME[@VERSION]` (VERSION a number,
-    "latest" or "promoted", the default) resolved in the registry at `registry`, its file hashes checked."""
+def locate(reference: str | Path, registry: str | Path | None = None) -> tuple[Path, str | None]:
+    """(adapter folder, base fingerprint) `reference` names: a directory (no fingerprint), or
+    `registry:NAME[@VERSION]` (VERSION a number, "latest" or "promoted", the default) resolved in the registry at
+    `registry`, its file hashes checked."""
     text = str(reference)
     if not text.startswith(REGISTRY):
-        return Path(reference).expanduser()
+        return Path(reference).expanduser(), None
     if registry is None:
         raise ConfigError(f"{text!r} names a registry adapter, but no registry is set; give `registry: ROOT` in the "
                           "serve config (or --registry ROOT)")
     from vislora.registry import Registry
 
     name, _, version = text.removeprefix(REGISTRY).partition("@")
-    return Registry(registry).resolve(name, version or "promoted")
+    store = Registry(registry)
+    record = store.get(name, version or "promoted")
+    return store.resolve(name, record.version), record.base_fingerprint
 
 
 def open_source(reference: str | Path, registry: str | Path | None = None) -> AdapterSource:
     """Read an adapter's task.json and weights digest (a directory or a registry reference, see `locate`);
     nothing is loaded into a model yet."""
-    path = locate(reference, registry)
+    path, base_print = locate(reference, registry)
     if path.suffix in PICKLE_SUFFIXES:
         raise AdapterFileError(f"refusing {path}: pickle files can run code when loaded; serve safetensors adapter "
                                "directories (vislora and PEFT write them)")
@@ -80,7 +84,7 @@ def open_source(reference: str | Path, registry: str | Path | None = None) -> Ad
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise AdapterFileError(f"{task_file} is not valid JSON ({exc}); the file is corrupt or truncated") from None
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    return AdapterSource(folder, str(reference), task, digest)
+    return AdapterSource(folder, str(reference), task, digest, base_print)
 
 
 def base_from_task(task: dict[str, Any]) -> BaseSection:
@@ -115,6 +119,21 @@ def build_base(section: BaseSection, trained: AdapterSource | None = None) -> tu
     spec = input_spec_from_task(trained.task) if trained and trained.task else model_input_spec(
         getattr(model, "backbone", model), section.image_size)
     return model.eval(), head, spec
+
+
+def check_base_weights(name: str, source: AdapterSource, base_print: str | None, head: str) -> None:
+    """Refuse a registry adapter registered against other base weights than the served base's (the registry's
+    fingerprint leaves out the modules the adapter trains in full; compared when those are just the head)."""
+    if source.base_fingerprint is None or base_print is None:
+        return
+    saved = json.loads((source.path / CONFIG_FILE).read_text()).get("modules_to_save") or []
+    if list(saved) != [head]:
+        logger.info("adapter %r trains %s in full: its base fingerprint is not compared", name, saved)
+        return
+    if source.base_fingerprint != base_print:
+        raise AdapterFileError(f"adapter {name!r} ({source.reference}) was registered against other base weights "
+                               f"(fingerprint {source.base_fingerprint[:12]}...) than this server's base "
+                               f"({base_print[:12]}...); serve it from the base it was trained on")
 
 
 def check_fits(name: str, source: AdapterSource, base: BaseSection, spec: InputSpec) -> None:
