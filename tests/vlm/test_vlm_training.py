@@ -146,3 +146,22 @@ def test_stage_errors_name_the_problem(tmp_path, towers, folder):
     assert TrainConfig.parse(cfg).optim.max_steps == 2
     with pytest.raises(ConfigError, match=r"stage 1 trains \['text'\], but no trainable parameter"):
         Trainer(TrainConfig.parse(cfg))
+
+
+def test_vislora_train_prints_each_stage_and_its_trainable_count(tmp_path, towers, folder):
+    import yaml
+    from typer.testing import CliRunner
+
+    from vislora.cli import app
+
+    config = dual_train_config(tmp_path / "run", towers, folder, stages=STAGES)
+    config["run"]["progress"] = True
+    path = tmp_path / "staged.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = CliRunner().invoke(app, ["train", str(path)])
+    assert out.exit_code == 0, out.output
+    counts = [r["trainable"] for r in rows(tmp_path / "run", "stage")]
+    for index, (stage, count) in enumerate(zip(STAGES, counts, strict=True)):
+        line = f"stage {index + 1}/3 from step {2 * index + 1}: training {'+'.join(stage['train'])}, {count:,} trainable"
+        assert line in out.output, out.output
+    assert f"stage 3/3: steps 5-6, train text+vision, lr x0.1, {counts[2]:,} trainable parameters" in out.output

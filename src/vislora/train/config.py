@@ -95,8 +95,8 @@ class TaskSection(_Section):
         "classification", description="classification: backbone + head; contrastive: symmetric InfoNCE on image-"
         "caption pairs; few_shot: CLIP-LoRA, cross-entropy against a text classifier built from prompts.")
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1, description=(
-        "Prompt templates ('{}' = class name). Evaluation ensembles all; training uses the first (few_shot) or "
-        "cycles through them (contrastive captions made from labels)."))
+        "Prompt templates ('{}' = class name). Prompt classifiers ensemble all (few_shot trains through that "
+        "ensemble); contrastive captions made from labels cycle through them."))
     class_names: dict[str, str] = Field(default_factory=dict, description="Readable name per label for prompts "
                                         "(e.g. {n01440764: tench}); labels not listed are used as they are.")
     shots: int | None = Field(None, ge=1, description="few_shot: images per class sampled from data.train "

@@ -15,6 +15,7 @@ from torch import nn
 from vislora.config import AdapterConfig
 from vislora.data.datasets import ImageDataset, collate
 from vislora.data.transforms import build_mixup
+from vislora.errors import ConfigError
 from vislora.tasks.classification import EvalResult, build_classifier, classification_loss, predict_rows, summarize
 from vislora.train.config import TrainConfig
 
@@ -44,8 +45,8 @@ class TrainTask:
         """Last look at a dataset before training (sampling, checks); identity by default."""
         return dataset
 
-    def build(self, classes: list[str]) -> tuple[nn.Module, AdapterConfig]:
-        """(base model, config of the adapter `default` to train on it)."""
+    def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
+        """(base model, config of the adapter `default` to train on it); `base` is a prepared model to use."""
         raise NotImplementedError
 
     def adapted(self, model: nn.Module) -> None:
@@ -80,8 +81,10 @@ class ClassificationTask(TrainTask):
 
     kind = "classification"
 
-    def build(self, classes: list[str]) -> tuple[nn.Module, AdapterConfig]:
+    def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
         cfg = self.config
+        if base is not None:
+            raise ConfigError("a prepared base model is for dual-encoder tasks; a classifier is built from model.spec")
         self.classes = list(classes)
         base, self.head_path = build_classifier(cfg.model.spec, len(classes), cfg.model.pretrained, cfg.model.head,
                                                 cfg.model.pooling, cfg.data.image_size, **cfg.model.kwargs)

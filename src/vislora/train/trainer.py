@@ -64,10 +64,12 @@ class TrainResult:
 
 
 class Trainer:
-    """Build model, data, optimizer from a TrainConfig; `fit()` trains. Tests may pass their own datasets."""
+    """Build model, data, optimizer from a TrainConfig; `fit()` trains. Tests may pass their own datasets, and
+    dual-encoder runs a prepared base model (e.g. with pre-aligned projections) instead of `model.spec`."""
 
     def __init__(self, config: TrainConfig, train_data: ImageDataset | None = None,
-                 val_data: ImageDataset | None = None, callbacks: Sequence[TrainerCallback] = ()) -> None:
+                 val_data: ImageDataset | None = None, callbacks: Sequence[TrainerCallback] = (),
+                 base_model: nn.Module | None = None) -> None:
         self.config = config
         self.callbacks = list(callbacks)
         if config.run.monitor_gradients:
@@ -88,7 +90,7 @@ class Trainer:
         if self.val_data is not None:
             self.val_data = self.task.prepare_data(self.val_data, train=False)
         self._check_resolutions(self.train_data, self.val_data)
-        self.model = self._build_model(classes)
+        self.model = self._build_model(classes, base_model)
         self.spec = model_input_spec(self._base_model(), config.data.image_size)
         self.train_transform = SampleTransform(build_transform(self.spec, True, config.data.augment), config.run.seed)
         self.eval_transform = SampleTransform(build_transform(self.spec, False), config.run.seed)
@@ -122,9 +124,9 @@ class Trainer:
                                   "is resized to the model's input size, which distorts some of them differently. "
                                   "Set data.allow_mixed_resolution: true to accept that, or resize the dataset")
 
-    def _build_model(self, classes: list[str]) -> AdaptedModel:
+    def _build_model(self, classes: list[str], base_model: nn.Module | None) -> AdaptedModel:
         cfg = self.config
-        base, adapter_config = self.task.build(classes)
+        base, adapter_config = self.task.build(classes, base_model)
         if cfg.run.gradient_checkpointing:
             for backbone in self.task.backbones(base):
                 _enable_gradient_checkpointing(backbone)
@@ -162,10 +164,9 @@ class Trainer:
         plan = self.stage_plan
         index = plan.current
         count = plan.trainable_count(index)
-        if self.accelerator.is_main_process:
-            logger.info("stage %d/%d from step %d: training %s, %s trainable parameters, lr x%g", index + 1,
-                        len(plan.stages), self.loop.step + 1, "+".join(plan.stages[index].train), f"{count:,}",
-                        plan.stages[index].lr_scale)
+        self._say(f"stage {index + 1}/{len(plan.stages)} from step {self.loop.step + 1}: training "
+                  f"{'+'.join(plan.stages[index].train)}, {count:,} trainable parameters, "
+                  f"lr x{plan.stages[index].lr_scale:g}")
         self._write_metrics({"step": self.loop.step, "split": "stage", "stage": index + 1, "trainable": count,
                              "train": plan.stages[index].train, "lr_scale": plan.stages[index].lr_scale})
 
@@ -184,8 +185,8 @@ class Trainer:
         if accelerator.is_main_process:
             logger.info("training %s trainable of %s parameters (%.3f%%)", f"{report.trainable:,}",
                         f"{report.total:,}", report.trainable_percent)
-            if self.stage_plan is not None:
-                logger.info("stages:\n%s", self.stage_plan.describe())
+        if self.stage_plan is not None:
+            self._say(self.stage_plan.describe())
         if self.stage_plan is not None and self.loop.step == 0:
             self._announce_stage()
         bar = self._progress_bar()
@@ -430,6 +431,16 @@ class Trainer:
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{images_per_s:.1f}")
+
+    def _say(self, message: str) -> None:
+        """A line for the log and, when the progress bar is on, the console (printed around the bar)."""
+        if not self.accelerator.is_main_process:
+            return
+        logger.info(message)
+        if self.config.run.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
 
     def _progress_bar(self) -> Any:
         if not (self.config.run.progress and self.accelerator.is_main_process):

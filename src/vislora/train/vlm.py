@@ -74,11 +74,15 @@ class DualTask(TrainTask):
     def prepare_data(self, dataset: ImageDataset, train: bool) -> ImageDataset:
         return drop_missing(dataset)
 
-    def build(self, classes: list[str]) -> tuple[nn.Module, AdapterConfig]:
+    def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
         m = self.config.model
         self.classes = list(classes)
-        base = build_dual_encoder(m.spec, m.text, pretrained=m.pretrained, embed_dim=m.embed_dim,
-                                  vision_pooling=m.pooling, text_pooling=m.text_pooling, **m.kwargs)
+        if base is None:
+            base = build_dual_encoder(m.spec, m.text, pretrained=m.pretrained, embed_dim=m.embed_dim,
+                                      vision_pooling=m.pooling, text_pooling=m.text_pooling, **m.kwargs)
+        elif not isinstance(base, DualTowerModel):
+            raise ConfigError(f"a {self.kind} run needs a dual encoder, got a {type(base).__name__}; build one with "
+                              "vislora.dual_encoder.build_dual_encoder")
         self.base = base
         return base, self.adapter_config(base)
 
@@ -185,7 +189,8 @@ class ContrastiveTask(DualTask):
 
 class FewShotTask(DualTask):
     """CLIP-LoRA: K images per class, cross-entropy of scale * image_emb @ text_classifier.T, the classifier rebuilt
-    from the first template every step so the text tower's adapters train through it."""
+    from the prompts every step so the text tower's adapters train through it. It ensembles all `task.templates`,
+    as evaluation does (CLIP-LoRA uses one template for both: give one)."""
 
     kind = "few_shot"
 
@@ -201,7 +206,7 @@ class FewShotTask(DualTask):
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
         images, _ = model(images=batch["image"].to(device))
-        classifier = text_classifier(self.base, self.names(), self.config.task.templates[:1], device)
+        classifier = text_classifier(self.base, self.names(), self.config.task.templates, device)
         logits = self.base.logit_scale() * images @ classifier.T  # [batch, classes]
         return F.cross_entropy(logits, batch["label"].to(device)), len(images)
 
