@@ -162,6 +162,7 @@ def test_vislora_train_prints_each_stage_and_its_trainable_count(tmp_path, tower
     assert out.exit_code == 0, out.output
     counts = [r["trainable"] for r in rows(tmp_path / "run", "stage")]
     for index, (stage, count) in enumerate(zip(STAGES, counts, strict=True)):
-        line = f"stage {index + 1}/3 from step {2 * index + 1}: training {'+'.join(stage['train'])}, {count:,} trainable"
+        towers_trained = "+".join(stage["train"])
+        line = f"stage {index + 1}/3 from step {2 * index + 1}: training {towers_trained}, {count:,} trainable"
         assert line in out.output, out.output
     assert f"stage 3/3: steps 5-6, train text+vision, lr x0.1, {counts[2]:,} trainable parameters" in out.output
