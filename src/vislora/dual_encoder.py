@@ -107,8 +107,8 @@ class DualEncoder(DualTowerModel):
         self.vision, self.text, self.tokenizer = vision, text, tokenizer
         self.vision_pooling, self.text_pooling = vision_pooling, text_pooling
         vision_width = _width(vision) * (2 if vision_pooling == "cls_mean" else 1)
-        self.vision_proj = nn.Linear(vision_width, embed_dim, bias=False)
-        self.text_proj = nn.Linear(_width(text), embed_dim, bias=False)
+        self.vision_proj = _seeded_linear(vision_width, embed_dim, seed=0)
+        self.text_proj = _seeded_linear(_width(text), embed_dim, seed=1)
         self.logit_scale = LogitScale(logit_scale)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
@@ -165,6 +165,16 @@ class OpenClipDualEncoder(DualTowerModel):
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model.encode_text(input_ids)
+
+
+def _seeded_linear(n_in: int, n_out: int, seed: int) -> nn.Linear:
+    """A bias-free projection initialised as nn.Linear does, from a fixed seed: building the same DualEncoder twice
+    gives the same projections, so an adapter that leaves them frozen still loads onto a fresh build."""
+    layer = nn.Linear(n_in, n_out, bias=False)
+    bound = 1 / math.sqrt(n_in)
+    with torch.no_grad():
+        layer.weight.uniform_(-bound, bound, generator=torch.Generator().manual_seed(seed))
+    return layer
 
 
 def pool_image(backbone: nn.Module, images: torch.Tensor, pooling: ImagePooling = "cls") -> torch.Tensor:

@@ -6,9 +6,12 @@ import pytest
 import torch
 from dual_fixtures import caption_manifest, dual_train_config, save_towers
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from synthetic_images import image_folder
+from vislora.cli import app
 from vislora.data import DataError
+from vislora.tasks.clip_eval import evaluate_dual
 from vislora.train.config import TrainConfig
 from vislora.train.trainer import Trainer
 
@@ -44,6 +47,10 @@ def test_few_shot_trains_both_towers_from_k_shots_and_records_the_task(tmp_path,
     assert any(".vision." in k for k in trained_b) and any(".text." in k for k in trained_b)
     heads = ("base_model.model.vision_proj", "base_model.model.text_proj", "base_model.model.logit_scale")
     assert not any(k.startswith(heads) for k in weights)  # CLIP-LoRA: projections and scale frozen
+    again = evaluate_dual(result.adapter_dir, folder)  # rebuilt from task.json alone
+    assert again.n == 24 and again.metrics() == pytest.approx(result.final)
+    out = CliRunner().invoke(app, ["clip", "eval", "--adapter", str(result.adapter_dir), "--data", str(folder)])
+    assert out.exit_code == 0 and f"{result.final['accuracy']:.4f}" in out.output, out.output
 
 
 def test_contrastive_captions_missing_images_and_truncation(tmp_path, towers, caplog):
@@ -150,9 +157,6 @@ def test_stage_errors_name_the_problem(tmp_path, towers, folder):
 
 def test_vislora_train_prints_each_stage_and_its_trainable_count(tmp_path, towers, folder):
     import yaml
-    from typer.testing import CliRunner
-
-    from vislora.cli import app
 
     config = dual_train_config(tmp_path / "run", towers, folder, stages=STAGES)
     config["run"]["progress"] = True

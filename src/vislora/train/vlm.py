@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,12 +25,12 @@ from vislora.errors import ConfigError
 from vislora.tasks.clip import (
     CLIP_LORA,
     contrastive_loss,
-    retrieval_recall,
     same_label,
     sample_shots,
     sigmoid_loss,
     text_classifier,
 )
+from vislora.tasks.clip_eval import DualEvalResult, embed_rows, score_rows
 from vislora.towers import tower_adapter_config
 from vislora.train.config import TOWER_FIELDS
 from vislora.train.tasks import TrainTask
@@ -41,26 +39,6 @@ if TYPE_CHECKING:
     from vislora.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class DualEvalResult:
-    """Held-out figures of a dual-encoder task; absent figures (no labels, no captions) are left out."""
-
-    n: int
-    skipped: int = 0
-    figures: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def accuracy(self) -> float:
-        return self.figures.get("accuracy", math.nan)
-
-    @property
-    def loss(self) -> float:
-        return self.figures.get("loss", math.nan)
-
-    def metrics(self) -> dict[str, float]:
-        return dict(self.figures)
 
 
 class DualTask(TrainTask):
@@ -77,6 +55,7 @@ class DualTask(TrainTask):
     def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
         m = self.config.model
         self.classes = list(classes)
+        self.prepared = base is not None
         if base is None:
             base = build_dual_encoder(m.spec, m.text, pretrained=m.pretrained, embed_dim=m.embed_dim,
                                       vision_pooling=m.pooling, text_pooling=m.text_pooling, **m.kwargs)
@@ -130,37 +109,27 @@ class DualTask(TrainTask):
                 for i, y in zip(batch["index"].tolist(), batch["label"].tolist(), strict=True)]
 
     def evaluate(self, trainer: Trainer) -> DualEvalResult:
-        """Prompt-classifier accuracy (labelled data), contrastive loss, retrieval recall (captioned data)."""
-        rows, skipped = _embed_rows(trainer, self)
+        """Prompt-classifier accuracy (labelled data), contrastive loss, retrieval recall (captioned data) over
+        `val_data`, sharded across processes and gathered."""
+        accelerator = trainer.accelerator
+        indices = list(range(accelerator.process_index, len(trainer.val_data), accelerator.num_processes))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(trainer.val_data, indices),
+                                             batch_size=self.config.optim.batch_size, collate_fn=collate,
+                                             num_workers=self.config.data.num_workers, generator=torch.Generator())
+        rows, skipped = embed_rows(trainer.model, loader, self.base.tokenize, accelerator.device,
+                                   accelerator.autocast)
         rows = sorted({r["index"]: r for r in gather_object(rows)}.values(), key=lambda r: r["index"])
         skipped = set(gather_object(skipped))
         if not rows:
             return DualEvalResult(n=0, skipped=len(skipped))
-        model = trainer.adapted.base_model
-        images = torch.stack([r["image"] for r in rows])  # [n, dim]
-        figures = {}
-        with torch.no_grad():
-            scale = model.logit_scale().float().cpu()
-            if self.classes and rows[0]["label"] >= 0:
-                labels = torch.tensor([r["label"] for r in rows])
-                classifier = text_classifier(model, self.names(), self.config.task.templates,
-                                             trainer.accelerator.device).cpu()
-                logits = scale * images @ classifier.T  # [n, classes]
-                figures["accuracy"] = (logits.argmax(1) == labels).float().mean().item()
-                figures["loss"] = F.cross_entropy(logits, labels).item()
-            if "text" in rows[0]:
-                texts = torch.stack([r["text"] for r in rows])  # [n, dim]
-                positives = same_label(torch.tensor([r["label"] for r in rows]))
-                figures["contrastive_loss"] = contrastive_loss(images, texts, scale, positives).item()
-                figures.setdefault("loss", figures["contrastive_loss"])
-                recall = retrieval_recall(images, texts, range(len(rows)))
-                figures.update(recall.metrics())
-                figures["recall@1"] = (recall.image_to_text[1] + recall.text_to_image[1]) / 2
+        figures = score_rows(rows, self.base, self.names() if self.classes else [], self.config.task.templates,
+                             accelerator.device)
         return DualEvalResult(n=len(rows), skipped=len(skipped), figures=figures)
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "class_names": self.names(), "templates": self.config.task.templates,
-                "towers": dict(self.base.towers), "frozen": dict(self.config.adapter.frozen)}
+                "towers": dict(self.base.towers), "frozen": dict(self.config.adapter.frozen),
+                "prepared_base": self.prepared}
 
     def train_metrics(self) -> dict[str, float]:
         return {"truncated_captions": self.base.tokenizer.truncated}
@@ -226,32 +195,3 @@ def drop_missing(dataset: ImageDataset) -> ImageDataset:
     gone = set(missing)
     kept.records = [r for i, r in enumerate(dataset.records) if i not in gone]
     return kept
-
-
-@torch.no_grad()
-def _embed_rows(trainer: Trainer, task: DualTask) -> tuple[list[dict[str, Any]], list[int]]:
-    """This process's share of val_data as rows {index, label, caption, image emb, text emb} on the CPU."""
-    accelerator, model = trainer.accelerator, trainer.model
-    indices = list(range(accelerator.process_index, len(trainer.val_data), accelerator.num_processes))
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(trainer.val_data, indices),
-                                         batch_size=trainer.config.optim.batch_size, collate_fn=collate,
-                                         num_workers=trainer.config.data.num_workers, generator=torch.Generator())
-    rows, skipped = [], []
-    was_training = model.training
-    model.eval()
-    for batch in loader:
-        skipped += batch["skipped"]
-        if "image" not in batch:
-            continue
-        captioned = "caption" in batch
-        tokens = task.base.tokenize(batch["caption"]) if captioned else {}
-        with accelerator.autocast():
-            images, texts = model(images=batch["image"].to(accelerator.device),
-                                  **{k: v.to(accelerator.device) for k, v in tokens.items()})
-        for j, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist(), strict=True)):
-            row = {"index": index, "label": label, "image": images[j].float().cpu()}
-            if captioned:
-                row.update(caption=batch["caption"][j], text=texts[j].float().cpu())
-            rows.append(row)
-    model.train(was_training)
-    return rows, skipped

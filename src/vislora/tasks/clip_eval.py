@@ -1,0 +1,155 @@
+"""Held-out scoring of dual encoders: prompt-classifier accuracy, contrastive loss, retrieval recall; and
+loading a trained dual-encoder adapter (its task.json) to score it on any data.
+
+The trainer's dual-encoder tasks and `vislora clip eval` use the same two steps: `embed_rows` (images, and
+captions when the data has them, through the adapted model) and `score_rows`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vislora.errors import AdapterFileError
+from vislora.tasks.clip import contrastive_loss, retrieval_recall, same_label, text_classifier
+
+
+@dataclass
+class DualEvalResult:
+    """Held-out figures of a dual encoder; absent figures (no labels, no captions) are left out."""
+
+    n: int
+    skipped: int = 0
+    figures: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def accuracy(self) -> float:
+        return self.figures.get("accuracy", math.nan)
+
+    @property
+    def loss(self) -> float:
+        return self.figures.get("loss", math.nan)
+
+    def metrics(self) -> dict[str, float]:
+        return dict(self.figures)
+
+
+@torch.no_grad()
+def embed_rows(model: nn.Module, batches: Iterable[dict[str, Any]], tokenizer: Any,
+               device: torch.device | str = "cpu", autocast: Any = None) -> tuple[list[dict[str, Any]], list[int]]:
+    """Rows {index, label, image emb[, caption, text emb]} on the CPU, and the indices of skipped samples."""
+    rows, skipped = [], []
+    was_training = model.training
+    model.eval()
+    for batch in batches:
+        skipped += batch["skipped"]
+        if "image" not in batch:
+            continue
+        tokens = tokenizer(batch["caption"]) if "caption" in batch else {}
+        with autocast() if autocast else contextlib.nullcontext():
+            images, texts = model(images=batch["image"].to(device), **{k: v.to(device) for k, v in tokens.items()})
+        for j, (index, label) in enumerate(zip(batch["index"].tolist(), batch["label"].tolist(), strict=True)):
+            row = {"index": index, "label": label, "image": images[j].float().cpu()}
+            if tokens:
+                row.update(caption=batch["caption"][j], text=texts[j].float().cpu())
+            rows.append(row)
+    model.train(was_training)
+    return rows, skipped
+
+
+@torch.no_grad()
+def score_rows(rows: Sequence[dict[str, Any]], model: Any, names: Sequence[str], templates: Sequence[str],
+               device: torch.device | str = "cpu") -> dict[str, float]:
+    """accuracy + loss of the prompt classifier (labelled rows); contrastive_loss, i2t/t2i recall@1/5/10 and their
+    mean recall@1 (captioned rows). `model` is the dual encoder with its adapters active; it runs in eval mode
+    (no dropout in the prompt classifier) and is put back as it was."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _score(rows, model, names, templates, device)
+    finally:
+        model.train(was_training)
+
+
+def _score(rows: Sequence[dict[str, Any]], model: Any, names: Sequence[str], templates: Sequence[str],
+           device: torch.device | str) -> dict[str, float]:
+    images = torch.stack([r["image"] for r in rows])  # [n, dim]
+    labels = torch.tensor([r["label"] for r in rows])
+    scale = model.logit_scale().float().cpu()
+    figures: dict[str, float] = {}
+    if names and (labels >= 0).all():
+        classifier = text_classifier(model, names, templates, device).cpu()  # [classes, dim]
+        logits = scale * images @ classifier.T  # [n, classes]
+        figures["accuracy"] = (logits.argmax(1) == labels).float().mean().item()
+        figures["loss"] = F.cross_entropy(logits, labels).item()
+    if "text" in rows[0]:
+        texts = torch.stack([r["text"] for r in rows])  # [n, dim]
+        figures["contrastive_loss"] = contrastive_loss(images, texts, scale, same_label(labels)).item()
+        figures.setdefault("loss", figures["contrastive_loss"])
+        recall = retrieval_recall(images, texts, range(len(rows)))
+        figures.update(recall.metrics())
+        figures["recall@1"] = (recall.image_to_text[1] + recall.text_to_image[1]) / 2
+    return figures
+
+
+def load_trained_dual(adapter_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The dual encoder of a `vislora train` contrastive/few-shot run with its adapter (and the frozen adapters it
+    was trained over) loaded and active, in eval mode; and the adapter's task.json."""
+    from vislora.dual_encoder import build_dual_encoder
+    from vislora.model import load_adapter
+
+    adapter_dir = Path(adapter_dir)
+    task_file = adapter_dir / "task.json"
+    task = json.loads(task_file.read_text()) if task_file.is_file() else {}
+    if task.get("task") not in ("contrastive", "few_shot"):
+        raise AdapterFileError(f"{adapter_dir} is not a dual-encoder adapter of `vislora train` (task.json says "
+                               f"{task.get('task')!r}); give a contrastive or few_shot run's adapter/ or best/ folder, "
+                               "or use `vislora eval` for classifiers")
+    if task.get("prepared_base"):
+        raise AdapterFileError(f"{adapter_dir} was trained on a base model prepared in Python (e.g. pre-aligned "
+                               "projections), which task.json cannot rebuild; load it onto that model with "
+                               "vislora.load_adapter(model, folder)")
+    m = task["model"]
+    base = build_dual_encoder(m["spec"], m.get("text"), pretrained=m.get("pretrained", True),
+                              embed_dim=m.get("embed_dim", 256), vision_pooling=m.get("pooling", "cls"),
+                              text_pooling=m.get("text_pooling", "mean"), **m.get("kwargs", {}))
+    frozen = task.get("frozen", {})
+    model = load_adapter(base, adapter_dir, "default", activate=False)
+    for name, folder in frozen.items():
+        model.load_adapter(folder, name, activate=False)
+    model.set_active([*frozen, "default"])
+    return model.eval(), task
+
+
+def evaluate_dual(adapter_dir: str | Path, data: str | Path, *, batch_size: int = 64, limit: int | None = None,
+                  label_column: str | None = "label", templates: Sequence[str] | None = None,
+                  seed: int = 0) -> DualEvalResult:
+    """Score a trained dual-encoder adapter on `data`: prompt-classifier accuracy with the run's class names and
+    templates (or `templates`), and retrieval recall when the data has captions."""
+    from vislora.data.datasets import collate, open_dataset
+    from vislora.data.transforms import InputSpec, SampleTransform, build_transform
+
+    model, task = load_trained_dual(adapter_dir)
+    classes = task.get("classes") or None
+    dataset = open_dataset(data, label_column=label_column if classes else None, classes=classes)
+    if limit:
+        dataset = dataset.subset(limit, seed=seed)
+    spec = InputSpec(**{**task["input"], "mean": tuple(task["input"]["mean"]), "std": tuple(task["input"]["std"])})
+    dataset.transform = SampleTransform(build_transform(spec, train=False), seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
+                                         generator=torch.Generator())
+    rows, skipped = embed_rows(model, loader, model.base_model.tokenize)
+    if not rows:
+        return DualEvalResult(n=0, skipped=len(skipped))
+    names = task.get("class_names") or []
+    figures = score_rows(rows, model.base_model, names, templates or task.get("templates") or [], "cpu")
+    return DualEvalResult(n=len(rows), skipped=len(skipped), figures=figures)
