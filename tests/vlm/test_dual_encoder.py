@@ -40,6 +40,30 @@ def test_hf_clip_wrapper_matches_clip_features(images):
     assert model.heads == {"vision": "model.visual_projection", "text": "model.text_projection"}
 
 
+def test_hf_siglip_wrapper_keeps_scale_and_bias(images):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.SiglipConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "vocab_size": 100, "max_position_embeddings": 16, "bos_token_id": 0, "eos_token_id": 1},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8})
+    siglip = transformers.SiglipModel(config).eval()
+    with torch.no_grad():
+        siglip.logit_scale.fill_(2.0)
+        siglip.logit_bias.fill_(-3.0)
+    model = HFDualEncoder(siglip, HFCaptionTokenizer(word_tokenizer(), 16, pad_to_max=True))
+    ids = torch.tensor([[5, 7, 9, 1], [9, 1, 1, 1]])
+    with torch.no_grad():
+        out = siglip(input_ids=ids, pixel_values=images)
+        image_emb, text_emb = model(images=images, input_ids=ids)
+        logits = model.logit_scale() * image_emb @ text_emb.T + model.logit_scale.bias
+    torch.testing.assert_close(logits, out.logits_per_image)
+    assert model.tokenize(["red"])["input_ids"].shape == (1, 16)  # SigLIP pads to the full length
+    assert model.heads == {}  # SigLIP's heads live inside its towers
+
+
 def test_open_clip_wrapper_matches_encode_image_and_text():
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg

@@ -25,7 +25,6 @@ DEFAULT_TEMPLATES = ("a photo of a {}.",)
 # CLIP-LoRA (Zanella & Ben Ayed, 2024): both towers, q/k/v, r=2, alpha=1, alpha/sqrt(r), dropout 0.25,
 # AdamW lr 2e-4, cosine, 500 x shots iterations, batch 32.
 CLIP_LORA = {"targets": ["q", "k", "v"], "rank": 2, "alpha": 1.0, "use_rslora": True, "dropout": 0.25}
-CLIP_LORA_OPTIM = {"lr": 2e-4, "batch_size": 32, "iterations_per_shot": 500}
 
 
 # ---------------------------------------------------------------------------------------------- losses
