@@ -39,6 +39,7 @@ def test_repository_layout_and_config_as_tritonserver_reads_them():
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     assert (model / "labels.txt").read_text().split() == ["class0", "class1", "class2"]
     assert [p.name for p in model.parent.iterdir()] == ["fmnist"]
+    assert {oct(p.stat().st_mode & 0o777) for p in [model, *model.rglob("*")]} == {"0o755", "0o644"}  # readable
     assert not list(model.parent.parent.glob(".fmnist.*"))  # no staging folder left beside the repository
 
 

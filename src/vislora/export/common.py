@@ -148,8 +148,10 @@ def staged_dir(dest: str | Path, overwrite: bool = False, staging_parent: Path |
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=parent))
     try:
         yield tmp
-        for file in (p for p in tmp.rglob("*") if p.is_file()):
-            _fsync(file)
+        for path in [tmp, *tmp.rglob("*")]:  # temp files are private (0600/0700); a server may run as another user
+            os.chmod(path, 0o755 if path.is_dir() else 0o644)
+            if path.is_file():
+                _fsync(path)
         old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}") if dest.exists() else None
         if old is not None:
             os.rename(dest, old)
