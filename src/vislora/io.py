@@ -9,6 +9,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
+def _read_umask() -> int:
+    current = os.umask(0)  # the only way to read the umask is to set it; done once, at import, not per write
+    os.umask(current)
+    return current
+
+
+_UMASK = _read_umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it is fsynced and renamed onto `path`.
@@ -18,7 +27,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; the result should read like any file the user writes
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; the result should read like any file the user writes
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -39,12 +48,6 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
-
-
-def _umask() -> int:
-    current = os.umask(0)  # the only way to read the umask is to set it
-    os.umask(current)
-    return current
 
 
 def _fsync_dir(folder: Path) -> None:
