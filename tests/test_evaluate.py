@@ -18,7 +18,9 @@ from vislora.evaluate import (
     compare,
     embedding_drift,
     expected_calibration_error,
+    mcnemar_p,
     measure_latency,
+    points,
 )
 from vislora.tasks.classification import build_classifier
 
@@ -85,6 +87,12 @@ def test_calibration_error_is_zero_when_confidence_equals_accuracy():
     assert expected_calibration_error(logits, torch.tensor([1, 1, 1, 1])) == pytest.approx(0.75)
 
 
+def test_mcnemar_p_values_and_point_wording():
+    assert mcnemar_p(5, 0) == 2 / 32 and mcnemar_p(0, 6) == 2 / 64 and mcnemar_p(0, 0) == 1.0
+    assert mcnemar_p(3, 3) == 1.0 and mcnemar_p(2, 8) == pytest.approx(2 * (1 + 10 + 45) / 1024)
+    assert points(0.01) == "1 point" and points(0.025) == "2.5 points"
+
+
 def test_drift_of_identical_and_rotated_embeddings():
     x = torch.randn(50, 16)
     same = embedding_drift(x, x.clone())
@@ -107,6 +115,7 @@ def test_group_regressions_are_flagged_beyond_the_tolerance():
     result = compare(Outputs(base), Outputs(adapted), labels, ["x", "y"], metadata, tolerance=0.01)
     groups = {d.name: d for d in result.per_group["site"]}
     assert groups["a"].regression and groups["a"].delta == -1.0 and groups["a"].n == 2
+    assert (groups["a"].lost, groups["a"].gained, groups["a"].p_value) == (2, 0, 0.5)  # 2 * (1/2)^2
     assert not groups["b"].regression and not groups["c"].regression
     assert [d.name for d in result.regressions] == ["a"]
     assert result.drift is None

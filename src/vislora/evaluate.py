@@ -70,13 +70,20 @@ class Metrics:
 
 @dataclass
 class Delta:
-    """Accuracy of one class or group before and after; a regression loses more than the tolerance."""
+    """Accuracy of one class or group before and after; a regression loses more than the tolerance.
+
+    `lost`/`gained` count images the base got right and the adapted model wrong, and the reverse; `p_value` is
+    the exact two-sided McNemar test on them (the same images scored twice): small means the change is not noise.
+    """
 
     name: str
     n: int
     base: float
     adapted: float
     regression: bool
+    lost: int = 0
+    gained: int = 0
+    p_value: float = 1.0
 
     @property
     def delta(self) -> float:
@@ -198,22 +205,36 @@ def compare(base: Outputs, adapted: Outputs, labels: torch.Tensor, classes: Sequ
     """Metrics of both models, per-class and per-group deltas (regression: adapted < base - tolerance), drift."""
     before = classification_metrics(base.logits, labels, classes, metadata)
     after = classification_metrics(adapted.logits, labels, classes, metadata)
-    support = dict(zip(classes, torch.bincount(labels.long(), minlength=len(classes)).tolist(), strict=True))
-    per_class = [Delta(c, support[c], before.per_class[c], after.per_class[c],
-                       after.per_class[c] < before.per_class[c] - tolerance) for c in after.per_class]
-    sizes: dict[str, dict[str, int]] = {}
-    for meta in metadata or []:
-        for column, value in meta.items():
-            sizes.setdefault(column, {}).setdefault(value, 0)
-            sizes[column][value] += 1
-    per_group = {column: [Delta(value, sizes[column][value], before.groups[column][value], acc,
-                                acc < before.groups[column][value] - tolerance) for value, acc in values.items()]
-                 for column, values in after.groups.items()}
+    right_before, right_after = base.logits.argmax(-1) == labels, adapted.logits.argmax(-1) == labels
+
+    def delta(name: str, mask: torch.Tensor) -> Delta:
+        old, new = right_before[mask].double().mean().item(), right_after[mask].double().mean().item()
+        lost, gained = int((right_before & ~right_after & mask).sum()), int((~right_before & right_after & mask).sum())
+        return Delta(name, int(mask.sum()), old, new, new < old - tolerance, lost, gained, mcnemar_p(lost, gained))
+
+    per_class = [delta(c, labels == i) for i, c in enumerate(classes) if c in after.per_class]
+    per_group = {column: [delta(value, torch.tensor([m.get(column) == value for m in metadata or []]))
+                          for value in values] for column, values in after.groups.items()}
     drift = None
     if base.embeddings is not None and adapted.embeddings is not None:
         drift = embedding_drift(base.embeddings, adapted.embeddings)
     return Comparison(data=data, base=before, adapted=after, per_class=per_class, per_group=per_group, drift=drift,
                       tolerance=tolerance)
+
+
+def points(share: float) -> str:
+    """0.01 -> '1 point', 0.025 -> '2.5 points': an accuracy difference in percentage points."""
+    value = 100 * share
+    return f"{value:g} point" + ("" if value == 1 else "s")
+
+
+def mcnemar_p(lost: int, gained: int) -> float:
+    """Exact two-sided McNemar p-value: P(a split at least this uneven) for lost + gained fair coin flips."""
+    n = lost + gained
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(lost, gained) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
 
 
 # ---------------------------------------------------------------------------------------------- running models

@@ -95,7 +95,7 @@ def test_report_renders_html_pngs_and_model_card(run):
     assert metrics["accuracy (adapted)"] == round(evaluation["adapted"]["accuracy"], 4)
     assert metrics["accuracy (base)"] == round(evaluation["base"]["accuracy"], 4)
     assert "| license | 50.0% |" in card and "| capture_date | 0.0% |" in card and "| location | 0.0% |" in card
-    assert "Provenance is incomplete: license, capture_date, location" in card
+    assert "Provenance is incomplete: some or all images lack license, capture_date, location" in card
     for section in ("## Model details", "## Training data", "## Evaluation", "### Per-group results and regressions",
                     "## Adapter health", "## Intended use", "## Limitations"):
         assert section in card

@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vislora.cli.app import app, console
-from vislora.evaluate import Comparison, Delta
+from vislora.evaluate import Comparison, Delta, points
 
 
 @app.command("eval")
@@ -75,7 +75,8 @@ def show_comparison(comparison: Comparison) -> None:
     regressions = comparison.regressions
     if regressions:
         console.print(f"[red]{len(regressions)} regressions[/] (accuracy down by more than "
-                      f"{100 * comparison.tolerance:g} points): " + ", ".join(escape(d.name) for d in regressions))
+                      f"{points(comparison.tolerance)}): "
+                      + ", ".join(f"{escape(d.name)} (p={d.p_value:.2g})" for d in regressions))
     drift = comparison.drift
     if drift is not None:
         console.print(f"embedding drift (cosine similarity of base and adapted features per image): mean "
@@ -96,8 +97,9 @@ def show_comparison(comparison: Comparison) -> None:
 
 
 def _delta_table(key: str, deltas: list[Delta], tolerance: float) -> Table:
-    table = Table(escape(key), "n", "base", "adapted", "change", "", title=escape(f"per {key}"))
+    table = Table(escape(key), "n", "base", "adapted", "change", "lost/gained", "p (McNemar)", "",
+                  title=escape(f"per {key}"))
     for d in deltas:
         table.add_row(escape(d.name), str(d.n), f"{d.base:.4f}", f"{d.adapted:.4f}", f"{d.delta:+.4f}",
-                      "[red]regression[/]" if d.regression else "")
+                      f"{d.lost}/{d.gained}", f"{d.p_value:.3g}", "[red]regression[/]" if d.regression else "")
     return table

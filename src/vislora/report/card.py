@@ -10,11 +10,21 @@ from typing import Any
 import yaml
 
 from vislora.diagnostics import Diagnosis
-from vislora.evaluate import Comparison
+from vislora.evaluate import Comparison, points
 from vislora.parameters import ParameterReport
 from vislora.report.run import DataSummary, RunInfo
 
 ASSET_IDS = {"asset:dinov2-small": "facebook/dinov2-small"}
+METHOD_NAMES = {"lora": "LoRA", "dora": "DoRA", "adalora": "AdaLoRA", "molora": "MoLoRA"}
+
+
+def method_name(adapter_config: dict[str, Any]) -> str:
+    """LoRA, DoRA, ... as the papers write them (rsLoRA and PiSSA noted)."""
+    method = adapter_config.get("method", "lora")
+    name = METHOD_NAMES.get(method, method)
+    if adapter_config.get("use_rslora"):
+        name = f"{name} (rsLoRA scaling)"
+    return f"{name}, PiSSA init" if adapter_config.get("init") == "pissa" else name
 
 
 def base_model_id(spec: str) -> str | None:
@@ -33,7 +43,7 @@ def model_card(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagnos
     spec = info.task["model"]["spec"]
     sections = [
         "---\n" + yaml.safe_dump(_front_matter(info, adapter_config, comparison), sort_keys=False) + "---",
-        f"# {info.name}: {adapter_config.get('method', 'lora').upper()} adapter for {spec}",
+        f"# {info.name}: {method_name(adapter_config)} adapter for {spec}",
         f"A low-rank adapter plus a classification head over `{spec}`, trained with vislora for "
         f"{len(info.task['classes'])}-class image classification. It loads with vislora and with Hugging Face PEFT "
         "(PEFT directory layout, safetensors).",
@@ -69,8 +79,7 @@ def _front_matter(info: RunInfo, adapter_config: dict[str, Any], comparison: Com
 
 def _details(info: RunInfo, adapter_config: dict[str, Any], params: ParameterReport | None) -> str:
     rows = [("base model", f"`{info.task['model']['spec']}`"),
-            ("method", adapter_config.get("method", "lora") + (" (rsLoRA scaling)" if adapter_config.get("use_rslora")
-                                                              else "")),
+            ("method", method_name(adapter_config)),
             ("rank / alpha", f"{adapter_config.get('rank')} / {adapter_config.get('alpha')}"),
             ("targets", ", ".join(f"`{t}`" for t in adapter_config.get("targets", []))),
             ("trained in full", ", ".join(f"`{m}`" for m in adapter_config.get("modules_to_save", [])) or "-"),
@@ -91,8 +100,8 @@ def _data_section(data: DataSummary | None) -> str:
             "(share of images with a non-empty value):\n\n")
     text += _table(("field", "coverage"), [(k, f"{v:.1f}%") for k, v in data.coverage.items()])
     if data.missing_provenance:
-        text += (f"\n\nProvenance is incomplete: {', '.join(data.missing_provenance)} "
-                 "is missing for some or all images.")
+        text += (f"\n\nProvenance is incomplete: some or all images lack "
+                 f"{', '.join(data.missing_provenance)}.")
     return text
 
 
@@ -112,14 +121,16 @@ def _evaluation(comparison: Comparison | None) -> str:
                  f"mean {d.mean:.4f}, 5th percentile {d.p5:.4f}, minimum {d.min:.4f}.")
     text += "\n\n### Per-group results and regressions\n\n"
     for column, deltas in comparison.per_group.items():
-        text += f"**{column}**\n\n" + _table((column, "images", "base", "adapted", "change"), [
+        text += f"**{column}**\n\n" + _table((column, "images", "base", "adapted", "change", "p (McNemar)"), [
             (d.name, str(d.n), f"{d.base:.4f}", f"{d.adapted:.4f}",
-             f"{d.delta:+.4f}" + (" (regression)" if d.regression else "")) for d in deltas]) + "\n\n"
+             f"{d.delta:+.4f}" + (" (regression)" if d.regression else ""), f"{d.p_value:.3g}") for d in deltas])
+        text += "\n\n"
     if not comparison.per_group:
         text += "The evaluation data has no metadata column with groups (e.g. `group`, `location`).\n\n"
     regressions = comparison.regressions
-    text += (f"Regressions (accuracy down by more than {100 * comparison.tolerance:g} points): "
-             + (", ".join(f"{d.name} ({100 * d.delta:+.1f})" for d in regressions) if regressions else "none") + ".")
+    text += (f"Regressions (accuracy down by more than {points(comparison.tolerance)}; p from an exact McNemar test "
+             "on the same images): " + (", ".join(f"{d.name} ({100 * d.delta:+.1f} points, p={d.p_value:.2g})"
+                                                  for d in regressions) if regressions else "none") + ".")
     return text
 
 
@@ -149,15 +160,18 @@ def _limitations(info: RunInfo, comparison: Comparison | None, data: DataSummary
         worst = sorted(comparison.per_class, key=lambda d: d.adapted)[:2]
         items.append("Weakest classes: " + ", ".join(f"{d.name} ({d.adapted:.3f})" for d in worst) + ".")
         if comparison.regressions:
+            significant = [d.name for d in comparison.regressions if d.p_value < 0.05]
             items.append("Some classes or groups got worse than the base model: "
-                         + ", ".join(d.name for d in comparison.regressions) + ".")
+                         + ", ".join(d.name for d in comparison.regressions) + "; "
+                         + (f"significant at p < 0.05: {', '.join(significant)}." if significant else
+                            "none of these drops is significant at p < 0.05 on this data."))
         if comparison.drift is not None and comparison.drift.mean < 0.99:
             items.append(f"The adapter moves the embeddings (mean cosine similarity {comparison.drift.mean:.3f}): "
                          "indices or caches built from the base model's embeddings must be rebuilt.")
     if data is not None and data.missing_provenance:
-        items.append(f"The training data lacks {', '.join(data.missing_provenance)} for some images: its licensing "
-                     "and its coverage of places and times cannot be checked from the data.")
-    if not any(col for col in (comparison.per_group if comparison else {})):
+        items.append(f"The training data lacks {', '.join(data.missing_provenance)} for some or all images: its "
+                     "licensing and its coverage of places and times cannot be checked from the data.")
+    if comparison is None or not comparison.per_group:
         items.append("No per-group evaluation was possible: behaviour on subpopulations is unknown.")
     return "## Limitations\n\n" + "\n".join(f"- {item}" for item in items)
 

@@ -12,6 +12,7 @@ from typing import Any
 from vislora.diagnostics import Diagnosis
 from vislora.evaluate import Comparison, Delta
 from vislora.parameters import ParameterReport
+from vislora.report.card import method_name
 from vislora.report.run import DataSummary, RunInfo
 
 STYLE = """
@@ -34,7 +35,7 @@ def render_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagno
                 links: Sequence[str]) -> str:
     """The report page. `images` maps a plot name to its PNG; `links` are files beside the page."""
     spec = info.task["model"]["spec"]
-    body = [f"<h1>{escape(info.name)}: {escape(adapter_config.get('method', 'lora').upper())} r="
+    body = [f"<h1>{escape(info.name)}: {escape(method_name(adapter_config))} r="
             f"{adapter_config.get('rank')} on <code>{escape(spec)}</code></h1>",
             f"<p class='muted'>{escape(str(info.run_dir))} · adapter {escape(info.adapter_dir.name)} · written "
             f"{datetime.datetime.now().isoformat(timespec='seconds')} · files: "
@@ -118,9 +119,9 @@ def _metrics_table(comparison: Comparison) -> str:
 
 
 def _delta_table(key: str, deltas: Sequence[Delta]) -> str:
-    rows = [(d.name, str(d.n), f"{d.base:.4f}", f"{d.adapted:.4f}", f"{d.delta:+.4f}",
-             "regression" if d.regression else "") for d in deltas]
-    return _table((key, "images", "base", "adapted", "change", ""), rows,
+    rows = [(d.name, str(d.n), f"{d.base:.4f}", f"{d.adapted:.4f}", f"{d.delta:+.4f}", f"{d.lost}/{d.gained}",
+             f"{d.p_value:.3g}", "regression" if d.regression else "") for d in deltas]
+    return _table((key, "images", "base", "adapted", "change", "lost/gained", "p (McNemar)", ""), rows,
                   ["regression" if d.regression else "" for d in deltas])
 
 
