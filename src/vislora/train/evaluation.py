@@ -38,7 +38,7 @@ def load_trained(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]
     pretrained = model_cfg.get("pretrained", True)
     with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
         if not pretrained:  # a randomly initialised base is rebuilt from the run's seed, as the trainer built it
-            torch.manual_seed(run_seed(adapter_dir))
+            torch.manual_seed(task["seed"] if "seed" in task else run_seed(adapter_dir))
         base, _ = build_classifier(model_cfg["spec"], len(task["classes"]), pretrained, model_cfg.get("head", "auto"),
                                    model_cfg.get("pooling", "cls"), spec.size, **model_cfg.get("kwargs", {}))
     model = load_adapter(base, adapter_dir)

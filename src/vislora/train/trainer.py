@@ -410,7 +410,8 @@ class Trainer:
 
     def _save_adapter_files(self, folder: Path) -> None:
         self.adapted.save_adapter(folder, "default")
-        task = {**self.task.info(), "input": asdict(self.spec), "step": self.loop.step}
+        task = {**self.task.info(), "input": asdict(self.spec), "step": self.loop.step,
+                "seed": self.config.run.seed}  # rebuilds a randomly initialised base wherever the adapter goes
         atomic_write_text(folder / "task.json", json.dumps(task, indent=2))
 
     def _write_metrics(self, row: dict[str, Any]) -> None:
