@@ -261,8 +261,20 @@ def build_dual_encoder(spec: str, text: str | None = None, *, pretrained: bool =
         raise ConfigError(f"text encoder spec {text!r} is not understood; use hf:<id or dir> or "
                           f"asset:{TEXT_ASSETS[0]}")
     path = text_spec.partition(":")[2]
-    text_model = load_base_model(text_spec)
+    text_model = load_base_model(text_spec, config=_without_dropout(path))
     return DualEncoder(vision, text_model, hf_tokenizer(path, max_length), embed_dim, vision_pooling, text_pooling)
+
+
+def _without_dropout(path: str) -> Any:
+    """The text tower's config with its own dropout off: the tower is frozen and the adapters carry their own
+    dropout, so in training it computes what it computes in evaluation (BERT-style encoders ship with 0.1)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    for name, value in vars(config).items():
+        if name.endswith(("dropout", "dropout_prob")) and isinstance(value, float):
+            setattr(config, name, 0.0)
+    return config
 
 
 def _whole_model(spec: str, pretrained: bool, max_length: int | None, **kwargs: Any) -> DualTowerModel:

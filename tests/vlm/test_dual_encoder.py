@@ -3,7 +3,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from dual_fixtures import tiny_dual, word_tokenizer
+from dual_fixtures import save_towers, tiny_dual, word_tokenizer
+from transformers import BertConfig
 
 from conftest import tiny_hf_clip
 from vislora import ConfigError
@@ -96,6 +97,16 @@ def test_over_long_captions_are_truncated_counted_and_logged_once(caplog):
     assert model.tokenizer.truncated == 3 and model.tokenizer.seen == 4
     warnings = [r for r in caplog.records if "truncated" in r.message]
     assert len(warnings) == 1 and "8 tokens" in warnings[0].message
+
+
+def test_built_text_tower_has_its_own_dropout_off(tmp_path):
+    vision, text = save_towers(tmp_path)
+    assert BertConfig.from_pretrained(text).hidden_dropout_prob == 0.1  # as saved
+    model = build_dual_encoder(f"hf:{vision}", f"hf:{text}", embed_dim=16).train()
+    assert model.text.config.hidden_dropout_prob == model.text.config.attention_probs_dropout_prob == 0.0
+    tokens = model.tokenize(["a photo of a red picture"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**tokens)[1], model(**tokens)[1], rtol=0, atol=0)  # training mode
 
 
 def test_specs_without_a_text_tower_are_refused_with_the_fix():
