@@ -118,7 +118,7 @@ def demo(
     console.print(f"trainable parameters: {result.trainable:,} of {result.total:,} "
                   f"({100 * result.trainable / result.total:.2f}%)")
     console.print(f"wall time: {result.seconds:.0f} s (probe {result.probe_seconds:.0f} s, "
-                  f"LoRA training {result.train_seconds:.0f} s)")
+                  f"LoRA training {result.train_seconds:.0f} s, report {result.report_seconds:.0f} s)")
     console.print(f"adapter saved to {result.adapter_dir}")
     console.print(f"model card: {result.report.with_name('MODEL_CARD.md')}")
     console.print(f"report: {result.report}")

@@ -49,6 +49,7 @@ class DemoResult:
     seconds: float
     probe_seconds: float
     train_seconds: float
+    report_seconds: float
     adapter_dir: Path
     report: Path  # report.html (MODEL_CARD.md beside it)
 
@@ -90,12 +91,14 @@ def run_demo(out: str | Path, steps: int = DEMO_DEFAULTS["steps"], batch_size: i
     with recording_head(trainer.adapted) as recorded:  # the final evaluation's embeddings, reused by the report
         result = trainer.fit()
     log("writing the report: diagnostics, before/after, drift, latency, plots, model card ...")
+    report_start = time.perf_counter()
     report = demo_report(trainer, probe, recorded, result.final["accuracy"])
+    report_seconds = time.perf_counter() - report_start
     return DemoResult(
         probe_accuracy=probe.accuracy, lora_accuracy=result.final["accuracy"], adapter="r=8 on q, v",
         trainable=result.trainable_params, total=result.total_params, test_images=len(trainer.val_data),
         seconds=time.perf_counter() - start, probe_seconds=probe_seconds, train_seconds=result.seconds,
-        adapter_dir=result.adapter_dir, report=report.html)
+        report_seconds=report_seconds, adapter_dir=result.adapter_dir, report=report.html)
 
 
 def demo_report(trainer: Trainer, probe: Probe, recorded: list[tuple[torch.Tensor, torch.Tensor]],
