@@ -119,7 +119,8 @@ def test_group_regressions_are_flagged_beyond_the_tolerance():
     assert not groups["b"].regression and not groups["c"].regression
     assert [d.name for d in result.regressions] == ["a"]
     assert result.drift is None
-    assert json.loads(json.dumps(result.to_dict(), allow_nan=False))["regressions"][0]["name"] == "a"
+    data = json.loads(json.dumps(result.to_dict(), allow_nan=False))
+    assert data["regressions"][0]["name"] == "a" and data["per_group"]["site"][0]["delta"] == -1.0
 
 
 @pytest.fixture

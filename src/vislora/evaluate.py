@@ -139,8 +139,13 @@ class Comparison:
             d for deltas in self.per_group.values() for d in deltas if d.regression]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-able data (non-finite floats become None)."""
-        return json_safe({**asdict(self), "regressions": [asdict(d) for d in self.regressions]})
+        """JSON-able data (non-finite floats become None); every delta also carries `delta` = adapted - base."""
+        def rows(deltas: list[Delta]) -> list[dict[str, Any]]:
+            return [{**asdict(d), "delta": d.delta} for d in deltas]
+
+        return json_safe({**asdict(self), "per_class": rows(self.per_class),
+                          "per_group": {k: rows(v) for k, v in self.per_group.items()},
+                          "regressions": rows(self.regressions)})
 
 
 # ---------------------------------------------------------------------------------------------- metrics
