@@ -5,12 +5,19 @@
       - {steps: 200, train: [vision]}
       - {steps: 100, train: [text, vision], lr_scale: 0.1}
 
-A stage names towers; the trainable set of a stage is every parameter the run trains (adapter weights, saved
-projections) that lives in one of its towers, plus the shared ones outside both towers (the logit scale). At a
-stage boundary `apply_stage` - the one place a stage takes effect - switches requires_grad, rebuilds the optimizer
-carrying the AdamW state of parameters that stay trainable, and puts the LR schedule (warmup + cosine over the
-whole run, times the stage's lr_scale) at the current step. After step s the trainer is in the stage that runs step
-s + 1, so a checkpoint holds that stage's optimizer and resume re-enters it before loading.
+    stages:                                  # progressive rank on any model: 4 -> 16 -> 32
+      - {steps: 100, rank: 4}
+      - {steps: 100, rank: 16, lr_scale: 0.5}
+      - {steps: 100, rank: 32, lr_scale: 0.25}
+
+A stage names towers (default: all); the trainable set of a stage is every parameter the run trains (adapter
+weights, saved projections) that lives in one of its towers, plus the shared ones outside both towers (the logit
+scale). At a stage boundary `apply_stage` - the one place a stage takes effect - grows the adapter's rank if the
+stage asks for more (AdaptedModel.grow_rank: output unchanged, the old entries' optimizer state kept), switches
+requires_grad, rebuilds the optimizer carrying the AdamW state of parameters that stay trainable, and puts the LR
+schedule (warmup + cosine over the whole run, times the stage's lr_scale) at the current step. After step s the
+trainer is in the stage that runs step s + 1, so a checkpoint holds that stage's optimizer and resume re-enters it
+before loading.
 """
 
 from __future__ import annotations
@@ -31,13 +38,19 @@ logger = logging.getLogger(__name__)
 
 
 class StageSection(BaseModel):
-    """One stage: how many optimizer steps, which towers train, and the learning-rate factor."""
+    """One stage: how many optimizer steps, which towers train, the learning-rate factor, and the adapter's rank."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     steps: int = Field(..., ge=1, description="Optimizer steps in this stage.")
-    train: list[Literal["vision", "text"]] = Field(..., min_length=1, description="Towers whose adapters train.")
+    train: list[Literal["vision", "text"]] = Field(
+        default_factory=lambda: ["vision", "text"], min_length=1,
+        description="Towers whose adapters train (a model without towers is all `vision`; default: everything).")
     lr_scale: float = Field(1.0, gt=0, description="Multiplies both learning rates during this stage.")
+    rank: int | None = Field(
+        None, ge=1, description="Progressive rank growth: the adapter grows to this rank when the stage starts. The "
+        "model's output is unchanged at that moment and the optimizer keeps the state of the old entries; ranks "
+        "never shrink (e.g. 4 -> 16 -> 32 over three stages).")
 
 
 class StagePlan:
@@ -49,7 +62,13 @@ class StagePlan:
         self.towers = {name: tower_of(model, name) for name in self.candidates}
         self.starts = [sum(s.steps for s in stages[:i]) for i in range(len(stages))]
         self.current: int | None = None
+        rank = model.configs["default"].rank if hasattr(model, "configs") else None
         for index, stage in enumerate(stages):
+            if stage.rank is not None and rank is not None and stage.rank < rank:
+                raise ConfigError(f"stage {index + 1} asks for rank {stage.rank}, below the adapter's rank {rank} at "
+                                  "that point; progressive schedules only grow: set adapter.rank to the first "
+                                  "stage's rank and raise it from stage to stage")
+            rank = stage.rank or rank
             if not any(self.towers[n] in stage.train for n in self.candidates):
                 adapted = sorted({t for t in self.towers.values() if t})
                 raise ConfigError(f"stage {index + 1} trains {stage.train}, but no trainable parameter of this model "
@@ -68,28 +87,41 @@ class StagePlan:
         wanted = self.stages[index].train
         return [n for n, tower in self.towers.items() if tower is None or tower in wanted]
 
+    def refresh(self, model: nn.Module) -> None:
+        """Follow parameters that were replaced (rank growth) by name."""
+        self.candidates = {name: p for name, p in model.named_parameters() if name in self.candidates}
+
     def trainable_count(self, index: int) -> int:
         return sum(self.candidates[n].numel() for n in self.members(index))
 
     def describe(self) -> str:
         lines = []
         for index, (stage, start) in enumerate(zip(self.stages, self.starts, strict=True)):
+            grows = f", rank {stage.rank}" if stage.rank else ""
             lines.append(f"stage {index + 1}/{len(self.stages)}: steps {start + 1}-{start + stage.steps}, train "
-                         f"{'+'.join(stage.train)}, lr x{stage.lr_scale:g}, "
-                         f"{self.trainable_count(index):,} trainable parameters")
+                         f"{'+'.join(stage.train)}, lr x{stage.lr_scale:g}{grows}, "
+                         f"{self.trainable_count(index):,} trainable parameters"
+                         + (" before its growth" if stage.rank and index > 0 else ""))
         return "\n".join(lines)
 
 
 def apply_stage(trainer: Trainer, index: int, carry_state: bool = True) -> None:
     """Make stage `index` the trainer's stage: trainable set, optimizer (AdamW state carried for parameters that
     stay trainable), LR schedule at the current step."""
+    from vislora.train.growth import replace_grown
     from vislora.train.schedule import build_optimizer, build_scheduler, position_scheduler
 
     plan = trainer.stage_plan
+    old = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+    rank = plan.stages[index].rank
+    if rank is not None and rank > trainer.adapted.configs["default"].rank:
+        grown = trainer.adapted.grow_rank("default", rank)
+        if old is not None:
+            replace_grown(old, grown)  # the old entries' AdamW state moves into the grown parameters
+        plan.refresh(trainer.adapted)
     members = set(plan.members(index))
     for name, param in plan.candidates.items():
         param.requires_grad_(name in members)
-    old = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     optimizer = build_optimizer(trainer.adapted, trainer.config.optim)
     if carry_state and old is not None:
         for group in optimizer.param_groups:
