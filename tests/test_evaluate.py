@@ -162,7 +162,7 @@ def test_collect_runs_base_and_adapted_on_the_same_images(classifier):
         collect(classifier, batches(), base_head="own")
 
 
-def test_latency_times_all_three_and_leaves_the_model_unmerged(classifier):
+def test_latency_times_all_three_and_leaves_the_model_untouched(classifier):
     randomize_adapters(classifier)
     images = batches(1)[0]["image"]
     with torch.no_grad():
@@ -171,7 +171,7 @@ def test_latency_times_all_three_and_leaves_the_model_unmerged(classifier):
     assert latency.batch_size == 4 and min(latency.base, latency.unmerged, latency.merged) > 0
     assert latency.merged_max_abs_diff < 1e-4 and not classifier.merged
     with torch.no_grad():
-        assert torch.allclose(classifier(images), before, atol=1e-5)
+        assert torch.equal(classifier(images), before)  # timed on a merged copy: this model is untouched
     assert math.isclose(latency.throughput(latency.base), 4 / latency.base)
 
 

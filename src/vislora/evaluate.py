@@ -10,6 +10,7 @@ keeps the trained head (a classifier's own head would be untrained), so the delt
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import statistics
@@ -321,24 +322,30 @@ def recording_head(model: AdaptedModel) -> Iterator[list[tuple[torch.Tensor, tor
 def measure_latency(model: AdaptedModel, images: torch.Tensor, repeats: int = 5, warmup: int = 1) -> Latency:
     """Median wall time per batch of base (adapters off), unmerged and merged forward passes on `images`.
 
-    Base and unmerged alternate within each repeat; the model is merged once for the merged timings and
-    unmerged again afterwards (exact up to float rounding). An adapter that cannot merge (MoLoRA's gate depends
-    on the input) gets no merged timing.
+    The three alternate within each repeat, so a burst of load elsewhere hits them alike. "Merged" is a copy of
+    the model with the adapters merged and every vislora wrapper removed (`unload(merge=True)`, what a deployment
+    runs): it costs one more copy of the weights in memory, and `model` itself is never merged. An adapter that
+    cannot merge (MoLoRA's gate depends on the input) gets no merged timing.
     """
     if model.merged:
-        raise AdapterError("measure_latency needs an unmerged model (it merges for its own timings); call unmerge()")
+        raise AdapterError("measure_latency needs an unmerged model; call unmerge() first")
     was_training = model.training
     model.eval()
+    merged = _merged_copy(model)
     times: dict[str, list[float]] = {"base": [], "unmerged": [], "merged": []}
+    merged_out = None
     try:
         for i in range(warmup + repeats):
-            seconds, unmerged_out = _timed(model, images)
+            unmerged_seconds, unmerged_out = _timed(model, images)
             with model.disabled():
                 base_seconds, _ = _timed(model, images)
+            if merged is not None:
+                merged_seconds, merged_out = _timed(merged, images)
             if i >= warmup:
-                times["unmerged"].append(seconds)
+                times["unmerged"].append(unmerged_seconds)
                 times["base"].append(base_seconds)
-        merged_out = _merged_timings(model, images, warmup, repeats, times["merged"])
+                if merged is not None:
+                    times["merged"].append(merged_seconds)
     finally:
         model.train(was_training)
     diff = math.nan
@@ -355,19 +362,11 @@ def _timed(model: nn.Module, images: torch.Tensor) -> tuple[float, Any]:
     return time.perf_counter() - start, out
 
 
-def _merged_timings(model: AdaptedModel, images: torch.Tensor, warmup: int, repeats: int,
-                    times: list[float]) -> Any:
-    """Merge, time `repeats` forwards into `times`, unmerge; the last output, or None if the adapter cannot merge."""
+def _merged_copy(model: AdaptedModel) -> nn.Module | None:
+    """A plain copy of the base model with the active adapters merged in, or None if they cannot merge."""
+    clone = copy.deepcopy(model)
     try:
-        model.merge()
+        return clone.unload(merge=True).eval()
     except AdapterError as exc:
         logger.info("no merged latency: %s", exc)
         return None
-    try:
-        for i in range(warmup + repeats):
-            seconds, out = _timed(model, images)
-            if i >= warmup:
-                times.append(seconds)
-    finally:
-        model.unmerge()
-    return out
