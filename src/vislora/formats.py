@@ -91,7 +91,7 @@ def save_lora(model: AdaptedModel, path: Path, name: str, trained_as: AdapterCon
     peft_config = {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": _base_name(model.base_model),
+        "base_model_name_or_path": base_model_name(model.base_model),
         "r": config.rank,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
@@ -232,7 +232,7 @@ def _exact(path: str) -> str:
     return "^" + re.escape(path)
 
 
-def _base_name(model: torch.nn.Module) -> str | None:
+def base_model_name(model: torch.nn.Module) -> str | None:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     name = cfg.get("hf_hub_id") or cfg.get("architecture") if isinstance(cfg, dict) else None
     return name or getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -242,9 +242,9 @@ def _base_name(model: torch.nn.Module) -> str | None:
 def load_adapter_into(model: AdaptedModel, path: Path, name: str, activate: bool | None) -> TargetPlan:
     """Check the adapter at `path` against `model` completely, then install it as `name`."""
     model._check_new_name(name)
-    config_file, weights_file, extra_file = _find_files(path)
-    peft_config = _read_json(config_file)
-    extra = _read_json(extra_file) if extra_file.is_file() else None
+    config_file, weights_file, extra_file = find_adapter_files(path)
+    peft_config = read_json(config_file)
+    extra = read_json(extra_file) if extra_file.is_file() else None
     config = _vislora_config(extra, config_file) if extra else config_from_peft(peft_config, config_file)
     try:
         plan = resolve_targets(model.base_model, config)
@@ -253,7 +253,7 @@ def load_adapter_into(model: AdaptedModel, path: Path, name: str, activate: bool
                                f"{exc}") from None
     tensors = read_safetensors(weights_file)
     expected = _expected_shapes(model, plan, config)
-    _check_fit(path, expected, tensors)
+    check_fit(path, expected, tensors)
     model._install(name, config, plan)
     _copy_in(model, plan, name, tensors)
     if activate or (activate is None and not model.active_adapters):
@@ -272,21 +272,21 @@ def load_weights_into(model: AdaptedModel, path: Path, name: str) -> None:
         from vislora.formats_variants import load_training_state
 
         return load_training_state(model, path, name)
-    config_file, weights_file, extra_file = _find_files(path)
+    config_file, weights_file, extra_file = find_adapter_files(path)
     config = saved_config(model.configs[name])
     if extra_file.is_file():
-        found = _vislora_config(_read_json(extra_file), config_file)
+        found = _vislora_config(read_json(extra_file), config_file)
         if found != config:
             changed = sorted(k for k in config.model_fields if getattr(found, k) != getattr(config, k))
             raise AdapterFileError(f"adapter {path} was saved from another config than adapter {name!r} (differs in "
                                    f"{', '.join(changed)}); load it as a new adapter with load_adapter instead")
     plan = resolve_targets(model.base_model, config)
     tensors = read_safetensors(weights_file)
-    _check_fit(path, _expected_shapes(model, plan, config), tensors)
+    check_fit(path, _expected_shapes(model, plan, config), tensors)
     _copy_in(model, plan, name, tensors)
 
 
-def _find_files(path: Path) -> tuple[Path, Path, Path]:
+def find_adapter_files(path: Path) -> tuple[Path, Path, Path]:
     if path.suffix in PICKLE_SUFFIXES or (path.is_dir() and not (path / WEIGHTS_FILE).exists() and any(
         (path / f"adapter_model{s}").exists() for s in PICKLE_SUFFIXES
     )):
@@ -306,7 +306,7 @@ def _find_files(path: Path) -> tuple[Path, Path, Path]:
     return config_file, weights_file, folder / EXTRA_FILE
 
 
-def _read_json(file: Path) -> dict[str, Any]:
+def read_json(file: Path) -> dict[str, Any]:
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -425,7 +425,7 @@ def _embed_dim(model: AdaptedModel, mha: str) -> int:
     return logical_modules(model.base_model)[mha].embed_dim
 
 
-def _check_fit(path: Path, expected: dict[str, tuple], tensors: dict[str, torch.Tensor]) -> None:
+def check_fit(path: Path, expected: dict[str, tuple], tensors: dict[str, torch.Tensor]) -> None:
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
     wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}" for k in expected

@@ -22,11 +22,11 @@ from vislora.adapters import variants
 from vislora.errors import AdapterError, AdapterFileError
 from vislora.formats import (
     PREFIX,
-    _base_name,
-    _check_fit,
-    _find_files,
-    _read_json,
+    base_model_name,
+    check_fit,
     extra_record,
+    find_adapter_files,
+    read_json,
     read_safetensors,
     save_lora,
     write_adapter_dir,
@@ -85,19 +85,19 @@ def _training_state(model: AdaptedModel, name: str) -> dict[str, torch.Tensor]:
 
 def load_training_state(model: AdaptedModel, path: Path, name: str) -> None:
     """Restore an AdaLoRA adapter and its allocator exactly from a directory _save_pruned wrote."""
-    config_file, _, extra_file = _find_files(path)
+    config_file, _, extra_file = find_adapter_files(path)
     state_file = config_file.parent / STATE_FILE
     if not state_file.is_file():
         raise AdapterFileError(f"{config_file.parent} has no {STATE_FILE}: it holds an exported LoRA, not the AdaLoRA "
                                "training state; load it as a new adapter with load_adapter instead")
-    trained_as = _read_json(extra_file).get("trained_as") if extra_file.is_file() else None
+    trained_as = read_json(extra_file).get("trained_as") if extra_file.is_file() else None
     if trained_as != model.configs[name].model_dump(mode="json"):
         raise AdapterFileError(f"adapter {path} was trained with another config than adapter {name!r}; load it as a "
                                "new adapter with load_adapter instead")
     tensors = read_safetensors(state_file)
     current = _training_state(model, name)
     expected = {k: tuple(v.shape) for k, v in current.items() if not k.startswith("allocator.")}
-    _check_fit(path, expected, {k: v for k, v in tensors.items() if not k.startswith("allocator.")})
+    check_fit(path, expected, {k: v for k, v in tensors.items() if not k.startswith("allocator.")})
     with torch.no_grad():
         for key, value in tensors.items():
             if key.startswith("saved.") or key.startswith("allocator."):
@@ -132,7 +132,7 @@ def _save_experts(model: AdaptedModel, path: Path, name: str) -> Path:
     for module_path in plan.modules_to_save:
         copy = model._saved[module_path].copies[name]
         tensors.update({f"{PREFIX}{module_path}.{k}": v for k, v in copy.state_dict().items()})
-    peft_config = {"peft_type": MOLORA_PEFT_TYPE, "base_model_name_or_path": _base_name(model.base_model),
+    peft_config = {"peft_type": MOLORA_PEFT_TYPE, "base_model_name_or_path": base_model_name(model.base_model),
                    "note": "a vislora mixture-of-LoRA-experts adapter: load it with vislora.load_adapter"}
     targets = [{"path": t.path, "rank": t.rank, "scale": t.scale} for t in plan.targets]
     return write_adapter_dir(path, tensors, peft_config, extra_record(model.configs[name], targets))

@@ -90,7 +90,7 @@ def check_dataset(dataset: ImageDataset, out_dir: str | Path | None = None, frac
     labels = Counter(r.label for r in dataset.records if r.label is not None)
     report.class_counts = {c: labels.get(c, 0) for c in dataset.classes}
     report.duplicates = [group for group in by_hash.values() if len(group) > 1]
-    report.metadata_coverage = _coverage(dataset)
+    report.metadata_coverage = metadata_coverage_of(dataset)
     if out_dir is not None:
         out = Path(out_dir)
         sample = audit_sample(dataset, readable, fraction, seed)
@@ -122,7 +122,7 @@ def _digest(dataset: ImageDataset, index: int) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _coverage(dataset: ImageDataset) -> dict[str, float]:
+def metadata_coverage_of(dataset: ImageDataset) -> dict[str, float]:
     """Percent of rows with a non-empty value, for licence/capture date/location and every metadata column."""
     n = len(dataset) or 1
     coverage = {}

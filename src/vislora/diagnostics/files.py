@@ -46,9 +46,9 @@ class SavedPair:
 def read_adapter_pairs(path: Path, base: nn.Module | None = None) -> list[SavedPair]:
     """Every low-rank pair of the adapter at `path`: q/k/v slices (named by vislora_adapter.json) and MoLoRA
     experts split apart."""
-    config_file, weights_file, extra_file = formats._find_files(path)
-    peft = formats._read_json(config_file)
-    extra = formats._read_json(extra_file) if extra_file.is_file() else {}
+    config_file, weights_file, extra_file = formats.find_adapter_files(path)
+    peft = formats.read_json(config_file)
+    extra = formats.read_json(extra_file) if extra_file.is_file() else {}
     tensors = formats.read_safetensors(weights_file)
     targets = {t["path"]: t for t in extra.get("targets", [])}
     weights = dict(base.state_dict()) if base is not None else None

@@ -12,7 +12,7 @@ from typing import Any
 
 import yaml
 
-from vislora.data.check import COVERAGE_FIELDS, _coverage
+from vislora.data.check import COVERAGE_FIELDS, metadata_coverage_of
 from vislora.data.datasets import ImageDataset, open_dataset
 from vislora.errors import VisloraError
 
@@ -86,7 +86,8 @@ def summarize_data(dataset: ImageDataset) -> DataSummary:
     """Class counts and metadata coverage of `dataset` (the same coverage figures as `vislora data check`)."""
     labels = Counter(r.label for r in dataset.records if r.label is not None)
     return DataSummary(source=dataset.name, n_images=len(dataset),
-                       class_counts={c: labels.get(c, 0) for c in dataset.classes}, coverage=_coverage(dataset))
+                       class_counts={c: labels.get(c, 0) for c in dataset.classes},
+                       coverage=metadata_coverage_of(dataset))
 
 
 def training_data(info: RunInfo) -> DataSummary | None:

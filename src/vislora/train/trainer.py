@@ -42,7 +42,8 @@ from vislora.train.tasks import Evaluation, make_task
 
 logger = logging.getLogger(__name__)
 
-RESUME_FREE_KEYS = {"run.resume", "run.progress", "run.output_dir", "data.num_workers", "run.log_every"}
+RESUME_FREE_KEYS = {"run.resume", "run.progress", "run.output_dir", "data.num_workers", "run.log_every",
+                    "run.monitor_gradients"}
 
 
 @dataclass
