@@ -81,7 +81,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         AdapterConfig.load(tmp_path / "missing.yaml")
     (tmp_path / "bad.json").write_text("{rank: ")
-    with pytest.raises(ConfigError, match="not valid json"):
+    with pytest.raises(ConfigError, match="not valid JSON"):
         AdapterConfig.load(tmp_path / "bad.json")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):

@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vislora.errors import ConfigError, VisloraWarning
-from vislora.io import atomic_write_text
+from vislora.io import atomic_write_text, read_mapping
 
 Init = Literal["kaiming", "gaussian", "pissa"]
 Method = Literal["lora", "dora", "adalora", "molora"]
@@ -183,17 +183,7 @@ class AdapterConfig(BaseModel):
     @classmethod
     def load(cls, path: str | Path) -> AdapterConfig:
         """Read a config from .yaml/.yml or .json."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"adapter config {path} does not exist")
-        text = path.read_text()
-        try:
-            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        except (json.JSONDecodeError, yaml.YAMLError) as exc:
-            raise ConfigError(f"{path} is not valid {path.suffix.lstrip('.') or 'YAML'}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of config fields, found {type(data).__name__}")
-        return cls.parse(data)
+        return cls.parse(read_mapping(path, "adapter config", "AdapterConfig fields, e.g. rank, alpha, targets"))
 
     def save(self, path: str | Path) -> None:
         """Write the config as .json, or YAML for any other suffix; atomically."""

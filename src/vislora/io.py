@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 
 def _read_umask() -> int:
@@ -32,10 +36,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
+        fsync(tmp)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -50,9 +53,27 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries (after a rename into it), to the disk."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_mapping(path: str | Path, what: str, hint: str) -> dict[str, Any]:
+    """The mapping in a YAML (or .json) file, or a ConfigError naming the file, what is wrong and `hint`."""
+    from vislora.errors import ConfigError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist; {hint}")
+    text = path.read_text()
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+    if not isinstance(data or {}, dict):
+        raise ConfigError(f"{path} must hold a mapping ({hint}), found {type(data).__name__}")
+    return data or {}

@@ -24,6 +24,7 @@ from torch import nn
 
 from vislora.data.transforms import InputSpec, model_input_spec
 from vislora.errors import VisloraError
+from vislora.io import fsync
 from vislora.model import AdaptedModel
 
 logger = logging.getLogger(__name__)
@@ -151,12 +152,12 @@ def staged_dir(dest: str | Path, overwrite: bool = False, staging_parent: Path |
         for path in [tmp, *tmp.rglob("*")]:  # temp files are private (0600/0700); a server may run as another user
             os.chmod(path, 0o755 if path.is_dir() else 0o644)
             if path.is_file():
-                _fsync(path)
+                fsync(path)
         old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}") if dest.exists() else None
         if old is not None:
             os.rename(dest, old)
         os.rename(tmp, dest)
-        _fsync(dest.parent)
+        fsync(dest.parent)
         if old is not None:
             shutil.rmtree(old)
     finally:
@@ -168,11 +169,3 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     from vislora.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -6,10 +6,10 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from vislora.errors import ConfigError
+from vislora.io import read_mapping
 from vislora.train.config import apply_overrides
 
 
@@ -145,14 +145,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """The mapping in a serve config YAML file, adapter paths made absolute (relative ones are read from the
     file's folder)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"serve config {path} does not exist; see docs/serving.md for an example")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping (base, adapters, batching, ...)")
+    data = read_mapping(path, "serve config", "base, adapters, batching, ...; see docs/serving.md for an example")
     adapters = data.get("adapters") or {}
     if not isinstance(adapters, dict):
         raise ConfigError(f"{path}: adapters must map names to directories, got {adapters!r}")

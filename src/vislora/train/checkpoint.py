@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vislora.errors import AdapterFileError
+from vislora.io import fsync
 
 STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -74,7 +75,7 @@ def save_rng(folder: Path, rank: int) -> None:
     text = json.dumps({"python": [version, list(state), gauss],
                        "numpy": [kind, keys.tolist(), pos, has_gauss, cached]})
     _write_synced(folder / f"rng-{rank}.json", text.encode())
-    _fsync_file(folder / f"rng-{rank}.safetensors")
+    fsync(folder / f"rng-{rank}.safetensors")
 
 
 def load_rng(folder: Path, rank: int) -> None:
@@ -101,7 +102,7 @@ def save_trainer_state(folder: Path, loop: LoopState, optimizer: torch.optim.Opt
             else:
                 scalars[f"{index}.{key}"] = value
     save_file(tensors, folder / "optimizer.safetensors")
-    _fsync_file(folder / "optimizer.safetensors")
+    fsync(folder / "optimizer.safetensors")
     scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
     payload = {"loop": asdict(loop), "scheduler": scheduler_state, "param_groups": state["param_groups"],
                "optimizer_scalars": scalars}
@@ -140,7 +141,7 @@ def publish(staging: Path, final: Path) -> None:
     if final.exists():
         shutil.rmtree(final)
     os.rename(staging, final)
-    _fsync_dir(final.parent)
+    fsync(final.parent)
 
 
 def replace_dir(source: Path, target: Path) -> None:
@@ -154,12 +155,12 @@ def replace_dir(source: Path, target: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp)
     for file in tmp.iterdir():
-        _fsync_file(file)
+        fsync(file)
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.rename(target, old)
     os.rename(tmp, target)
-    _fsync_dir(target.parent)
+    fsync(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -168,16 +169,3 @@ def _write_synced(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

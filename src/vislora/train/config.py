@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from vislora.config import AdapterConfig
 from vislora.data.transforms import AugmentConfig
 from vislora.errors import ConfigError
-from vislora.io import atomic_write_text
+from vislora.io import atomic_write_text, read_mapping
 from vislora.train.stages import StageSection
 
 # `vislora demo`'s budget: under 5 minutes on 2 CPU cores (see vislora.train.demo).
@@ -210,15 +210,7 @@ class TrainConfig(_Section):
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
         """Read YAML, apply `key.path=value` overrides (values parsed as YAML), validate."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"train config {path} does not exist; see examples/ for runnable configs")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} must hold a mapping of sections (model, data, optim, run)")
+        data = read_mapping(path, "train config", "sections model, data, optim, run; examples/ has runnable configs")
         return cls.parse(apply_overrides(data, overrides))
 
     def save(self, path: str | Path) -> None:
