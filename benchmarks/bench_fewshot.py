@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--iterations-per-shot", type=int, default=25)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--pool", type=int, default=1000, help="pre-alignment images (disjoint from support/test)")
     parser.add_argument("--test-images", type=int, default=1000)
     parser.add_argument("--image-size", type=int, default=56)

@@ -68,4 +68,6 @@ def test_prealigned_zero_shot_then_few_shot_lora_on_both_towers(dual, tmp_path):
     assert trainer.evaluate().accuracy == pytest.approx(zero_shot_accuracy, abs=0.01)  # LoRA starts at zero-shot
     result = trainer.fit()
     assert len(trainer.train_data) == 40 and result.final["accuracy"] > 0.4
-    assert trainer.adapted.plans["default"].n_params == 2 * 12 * 3 * 2 * (384 + 384) + 2 * 6 * 3 * 2 * (384 + 384)
+    plan = trainer.adapted.plans["default"]
+    assert len(plan.targets) == 12 * 3 + 6 * 3  # q, k, v in 12 DINOv2-S and 6 MiniLM blocks
+    assert plan.n_params == len(plan.targets) * 2 * (384 + 384)  # rank 2, 384 -> 384
