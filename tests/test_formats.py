@@ -190,6 +190,36 @@ def test_unknown_targets_are_refused(tmp_path):
     assert_untouched(hf, before)
 
 
+def test_slice_file_with_weight_outside_its_slices_is_refused_and_model_untouched(tmp_path, vit):
+    _, folder = adapted_and_saved(tmp_path, "timm_vit", AdapterConfig(rank=4, alpha=8, targets=["q", "v"]))
+    tensors = load_file(folder / WEIGHTS_FILE)
+    key = "base_model.model.blocks.1.attn.qkv.lora_B.weight"  # [3d, 2r]: k rows must be zero
+    tensors[key][32:64] = 1.0
+    save_file(tensors, folder / WEIGHTS_FILE)
+    before = vit.state_dict().keys()
+    with pytest.raises(AdapterFileError, match=r"blocks.1.attn.qkv: lora_B has weights outside the q/k/v slices"):
+        vislora.load_adapter(vit, folder)
+    assert_untouched(vit, before)
+    model = vislora.inject(vit, AdapterConfig(rank=2, alpha=2, targets=["fc1"]), name="mine")
+    mine = model.state_dict().keys()
+    with pytest.raises(AdapterFileError, match="outside the q/k/v slices"):
+        model.check_adapter(folder)
+    with pytest.raises(AdapterFileError, match="outside the q/k/v slices"):
+        model.load_adapter(folder, name="edited")
+    assert model.adapters == ("mine",) and model.state_dict().keys() == mine
+
+
+def test_checked_adapter_installs_later_with_the_same_outputs(tmp_path, images):
+    _, folder = adapted_and_saved(tmp_path, "timm_vit", AdapterConfig(rank=4, alpha=8, targets=["q", "v", "fc2"]))
+    direct = vislora.load_adapter(tiny_timm(), folder)
+    model = vislora.inject(tiny_timm(), AdapterConfig(rank=2, alpha=2, targets=["fc1"]), name="mine")
+    checked = model.check_adapter(folder)
+    assert model.adapters == ("mine",)  # checking changes nothing
+    model.load_adapter(checked, name="later", activate=True)
+    model.set_active("later")
+    torch.testing.assert_close(model(images), direct(images), rtol=0, atol=0)
+
+
 def test_wrong_rank_is_refused(tmp_path, vit):
     _, folder = adapted_and_saved(tmp_path, "timm_vit", AdapterConfig(rank=4, alpha=8, targets=["qkv"]))
     config = json.loads((folder / CONFIG_FILE).read_text())
@@ -249,7 +279,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("vislora.formats.save_file", disk_full)
+    monkeypatch.setattr("vislora.formats_save.save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
         model.save_adapter(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # old adapter intact, no temp files

@@ -1,4 +1,5 @@
-"""Adapter files: PEFT's directory layout and key names, safetensors only, atomic writes.
+"""Adapter files: PEFT's directory layout and key names, safetensors only; reading, checking and loading them
+(writing, atomically: vislora.formats_save).
 
 A directory holds `adapter_config.json` (a PEFT LoraConfig) and `adapter_model.safetensors` with keys
 `base_model.model.<path>.lora_A.weight` [r, in], `.lora_B.weight` [out, r] and, for DoRA,
@@ -21,16 +22,13 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from vislora import __version__
 from vislora.config import AdapterConfig
 from vislora.errors import AdapterFileError, ConfigError, TargetError
-from vislora.io import atomic_write, atomic_write_text
 from vislora.targets import QKV, Target, TargetPlan, resolve_targets
 
 if TYPE_CHECKING:
@@ -48,88 +46,6 @@ _UNSUPPORTED_PEFT = {"fan_in_fan_out": False, "bias": "none", "lora_bias": False
                      "use_qalora": False, "use_bdlora": None}
 
 
-@dataclass
-class Pair:
-    """One low-rank pair in PEFT's layout: delta_W = scale * B @ A."""
-
-    a: torch.Tensor  # [r, in]
-    b: torch.Tensor  # [out, r]
-    scale: float
-    magnitude: torch.Tensor | None = None  # [out], DoRA only
-
-
-# ------------------------------------------------------------------ save
-def save_adapter(model: AdaptedModel, path: Path, name: str) -> Path:
-    """Write adapter `name` of `model` into directory `path` (created if missing)."""
-    if model.configs[name].method in ("adalora", "molora"):
-        from vislora.formats_variants import save_variant
-
-        return save_variant(model, path, name)
-    return save_lora(model, path, name)
-
-
-def save_lora(model: AdaptedModel, path: Path, name: str, trained_as: AdapterConfig | None = None) -> Path:
-    """Write a LoRA/DoRA/PiSSA adapter in PEFT's layout; `trained_as` records the config it was exported from."""
-    config, plan = saved_config(model.configs[name]), model.plans[name]
-    tensors: dict[str, torch.Tensor] = {}
-    ranks: dict[str, int] = {}
-    alphas: dict[str, float] = {}
-    pairs_by_module = _peft_pairs(model, plan, name)
-    for peft_path, pairs in pairs_by_module.items():
-        for key, pair in pairs.items():
-            tensors[f"{PREFIX}{key}.lora_A.weight"] = pair.a
-            tensors[f"{PREFIX}{key}.lora_B.weight"] = pair.b
-            if pair.magnitude is not None:
-                tensors[f"{PREFIX}{key}.lora_magnitude_vector"] = pair.magnitude
-        rank, scale = next(iter(pairs.values())).a.shape[0], next(iter(pairs.values())).scale
-        alpha = scale * (math.sqrt(rank) if config.use_rslora else rank)
-        if rank != config.rank or not math.isclose(alpha, config.alpha, rel_tol=1e-12):
-            ranks[_exact(peft_path)], alphas[_exact(peft_path)] = rank, alpha
-    for module_path in plan.modules_to_save:
-        copy = model._saved[module_path].copies[name]
-        tensors.update({f"{PREFIX}{module_path}.{k}": v for k, v in copy.state_dict().items()})
-    peft_config = {
-        "peft_type": "LORA",
-        "task_type": None,
-        "base_model_name_or_path": base_model_name(model.base_model),
-        "r": config.rank,
-        "lora_alpha": config.alpha,
-        "lora_dropout": config.dropout,
-        "use_rslora": config.use_rslora,
-        "use_dora": config.method == "dora",
-        "target_modules": sorted(pairs_by_module),
-        "rank_pattern": ranks,
-        "alpha_pattern": alphas,
-        "modules_to_save": plan.modules_to_save or None,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "init_lora_weights": True,
-        "inference_mode": True,
-    }
-    extra = extra_record(config, [{"path": t.path, "slices": list(t.slices), "rank": _saved_rank(model, t, name),
-                                   "scale": t.scale} for t in plan.targets])
-    if trained_as is not None:
-        extra["trained_as"] = trained_as.model_dump(mode="json")
-    return write_adapter_dir(path, tensors, peft_config, extra)
-
-
-def extra_record(config: AdapterConfig, targets: list[dict[str, Any]]) -> dict[str, Any]:
-    """The content of vislora_adapter.json: what PEFT's config cannot say."""
-    return {"format_version": FORMAT_VERSION, "library": f"vislora {__version__}",
-            "adapter_config": config.model_dump(mode="json"), "targets": targets}
-
-
-def write_adapter_dir(path: Path, tensors: dict[str, torch.Tensor], peft_config: dict[str, Any],
-                      extra: dict[str, Any]) -> Path:
-    """Write the three files of an adapter directory, each atomically (weights first, config last)."""
-    path.mkdir(parents=True, exist_ok=True)
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write(path / WEIGHTS_FILE, lambda tmp: save_file(cpu, str(tmp), metadata={"format": "pt"}))
-    atomic_write_text(path / EXTRA_FILE, json.dumps(extra, indent=2))
-    atomic_write_text(path / CONFIG_FILE, json.dumps(peft_config, indent=2))
-    return path
-
-
 def saved_config(config: AdapterConfig) -> AdapterConfig:
     """The config that describes the saved file: a PiSSA adapter is written as a plain LoRA of twice the rank
     (PEFT's conversion: alpha doubled, or times sqrt(2) with rsLoRA, so the scale stays)."""
@@ -143,73 +59,12 @@ def saved_config(config: AdapterConfig) -> AdapterConfig:
     })
 
 
-def _saved_rank(model: AdaptedModel, target: Target, name: str) -> int:
-    return model._layers[target.module_path].export_pair(name)[2]
-
-
-def _peft_pairs(model: AdaptedModel, plan: TargetPlan, name: str) -> dict[str, dict[str, Pair]]:
-    """PEFT module path -> {key prefix: pair}; MHA pairs padded to one rank and one scale."""
-    out: dict[str, dict[str, Pair]] = {}
-    mha_paths = _mha_paths(model)
-    for target in plan.targets:
-        layer = model._layers[target.module_path]
-        a, b, _ = layer.export_pair(name)
-        magnitude = layer.lora_magnitude[name].detach() if name in layer.lora_magnitude else None
-        pair = Pair(a, _stack_slices(b, target) if target.slices else b, target.scale, magnitude)
-        if target.kind == "mha_in_proj":
-            out.setdefault(target.module_path, {})[target.module_path] = pair
-        elif target.path.rpartition(".")[0] in mha_paths and target.path.endswith(".out_proj"):
-            mha = target.path.rpartition(".")[0]
-            out.setdefault(mha, {})[f"{mha}.base_layer.out_proj"] = pair
-        else:
-            out[target.path] = {target.path: pair}
-    for mha in mha_paths & set(out):
-        out[mha] = _pad_mha(out[mha], mha, model)
-    return out
-
-
-def _mha_paths(model: AdaptedModel) -> set[str]:
+def mha_module_paths(model: AdaptedModel) -> set[str]:
     from torch.nn import MultiheadAttention
 
     from vislora.targets import logical_modules
 
     return {p for p, m in logical_modules(model.base_model).items() if isinstance(m, MultiheadAttention)}
-
-
-def _pad_mha(pairs: dict[str, Pair], mha: str, model: AdaptedModel) -> dict[str, Pair]:
-    """Give in_proj and out_proj pairs one rank (zero padding) and one scale (folded into B)."""
-    embed = model._layers[mha].in_features
-    shapes = {mha: (3 * embed, embed), f"{mha}.base_layer.out_proj": (embed, embed)}
-    rank = max(p.a.shape[0] for p in pairs.values())
-    scale = pairs[mha].scale if mha in pairs else next(iter(pairs.values())).scale
-    padded = {}
-    for key, (n_out, n_in) in shapes.items():
-        pair = pairs.get(key)
-        a = torch.zeros(rank, n_in, dtype=next(iter(pairs.values())).a.dtype)
-        b = torch.zeros(n_out, rank, dtype=a.dtype)
-        magnitude = None
-        if pair is not None:
-            r = pair.a.shape[0]
-            a[:r], b[:, :r] = pair.a, pair.b * (pair.scale / scale)
-            magnitude = pair.magnitude
-        elif any(p.magnitude is not None for p in pairs.values()):  # DoRA's identity: m = ||W|| gives g = 1
-            magnitude = _mha_weight(model, key).detach().to(a.dtype).norm(dim=1)
-        padded[key] = Pair(a, b, scale, magnitude)
-    return padded
-
-
-def _mha_weight(model: AdaptedModel, key: str) -> torch.Tensor:
-    mha = model._layers[key.removesuffix(".base_layer.out_proj")].base_layer
-    return mha.out_proj.weight if key.endswith(".out_proj") else mha.in_proj_weight
-
-
-def _stack_slices(b: torch.Tensor, target: Target) -> torch.Tensor:
-    """Per-slice B [S, d, r] -> block-sparse B [3d, S*r] of the equivalent stacked-rank LoRA."""
-    n_slices, rows, rank = b.shape
-    full = b.new_zeros(len(QKV), rows, n_slices, rank)
-    for j, slice_name in enumerate(target.slices):
-        full[QKV.index(slice_name), :, j] = b[j]
-    return full.flatten(2).flatten(0, 1)
 
 
 def _unstack_slices(b_full: torch.Tensor, target: Target) -> torch.Tensor:
@@ -227,21 +82,29 @@ def _unstack_slices(b_full: torch.Tensor, target: Target) -> torch.Tensor:
     return b
 
 
-def _exact(path: str) -> str:
-    """A PEFT rank/alpha_pattern key matching exactly this module path."""
-    return "^" + re.escape(path)
-
-
-def base_model_name(model: torch.nn.Module) -> str | None:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    name = cfg.get("hf_hub_id") or cfg.get("architecture") if isinstance(cfg, dict) else None
-    return name or getattr(getattr(model, "config", None), "_name_or_path", None) or None
-
-
 # ------------------------------------------------------------------ load
-def load_adapter_into(model: AdaptedModel, path: Path, name: str, activate: bool | None) -> TargetPlan:
-    """Check the adapter at `path` against `model` completely, then install it as `name`."""
-    model._check_new_name(name)
+class LayerPair(NamedTuple):
+    module_path: str
+    a: torch.Tensor  # [S*r, in] or [r, in]
+    b: torch.Tensor  # [S, d, r] for q/k/v slices, else [out, r]
+    magnitude: torch.Tensor | None  # [out], DoRA only
+
+
+@dataclass
+class CheckedAdapter:
+    """An adapter directory read and checked against one model, ready to install with no further checks:
+    `AdaptedModel.check_adapter(path)` makes it (slow: disk, shapes) and `load_adapter(checked, name)` installs it
+    (fast), so a server can hold its model lock for the install only."""
+
+    path: Path
+    config: AdapterConfig
+    plan: TargetPlan
+    tensors: dict[str, torch.Tensor]  # file keys -> tensors
+    pairs: dict[str, LayerPair] | None  # target path -> its pair in the layer's layout; None for MoLoRA
+
+
+def check_adapter(model: AdaptedModel, path: Path) -> CheckedAdapter:
+    """Read the adapter at `path` and check it against `model` completely; nothing in `model` changes."""
     config_file, weights_file, extra_file = find_adapter_files(path)
     peft_config = read_json(config_file)
     extra = read_json(extra_file) if extra_file.is_file() else None
@@ -252,15 +115,28 @@ def load_adapter_into(model: AdaptedModel, path: Path, name: str, activate: bool
         raise AdapterFileError(f"adapter {path} does not fit this model (was it trained on another one?): "
                                f"{exc}") from None
     tensors = read_safetensors(weights_file)
-    expected = _expected_shapes(model, plan, config)
-    check_fit(path, expected, tensors)
-    model._install(name, config, plan)
-    _copy_in(model, plan, name, tensors)
+    check_fit(path, _expected_shapes(model, plan, config), tensors)
+    pairs = None if config.method == "molora" else _layer_pairs(model, plan, tensors)
+    return CheckedAdapter(path, config, plan, tensors, pairs)
+
+
+def load_adapter_into(model: AdaptedModel, source: Path | CheckedAdapter, name: str, activate: bool | None
+                      ) -> TargetPlan:
+    """Check the adapter at `source` against `model` completely (unless it was checked already), then install it
+    as `name`."""
+    model._check_new_name(name)
+    checked = source if isinstance(source, CheckedAdapter) else check_adapter(model, source)
+    model._install(name, checked.config, checked.plan)
+    try:
+        _copy_in(model, checked, name)
+    except Exception:
+        model._remove(name)
+        raise
     if activate or (activate is None and not model.active_adapters):
         model.set_active(name)
     else:
         model._apply_active()
-    return plan
+    return checked.plan
 
 
 def load_weights_into(model: AdaptedModel, path: Path, name: str) -> None:
@@ -277,13 +153,14 @@ def load_weights_into(model: AdaptedModel, path: Path, name: str) -> None:
     if extra_file.is_file():
         found = _vislora_config(read_json(extra_file), config_file)
         if found != config:
-            changed = sorted(k for k in config.model_fields if getattr(found, k) != getattr(config, k))
+            changed = sorted(k for k in type(config).model_fields if getattr(found, k) != getattr(config, k))
             raise AdapterFileError(f"adapter {path} was saved from another config than adapter {name!r} (differs in "
                                    f"{', '.join(changed)}); load it as a new adapter with load_adapter instead")
     plan = resolve_targets(model.base_model, config)
     tensors = read_safetensors(weights_file)
     check_fit(path, _expected_shapes(model, plan, config), tensors)
-    _copy_in(model, plan, name, tensors)
+    pairs = None if config.method == "molora" else _layer_pairs(model, plan, tensors)
+    _copy_in(model, CheckedAdapter(path, config, plan, tensors, pairs), name)
 
 
 def find_adapter_files(path: Path) -> tuple[Path, Path, Path]:
@@ -389,7 +266,7 @@ def _expected_shapes(model: AdaptedModel, plan: TargetPlan, config: AdapterConfi
         return {**expert_shapes(plan, config), **_saved_module_shapes(model, plan)}
     shapes: dict[str, tuple] = {}
     mha_ranks: dict[str, int] = {}
-    mha_paths = _mha_paths(model)
+    mha_paths = mha_module_paths(model)
     for target in plan.targets:
         rank = target.rank * max(1, len(target.slices))
         parent = target.path.rpartition(".")[0]
@@ -446,23 +323,27 @@ def _strip(key: str) -> str:
     return key.removeprefix(PREFIX)
 
 
-def _copy_in(model: AdaptedModel, plan: TargetPlan, name: str, tensors: dict[str, torch.Tensor]) -> None:
+def _copy_in(model: AdaptedModel, checked: CheckedAdapter, name: str) -> None:
     with torch.no_grad():
-        if model.configs[name].method == "molora":
+        if checked.pairs is None:
             from vislora.formats_variants import copy_experts
 
-            copy_experts(model, plan, name, tensors)
-        else:
-            _copy_pairs(model, plan, name, tensors)
-        for module_path in plan.modules_to_save:
+            copy_experts(model, checked.plan, name, checked.tensors)
+        for module_path, a, b, magnitude in (checked.pairs or {}).values():
+            layer = model._layers[module_path]
+            layer.import_pair(name, a, b)
+            if name in layer.lora_magnitude:
+                layer.lora_magnitude[name].copy_(magnitude)
+        for module_path in checked.plan.modules_to_save:
             copy = model._saved[module_path].copies[name]
-            copy.load_state_dict({k: tensors[f"{PREFIX}{module_path}.{k}"] for k in copy.state_dict()})
+            copy.load_state_dict({k: checked.tensors[f"{PREFIX}{module_path}.{k}"] for k in copy.state_dict()})
 
 
-def _copy_pairs(model: AdaptedModel, plan: TargetPlan, name: str, tensors: dict[str, torch.Tensor]) -> None:
-    mha_paths = _mha_paths(model)
+def _layer_pairs(model: AdaptedModel, plan: TargetPlan, tensors: dict[str, torch.Tensor]) -> dict[str, LayerPair]:
+    """Target path -> its pair as the layer stores it: MHA padding and shared scale undone, q/k/v slices unstacked
+    (an error if B has weight outside its slices)."""
+    mha_paths, pairs = mha_module_paths(model), {}
     for target in plan.targets:
-        layer = model._layers[target.module_path]
         parent = target.path.rpartition(".")[0]
         if target.kind == "mha_in_proj":
             key = target.module_path
@@ -474,9 +355,9 @@ def _copy_pairs(model: AdaptedModel, plan: TargetPlan, name: str, tensors: dict[
         if key != target.path:  # an MHA pair, padded to the attention's shared rank and scale
             rank = target.rank * max(1, len(target.slices))
             a, b = a[:rank], b[:, :rank] * (_shared_mha_scale(plan, target) / target.scale)
-        layer.import_pair(name, a, _unstack_slices(b, target) if target.slices else b)
-        if name in layer.lora_magnitude:
-            layer.lora_magnitude[name].copy_(tensors[f"{PREFIX}{key}.lora_magnitude_vector"])
+        pairs[target.path] = LayerPair(target.module_path, a, _unstack_slices(b, target) if target.slices else b,
+                                       tensors.get(f"{PREFIX}{key}.lora_magnitude_vector"))
+    return pairs
 
 
 def _shared_mha_scale(plan: TargetPlan, target: Target) -> float:

@@ -20,17 +20,8 @@ from safetensors.torch import save_file
 
 from vislora.adapters import variants
 from vislora.errors import AdapterError, AdapterFileError
-from vislora.formats import (
-    PREFIX,
-    base_model_name,
-    check_fit,
-    extra_record,
-    find_adapter_files,
-    read_json,
-    read_safetensors,
-    save_lora,
-    write_adapter_dir,
-)
+from vislora.formats import PREFIX, check_fit, find_adapter_files, read_json, read_safetensors
+from vislora.formats_save import base_model_name, extra_record, save_lora, write_adapter_dir
 from vislora.io import atomic_write
 
 if TYPE_CHECKING:

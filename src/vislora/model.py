@@ -24,6 +24,7 @@ from vislora.targets import QKV, TargetPlan, resolve_targets
 
 if TYPE_CHECKING:
     from vislora.arithmetic import CombineReport
+    from vislora.formats import CheckedAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -252,16 +253,25 @@ class AdaptedModel(ModuleTree, nn.Module):
     # ---------------------------------------------------------------- files
     def save_adapter(self, path: str | Path, name: str = "default") -> Path:
         """Write adapter `name` as a PEFT-compatible directory (safetensors only, atomic writes)."""
-        from vislora.formats import save_adapter
+        from vislora.formats_save import save_adapter
 
         self._check_known([name])
         return save_adapter(self, Path(path), name)
 
-    def load_adapter(self, path: str | Path, name: str = "default", activate: bool | None = None) -> TargetPlan:
-        """Load an adapter directory saved by vislora or PEFT; the model is untouched if it does not fit."""
-        from vislora.formats import load_adapter_into
+    def load_adapter(self, path: str | Path | CheckedAdapter, name: str = "default", activate: bool | None = None
+                     ) -> TargetPlan:
+        """Load an adapter directory saved by vislora or PEFT (or one `check_adapter` read); the model is untouched
+        if it does not fit."""
+        from vislora.formats import CheckedAdapter, load_adapter_into
 
-        return load_adapter_into(self, Path(path), name, activate)
+        return load_adapter_into(self, path if isinstance(path, CheckedAdapter) else Path(path), name, activate)
+
+    def check_adapter(self, path: str | Path) -> CheckedAdapter:
+        """Read an adapter directory and check it against this model without changing anything; `load_adapter`
+        takes the result and only installs it."""
+        from vislora.formats import check_adapter
+
+        return check_adapter(self, Path(path))
 
     def load_adapter_weights(self, path: str | Path, name: str = "default") -> None:
         """Copy a saved adapter (e.g. a checkpoint of this run) into adapter `name` in place: the parameter objects

@@ -128,12 +128,13 @@ class Engine:
         check_fits(name, source, self.base, self.input_spec)
         check_base_weights(name, source, self._base_print, self.head_path)
         classes = self._classes(source)
+        checked = self.model.check_adapter(source.path)  # disk reads and checks outside the model lock
         with self._state:
             self._check_free(name)
             self._pending.add(name)
         try:
             with self._model_lock:
-                self.model.load_adapter(source.path, name, activate=False)
+                self.model.load_adapter(checked, name, activate=False)
                 size = self._bytes(name)
             record = LoadedAdapter(name, source.reference, str(source.path), source.digest, classes, size,
                                    time.time())
