@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -35,16 +34,12 @@ from vislora.train.batches import EpochBatches
 from vislora.train.callbacks import TrainerCallback
 from vislora.train.config import TrainConfig
 from vislora.train.monitor import GradientMonitor
-from vislora.train.rundir import MetricsLog, TrainingError, changed_keys
+from vislora.train.rundir import MetricsLog, RunDirectory, TrainingError
 from vislora.train.schedule import build_optimizer, build_scheduler
 from vislora.train.stages import StagePlan, apply_stage
 from vislora.train.tasks import Evaluation, make_task
 
 logger = logging.getLogger(__name__)
-
-RESUME_FREE_KEYS = {"run.resume", "run.progress", "run.output_dir", "data.num_workers", "run.log_every",
-                    "run.monitor_gradients"}
-
 
 @dataclass
 class TrainResult:
@@ -64,7 +59,7 @@ class TrainResult:
     adapter_ranks: dict[str, int] = field(default_factory=dict)  # per layer; AdaLoRA's after pruning
 
 
-class Trainer:
+class Trainer(RunDirectory):
     """Build model, data, optimizer from a TrainConfig; `fit()` trains. Tests may pass their own datasets, and
     dual-encoder runs a prepared base model (e.g. with pre-aligned projections) instead of `model.spec`."""
 
@@ -338,87 +333,6 @@ class Trainer:
                                self.loop.best_step)
             return True
         return False
-
-    # ---------------------------------------------------------------- files
-    def _prepare_run_dir(self) -> None:
-        accelerator = self.accelerator
-        checkpoints = ckpt.list_checkpoints(self.run_dir / "checkpoints")
-        saved = self.run_dir / "config.yaml"
-        if checkpoints and not self.config.run.resume:
-            raise TrainingError(f"{self.run_dir} already holds a run (checkpoints up to {checkpoints[-1].name}); "
-                                "set run.resume: true to continue it, or choose a new run.output_dir")
-        if checkpoints and saved.is_file():
-            self._check_same_run(saved)
-        if accelerator.is_main_process:
-            self.config.save(saved)
-        if checkpoints:
-            self.load_checkpoint(checkpoints[-1])
-        elif accelerator.is_main_process:
-            self.metrics.path.unlink(missing_ok=True)
-        accelerator.wait_for_everyone()
-
-    def _check_same_run(self, saved: Path) -> None:
-        previous = TrainConfig.load(saved).model_dump(mode="json")
-        current = self.config.model_dump(mode="json")
-        changed = changed_keys(previous, current, RESUME_FREE_KEYS)
-        if changed:
-            raise TrainingError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} changed); "
-                                "resume it with the same config, or choose a new run.output_dir")
-
-    def save_checkpoint(self) -> Path:
-        """Write checkpoints/step-N/ atomically (every process saves its RNG), prune old ones."""
-        accelerator = self.accelerator
-        root = self.run_dir / "checkpoints"
-        staging = ckpt.staging_dir(root, self.loop.step)
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        accelerator.wait_for_everyone()
-        ckpt.save_rng(staging, accelerator.process_index)
-        if accelerator.is_main_process:
-            self._save_adapter_files(staging)
-            ckpt.save_trainer_state(staging, self.loop, self.optimizer, self.scheduler)
-            self.metrics.sync()
-        accelerator.wait_for_everyone()
-        final = ckpt.step_dir(root, self.loop.step)
-        if accelerator.is_main_process:
-            ckpt.publish(staging, final)
-            for old in ckpt.list_checkpoints(root)[:-self.config.run.keep_last]:
-                shutil.rmtree(old)
-        accelerator.wait_for_everyone()
-        return final
-
-    def load_checkpoint(self, folder: Path) -> None:
-        """Restore adapter, optimizer, scheduler, RNG and loop position from a checkpoint folder."""
-        if self.stage_plan is not None:  # the checkpoint holds the optimizer of the stage running its next step
-            apply_stage(self, self.stage_plan.index_at(ckpt.saved_step(folder)), carry_state=False)
-        self.adapted.load_adapter_weights(folder)
-        self.loop = ckpt.load_trainer_state(folder, self.optimizer, self.scheduler)
-        ckpt.load_rng(folder, self.accelerator.process_index)
-        if self.accelerator.is_main_process:
-            self.metrics.truncate(self.loop.step)
-            logger.info("resumed from %s (step %d, epoch %d)", folder, self.loop.step, self.loop.epoch)
-
-    def _save_adapter(self, target: Path) -> None:
-        """Write the current adapter to `target` (best/, adapter/) by a complete copy swapped in."""
-        if not self.accelerator.is_main_process:
-            return
-        staging = target.with_name(f".{target.name}.staging")
-        shutil.rmtree(staging, ignore_errors=True)
-        self._save_adapter_files(staging)
-        ckpt.replace_dir(staging, target)
-        shutil.rmtree(staging, ignore_errors=True)
-
-    def _save_adapter_files(self, folder: Path) -> None:
-        self.adapted.save_adapter(folder, "default")
-        task = {**self.task.info(), "input": asdict(self.spec), "step": self.loop.step,
-                "seed": self.config.run.seed}  # rebuilds a randomly initialised base wherever the adapter goes
-        atomic_write_text(folder / "task.json", json.dumps(task, indent=2))
-
-    def _write_metrics(self, row: dict[str, Any]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        self.metrics.write(row)
 
     def _log_train(self, loss: float, grad_norm: float, finite: bool, images_per_s: float, bar: Any) -> None:
         lrs = [group["lr"] for group in self.optimizer.param_groups]
