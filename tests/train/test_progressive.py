@@ -47,6 +47,8 @@ def test_stages_grow_the_rank_keep_the_output_and_the_optimizer_state(tmp_path, 
     assert grown.shape[0] == 2 * 4 and grown.requires_grad
     state = trainer.optimizer.optimizer.state[grown]["exp_avg"].view(2, 4, -1)
     assert state[:, :2].eq(1).all() and state[:, 2:].eq(0).all()
+    assert trainer.stage_plan.describe().splitlines()[1].startswith(
+        "stage 2/3: steps 4-6, train everything, lr x0.5, rank 4")  # an image classifier has no towers to name
 
 
 def test_a_progressive_run_ends_at_the_last_rank_and_resumes_exactly(tmp_path, folder):

@@ -91,6 +91,12 @@ class StagePlan:
         """Follow parameters that were replaced (rank growth) by name."""
         self.candidates = {name: p for name, p in model.named_parameters() if name in self.candidates}
 
+    def trains(self, index: int) -> str:
+        """What stage `index` trains, in words: its towers, or `everything` for a model without a text tower."""
+        if "text" not in self.towers.values():
+            return "everything"
+        return "+".join(self.stages[index].train)
+
     def trainable_count(self, index: int) -> int:
         return sum(self.candidates[n].numel() for n in self.members(index))
 
@@ -99,7 +105,7 @@ class StagePlan:
         for index, (stage, start) in enumerate(zip(self.stages, self.starts, strict=True)):
             grows = f", rank {stage.rank}" if stage.rank else ""
             lines.append(f"stage {index + 1}/{len(self.stages)}: steps {start + 1}-{start + stage.steps}, train "
-                         f"{'+'.join(stage.train)}, lr x{stage.lr_scale:g}{grows}, "
+                         f"{self.trains(index)}, lr x{stage.lr_scale:g}{grows}, "
                          f"{self.trainable_count(index):,} trainable parameters"
                          + (" before its growth" if stage.rank and index > 0 else ""))
         return "\n".join(lines)

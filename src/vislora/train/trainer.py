@@ -161,7 +161,7 @@ class Trainer(RunDirectory):
         index = plan.current
         count = plan.trainable_count(index)
         self._say(f"stage {index + 1}/{len(plan.stages)} from step {self.loop.step + 1}: training "
-                  f"{'+'.join(plan.stages[index].train)}, {count:,} trainable parameters, "
+                  f"{plan.trains(index)}, {count:,} trainable parameters, "
                   f"lr x{plan.stages[index].lr_scale:g}")
         self._write_metrics({"step": self.loop.step, "split": "stage", "stage": index + 1, "trainable": count,
                              "train": plan.stages[index].train, "lr_scale": plan.stages[index].lr_scale})
