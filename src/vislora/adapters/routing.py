@@ -8,7 +8,8 @@ pair). It gathers the stacks by each sample's slot and runs two batched matmuls,
     delta_n = B_k(n) (A_k(n) x_n)            plus (g_k(n) - 1) * W x_n for DoRA slots,
 
 so the forward has no loop over adapters. Building the stacks visits each used adapter once; while no
-gradient is recorded the stacks are cached until an adapter's tensors change.
+gradient is recorded, the stacks and each adapter's folded pair are cached until its tensors change, so a
+batch that mixes adapters in a new way (a server's every batch) only stacks them.
 A Route is state on the layers for one forward: calls that route must not run concurrently on one model.
 """
 
@@ -165,36 +166,56 @@ def stacks_for(layer: LoraLayer, used: tuple[str | None, ...]) -> Stacks:
     """The layer's stacks for these slots; reused while no gradient is recorded and no tensor changed."""
     names = [n if n in layer.specs else None for n in used]
     cacheable = not torch.is_grad_enabled()
-    key = (tuple(names), torch.is_inference_mode_enabled(), layer.base_weight._version,
-           *((layer.lora_A[n]._version, layer.lora_B[n]._version,
-              layer.lora_magnitude[n]._version if n in layer.lora_magnitude else -1) for n in names if n))
+    if not cacheable:
+        return _build_stacks(layer, names, [_folded(layer, n) if n else None for n in names])
+    versions = {n: _versions(layer, n) for n in names if n}
+    key = (tuple(names), torch.is_inference_mode_enabled(), layer.base_weight._version, *versions.values())
     cached = layer._cache.get("route")
-    if cacheable and cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == key:
         return cached[1]
-    stacks = _build_stacks(layer, names)
-    if cacheable:
-        layer._cache["route"] = (key, stacks)
+    folded = []
+    for name in names:  # each adapter folded once per change of its tensors, so a new mix of them only stacks
+        if name is None:
+            folded.append(None)
+            continue
+        entry = layer._cache.get(f"fold:{name}")
+        part_key = (key[1], key[2], versions[name])
+        if entry is None or entry[0] != part_key:
+            entry = (part_key, _folded(layer, name))
+            layer._cache[f"fold:{name}"] = entry
+        folded.append(entry[1])
+    stacks = _build_stacks(layer, names, folded)
+    layer._cache["route"] = (key, stacks)
     return stacks
 
 
-def _build_stacks(layer: LoraLayer, names: list[str | None]) -> Stacks:
-    pairs: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-    factors: list[torch.Tensor | None] = []
-    for name in names:  # once per used adapter, to build the stacks; the forward itself has no such loop
-        if name is None:
-            pairs.append(None)
-            factors.append(None)
-            continue
-        a, b = layer.folded_pair(name)  # (r, in), (out, r)
-        g = layer.dora_factor(name) if layer.specs[name].method == "dora" else None
-        pairs.append((a, b if g is None else g[:, None] * b))
-        factors.append(g)
+def _versions(layer: LoraLayer, name: str) -> tuple[int, ...]:
+    """Version counters of adapter `name`'s tensors on `layer`: any in-place change (an optimizer step, a load,
+    AdaLoRA's pruning) changes one."""
+    # ParameterDict keeps its entries in _parameters; reading them there skips a getattr chain per tensor
+    return tuple(store._parameters[name]._version if name in store._parameters else -1
+                 for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.lora_E))
+
+
+def _folded(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(A [r, in], B [out, r] with scale and DoRA's g folded in, g [out] or None) of adapter `name`."""
+    a, b = layer.folded_pair(name)  # (r, in), (out, r)
+    g = layer.dora_factor(name) if layer.specs[name].method == "dora" else None
+    return a, b if g is None else g[:, None] * b, g
+
+
+def _build_stacks(layer: LoraLayer, names: list[str | None],
+                  folded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]) -> Stacks:
+    pairs = [None if f is None else (f[0], f[1]) for f in folded]
+    factors = [None if f is None else f[2] for f in folded]
     rank = max((p[0].shape[0] for p in pairs if p is not None), default=1)
     dtype = layer._adapter_dtype
     zero_a = torch.zeros(rank, layer.in_features, dtype=dtype, device=layer._device)
     zero_b = torch.zeros(layer.out_features, rank, dtype=dtype, device=layer._device)
-    a = torch.stack([zero_a if p is None else F.pad(p[0], (0, 0, 0, rank - p[0].shape[0])) for p in pairs])
-    b = torch.stack([zero_b if p is None else F.pad(p[1], (0, rank - p[1].shape[1])) for p in pairs])
+    a = torch.stack([zero_a if p is None else p[0] if p[0].shape[0] == rank else
+                     F.pad(p[0], (0, 0, 0, rank - p[0].shape[0])) for p in pairs])  # (K, R, in)
+    b = torch.stack([zero_b if p is None else p[1] if p[1].shape[1] == rank else
+                     F.pad(p[1], (0, rank - p[1].shape[1])) for p in pairs])  # (K, out, R)
     g = None
     if any(f is not None for f in factors):
         ones = torch.ones(layer.out_features, dtype=dtype, device=layer._device)
