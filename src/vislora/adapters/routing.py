@@ -8,8 +8,9 @@ pair). It gathers the stacks by each sample's slot and runs two batched matmuls,
     delta_n = B_k(n) (A_k(n) x_n)            plus (g_k(n) - 1) * W x_n for DoRA slots,
 
 so the forward has no loop over adapters. Building the stacks visits each used adapter once; while no
-gradient is recorded, the stacks and each adapter's folded pair are cached until its tensors change, so a
-batch that mixes adapters in a new way (a server's every batch) only stacks them.
+gradient is recorded the stacks are cached until an adapter's tensors change. Plain LoRA pairs are stacked
+as they are (their scales applied to the stack), so a batch that mixes adapters anew (a server's every batch)
+costs two stacks per layer.
 A Route is state on the layers for one forward: calls that route must not run concurrently on one model.
 """
 
@@ -165,26 +166,14 @@ class Route:
 def stacks_for(layer: LoraLayer, used: tuple[str | None, ...]) -> Stacks:
     """The layer's stacks for these slots; reused while no gradient is recorded and no tensor changed."""
     names = [n if n in layer.specs else None for n in used]
-    cacheable = not torch.is_grad_enabled()
-    if not cacheable:
-        return _build_stacks(layer, names, [_folded(layer, n) if n else None for n in names])
-    versions = {n: _versions(layer, n) for n in names if n}
-    key = (tuple(names), torch.is_inference_mode_enabled(), layer.base_weight._version, *versions.values())
+    if torch.is_grad_enabled():
+        return _build_stacks(layer, names)
+    key = (tuple(names), torch.is_inference_mode_enabled(), layer.base_weight._version,
+           *(_versions(layer, n) for n in names if n))
     cached = layer._cache.get("route")
     if cached is not None and cached[0] == key:
         return cached[1]
-    folded = []
-    for name in names:  # each adapter folded once per change of its tensors, so a new mix of them only stacks
-        if name is None:
-            folded.append(None)
-            continue
-        entry = layer._cache.get(f"fold:{name}")
-        part_key = (key[1], key[2], versions[name])
-        if entry is None or entry[0] != part_key:
-            entry = (part_key, _folded(layer, name))
-            layer._cache[f"fold:{name}"] = entry
-        folded.append(entry[1])
-    stacks = _build_stacks(layer, names, folded)
+    stacks = _build_stacks(layer, names)
     layer._cache["route"] = (key, stacks)
     return stacks
 
@@ -197,17 +186,22 @@ def _versions(layer: LoraLayer, name: str) -> tuple[int, ...]:
                  for store in (layer.lora_A, layer.lora_B, layer.lora_magnitude, layer.lora_E))
 
 
-def _folded(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(A [r, in], B [out, r] with scale and DoRA's g folded in, g [out] or None) of adapter `name`."""
-    a, b = layer.folded_pair(name)  # (r, in), (out, r)
-    g = layer.dora_factor(name) if layer.specs[name].method == "dora" else None
-    return a, b if g is None else g[:, None] * b, g
+def _pair(layer: LoraLayer, name: str) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+    """(A [r, in], B [out, r], factor still to apply to B, DoRA's g [out] or None). A plain LoRA pair is the
+    adapter's own tensors (its scale applied once to the whole stack): a server's every batch mixes adapters
+    anew, and copying them into a folded form first would double the work."""
+    spec = layer.specs[name]
+    if spec.method == "lora" and not spec.slices:
+        return layer.lora_A[name], layer.lora_B[name], spec.scale, None
+    a, b = layer.folded_pair(name)  # (r, in), (out, r): scale, AdaLoRA's E and q/k/v slices folded in
+    g = layer.dora_factor(name) if spec.method == "dora" else None
+    return a, b if g is None else g[:, None] * b, 1.0, g
 
 
-def _build_stacks(layer: LoraLayer, names: list[str | None],
-                  folded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None]) -> Stacks:
-    pairs = [None if f is None else (f[0], f[1]) for f in folded]
-    factors = [None if f is None else f[2] for f in folded]
+def _build_stacks(layer: LoraLayer, names: list[str | None]) -> Stacks:
+    parts = [None if n is None else _pair(layer, n) for n in names]  # once per used adapter, not per sample
+    pairs = [None if p is None else (p[0], p[1]) for p in parts]
+    factors = [None if p is None else p[3] for p in parts]
     rank = max((p[0].shape[0] for p in pairs if p is not None), default=1)
     dtype = layer._adapter_dtype
     zero_a = torch.zeros(rank, layer.in_features, dtype=dtype, device=layer._device)
@@ -216,6 +210,9 @@ def _build_stacks(layer: LoraLayer, names: list[str | None],
                      F.pad(p[0], (0, 0, 0, rank - p[0].shape[0])) for p in pairs])  # (K, R, in)
     b = torch.stack([zero_b if p is None else p[1] if p[1].shape[1] == rank else
                      F.pad(p[1], (0, rank - p[1].shape[1])) for p in pairs])  # (K, out, R)
+    scales = [1.0 if p is None else p[2] for p in parts]
+    if any(scale != 1.0 for scale in scales):
+        b = b * torch.tensor(scales, dtype=dtype, device=layer._device)[:, None, None]
     g = None
     if any(f is not None for f in factors):
         ones = torch.ones(layer.out_features, dtype=dtype, device=layer._device)
