@@ -79,6 +79,29 @@ def test_checkpoints_are_complete_pruned_and_temp_folders_ignored(tmp_path, fold
     assert ckpt.list_checkpoints(root)[-1].name == "step-000006"
 
 
+def test_a_removal_killed_midway_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    for step in (2, 4):
+        (ckpt.step_dir(root, step)).mkdir(parents=True)
+        for name in ("adapter_model.safetensors", "optimizer.safetensors"):
+            (ckpt.step_dir(root, step) / name).write_bytes(b"x")
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # deletes one file, then the process dies
+        if not path.exists():
+            return
+        next(p for p in sorted(path.iterdir())).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.remove_dir(ckpt.step_dir(root, 2))
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert [p.name for p in ckpt.list_checkpoints(root)] == ["step-000004"]  # the half-deleted one is out of sight
+    ckpt.remove_dir(ckpt.step_dir(root, 4))
+    assert list(root.iterdir()) == []  # and gone with the next removal
+
+
 def test_run_directory_has_resolved_config_metrics_and_summary(tmp_path, folder):
     cfg = config(tmp_path, folder, run={"eval_every": 3})
     result = Trainer(cfg).fit()

@@ -139,9 +139,21 @@ def saved_step(folder: Path) -> int:
 def publish(staging: Path, final: Path) -> None:
     """Rename a fully written staging folder onto its final name (atomic), then fsync the parent."""
     if final.exists():
-        shutil.rmtree(final)
+        remove_dir(final)
     os.rename(staging, final)
     fsync(final.parent)
+
+
+def remove_dir(folder: Path) -> None:
+    """Delete a folder so that a kill midway never leaves it half deleted under its own name: it is renamed to a
+    hidden name first (atomic), then removed; leftovers of a killed removal go with the next one."""
+    doomed = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.rename(folder, doomed)
+    fsync(folder.parent)
+    shutil.rmtree(doomed)
+    for stale in folder.parent.glob(".*.deleting"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def replace_dir(source: Path, target: Path) -> None:

@@ -121,7 +121,7 @@ class RunDirectory:
         if accelerator.is_main_process:
             ckpt.publish(staging, final)
             for old in ckpt.list_checkpoints(root)[:-self.config.run.keep_last]:
-                shutil.rmtree(old)
+                ckpt.remove_dir(old)  # a kill midway leaves no half-deleted checkpoint that looks complete
         accelerator.wait_for_everyone()
         return final
 
