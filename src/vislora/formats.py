@@ -109,6 +109,11 @@ def check_adapter(model: AdaptedModel, path: Path) -> CheckedAdapter:
     peft_config = read_json(config_file)
     extra = read_json(extra_file) if extra_file.is_file() else None
     config = _vislora_config(extra, config_file) if extra else config_from_peft(peft_config, config_file)
+    return _check_weights(model, path, config, weights_file)
+
+
+def _check_weights(model: AdaptedModel, path: Path, config: AdapterConfig, weights_file: Path) -> CheckedAdapter:
+    """Resolve `config` on `model`, read the weights and check them against what that plan needs."""
     try:
         plan = resolve_targets(model.base_model, config)
     except TargetError as exc:
@@ -156,11 +161,7 @@ def load_weights_into(model: AdaptedModel, path: Path, name: str) -> None:
             changed = sorted(k for k in type(config).model_fields if getattr(found, k) != getattr(config, k))
             raise AdapterFileError(f"adapter {path} was saved from another config than adapter {name!r} (differs in "
                                    f"{', '.join(changed)}); load it as a new adapter with load_adapter instead")
-    plan = resolve_targets(model.base_model, config)
-    tensors = read_safetensors(weights_file)
-    check_fit(path, _expected_shapes(model, plan, config), tensors)
-    pairs = None if config.method == "molora" else _layer_pairs(model, plan, tensors)
-    _copy_in(model, CheckedAdapter(path, config, plan, tensors, pairs), name)
+    _copy_in(model, _check_weights(model, path, config, weights_file), name)
 
 
 def find_adapter_files(path: Path) -> tuple[Path, Path, Path]:

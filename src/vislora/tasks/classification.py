@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -173,17 +173,27 @@ def summarize(rows: Sequence[dict[str, Any]], classes: Sequence[str], skipped: i
     )
 
 
+def eval_batches(model: nn.Module, batches: Iterable[dict[str, Any]], skipped: list[int]
+                 ) -> Iterator[dict[str, Any]]:
+    """The batches that hold images, `model` in eval mode while they are used (put back as it was after); the
+    indices of skipped (corrupt) samples are appended to `skipped`."""
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            skipped += batch["skipped"]
+            if "image" in batch:
+                yield batch
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict_rows(model: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device | str = "cpu",
                  autocast: Any = None) -> tuple[list[dict[str, Any]], list[int]]:
     """Per-sample rows for `summarize`, and the indices of skipped (corrupt) samples."""
     rows, skipped = [], []
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        skipped += batch["skipped"]
-        if "image" not in batch:
-            continue
+    for batch in eval_batches(model, batches, skipped):
         with autocast() if autocast else contextlib.nullcontext():
             logits = model(batch["image"].to(device)).float()
         labels = batch["label"].to(device)
@@ -191,5 +201,4 @@ def predict_rows(model: nn.Module, batches: Iterable[dict[str, Any]], device: to
         for i, label, pred, loss, meta in zip(batch["index"].tolist(), labels.tolist(), logits.argmax(-1).tolist(),
                                               losses.tolist(), batch["metadata"], strict=True):
             rows.append({"index": i, "label": label, "pred": pred, "loss": loss, "metadata": meta})
-    model.train(was_training)
     return rows, skipped

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vislora.errors import AdapterFileError
+from vislora.tasks.classification import eval_batches
 from vislora.tasks.clip import contrastive_loss, retrieval_recall, same_label, text_classifier
 
 
@@ -48,12 +49,7 @@ def embed_rows(model: nn.Module, batches: Iterable[dict[str, Any]], tokenizer: A
                device: torch.device | str = "cpu", autocast: Any = None) -> tuple[list[dict[str, Any]], list[int]]:
     """Rows {index, label, image emb[, caption, text emb]} on the CPU, and the indices of skipped samples."""
     rows, skipped = [], []
-    was_training = model.training
-    model.eval()
-    for batch in batches:
-        skipped += batch["skipped"]
-        if "image" not in batch:
-            continue
+    for batch in eval_batches(model, batches, skipped):
         tokens = tokenizer(batch["caption"]) if "caption" in batch else {}
         with autocast() if autocast else contextlib.nullcontext():
             images, texts = model(images=batch["image"].to(device), **{k: v.to(device) for k, v in tokens.items()})
@@ -62,7 +58,6 @@ def embed_rows(model: nn.Module, batches: Iterable[dict[str, Any]], tokenizer: A
             if tokens:
                 row.update(caption=batch["caption"][j], text=texts[j].float().cpu())
             rows.append(row)
-    model.train(was_training)
     return rows, skipped
 
 
