@@ -20,6 +20,7 @@ class CaptionTokenizer:
     """Base: subclasses implement `_encode(texts) -> (batch dict, token counts before truncation)`."""
 
     max_length: int
+    pad_id: int = 0  # the token id that pads a batch (attention mask 0)
 
     def __init__(self) -> None:
         self.truncated = 0
@@ -54,6 +55,7 @@ class HFCaptionTokenizer(CaptionTokenizer):
         limit = getattr(tokenizer, "model_max_length", None)
         self.max_length = int(max_length or (limit if limit and limit < 100_000 else 512))
         self.pad_to_max = pad_to_max  # SigLIP was trained on max-length padding
+        self.pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
 
     def _encode(self, texts: list[str]) -> tuple[dict[str, torch.Tensor], list[int]]:
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]

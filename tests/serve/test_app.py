@@ -10,6 +10,7 @@ from serving import build_served, make_engine, serve_config
 
 from vislora.errors import AdapterFileError, ConfigError
 from vislora.serve import Engine, create_app
+from vislora.serve.errors import ServeError
 from vislora.serve.sources import base_from_task
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -71,6 +72,19 @@ def test_embed_equals_offline_features_of_its_adapter_and_of_the_base(client, se
         assert body["adapter"] == adapter and body["dim"] == len(body["embedding"])
         ref = served["refs"][adapter]
         assert torch.allclose(torch.tensor(body["embedding"]), ref.features[5], atol=1e-5, rtol=0)
+
+
+def test_text_embeddings_are_refused_by_a_classifier_base_and_embed_needs_one_input(client, served):
+    response = client.post("/v1/embed", json={"text": "a photo of a cat", "adapter": "a1"})
+    assert response.status_code == 400 and "image classifier and embeds images only" in response.json()["detail"]
+    response = client.post("/v1/embed", data={"text": "a cat", "adapter": "a1"})  # multipart, no file
+    assert response.status_code == 400 and "image classifier" in response.json()["detail"]
+    response = client.post("/v1/embed", json={"adapter": "a1"})
+    assert response.status_code == 400 and "exactly one of image and text" in response.json()["detail"]
+    with pytest.raises(ServeError, match="image classifier"):  # in-process, tokens made elsewhere
+        client.app.state.engine.submit_text(torch.zeros(2, 4, dtype=torch.long), "a1")
+    response = client.post("/v1/predict", data={"adapter": "a1"}, files={"other": ("x", b"x")})
+    assert response.status_code == 400 and "file field named 'image'" in response.json()["detail"]
 
 
 def test_predict_without_adapter_is_refused_when_the_base_head_names_nothing(client, served):

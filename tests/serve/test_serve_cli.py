@@ -42,6 +42,13 @@ def test_flags_and_config_file_combine(tmp_path, served):
     base = build_config(None, [], "timm:vit_tiny_patch16_224", 10, 64, True, None, None, [])
     assert (base.base.spec, base.base.num_classes, base.base.image_size, base.base.pretrained) == (
         "timm:vit_tiny_patch16_224", 10, 64, False)
+    dual = build_config(None, [], "asset:dinov2-small", None, 112, False, None, None, [],
+                        text="asset:all-minilm-l6-v2")
+    assert (dual.base.kind, dual.base.text, dual.base.num_classes) == ("dual_encoder", "asset:all-minilm-l6-v2", None)
+    clip = build_config(None, [], "open_clip:ViT-B-32", None, None, False, None, None, [], dual_encoder=True)
+    assert (clip.base.kind, clip.base.text) == ("dual_encoder", None)
+    with pytest.raises(ConfigError, match="give --base too"):
+        build_config(None, [], None, None, None, False, None, None, [], text="asset:all-minilm-l6-v2")
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -71,3 +71,19 @@ def test_prealigned_zero_shot_then_few_shot_lora_on_both_towers(dual, tmp_path):
     plan = trainer.adapted.plans["default"]
     assert len(plan.targets) == 12 * 3 + 6 * 3  # q, k, v in 12 DINOv2-S and 6 MiniLM blocks
     assert plan.n_params == len(plan.targets) * 2 * (384 + 384)  # rank 2, 384 -> 384
+
+
+def test_served_real_pair_embeds_texts_as_the_offline_model_does(dual):  # dual: skips without the assets
+    from vislora.serve import Engine, ServeConfig
+
+    base = {"kind": "dual_encoder", "spec": "asset:dinov2-small", "text": "asset:all-minilm-l6-v2", "embed_dim": 128,
+            "image_size": 112}
+    captions = ["a photo of a sneaker", "a picture of a running shoe", "a photo of an evening dress"]
+    with Engine.from_config(ServeConfig.parse({"base": base})) as engine:
+        served = torch.stack([e.vector for e in engine.embed_texts(captions, [None] * 3)])  # one padded batch
+    # a fresh build: the module's `dual` was pre-aligned by the test above
+    fresh = build_dual_encoder("asset:dinov2-small", "asset:all-minilm-l6-v2", embed_dim=128).eval()
+    with torch.no_grad():
+        offline = torch.cat([fresh.embed_texts([c]) for c in captions])
+    assert torch.allclose(served, offline, atol=1e-5, rtol=0)
+    assert served[0] @ served[1] > served[0] @ served[2]  # related captions stay closer after the projection

@@ -23,7 +23,12 @@ def serve(
     base: Annotated[str | None, typer.Option(
         help="Base model spec (timm:<name>, hf:<id or dir>, asset:dinov2-small); default: the base named by the "
              "first adapter's task.json.")] = None,
-    num_classes: Annotated[int | None, typer.Option(help="Head width of --base (every adapter shares it).")] = None,
+    num_classes: Annotated[int | None, typer.Option(help="Head width of a classifier --base (every adapter shares "
+                                                         "it).")] = None,
+    dual_encoder: Annotated[bool, typer.Option(help="--base is a dual encoder with both towers (hf:<CLIP or "
+                                                     "SigLIP>, open_clip:<name>): embeds images and texts.")] = False,
+    text: Annotated[str | None, typer.Option(help="Text encoder paired with an image --base into a dual encoder "
+                                                  "(hf:<id or dir>, asset:all-minilm-l6-v2).")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side of --base; default: its native size.")] = None,
     random_init: Annotated[bool, typer.Option(help="Build --base with random weights (benchmarks, tests).")] = False,
     host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
@@ -40,13 +45,15 @@ def serve(
     Example: VISLORA_ADMIN_TOKEN=secret vislora serve -a cats=runs/cats/adapter -a dogs=runs/dogs/best --port 8080
 
     Example: vislora serve --registry adapters/ -a cats=registry:cats@promoted -a cats-next=registry:cats@latest
+
+    Example (dual encoder: POST /v1/embed takes {"text": ...} too): vislora serve -a pets=runs/pets-clip/adapter
     """
     import uvicorn
 
     from vislora.serve import Engine, create_app
 
     cfg = build_config(config, adapter or [], base, num_classes, image_size, random_init, host, port, set_ or [],
-                       registry)
+                       registry, text=text, dual_encoder=dual_encoder)
     engine = Engine.from_config(cfg)
     console.print(f"serving {len(engine.adapters())} adapters over {engine.base.spec} "
                   f"({engine.input_spec.size} px): {', '.join(a.name for a in engine.adapters()) or 'none yet'}")
@@ -59,7 +66,8 @@ def serve(
 
 def build_config(config: Path | None, adapters: list[str], base: str | None, num_classes: int | None,
                  image_size: int | None, random_init: bool, host: str | None, port: int | None,
-                 overrides: list[str], registry: Path | None = None) -> Any:
+                 overrides: list[str], registry: Path | None = None, *, text: str | None = None,
+                 dual_encoder: bool = False) -> Any:
     """The ServeConfig from CONFIG (if given) with the command-line flags applied on top."""
     from vislora.serve.config import ServeConfig, read_config
     from vislora.serve.sources import REGISTRY
@@ -75,11 +83,16 @@ def build_config(config: Path | None, adapters: list[str], base: str | None, num
     if registry is not None:
         data["registry"] = str(registry.expanduser().resolve())
     if base is not None:
-        if num_classes is None:
-            raise ConfigError("--base needs --num-classes (the head width every adapter shares)")
-        data["base"] = {"spec": base, "num_classes": num_classes, "image_size": image_size,
-                        "pretrained": not random_init}
-    elif num_classes is not None or image_size is not None or random_init:
-        raise ConfigError("--num-classes, --image-size and --random-init describe --base; give --base too")
+        data["base"] = {"spec": base, "image_size": image_size, "pretrained": not random_init}
+        if dual_encoder or text is not None:
+            data["base"].update(kind="dual_encoder", text=text)
+        elif num_classes is None:
+            raise ConfigError("--base needs --num-classes (the head width every adapter shares), or --dual-encoder "
+                              "/ --text for a dual encoder")
+        else:
+            data["base"]["num_classes"] = num_classes
+    elif num_classes is not None or image_size is not None or random_init or dual_encoder or text is not None:
+        raise ConfigError("--num-classes, --image-size, --random-init, --dual-encoder and --text describe --base; "
+                          "give --base too")
     data.update({k: v for k, v in {"host": host, "port": port}.items() if v is not None})
     return ServeConfig.parse(apply_overrides(data, overrides))

@@ -19,22 +19,41 @@ class _Section(BaseModel):
 
 class BaseSection(_Section):
     """The one base model every adapter is routed over. Omit it when the adapters carry task.json (written by
-    `vislora train`): the base is then rebuilt from the first adapter's task.json, as `vislora eval` does."""
+    `vislora train`): the base is then rebuilt from the first adapter's task.json, as `vislora eval` does.
 
+    An image classifier (`kind: classifier`, the default) answers predict with its head and embed with the head's
+    input. A dual encoder (`kind: dual_encoder`: CLIP, SigLIP, open_clip, or an image backbone paired with a text
+    encoder by `text`) embeds images and texts into one space, and predicts with a prompt classifier built from
+    each adapter's class names and templates."""
+
+    kind: Literal["classifier", "dual_encoder"] = Field("classifier", description="What the base model is.")
     spec: str = Field(..., description="timm:<name>, hf:<id or dir>, open_clip:<name>, or asset:dinov2-small.")
     pretrained: bool = Field(True, description="Load pretrained weights (timm/open_clip download them).")
     head: Literal["auto", "own", "linear"] = Field("auto", description="As in the train config's model.head.")
-    pooling: Literal["cls", "mean", "cls_mean"] = Field("cls", description="Features a linear head reads.")
+    pooling: Literal["cls", "mean", "cls_mean"] = Field("cls", description="Features a linear head (or a dual "
+                                                         "encoder's image projection) reads.")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra arguments for the model factory.")
-    num_classes: int = Field(..., ge=1, description="Width of the classification head every adapter shares.")
+    num_classes: int | None = Field(None, ge=1, description="Width of the classification head every adapter "
+                                    "shares (classifiers only; required for them).")
     image_size: int | None = Field(None, ge=8, description="Square input side; default: the model's native size.")
     classes: list[str] | None = Field(
-        None, description="Names of the base head's outputs. Only then does predict without an adapter answer; "
-        "a head freshly built for the adapters predicts nothing meaningful on its own.")
+        None, description="Names of the base head's outputs (dual encoders: the class names its zero-shot prompt "
+        "classifier predicts). Only then does predict without an adapter answer; a head freshly built for the "
+        "adapters predicts nothing meaningful on its own.")
+    text: str | None = Field(None, description="Dual encoders: the text encoder paired with the image backbone "
+                             "spec (hf:<id or dir>, asset:all-minilm-l6-v2); unset for CLIP/SigLIP/open_clip.")
+    embed_dim: int = Field(256, ge=1, description="Dual encoders with `text`: width of the joint space.")
+    text_pooling: Literal["mean", "cls"] = Field("mean", description="Dual encoders with `text`: text pooling.")
+    templates: list[str] = Field(["a photo of a {}."], min_length=1, description="Dual encoders: prompt "
+                                 "templates of the base's zero-shot classifier over `classes`.")
 
     @model_validator(mode="after")
     def _classes_fit(self) -> BaseSection:
-        if self.classes is not None and len(self.classes) != self.num_classes:
+        if self.kind == "classifier" and self.num_classes is None:
+            raise ValueError("a classifier base needs num_classes (the head width every adapter shares)")
+        if self.kind == "classifier" and self.text is not None:
+            raise ValueError("text pairs a text encoder with the image backbone: set kind: dual_encoder too")
+        if self.num_classes is not None and self.classes is not None and len(self.classes) != self.num_classes:
             raise ValueError(f"base.classes has {len(self.classes)} names but base.num_classes is {self.num_classes}")
         return self
 
@@ -50,6 +69,8 @@ class LimitsSection(_Section):
     max_upload_bytes: int = Field(10 * 2**20, ge=1024, description="Larger request bodies get 413.")
     max_image_pixels: int = Field(40_000_000, ge=1, description="Larger decoded images get 400 (decompression "
                                   "bombs).")
+    max_text_chars: int = Field(10_000, ge=1, description="Longer texts get 400 (dual encoders truncate to their "
+                                "text tower's token limit anyway).")
     max_top_k: int = Field(100, ge=1)
     unload_timeout_s: float = Field(60.0, gt=0, description="How long an unload waits for in-flight requests.")
     request_timeout_s: float = Field(60.0, gt=0, description="A request not computed by then gets 504 (and is "

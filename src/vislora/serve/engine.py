@@ -39,7 +39,7 @@ from vislora.serve.sources import (
     check_fits,
     open_source,
 )
-from vislora.serve.traffic import Assignment, TrafficPolicy
+from vislora.serve.traffic import Assignment, TrafficPolicy, record_shadow
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
 ImageInput = Image.Image | bytes | str | Path
@@ -53,9 +53,12 @@ def check_name(name: str, what: str = "adapter") -> str:
 
 
 class Engine:
-    """Serves predictions and embeddings of a base model with any number of adapters; thread-safe."""
+    """Serves predictions and embeddings of a base model with any number of adapters; thread-safe. This class
+    serves image classifiers; `DualEngine` (built by `from_config` for a dual-encoder base) adds texts."""
 
-    def __init__(self, model: AdaptedModel, head_path: str, input_spec: InputSpec, base: BaseSection, *,
+    modalities: tuple[str, ...] = ("image",)
+
+    def __init__(self, model: AdaptedModel, head_path: str | None, input_spec: InputSpec, base: BaseSection, *,
                  batching: BatchingSection | None = None, limits: LimitsSection | None = None,
                  routes: dict[str, RolloutConfig] | None = None, seed: int = 0,
                  metrics: ServeMetrics | None = None, registry: str | Path | None = None) -> None:
@@ -78,7 +81,7 @@ class Engine:
         if registry is not None and not model.adapters:
             from vislora.registry import fingerprint
 
-            self._base_print = fingerprint(model.base_model, exclude=(head_path,))
+            self._base_print = fingerprint(model.base_model, exclude=(head_path,) if head_path else ())
         if self.batching.threads:
             torch.set_num_threads(self.batching.threads)
         self.metrics.model_bytes.set(sum(t.numel() * t.element_size() for t in (
@@ -103,7 +106,12 @@ class Engine:
                               "base.spec and base.num_classes in the config (or --base/--num-classes)")
         base = config.base or base_from_task(trained.task)
         model, head, spec = build_base(base, trained)
-        engine = cls(AdaptedModel(model), head, spec, base, batching=config.batching, limits=config.limits,
+        engine_class = cls
+        if base.kind == "dual_encoder" and "text" not in cls.modalities:
+            from vislora.serve.dual import DualEngine
+
+            engine_class = DualEngine  # a dual-encoder base needs the engine that embeds texts
+        engine = engine_class(AdaptedModel(model), head, spec, base, batching=config.batching, limits=config.limits,
                      seed=config.seed, registry=config.registry)
         try:
             for name, source in sources.items():
@@ -135,6 +143,11 @@ class Engine:
         try:
             with self._model_lock:
                 self.model.load_adapter(checked, name, activate=False)
+                try:
+                    self._installed(name, source)
+                except BaseException:
+                    self.model.delete_adapter(name)
+                    raise
                 size = self._bytes(name)
             record = LoadedAdapter(name, source.reference, str(source.path), source.digest, classes, size,
                                    time.time())
@@ -163,6 +176,7 @@ class Engine:
         try:
             with self._model_lock:
                 self.model.delete_adapter(name)
+                self._removed(name)
         finally:
             with self._state:
                 del self._adapters[name]
@@ -202,8 +216,28 @@ class Engine:
         expected = (3, self.input_spec.size, self.input_spec.size)
         if tuple(pixels.shape) != expected:
             raise BadImage(f"pixels have shape {tuple(pixels.shape)}, expected {expected}; use engine.preprocess()")
+        return self._enqueue(pixels, adapter, "image")
+
+    def preprocess_text(self, text: str) -> torch.Tensor:
+        """Token ids and attention mask (2, tokens) of one text; only dual-encoder bases embed texts."""
+        raise self._no_texts()
+
+    def submit_text(self, tokens: torch.Tensor, adapter: str | None = None) -> Future[Output]:
+        """Queue one text, tokenized by `preprocess_text`, for `adapter` (an adapter, a route, or None)."""
+        if "text" not in self.modalities:
+            raise self._no_texts()
+        if tokens.dim() != 2 or tokens.shape[0] != 2:
+            raise ServeError(f"tokens have shape {tuple(tokens.shape)}, expected (2, length) from "
+                             "engine.preprocess_text()")
+        return self._enqueue(tokens, adapter, "text")
+
+    def _no_texts(self) -> ServeError:
+        return ServeError(f"this server's base ({self.base.spec}) is an image classifier and embeds images only; "
+                          "text embeddings need a dual-encoder base (CLIP, SigLIP, open_clip, or base.text set)")
+
+    def _enqueue(self, inputs: torch.Tensor, adapter: str | None, modality: str) -> Future[Output]:
         assignment = self._admit(adapter)
-        job = Job(pixels, assignment.adapter, assignment.shadow, assignment.route)
+        job = Job(inputs, assignment.adapter, assignment.shadow, assignment.route, modality)
         job.future.add_done_callback(lambda _: self._release(assignment))
         try:
             return self._batcher.submit(job)
@@ -225,8 +259,17 @@ class Engine:
         return self.embed_many([image], [adapter])[0]
 
     def embed_many(self, images: Sequence[ImageInput], adapters: Sequence[str | None]) -> list[Embedding]:
-        """Pooled backbone features (the head's input) of many images, each with its own adapter."""
+        """Embeddings of many images, each with its own adapter: a classifier's pooled backbone features (the
+        head's input); a dual encoder's L2-normalised image embeddings (comparable with its text embeddings)."""
         return [Embedding(o.adapter, o.digest, o.route, o.features) for o in self._compute(images, adapters)]
+
+    def embed_text(self, text: str, adapter: str | None = None) -> Embedding:
+        return self.embed_texts([text], [adapter])[0]
+
+    def embed_texts(self, texts: Sequence[str], adapters: Sequence[str | None]) -> list[Embedding]:
+        """L2-normalised text embeddings of many texts, each with its own adapter (dual-encoder bases only)."""
+        outputs = self._compute(texts, adapters, modality="text")
+        return [Embedding(o.adapter, o.digest, o.route, o.features) for o in outputs]
 
     def check_predicts(self, adapter: str | None) -> None:
         """Refuse predict without an adapter when the base head names no classes."""
@@ -255,18 +298,23 @@ class Engine:
         self.close()
 
     # ------------------------------------------------------------ internals
-    def _compute(self, images: Sequence[ImageInput], adapters: Sequence[str | None], need_classes: bool = False
-                 ) -> list[Output]:
-        if len(images) != len(adapters):
-            raise ServeError(f"{len(images)} images but {len(adapters)} adapter names; give one name (or None) each")
+    def _compute(self, items: Sequence[ImageInput] | Sequence[str], adapters: Sequence[str | None],
+                 need_classes: bool = False, modality: str = "image") -> list[Output]:
+        if len(items) != len(adapters):
+            raise ServeError(f"{len(items)} {modality}s but {len(adapters)} adapter names; give one name (or None) "
+                             "each")
         if need_classes:
             for adapter in set(adapters):
                 self.check_predicts(adapter)
+        if modality == "text":
+            prepare, submit = self.preprocess_text, self.submit_text
+        else:
+            prepare, submit = self.preprocess, self.submit
         outputs: list[Output] = []
         window = max(1, self.batching.max_queue // 2)  # never more in the queue than it holds
-        for start in range(0, len(images), window):
-            chunk = zip(images[start:start + window], adapters[start:start + window], strict=True)
-            futures = [self.submit(self.preprocess(image), adapter) for image, adapter in chunk]
+        for start in range(0, len(items), window):
+            chunk = zip(items[start:start + window], adapters[start:start + window], strict=True)
+            futures = [submit(prepare(item), adapter) for item, adapter in chunk]
             outputs.extend(f.result() for f in futures)
         return outputs
 
@@ -291,31 +339,36 @@ class Engine:
             self._state.notify_all()
 
     def _run_batch(self, jobs: list[Job]) -> None:
-        """One forward for every job of the batch (shadow copies appended), then each job's answer."""
+        """One forward for every job of the batch (all of one modality, shadow copies appended), then each job's
+        answer."""
         started = time.perf_counter()
         shadowed = [i for i, j in enumerate(jobs) if j.shadow is not None]
-        pixels = torch.stack([j.inputs for j in jobs] + [jobs[i].inputs for i in shadowed])  # (N + S, 3, H, W)
+        inputs = [j.inputs for j in jobs] + [jobs[i].inputs for i in shadowed]
         names = [j.adapter for j in jobs] + [jobs[i].shadow for i in shadowed]
         with self._state:
             records = {n: self._adapters[n] for n in names if n is not None}  # in flight: none can go away
         with self._model_lock:
-            logits, features = self._forward(pixels, names)  # (N + S, classes), (N + S, width)
+            logits, features = self._forward(jobs[0].modality, inputs, names)  # N + S rows each
         m = self.metrics
         m.forward.observe(time.perf_counter() - started)
         m.batch_size.observe(len(names))
         for i, job in enumerate(jobs):
             record = records.get(job.adapter)
+            classes = (record.classes if record else self.base_classes) if logits[i] is not None else None
             output = Output(logits[i], features[i], job.adapter, record.digest if record else None, job.route,
-                            record.classes if record else self.base_classes, started - job.enqueued)
+                            classes, started - job.enqueued)
             m.queue_wait.observe(output.queue_wait_s)
             m.samples.labels(job.adapter or NO_ADAPTER, "primary").inc()
             job.future.set_result(output)
         for k, i in enumerate(shadowed):
             s = len(jobs) + k
-            self._compare(jobs[i], (logits[i], features[i]), (logits[s], features[s]), records)
+            record_shadow(self.metrics, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records)
 
-    def _forward(self, pixels: torch.Tensor, names: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, pooled features) of one routed forward; the features are captured at the head's input."""
+    def _forward(self, modality: str, inputs: list[torch.Tensor], names: list[str | None]
+                 ) -> tuple[Sequence[torch.Tensor | None], torch.Tensor]:
+        """(logits of each sample, pooled features (N, width)) of one routed forward over `inputs` (pixels of the
+        classifier); the features are captured at the head's input."""
+        pixels = torch.stack(inputs)  # (N, 3, H, W)
         captured: list[torch.Tensor] = []
         head = self.model.base_model.get_submodule(self.head_path)
         handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
@@ -328,18 +381,6 @@ class Engine:
 
     def _logits(self, pixels: torch.Tensor, names: list[str | None]) -> torch.Tensor:
         return self.model(pixels, adapters=names)  # (N, classes): every sample with its own adapter, one pass
-
-    def _compare(self, job: Job, primary: tuple[torch.Tensor, torch.Tensor], shadow: tuple[torch.Tensor, torch.Tensor],
-                 records: dict[str, LoadedAdapter]) -> None:
-        """Record whether the shadow's top-1 label agrees with the primary's, and 1 - cosine of their features
-        (a route's primary and shadow are always adapters)."""
-        (logits, features), (shadow_logits, shadow_features) = primary, shadow
-        agree = records[job.adapter].classes[int(logits.argmax())] == records[job.shadow].classes[
-            int(shadow_logits.argmax())]
-        drift = 1.0 - float(torch.nn.functional.cosine_similarity(features, shadow_features, dim=0))
-        self.metrics.shadow.labels(job.route, job.adapter, job.shadow, str(agree).lower()).inc()
-        self.metrics.drift.labels(job.route).observe(max(drift, 0.0))
-        self.metrics.samples.labels(job.shadow, "shadow").inc()
 
     @property
     def base_classes(self) -> tuple[str, ...] | None:
@@ -354,6 +395,12 @@ class Engine:
         if len(classes) != self.base.num_classes:
             raise ConfigError(f"{len(classes)} class names for a head of {self.base.num_classes} outputs")
         return tuple(classes)
+
+    def _installed(self, name: str, source: AdapterSource) -> None:
+        """Called with the model lock held once adapter `name` is on the model, before any request can use it."""
+
+    def _removed(self, name: str) -> None:
+        """Called with the model lock held once adapter `name` is off the model."""
 
     def _bytes(self, name: str) -> int:
         return sum(t.numel() * t.element_size() for t in self.model.adapter_state(name).values())

@@ -49,8 +49,8 @@ class ServeMetrics:
         self.model_bytes = Gauge("vislora_model_bytes", "Bytes of the base model's parameters and buffers.",
                                  registry=r)
         self.queue_depth = Gauge("vislora_queue_depth", "Requests waiting for a batch.", registry=r)
-        self.shadow = Counter("vislora_shadow_comparisons", "Shadow runs by route and top-1 agreement with the "
-                              "primary.", ["route", "primary", "shadow", "agree"], registry=r)
+        self.shadow = Counter("vislora_shadow_comparisons", "Shadow runs that predict labels, by route and top-1 "
+                              "agreement with the primary.", ["route", "primary", "shadow", "agree"], registry=r)
         self.drift = Histogram("vislora_shadow_drift", "1 - cosine(primary embedding, shadow embedding).", ["route"],
                                buckets=DRIFT, registry=r)
 
@@ -98,7 +98,8 @@ class ServeMetrics:
             "memory": {"rss_bytes": rss[0].value if rss else None,
                        "model_bytes": got["vislora_model_bytes"][0].value, "adapter_bytes": sum(sizes.values())},
             "queue_depth": got["vislora_queue_depth"][0].value,
-            "shadow": _shadow(got["vislora_shadow_comparisons_total"], got["vislora_shadow_drift_sum"]),
+            "shadow": _shadow(got["vislora_shadow_comparisons_total"], got["vislora_shadow_drift_sum"],
+                              got["vislora_shadow_drift_count"]),
         }
 
 
@@ -119,17 +120,24 @@ def _histogram(got: dict[str, list[Any]], family: str, scale: float = 1.0) -> di
     return out
 
 
-def _shadow(comparisons: list[Any], drift_sums: list[Any]) -> dict[str, dict[str, float | None]]:
-    """Per route: comparisons, top-1 agreement rate, mean drift (1 - cosine)."""
-    rows: dict[str, dict[str, float]] = defaultdict(lambda: {"comparisons": 0.0, "agree": 0.0})
+def _shadow(comparisons: list[Any], drift_sums: list[Any], drift_counts: list[Any]
+            ) -> dict[str, dict[str, float | None]]:
+    """Per route: shadow runs (`comparisons`), top-1 agreement rate over the runs that predict labels (None when
+    none did: text embeddings), mean drift (1 - cosine) over all runs."""
+    labelled: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # route -> [comparisons, agreeing]
     for s in comparisons:
-        row = rows[s.labels["route"]]
-        row["comparisons"] += s.value
-        row["agree"] += s.value if s.labels["agree"] == "true" else 0.0
+        row = labelled[s.labels["route"]]
+        row[0] += s.value
+        row[1] += s.value if s.labels["agree"] == "true" else 0.0
     drift = {s.labels["route"]: s.value for s in drift_sums}
-    return {route: {"comparisons": row["comparisons"], "agreement": row["agree"] / row["comparisons"],
-                    "drift_mean": drift.get(route, 0.0) / row["comparisons"]}
-            for route, row in rows.items() if row["comparisons"]}
+    return {s.labels["route"]: {"comparisons": s.value,
+                                "agreement": _ratio(*reversed(labelled[s.labels["route"]])),
+                                "drift_mean": drift.get(s.labels["route"], 0.0) / s.value}
+            for s in drift_counts if s.value}
+
+
+def _ratio(part: float, whole: float) -> float | None:
+    return part / whole if whole else None
 
 
 def histogram_quantile(q: float, bounds: Sequence[float], cumulative: Sequence[float]) -> float | None:

@@ -24,8 +24,9 @@ class LoadedAdapter:
 class Output:
     """One sample computed by the engine."""
 
-    logits: torch.Tensor  # (classes,)
-    features: torch.Tensor  # (width,) pooled backbone features, the head's input
+    logits: torch.Tensor | None  # (classes,); None for texts, and for dual-encoder adapters without classes
+    features: torch.Tensor  # (width,) a classifier's pooled backbone features (the head's input), or a dual
+    # encoder's L2-normalised image or text embedding
     adapter: str | None
     digest: str | None
     route: str | None
@@ -58,7 +59,7 @@ class Embedding:
 
 def top_k(output: Output, k: int) -> tuple[Label, ...]:
     """The k most probable classes of one output, best first."""
-    if output.classes is None:
+    if output.classes is None or output.logits is None:
         raise ValueError("this output has no class names")
     probs = torch.softmax(output.logits.double(), dim=-1)  # (classes,)
     scores, indices = probs.topk(min(k, probs.shape[0]))

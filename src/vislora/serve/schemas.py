@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vislora.serve.config import RolloutConfig
 from vislora.serve.records import LoadedAdapter
@@ -24,10 +24,20 @@ class PredictJSON(_Body):
 
 
 class EmbedJSON(_Body):
-    """An embed request as JSON (multipart/form-data takes the same fields, `image` as a file)."""
+    """An embed request as JSON (multipart/form-data takes the same fields, `image` as a file): an image, or a
+    text for dual-encoder bases."""
 
-    image: str = Field(..., description="The image file's bytes, base64-encoded (a data: URL prefix is allowed).")
+    image: str | None = Field(None, description="The image file's bytes, base64-encoded (a data: URL prefix is "
+                              "allowed).")
+    text: str | None = Field(None, description="Dual encoders (CLIP, SigLIP, ...): a text to embed instead of an "
+                             "image, into the same space.")
     adapter: str | None = Field(None, description=ADAPTER_FIELD)
+
+    @model_validator(mode="after")
+    def _one_input(self) -> EmbedJSON:
+        if (self.image is None) == (self.text is None):
+            raise ValueError("give exactly one of image and text")
+        return self
 
 
 class LabelOut(BaseModel):
@@ -47,7 +57,9 @@ class PredictResponse(Served):
 
 
 class EmbedResponse(Served):
-    embedding: list[float] = Field(..., description="Pooled backbone features (the classification head's input).")
+    embedding: list[float] = Field(..., description="Classifier bases: pooled backbone features (the head's "
+                                   "input). Dual encoders: the L2-normalised image or text embedding in their "
+                                   "joint space.")
     dim: int
 
 

@@ -87,16 +87,36 @@ def open_source(reference: str | Path, registry: str | Path | None = None) -> Ad
     return AdapterSource(folder, str(reference), task, digest, base_print)
 
 
+DUAL_TASKS = ("contrastive", "few_shot")
+
+
 def base_from_task(task: dict[str, Any]) -> BaseSection:
-    """The base model section an adapter's task.json describes (its classes become the head width)."""
+    """The base model section an adapter's task.json describes (a classifier's classes become the head width)."""
     kind = task.get("task", "classification")
+    model = task["model"]
+    common = {"spec": model["spec"], "pretrained": model.get("pretrained", True),
+              "pooling": model.get("pooling", "cls"), "kwargs": model.get("kwargs", {}),
+              "image_size": task["input"]["size"]}
+    if kind in DUAL_TASKS:
+        check_dual_servable(task)
+        return BaseSection(kind="dual_encoder", text=model.get("text"), embed_dim=model.get("embed_dim", 256),
+                           text_pooling=model.get("text_pooling", "mean"), **common)
     if kind != "classification":
         raise AdapterFileError(f"this adapter was trained for the {kind!r} task; the server serves classification "
-                               "adapters (image predictions and embeddings) only so far")
-    model = task["model"]
-    return BaseSection(spec=model["spec"], pretrained=model.get("pretrained", True), head=model.get("head", "auto"),
-                       pooling=model.get("pooling", "cls"), kwargs=model.get("kwargs", {}),
-                       num_classes=len(task["classes"]), image_size=task["input"]["size"])
+                               f"and dual-encoder ({', '.join(DUAL_TASKS)}) adapters")
+    return BaseSection(head=model.get("head", "auto"), num_classes=len(task["classes"]), **common)
+
+
+def check_dual_servable(task: dict[str, Any]) -> None:
+    """Refuse the dual-encoder runs a server cannot rebuild or route (one adapter per sample)."""
+    if task.get("prepared_base"):
+        raise AdapterFileError("this adapter was trained on a base model prepared in Python (e.g. pre-aligned "
+                               "projections), which task.json cannot rebuild; serve it from an Engine built on that "
+                               "model in Python (Engine(AdaptedModel(model), ...))")
+    if task.get("frozen"):
+        raise AdapterFileError(f"this adapter was trained over the frozen adapters {sorted(task['frozen'])}, which "
+                               "stay active beneath it; a server routes one adapter per sample, so combine them into "
+                               "one adapter first (AdaptedModel.combine, how='exact') and serve that")
 
 
 def input_spec_from_task(task: dict[str, Any]) -> InputSpec:
@@ -104,30 +124,44 @@ def input_spec_from_task(task: dict[str, Any]) -> InputSpec:
     return InputSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
 
 
-def build_base(section: BaseSection, trained: AdapterSource | None = None) -> tuple[nn.Module, str, InputSpec]:
-    """(classifier in eval mode, path of its head, input transform spec) for the base section. Read from a
-    `trained` adapter, the spec is its task.json's (serving preprocesses exactly as evaluation did) and a randomly
-    initialised base is rebuilt from its run's seed, as `vislora eval` rebuilds it."""
+def build_base(section: BaseSection, trained: AdapterSource | None = None) -> tuple[nn.Module, str | None, InputSpec]:
+    """(model in eval mode, path of its classification head (None for a dual encoder), input transform spec) for
+    the base section. Read from a `trained` adapter, the spec is its task.json's (serving preprocesses exactly as
+    evaluation did) and a randomly initialised base is rebuilt from its run's seed, as `vislora eval` does."""
     with torch.random.fork_rng(devices=[]):
         if trained is not None and not section.pretrained:
             torch.manual_seed(run_seed(trained.path))
         elif not section.pretrained:
             logger.warning("base model %s built with random weights (pretrained: false): adapters trained on another "
                            "random draw of it will not reproduce their results", section.spec)
-        model, head = build_classifier(section.spec, section.num_classes, section.pretrained, section.head,
-                                       section.pooling, section.image_size, **section.kwargs)
-    spec = input_spec_from_task(trained.task) if trained and trained.task else model_input_spec(
-        getattr(model, "backbone", model), section.image_size)
+        if section.kind == "dual_encoder":
+            model, head = _dual_encoder(section), None
+        else:
+            model, head = build_classifier(section.spec, section.num_classes, section.pretrained, section.head,
+                                           section.pooling, section.image_size, **section.kwargs)
+    if trained and trained.task:
+        spec = input_spec_from_task(trained.task)
+    else:
+        backbone = model.vision_tower if head is None else getattr(model, "backbone", model)
+        spec = model_input_spec(backbone, section.image_size)
     return model.eval(), head, spec
 
 
-def check_base_weights(name: str, source: AdapterSource, base_print: str | None, head: str) -> None:
+def _dual_encoder(section: BaseSection) -> nn.Module:
+    from vislora.dual_encoder import build_dual_encoder
+
+    return build_dual_encoder(section.spec, section.text, pretrained=section.pretrained, embed_dim=section.embed_dim,
+                              vision_pooling=section.pooling, text_pooling=section.text_pooling, **section.kwargs)
+
+
+def check_base_weights(name: str, source: AdapterSource, base_print: str | None, head: str | None
+                       ) -> None:
     """Refuse a registry adapter registered against other base weights than the served base's (the registry's
     fingerprint leaves out the modules the adapter trains in full; compared when those are just the head)."""
     if source.base_fingerprint is None or base_print is None:
         return
     saved = json.loads((source.path / CONFIG_FILE).read_text()).get("modules_to_save") or []
-    if list(saved) != [head]:
+    if list(saved) != ([head] if head else []):
         logger.info("adapter %r trains %s in full: its base fingerprint is not compared", name, saved)
         return
     if source.base_fingerprint != base_print:
@@ -141,7 +175,12 @@ def check_fits(name: str, source: AdapterSource, base: BaseSection, spec: InputS
     if source.task is None:
         return  # a bare PEFT/vislora directory: load_adapter checks its shapes against the model
     theirs = base_from_task(source.task)
-    fields = ("spec", "pretrained", "head", "pooling", "kwargs", "num_classes", "image_size")
+    if theirs.kind != base.kind:
+        raise AdapterFileError(f"adapter {name!r} ({source.path}) is a {theirs.kind} adapter ({source.task['task']!r} "
+                               f"task) but this server's base is a {base.kind}; serve it from a server built on its "
+                               "base")
+    fields = ("kind", "spec", "pretrained", "pooling", "kwargs", "image_size", *(
+        ("text", "embed_dim", "text_pooling") if base.kind == "dual_encoder" else ("head", "num_classes")))
     differ = {f: (getattr(theirs, f), getattr(base, f)) for f in fields if getattr(theirs, f) != getattr(base, f)}
     if input_spec_from_task(source.task) != spec:
         differ["input transform"] = (input_spec_from_task(source.task), spec)

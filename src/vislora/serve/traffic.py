@@ -1,4 +1,5 @@
-"""Traffic routes: a name that splits requests between adapters by weight, with an optional shadow adapter.
+"""Traffic routes: a name that splits requests between adapters by weight, with an optional shadow adapter whose
+runs are compared with the primary's (`record_shadow`).
 
 Draws come from one seeded generator, so a server started with the same seed and fed the same sequence of
 requests splits them the same way.
@@ -10,7 +11,14 @@ import random
 import threading
 from dataclasses import dataclass
 
+import torch
+
+from vislora.serve.batcher import Job
 from vislora.serve.config import RolloutConfig
+from vislora.serve.metrics import ServeMetrics
+from vislora.serve.records import LoadedAdapter
+
+Computed = tuple[torch.Tensor | None, torch.Tensor]  # (logits or None, features) of one sample
 
 
 @dataclass(frozen=True)
@@ -58,3 +66,17 @@ class TrafficPolicy:
             adapter = self._rng.choices(names, weights=[rollout.weights[n] for n in names])[0]
             shadow = rollout.shadow if rollout.shadow and self._rng.random() < rollout.shadow_fraction else None
         return Assignment(adapter, name, shadow if shadow != adapter else None)
+
+
+def record_shadow(metrics: ServeMetrics, job: Job, primary: Computed, shadow: Computed,
+                  records: dict[str, LoadedAdapter]) -> None:
+    """Record 1 - cosine of a shadow run's features against its primary's, and whether their top-1 labels agree
+    when both predict labels (texts do not). A route's primary and shadow are always adapters."""
+    (logits, features), (shadow_logits, shadow_features) = primary, shadow
+    drift = 1.0 - float(torch.nn.functional.cosine_similarity(features, shadow_features, dim=0))
+    if logits is not None and shadow_logits is not None:
+        agree = records[job.adapter].classes[int(logits.argmax())] == records[job.shadow].classes[
+            int(shadow_logits.argmax())]
+        metrics.shadow.labels(job.route, job.adapter, job.shadow, str(agree).lower()).inc()
+    metrics.drift.labels(job.route).observe(max(drift, 0.0))
+    metrics.samples.labels(job.shadow, "shadow").inc()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,12 +99,14 @@ def _fits(tokenizer: Any, prompt: str, name: str) -> bool:
 
 
 def text_classifier(model: Any, classes: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES,
-                    device: torch.device | str = "cpu") -> torch.Tensor:
+                    device: torch.device | str = "cpu",
+                    embed: Callable[[list[str]], torch.Tensor] | None = None) -> torch.Tensor:
     """Class weights [classes, dim] from prompts: per class the mean of its prompts' embeddings, renormalised
-    (prompt ensembling). Gradients flow, so the text tower's adapters train through it."""
+    (prompt ensembling). Gradients flow, so the text tower's adapters train through it. `embed` (texts -> [n, dim]
+    L2-normalised) replaces `model.embed_texts`, e.g. to route the prompts through one adapter."""
     prompts = class_prompts(classes, templates, model.tokenizer)
     flat = [p for group in prompts for p in group]
-    embeddings = model.embed_texts(flat, device)  # [prompts, dim]
+    embeddings = embed(flat) if embed is not None else model.embed_texts(flat, device)  # [prompts, dim]
     owner = torch.tensor([i for i, group in enumerate(prompts) for _ in group], device=embeddings.device)
     sums = torch.zeros(len(classes), embeddings.shape[1], device=embeddings.device).index_add(0, owner, embeddings)
     return F.normalize(sums, dim=-1)

@@ -1,4 +1,5 @@
-"""POST /v1/predict and /v1/embed: one image (multipart file or base64 JSON) and an adapter or route name."""
+"""POST /v1/predict and /v1/embed: one image (multipart file or base64 JSON), or for embed on a dual encoder one
+text, and an adapter or route name."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from vislora.serve.schemas import EmbedJSON, EmbedResponse, ErrorOut, LabelOut, 
 Body = TypeVar("Body", bound=BaseModel)
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut, "description": text} for code, text in (
     (400, "Malformed image or request"), (401, "Missing or wrong bearer token"), (404, "Unknown adapter or route"),
-    (413, "Body above limits.max_upload_bytes"), (415, "Neither JSON nor multipart"), (503, "Queue full"),
+    (413, "Body above limits.max_upload_bytes"), (415, "Neither JSON nor a form"), (503, "Queue full"),
     (504, "Not computed within limits.request_timeout_s"))}
 
 router = APIRouter(prefix="/v1", tags=["inference"], dependencies=[Depends(require_client)], responses=ERRORS)
@@ -51,25 +52,36 @@ async def predict(request: Request, engine: EngineDep) -> PredictResponse:
 
 @router.post("/embed", response_model=EmbedResponse, openapi_extra=body_doc(EmbedJSON))
 async def embed(request: Request, engine: EngineDep) -> EmbedResponse:
-    """The image's pooled backbone features under its adapter (or a route's draw)."""
+    """The embedding of an image, or of a text (dual-encoder bases), under its adapter (or a route's draw):
+    a classifier's pooled backbone features, a dual encoder's L2-normalised joint-space embedding."""
     data, body = await read_body(request, EmbedJSON)
-    output = await compute(engine, data, body.adapter, request.app.state.config.limits.request_timeout_s)
+    timeout = request.app.state.config.limits.request_timeout_s
+    if body.text is not None:
+        output = await compute(engine, body.text, body.adapter, timeout, text=True)
+    else:
+        output = await compute(engine, data, body.adapter, timeout)
     return EmbedResponse(adapter=output.adapter, digest=output.digest, route=output.route,
                          embedding=output.features.tolist(), dim=output.features.shape[0])
 
 
-async def compute(engine: Engine, data: bytes, adapter: str | None, timeout: float) -> Output:
-    """Decode and preprocess off the event loop, then wait (at most `timeout` s) for the batch that computes it."""
-    pixels = await run_in_threadpool(engine.preprocess, data)
+async def compute(engine: Engine, data: bytes | str, adapter: str | None, timeout: float, text: bool = False
+                  ) -> Output:
+    """Decode and preprocess (an image's bytes, or a text if `text`) off the event loop, then wait (at most
+    `timeout` s) for the batch that computes it."""
+    if text:
+        future = engine.submit_text(await run_in_threadpool(engine.preprocess_text, data), adapter)
+    else:
+        future = engine.submit(await run_in_threadpool(engine.preprocess, data), adapter)
     try:  # on timeout the job is cancelled: dropped if its batch has not started
-        return await asyncio.wait_for(asyncio.wrap_future(engine.submit(pixels, adapter)), timeout)
+        return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
     except TimeoutError:
         raise Timeout(f"the request was not computed within {timeout:g} s (limits.request_timeout_s); the server "
                       f"is overloaded or stalled (queue depth {engine.queue_depth})") from None
 
 
-async def read_body(request: Request, schema: type[Body]) -> tuple[bytes, Body]:
-    """(image bytes, validated fields) from a JSON body (base64 image) or a multipart form (image file)."""
+async def read_body(request: Request, schema: type[Body]) -> tuple[bytes | None, Body]:
+    """(image bytes, validated fields) from a JSON body (base64 image) or a multipart form (image file); the
+    bytes are None when the body holds a text instead (embed)."""
     media = request.headers.get("content-type", "").partition(";")[0].strip().lower()
     if media == "application/json":
         try:
@@ -77,18 +89,20 @@ async def read_body(request: Request, schema: type[Body]) -> tuple[bytes, Body]:
         except ValueError as exc:
             raise ServeError(f"the body is not valid JSON ({exc})") from None
         body = _validate(schema, fields)
-        return decode_base64(body.image), body
-    if media == "multipart/form-data":
+        return (decode_base64(body.image) if body.image is not None else None), body
+    if media in ("multipart/form-data", "application/x-www-form-urlencoded"):  # the latter: fields only (text)
         async with request.form(max_files=1, max_fields=8) as form:
             upload = form.get("image")
-            if upload is None or isinstance(upload, str):
+            texts = "text" in schema.model_fields
+            if isinstance(upload, str) or (upload is None and not (texts and form.get("text"))):
                 raise ServeError("the multipart form needs the image as a file field named 'image' "
-                                 "(curl -F image=@cat.png)")
-            data = await upload.read()
+                                 "(curl -F image=@cat.png)" + (", or a text field 'text'" if texts else ""))
+            data = await upload.read() if upload is not None else None
             fields = {k: v for k, v in form.items() if k != "image" and v != ""}
-        return data, _validate(schema, {**fields, "image": ""})
+        return data, _validate(schema, {**fields, **({"image": ""} if data is not None else {})})
     raise UnsupportedMedia(f"content type {media or 'none'!r} is not accepted: send multipart/form-data with an "
-                           "'image' file, or application/json with a base64 'image'")
+                           "'image' file (or a 'text' field to embed), or application/json with a base64 'image' "
+                           "(or a 'text')")
 
 
 def _validate(schema: type[Body], fields: Any) -> Body:

@@ -1,0 +1,138 @@
+"""DualEngine: serves a dual encoder (CLIP, SigLIP, open_clip, or an image backbone paired with a text encoder).
+
+Images and texts are embedded into one space, each sample routed to its own adapter; a batch holds one modality.
+Predictions use a prompt classifier per adapter, built once when the adapter loads: its class names filled into
+its templates (from the task.json `vislora train` wrote), embedded through the adapter's own text tower and
+averaged per class, scaled by the adapter's logit scale, as `vislora clip eval` scores it.
+
+    with Engine.from_config(ServeConfig.parse({"adapters": {"pets": "runs/pets-clip/adapter"}})) as engine:
+        engine.embed_text("a photo of a cat", adapter="pets").vector   # (dim,), L2-normalised
+        engine.predict("cat.png", adapter="pets").labels[0]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vislora.adapters.saved import ModulesToSave
+from vislora.data.transforms import InputSpec
+from vislora.model import AdaptedModel
+from vislora.serve.config import BaseSection
+from vislora.serve.engine import Engine
+from vislora.serve.errors import ServeError
+from vislora.serve.sources import AdapterSource
+from vislora.tasks.clip import DEFAULT_TEMPLATES, text_classifier
+
+
+@dataclass(frozen=True)
+class PromptClassifier:
+    """One adapter's zero-/few-shot head: logits = scale * image_embedding @ weights.T."""
+
+    weights: torch.Tensor  # (classes, dim), rows L2-normalised
+    scale: float
+
+
+class DualEngine(Engine):
+    """An `Engine` over a dual encoder: image and text embeddings, and prompt-classifier predictions."""
+
+    modalities = ("image", "text")
+
+    def __init__(self, model: AdaptedModel, head_path: str | None, input_spec: InputSpec, base: BaseSection,
+                 **options: Any) -> None:
+        self._heads: dict[str | None, PromptClassifier] = {}  # adapter (None: the base) -> its prompt classifier
+        self.tokenizer = model.base_model.tokenizer
+        super().__init__(model, head_path, input_spec, base, **options)
+        with self._model_lock:  # the base, and adapters that were on the model already, predict base.classes
+            for name in (None, *model.adapters):
+                self._heads.update(self._prompt_head(name, self.base.classes, self.base.templates))
+
+    # ------------------------------------------------------------ requests
+    def preprocess_text(self, text: str) -> torch.Tensor:
+        """Token ids and attention mask (2, tokens) of one text, truncated to the text tower's limit."""
+        if not isinstance(text, str):
+            raise ServeError(f"expected a text string, got {type(text).__name__}")
+        if not text.strip():
+            raise ServeError("the text is empty; send the words to embed")
+        limit = self.limits.max_text_chars
+        if len(text) > limit:
+            raise ServeError(f"the text has {len(text):,} characters, above the server's limit of {limit:,} "
+                             "(limits.max_text_chars); the text tower reads at most "
+                             f"{self.tokenizer.max_length} tokens anyway")
+        tokens = self.tokenizer([text])
+        return torch.stack([tokens["input_ids"][0], tokens["attention_mask"][0]])  # (2, tokens)
+
+    def check_predicts(self, adapter: str | None) -> None:
+        """Refuse predict for an adapter (or each adapter of a route) that has no classes to predict."""
+        names = sorted(self.traffic.routes[adapter].weights) if adapter in self.traffic.routes else [adapter]
+        for name in names:
+            if name in self._heads:
+                continue
+            if name is None:
+                raise ServeError(f"name an adapter (loaded: {self._loaded_names()}): this dual encoder predicts "
+                                 "without one only when base.classes names its zero-shot classes")
+            if name in self._adapters:
+                raise ServeError(f"adapter {name!r} was trained without class labels (captions only), so it has no "
+                                 "classes to predict; use /v1/embed (image or text embeddings) with it")
+
+    # ------------------------------------------------------------ internals
+    def _forward(self, modality: str, inputs: list[torch.Tensor], names: list[str | None]
+                 ) -> tuple[Sequence[torch.Tensor | None], torch.Tensor]:
+        """(logits of each sample (None for texts and adapters without classes), embeddings (N, dim))."""
+        with torch.inference_mode():
+            if modality == "text":
+                ids, mask = self._pad(inputs)
+                return [None] * len(inputs), self.model(input_ids=ids, attention_mask=mask, adapters=names)[1]
+            embeddings = self.model(images=torch.stack(inputs), adapters=names)[0]  # (N, dim)
+        heads = [self._heads.get(name) for name in names]
+        logits = [head.scale * embedding @ head.weights.T if head else None
+                  for embedding, head in zip(embeddings, heads, strict=True)]
+        return logits, embeddings
+
+    def _pad(self, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention masks (N, longest) of (2, tokens) rows, right-padded as the tokenizer pads."""
+        longest = max(t.shape[1] for t in inputs)
+        ids = torch.full((len(inputs), longest), self.tokenizer.pad_id, dtype=inputs[0].dtype)
+        mask = torch.zeros((len(inputs), longest), dtype=inputs[0].dtype)
+        for row, tokens in enumerate(inputs):
+            ids[row, :tokens.shape[1]], mask[row, :tokens.shape[1]] = tokens[0], tokens[1]
+        return ids, mask
+
+    def _installed(self, name: str, source: AdapterSource) -> None:
+        task = source.task or {}
+        names = task.get("class_names") or (None if source.task else self.base.classes)
+        self._heads.update(self._prompt_head(name, names, task.get("templates") or self.base.templates))
+
+    def _removed(self, name: str) -> None:
+        self._heads.pop(name, None)
+
+    def _prompt_head(self, name: str | None, classes: Sequence[str] | None, templates: Sequence[str]
+                     ) -> dict[str | None, PromptClassifier]:
+        """{name: its prompt classifier} over `classes` (none without classes); the model lock is held."""
+        if not classes:
+            return {}
+
+        def embed(texts: list[str]) -> torch.Tensor:
+            tokens = self.tokenizer(texts)
+            return self.model(**tokens, adapters=[name] * len(texts))[1]  # (texts, dim)
+
+        with torch.inference_mode():
+            weights = text_classifier(self.model.base_model, classes, templates or DEFAULT_TEMPLATES, embed=embed)
+        return {name: PromptClassifier(F.normalize(weights, dim=-1), self._logit_scale(name))}
+
+    def _logit_scale(self, name: str | None) -> float:
+        """The adapter's own trained logit scale if it carries one, else the base's."""
+        module = self.model.base_model.logit_scale
+        if isinstance(module, ModulesToSave):
+            module = module.copies[name] if name is not None and name in module.copies else module.original_module
+        return float(module())
+
+    def _classes(self, source: AdapterSource | None) -> tuple[str, ...]:
+        """A dual-encoder adapter's class labels (task.json), else the base's zero-shot classes, else none."""
+        if source is not None and source.task is not None:
+            return tuple(source.task.get("classes") or ())
+        return tuple(self.base.classes or ())
