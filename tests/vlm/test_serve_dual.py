@@ -193,12 +193,42 @@ def test_a_configured_base_predicts_its_zero_shot_classes_and_hot_loads_adapters
         assert "b" not in engine._heads
 
 
-def test_dual_runs_a_server_cannot_route_or_rebuild_are_refused(engine, runs, tmp_path):
-    for key, value, message in (("frozen", {"en": "x"}, "over the frozen adapters \\['en'\\]"),
-                                ("prepared_base", True, "prepared in Python")):
-        folder = shutil.copytree(runs["b"], tmp_path / key)
-        task = json.loads((folder / "task.json").read_text())
-        (folder / "task.json").write_text(json.dumps({**task, key: value}))
-        with pytest.raises(AdapterFileError, match=message):
-            engine.load(key, folder)
-        assert key not in engine.model.adapters
+def test_a_run_over_frozen_adapters_is_served_as_their_exact_sum(engine, runs, tmp_path):
+    config = dual_train_config(tmp_path / "run", runs["towers"], runs["images"][0].parent.parent,
+                               task={"class_names": {"class0": "rojo", "class1": "verde", "class2": "azul"},
+                                     "templates": ["una foto de {}"]},
+                               adapter={"vision_targets": None, "train_heads": False,
+                                        "frozen": {"shared": str(runs["b"])}},
+                               optim={"batch_size": 6, "max_steps": 2})
+    spanish = Trainer(TrainConfig.parse(config)).fit().adapter_dir
+    _, compute = reference(spanish)  # the frozen adapter active beneath the trained one
+    text, image, logits = compute(TEXTS, pixels_of(engine, runs))
+    before = set(engine.model.adapters)
+    engine.load("es", spanish)
+    try:
+        assert set(engine.model.adapters) == before | {"es"}  # the parts are gone, one adapter routes
+        for i, out in enumerate(engine.embed_texts(TEXTS, ["es", "a", "es", "es"])):
+            if i != 1:
+                assert torch.allclose(out.vector, text[i], atol=1e-5, rtol=0), i
+        for i, prediction in enumerate(engine.predict_many(list(runs["images"]), ["es"] * len(runs["images"]), 3)):
+            scores = torch.softmax(logits[i].double(), dim=-1)
+            got = {label.label: label.score for label in prediction.labels}
+            assert got == pytest.approx({LABELS[c]: float(scores[c]) for c in range(3)}, abs=1e-5)
+        assert torch.allclose(engine.embed(runs["images"][1], "es").vector, image[1], atol=1e-5, rtol=0)
+    finally:
+        engine.unload("es")
+    gone = shutil.copytree(spanish, tmp_path / "gone")
+    task = json.loads((gone / "task.json").read_text())
+    (gone / "task.json").write_text(json.dumps({**task, "frozen": {"shared": str(tmp_path / "nowhere")}}))
+    with pytest.raises(AdapterFileError, match=r"trained over the frozen adapters .* which are not there"):
+        engine.load("gone", gone)
+    assert set(engine.model.adapters) == before
+
+
+def test_a_run_on_a_base_prepared_in_python_is_refused(engine, runs, tmp_path):
+    folder = shutil.copytree(runs["b"], tmp_path / "prepared")
+    task = json.loads((folder / "task.json").read_text())
+    (folder / "task.json").write_text(json.dumps({**task, "prepared_base": True}))
+    with pytest.raises(AdapterFileError, match="prepared in Python"):
+        engine.load("prepared", folder)
+    assert "prepared" not in engine.model.adapters

@@ -3,7 +3,8 @@
 Images and texts are embedded into one space, each sample routed to its own adapter; a batch holds one modality.
 Predictions use a prompt classifier per adapter, built once when the adapter loads: its class names filled into
 its templates (from the task.json `vislora train` wrote), embedded through the adapter's own text tower and
-averaged per class, scaled by the adapter's logit scale, as `vislora clip eval` scores it.
+averaged per class, scaled by the adapter's logit scale, as `vislora clip eval` scores it. A run trained over
+frozen adapters (task.json `frozen`) is served as their exact sum, one adapter to route.
 
     with Engine.from_config(ServeConfig.parse({"adapters": {"pets": "runs/pets-clip/adapter"}})) as engine:
         engine.embed_text("a photo of a cat", adapter="pets").vector   # (dim,), L2-normalised
@@ -12,6 +13,7 @@ averaged per class, scaled by the adapter's logit scale, as `vislora clip eval` 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,11 +23,13 @@ import torch.nn.functional as F
 
 from vislora.adapters.saved import ModulesToSave
 from vislora.data.transforms import InputSpec
+from vislora.errors import AdapterError, AdapterFileError
+from vislora.formats import CheckedAdapter
 from vislora.model import AdaptedModel
 from vislora.serve.config import BaseSection
 from vislora.serve.engine import Engine
 from vislora.serve.errors import ServeError
-from vislora.serve.sources import AdapterSource
+from vislora.serve.sources import AdapterSource, frozen_folders
 from vislora.tasks.clip import DEFAULT_TEMPLATES, text_classifier
 
 
@@ -101,6 +105,28 @@ class DualEngine(Engine):
         for row, tokens in enumerate(inputs):
             ids[row, :tokens.shape[1]], mask[row, :tokens.shape[1]] = tokens[0], tokens[1]
         return ids, mask
+
+    def _read(self, source: AdapterSource) -> list[CheckedAdapter]:
+        """The adapter's files, and those of the frozen adapters it was trained over (task.json `frozen`)."""
+        return [self.model.check_adapter(folder) for folder in (*frozen_folders(source), source.path)]
+
+    def _install(self, name: str, checked: list[CheckedAdapter]) -> None:
+        """One adapter as it is; a run trained over frozen adapters as their exact sum (ranks concatenated,
+        `AdaptedModel.combine`), since a sample is routed to one adapter."""
+        if len(checked) == 1:
+            return super()._install(name, checked[0])
+        parts = [f"x{uuid.uuid4().hex[:16]}" for _ in checked]  # not a name a request can use
+        try:
+            for part, files in zip(parts, checked, strict=True):
+                self.model.load_adapter(files, part, activate=False)
+            self.model.combine(dict.fromkeys(parts, 1.0), name, how="exact")
+        except AdapterError as exc:
+            raise AdapterFileError(f"adapter {name!r} was trained over frozen adapters that cannot be summed into "
+                                   f"one adapter to route ({exc})") from None
+        finally:
+            for part in parts:
+                if part in self.model.configs:
+                    self.model.delete_adapter(part)
 
     def _installed(self, name: str, source: AdapterSource) -> None:
         task = source.task or {}

@@ -18,6 +18,7 @@ from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -136,13 +137,13 @@ class Engine:
         check_fits(name, source, self.base, self.input_spec)
         check_base_weights(name, source, self._base_print, self.head_path)
         classes = self._classes(source)
-        checked = self.model.check_adapter(source.path)  # disk reads and checks outside the model lock
+        checked = self._read(source)  # disk reads and checks outside the model lock
         with self._state:
             self._check_free(name)
             self._pending.add(name)
         try:
             with self._model_lock:
-                self.model.load_adapter(checked, name, activate=False)
+                self._install(name, checked)
                 try:
                     self._installed(name, source)
                 except BaseException:
@@ -395,6 +396,14 @@ class Engine:
         if len(classes) != self.base.num_classes:
             raise ConfigError(f"{len(classes)} class names for a head of {self.base.num_classes} outputs")
         return tuple(classes)
+
+    def _read(self, source: AdapterSource) -> Any:
+        """The adapter's files, read and checked against the model (no model lock held)."""
+        return self.model.check_adapter(source.path)
+
+    def _install(self, name: str, checked: Any) -> None:
+        """Put what `_read` returned on the model as adapter `name` (the model lock is held)."""
+        self.model.load_adapter(checked, name, activate=False)
 
     def _installed(self, name: str, source: AdapterSource) -> None:
         """Called with the model lock held once adapter `name` is on the model, before any request can use it."""

@@ -108,15 +108,22 @@ def base_from_task(task: dict[str, Any]) -> BaseSection:
 
 
 def check_dual_servable(task: dict[str, Any]) -> None:
-    """Refuse the dual-encoder runs a server cannot rebuild or route (one adapter per sample)."""
+    """Refuse the dual-encoder runs a server cannot rebuild."""
     if task.get("prepared_base"):
         raise AdapterFileError("this adapter was trained on a base model prepared in Python (e.g. pre-aligned "
                                "projections), which task.json cannot rebuild; serve it from an Engine built on that "
                                "model in Python (Engine(AdaptedModel(model), ...))")
-    if task.get("frozen"):
-        raise AdapterFileError(f"this adapter was trained over the frozen adapters {sorted(task['frozen'])}, which "
-                               "stay active beneath it; a server routes one adapter per sample, so combine them into "
-                               "one adapter first (AdaptedModel.combine, how='exact') and serve that")
+
+
+def frozen_folders(source: AdapterSource) -> list[Path]:
+    """The adapters a dual-encoder run was trained over (task.json `frozen`, kept active beneath it): relative
+    paths are read from the working directory, as training read them."""
+    folders = [Path(folder).expanduser() for folder in ((source.task or {}).get("frozen") or {}).values()]
+    missing = [str(folder) for folder in folders if not folder.is_dir()]
+    if missing:
+        raise AdapterFileError(f"{source.path} was trained over the frozen adapters {missing} (task.json `frozen`), "
+                               "which are not there; put them back, or fix the paths in task.json")
+    return folders
 
 
 def input_spec_from_task(task: dict[str, Any]) -> InputSpec:
