@@ -51,8 +51,10 @@ class DualEngine(Engine):
         self._heads: dict[str | None, PromptClassifier] = {}  # adapter (None: the base) -> its prompt classifier
         self.tokenizer = model.base_model.tokenizer
         super().__init__(model, head_path, input_spec, base, **options)
+
+    def _prepare(self) -> None:
         with self._model_lock:  # the base, and adapters that were on the model already, predict base.classes
-            for name in (None, *model.adapters):
+            for name in (None, *self.model.adapters):
                 self._heads.update(self._prompt_head(name, self.base.classes, self.base.templates))
 
     # ------------------------------------------------------------ requests
@@ -114,13 +116,16 @@ class DualEngine(Engine):
         """One adapter as it is; a run trained over frozen adapters as their exact sum (ranks concatenated,
         `AdaptedModel.combine`), since a sample is routed to one adapter."""
         if len(checked) == 1:
-            return super()._install(name, checked[0])
+            super()._install(name, checked[0])
+            return
         parts = [f"x{uuid.uuid4().hex[:16]}" for _ in checked]  # not a name a request can use
         try:
             for part, files in zip(parts, checked, strict=True):
                 self.model.load_adapter(files, part, activate=False)
             self.model.combine(dict.fromkeys(parts, 1.0), name, how="exact")
         except AdapterError as exc:
+            if name in self.model.configs:
+                self.model.delete_adapter(name)
             raise AdapterFileError(f"adapter {name!r} was trained over frozen adapters that cannot be summed into "
                                    f"one adapter to route ({exc})") from None
         finally:
