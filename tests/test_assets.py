@@ -59,3 +59,17 @@ def test_conversion_is_cached_and_written_atomically(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dinov2-small"]  # no staging folder left
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert assets.dinov2_small(tmp_path) == folder and (folder / "model.safetensors").stat().st_mtime_ns == stamp
+
+
+def test_asset_specs_resolve_per_tower_and_unknown_names_list_the_known(monkeypatch, tmp_path):
+    from vislora.errors import ConfigError
+
+    monkeypatch.setitem(assets.MODELS["image"], "dinov2-small", lambda: tmp_path / "dino")
+    monkeypatch.setitem(assets.MODELS["text"], "all-minilm-l6-v2", lambda: tmp_path / "minilm")
+    assert assets.resolve_model_spec("asset:dinov2-small") == f"hf:{tmp_path / 'dino'}"
+    assert assets.resolve_model_spec("asset:all-minilm-l6-v2", "text") == f"hf:{tmp_path / 'minilm'}"
+    assert assets.resolve_model_spec("timm:vit_tiny_patch16_224") == "timm:vit_tiny_patch16_224"
+    with pytest.raises(ConfigError, match=r"unknown asset 'all-minilm-l6-v2' .*available: dinov2-small"):
+        assets.resolve_model_spec("asset:all-minilm-l6-v2")  # a text encoder is no image backbone
+    with pytest.raises(ConfigError, match=r"unknown text asset 'dinov2-small' .*available: all-minilm-l6-v2"):
+        assets.resolve_model_spec("asset:dinov2-small", "text")

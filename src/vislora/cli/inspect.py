@@ -51,10 +51,10 @@ def inspect(
 
 
 def _base_model(spec: str, pretrained: bool) -> object:
+    from vislora.assets import resolve_model_spec
     from vislora.backbones import load_base_model
-    from vislora.tasks.classification import resolve_spec
 
-    return load_base_model(resolve_spec(spec), pretrained=pretrained)
+    return load_base_model(resolve_model_spec(spec), pretrained=pretrained)
 
 
 def show_diagnosis(diagnosis: Diagnosis) -> None:

@@ -76,11 +76,11 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
     if base is None:
         raise ExportError(f"{adapter_dir} has no task.json, so the base model is unknown; pass the spec it was "
                           "trained on, e.g. --base hf:facebook/dinov2-small or --base timm:vit_base_patch16_224")
+    from vislora.assets import resolve_model_spec
     from vislora.backbones import load_base_model
     from vislora.model import load_adapter
-    from vislora.tasks.classification import resolve_spec
 
-    base_model = load_base_model(resolve_spec(base), pretrained=True)
+    base_model = load_base_model(resolve_model_spec(base), pretrained=True)
     try:
         spec = model_input_spec(base_model)
     except ValueError as exc:

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vislora.assets import resolve_model_spec
 from vislora.errors import ConfigError
 
 Head = Literal["auto", "own", "linear"]
 Pooling = Literal["cls", "mean", "cls_mean"]
-ASSETS = ("dinov2-small",)
 
 
 class LinearProbeClassifier(nn.Module):
@@ -49,18 +49,6 @@ class LinearProbeClassifier(nn.Module):
         return self.head(self.features(images))
 
 
-def resolve_spec(spec: str) -> str:
-    """`asset:<name>` becomes `hf:<local dir>` of a bundled asset (converted on first use)."""
-    if not spec.startswith("asset:"):
-        return spec
-    name = spec.partition(":")[2]
-    if name not in ASSETS:
-        raise ConfigError(f"unknown asset {name!r} in model spec {spec!r}; available: {', '.join(ASSETS)}")
-    from vislora import assets
-
-    return f"hf:{assets.dinov2_small()}"
-
-
 def build_classifier(spec: str, num_classes: int, pretrained: bool = True, head: Head = "auto",
                      pooling: Pooling = "cls", image_size: int | None = None,
                      **kwargs: Any) -> tuple[nn.Module, str]:
@@ -70,7 +58,7 @@ def build_classifier(spec: str, num_classes: int, pretrained: bool = True, head:
     pooled features of other families; "linear" forces the pooled-feature head for timm too. `kwargs` go
     to the model factory; a timm ViT is built for `image_size` (its position embeddings resized).
     """
-    spec = resolve_spec(spec)
+    spec = resolve_model_spec(spec)
     family = spec.partition(":")[0] if ":" in spec else "timm"
     if head == "own" and family != "timm":
         raise ConfigError(f"model.head='own' needs a timm model; {spec!r} has no classifier of its own: "
