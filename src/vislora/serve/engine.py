@@ -27,12 +27,13 @@ from vislora.data.transforms import InputSpec, build_transform
 from vislora.errors import ConfigError
 from vislora.model import AdaptedModel
 from vislora.serve.batcher import Job, MicroBatcher
+from vislora.serve.calls import BlockingCalls, ImageInput
 from vislora.serve.config import BaseSection, BatchingSection, LimitsSection, RolloutConfig, ServeConfig
 from vislora.serve.errors import BadImage, Busy, Conflict, ServeError, UnknownAdapter
 from vislora.serve.images import decode_image
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
 from vislora.serve.openmp import release_team
-from vislora.serve.records import Embedding, LoadedAdapter, Output, Prediction, top_k
+from vislora.serve.records import LoadedAdapter, Output
 from vislora.serve.sources import (
     AdapterSource,
     base_from_task,
@@ -44,7 +45,6 @@ from vislora.serve.sources import (
 from vislora.serve.traffic import Assignment, TrafficPolicy, record_shadow
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
-ImageInput = Image.Image | bytes | str | Path
 
 
 def check_name(name: str, what: str = "adapter") -> str:
@@ -54,7 +54,7 @@ def check_name(name: str, what: str = "adapter") -> str:
     return name
 
 
-class Engine:
+class Engine(BlockingCalls):
     """Serves predictions and embeddings of a base model with any number of adapters; thread-safe. This class
     serves image classifiers; `DualEngine` (built by `from_config` for a dual-encoder base) adds texts."""
 
@@ -252,32 +252,6 @@ class Engine:
             job.future.cancel()  # runs the release callback
             raise
 
-    def predict(self, image: ImageInput, adapter: str | None = None, k: int = 5) -> Prediction:
-        """Top-k labels of one image; several calls from several threads share batches."""
-        return self.predict_many([image], [adapter], k)[0]
-
-    def predict_many(self, images: Sequence[ImageInput], adapters: Sequence[str | None], k: int = 5
-                     ) -> list[Prediction]:
-        """Top-k labels of many images, each with its own adapter (a batch inference job, no HTTP)."""
-        outputs = self._compute(images, adapters, need_classes=True)
-        return [Prediction(o.adapter, o.digest, o.route, top_k(o, k)) for o in outputs]
-
-    def embed(self, image: ImageInput, adapter: str | None = None) -> Embedding:
-        return self.embed_many([image], [adapter])[0]
-
-    def embed_many(self, images: Sequence[ImageInput], adapters: Sequence[str | None]) -> list[Embedding]:
-        """Embeddings of many images, each with its own adapter: a classifier's pooled backbone features (the
-        head's input); a dual encoder's L2-normalised image embeddings (comparable with its text embeddings)."""
-        return [Embedding(o.adapter, o.digest, o.route, o.features) for o in self._compute(images, adapters)]
-
-    def embed_text(self, text: str, adapter: str | None = None) -> Embedding:
-        return self.embed_texts([text], [adapter])[0]
-
-    def embed_texts(self, texts: Sequence[str], adapters: Sequence[str | None]) -> list[Embedding]:
-        """L2-normalised text embeddings of many texts, each with its own adapter (dual-encoder bases only)."""
-        outputs = self._compute(texts, adapters, modality="text")
-        return [Embedding(o.adapter, o.digest, o.route, o.features) for o in outputs]
-
     def check_predicts(self, adapter: str | None) -> None:
         """Refuse predict without an adapter when the base head names no classes."""
         if adapter is None and self.base.classes is None:
@@ -305,26 +279,6 @@ class Engine:
         self.close()
 
     # ------------------------------------------------------------ internals
-    def _compute(self, items: Sequence[ImageInput] | Sequence[str], adapters: Sequence[str | None],
-                 need_classes: bool = False, modality: str = "image") -> list[Output]:
-        if len(items) != len(adapters):
-            raise ServeError(f"{len(items)} {modality}s but {len(adapters)} adapter names; give one name (or None) "
-                             "each")
-        if need_classes:
-            for adapter in set(adapters):
-                self.check_predicts(adapter)
-        if modality == "text":
-            prepare, submit = self.preprocess_text, self.submit_text
-        else:
-            prepare, submit = self.preprocess, self.submit
-        outputs: list[Output] = []
-        window = max(1, self.batching.max_queue // 2)  # never more in the queue than it holds
-        for start in range(0, len(items), window):
-            chunk = zip(items[start:start + window], adapters[start:start + window], strict=True)
-            futures = [submit(prepare(item), adapter) for item, adapter in chunk]
-            outputs.extend(f.result() for f in futures)
-        return outputs
-
     def _admit(self, name: str | None) -> Assignment:
         """Resolve a route, check the adapters are servable and count the request in flight for them."""
         assignment = self.traffic.assign(name)
