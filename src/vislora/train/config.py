@@ -147,7 +147,8 @@ class RunSection(_Section):
     gradient_checkpointing: bool = False
     compile: bool = Field(False, description="torch.compile the model (slow first step, faster after).")
     resume: bool = Field(True, description="Continue from the last checkpoint in output_dir if there is one.")
-    progress: bool = Field(True, description="Show a progress bar.")
+    progress: bool = Field(True, description="Show a progress bar (on a terminal only: logs and pipes get the "
+                           "run's messages without it).")
     log_every: int = Field(1, ge=1, description="Write a train line to metrics.jsonl every N steps.")
     monitor_gradients: bool = Field(False, description="Log per-layer gradient norms of the adapter weights to "
                                     "metrics.jsonl and warn when they vanish or explode (vislora.train.monitor).")

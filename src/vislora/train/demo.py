@@ -131,7 +131,7 @@ def features(trainer: Trainer, dataset: ImageDataset) -> tuple[torch.Tensor, tor
     model.eval()
     try:
         loader = torch.utils.data.DataLoader(dataset, batch_size=64, collate_fn=collate, generator=torch.Generator())
-        batches = tqdm(loader, desc=f"features {dataset.name}", unit="batch", leave=False)
+        batches = tqdm(loader, desc=f"features {dataset.name}", unit="batch", leave=False, disable=None)
         with model.disabled():
             parts = [(model.base_model.features(b["image"]), b["label"]) for b in batches if "image" in b]
     finally:

@@ -364,7 +364,7 @@ class Trainer(RunDirectory):
         from tqdm.auto import tqdm
 
         return tqdm(total=self.config.optim.max_steps, initial=self.loop.step, desc="train", unit="step",
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, disable=None)  # None: no bar when stderr is not a terminal (CI logs)
 
     def _finish(self, final: Evaluation | None, stopped_early: bool, report: Any, seconds: float) -> TrainResult:
         adapter_dir = self.run_dir / "adapter"
