@@ -34,7 +34,9 @@ def release_team() -> bool:
 def _pause() -> Callable[[int], int] | None:
     """`omp_pause_resource_all` of the OpenMP runtime torch loaded (never loads one of its own)."""
     folder = Path(torch.__file__).parent / "lib"
-    for path in sorted(folder.glob("libgomp*.so*")) + sorted(folder.glob("libiomp5*.so*")):
+    # GNU OpenMP only: its pause frees just the calling thread's pool. LLVM/Intel OpenMP's pauses the whole
+    # runtime, which would pull the team from under the batch worker.
+    for path in sorted(folder.glob("libgomp*.so*")):
         try:
             runtime = ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
             pause = runtime.omp_pause_resource_all
@@ -42,5 +44,5 @@ def _pause() -> Callable[[int], int] | None:
             continue
         pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
         return pause
-    logger.debug("no OpenMP runtime with omp_pause_resource_all in %s: worker teams stay as they are", folder)
+    logger.debug("no GNU OpenMP runtime with omp_pause_resource_all in %s: teams stay as they are", folder)
     return None
