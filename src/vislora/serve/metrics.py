@@ -130,14 +130,14 @@ def _shadow(comparisons: list[Any], drift_sums: list[Any], drift_counts: list[An
         row[0] += s.value
         row[1] += s.value if s.labels["agree"] == "true" else 0.0
     drift = {s.labels["route"]: s.value for s in drift_sums}
-    return {s.labels["route"]: {"comparisons": s.value,
-                                "agreement": _ratio(*reversed(labelled[s.labels["route"]])),
-                                "drift_mean": drift.get(s.labels["route"], 0.0) / s.value}
-            for s in drift_counts if s.value}
-
-
-def _ratio(part: float, whole: float) -> float | None:
-    return part / whole if whole else None
+    out: dict[str, dict[str, float | None]] = {}
+    for runs in drift_counts:  # every shadow run records a drift
+        route = runs.labels["route"]
+        if runs.value:
+            compared, agreeing = labelled[route]
+            out[route] = {"comparisons": runs.value, "agreement": agreeing / compared if compared else None,
+                          "drift_mean": drift.get(route, 0.0) / runs.value}
+    return out
 
 
 def histogram_quantile(q: float, bounds: Sequence[float], cumulative: Sequence[float]) -> float | None:
