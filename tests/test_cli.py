@@ -3,6 +3,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import real_assets_or_skip
 from synthetic_images import class_image, corrupt_png, csv_manifest, image_folder, tiny_train_config
 from vislora.cli import app
 
@@ -81,13 +82,7 @@ def test_data_check_lists_a_corrupt_file_and_writes_the_audit(tmp_path):
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
-    from vislora import assets
-
-    try:
-        assets.dinov2_onnx_path()
-        assets.fashion_mnist_dir()
-    except assets.AssetError as err:
-        pytest.skip(f"real assets absent ({err}); `make test` installs them")
+    real_assets_or_skip()
     result = runner.invoke(app, ["demo", "--out", str(tmp_path / "demo"), "--steps", "3", "--train-images", "96",
                                  "--test-images", "60", "--image-size", "28", "--batch-size", "16"])
     assert result.exit_code == 0, result.output

@@ -5,7 +5,7 @@ import pytest
 import torch
 from export_helpers import run_without_vislora, save_array
 
-from vislora import assets
+from conftest import real_assets_or_skip
 from vislora.export import MERGE_ATOL, export_onnx_dir, load_exportable, merge_adapter
 from vislora.train.config import TrainConfig
 from vislora.train.trainer import Trainer
@@ -25,11 +25,7 @@ print(json.dumps({"diff": float(np.abs(logits - np.load(args["ref"])).max())}))
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    try:
-        assets.dinov2_onnx_path()
-        assets.fashion_mnist_dir()
-    except assets.AssetError as err:
-        pytest.skip(f"real assets absent ({err}); `make test` installs them")
+    real_assets_or_skip()
     out = tmp_path_factory.mktemp("real") / "run"
     cfg = TrainConfig.parse({
         "model": {"spec": "asset:dinov2-small"},

