@@ -127,7 +127,7 @@ def make_adapters(args: argparse.Namespace, folder: Path) -> list[Path]:
         with torch.no_grad():
             for param in model.adapter_parameters("default"):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-        dirs.append(model.save_adapter(folder / f"a{i:03d}", "default"))
+        dirs.append(vislora.save_adapter(model, folder / f"a{i:03d}", "default"))
     return dirs
 
 

@@ -77,7 +77,7 @@ def make_adapters(folder: Path, count: int, rank: int) -> list[Path]:
         with torch.no_grad():
             for param in model.adapter_parameters("default"):
                 param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-        dirs.append(model.save_adapter(folder / f"text-{i}", "default"))
+        dirs.append(vislora.save_adapter(model, folder / f"text-{i}", "default"))
     return dirs
 
 

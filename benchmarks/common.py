@@ -83,16 +83,16 @@ def copy_from_peft(model: vislora.AdaptedModel, reference: nn.Module, peft_name:
                    name: str = "default") -> None:
     """Give vislora adapter `name` the weights of PEFT adapter `peft_name` (same targets, whole weights)."""
     modules = dict(reference.base_model.model.named_modules())
-    layers = [(path, layer) for path, layer in model.layers().items() if name in layer.specs]
+    layers = [(path, layer) for path, layer in model.layers().items() if name in layer.adapters]
     if len(layers) != sum(1 for m in modules.values() if hasattr(m, "lora_A") and peft_name in m.lora_A):
         raise RuntimeError("vislora and PEFT adapted a different number of layers; the comparison is unfair")
     with torch.no_grad():
         for path, layer in layers:
             source = modules[path]
-            layer.lora_A[name].copy_(source.lora_A[peft_name].weight)  # [r, in]
-            layer.lora_B[name].copy_(source.lora_B[peft_name].weight)  # [out, r]
-            if name in layer.lora_magnitude:
-                layer.lora_magnitude[name].copy_(source.lora_magnitude_vector[peft_name].weight)  # [out]
+            layer.adapters[name].lora_A.copy_(source.lora_A[peft_name].weight)  # [r, in]
+            layer.adapters[name].lora_B.copy_(source.lora_B[peft_name].weight)  # [out, r]
+            if hasattr(layer.adapters[name], "lora_magnitude"):
+                layer.adapters[name].lora_magnitude.copy_(source.lora_magnitude_vector[peft_name].weight)  # [out]
 
 
 def print_table(samples: dict[str, list[float]], baseline_of: dict[str, str]) -> dict[str, float]:

@@ -29,22 +29,22 @@ WEIGHTS = {"a": 0.7, "b": -0.4, "c": 1.3}
 
 def test_exact_combination_equals_the_weighted_sum_of_deltas():
     model = three_adapters()
-    report = model.combine(WEIGHTS, name="abc")
+    report = vislora.combine(model, WEIGHTS, name="abc")
     assert report.max_relative_error == 0.0 and model.active_adapters == ("a",)
     for layer in model.layers().values():
-        expected = sum(w * layer.change(n) for n, w in WEIGHTS.items() if n in layer.specs)
+        expected = sum(w * layer.change(n) for n, w in WEIGHTS.items() if n in layer.adapters)
         torch.testing.assert_close(layer.change("abc"), expected, rtol=1e-5, atol=1e-6)
     qkv = model.layers()["blocks.0.attn.qkv"]
-    assert qkv.specs["abc"].slices == ()  # a and b share q/v slices, c is whole: the sum is whole
-    assert model.layers()["blocks.0.attn.proj"].specs["abc"].rank == 4
-    assert model.layers()["blocks.0.mlp.fc1"].specs["abc"].rank == 2
+    assert qkv.adapters["abc"].layout.blocks == ()  # a and b share q/v slices, c is whole: the sum is whole
+    assert model.layers()["blocks.0.attn.proj"].adapters["abc"].rank == 4
+    assert model.layers()["blocks.0.mlp.fc1"].adapters["abc"].rank == 2
 
 
 def test_exact_combination_keeps_shared_slices_and_combines_heads():
     model = three_adapters()
-    model.combine({"a": 0.5, "b": 0.5}, name="ab")
-    assert model.layers()["blocks.1.attn.qkv"].specs["ab"].slices == (0, 2)
-    assert model.layers()["blocks.1.attn.qkv"].specs["ab"].rank == 4 + 2
+    vislora.combine(model, {"a": 0.5, "b": 0.5}, name="ab")
+    assert model.layers()["blocks.1.attn.qkv"].adapters["ab"].layout.blocks == (0, 2)
+    assert model.layers()["blocks.1.attn.qkv"].adapters["ab"].rank == 4 + 2
     head = model.base_model.head
     expected = head.original_module.weight + 0.5 * (head.copies["a"].weight - head.original_module.weight)
     torch.testing.assert_close(head.copies["ab"].weight, expected)
@@ -52,7 +52,7 @@ def test_exact_combination_keeps_shared_slices_and_combines_heads():
 
 def test_combined_adapter_output_equals_merging_the_parts():
     model = three_adapters()
-    model.combine({"a": 1.0, "b": 1.0}, name="ab")
+    vislora.combine(model, {"a": 1.0, "b": 1.0}, name="ab")
     model.set_active("ab")
     combined = model(X)
     model.set_active(["a", "b"])  # summing two active adapters = weights of 1 each (a's head, as ab's)
@@ -61,10 +61,10 @@ def test_combined_adapter_output_equals_merging_the_parts():
 
 def test_combined_adapter_round_trips_through_peft(tmp_path):
     model = three_adapters()
-    model.combine(WEIGHTS, name="abc")
+    vislora.combine(model, WEIGHTS, name="abc")
     model.set_active("abc")
     expected = model(X)
-    model.save_adapter(tmp_path, name="abc")
+    vislora.save_adapter(model, tmp_path, name="abc")
     reference = peft.PeftModel.from_pretrained(tiny_timm(), tmp_path).eval()
     torch.testing.assert_close(reference(X), expected, rtol=1e-5, atol=1e-5)
     again = vislora.load_adapter(tiny_timm(), tmp_path)
@@ -77,7 +77,7 @@ def test_svd_truncation_reports_the_error_the_singular_values_predict():
     model.add_adapter("d", AdapterConfig(rank=2, alpha=2, targets=["qkv"], method="dora"))
     randomize_adapters(model, seed=3)
     weights = {"a": 0.7, "b": -0.4, "d": 1.0}
-    report = model.combine(weights, name="svd2", how="svd", rank=2)
+    report = vislora.combine(model, weights, name="svd2", how="svd", rank=2)
     by_path = {layer.path: layer for layer in report.layers}
     qkv = model.layers()["blocks.0.attn.qkv"]
     total = sum(w * qkv.change(n) for n, w in weights.items())
@@ -87,7 +87,7 @@ def test_svd_truncation_reports_the_error_the_singular_values_predict():
     assert by_path["blocks.0.attn.qkv"].relative_error == pytest.approx(predicted, rel=1e-4)
     approx = qkv.change("svd2")
     assert ((total - approx).norm() / total.norm()).item() == pytest.approx(predicted, rel=1e-4)
-    full = model.combine(weights, name="svd_full", how="svd", rank=64)
+    full = vislora.combine(model, weights, name="svd_full", how="svd", rank=64)
     assert full.max_relative_error < 1e-5
     assert "svd2" in str(report) and "rel. error" in str(report)
 
@@ -105,7 +105,7 @@ def test_bad_combinations_are_refused_and_leave_the_model_alone(kwargs, error, m
     model = three_adapters()
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(error, match=message):
-        model.combine(**kwargs)
+        vislora.combine(model, **kwargs)
     assert model.adapters == ("a", "b", "c")
     assert model.state_dict().keys() == before.keys()
 
@@ -113,4 +113,4 @@ def test_bad_combinations_are_refused_and_leave_the_model_alone(kwargs, error, m
 def test_dora_needs_svd():
     model = vislora.inject(tiny_timm(), AdapterConfig(rank=2, alpha=4, targets=["qkv"], method="dora"), name="d")
     with pytest.raises(AdapterError, match=r"DoRA adapter\(s\) \['d'\].*use how='svd'"):
-        model.combine({"d": 0.5}, name="half")
+        vislora.combine(model, {"d": 0.5}, name="half")

@@ -31,8 +31,8 @@ def pair_with_spectrum(s, n_in=48, n_out=64, seed=0):
 
 def set_pair(layer, a, b, name="default"):
     with torch.no_grad():
-        layer.lora_A[name].copy_(a)
-        layer.lora_B[name].copy_(b)
+        layer.adapters[name].lora_A.copy_(a)
+        layer.adapters[name].lora_B.copy_(b)
 
 
 def test_known_spectra_give_the_known_effective_ranks():
@@ -73,7 +73,7 @@ def test_untrained_adapter_is_reported_untrained_and_nan_as_broken():
     assert all(layer.untrained and layer.effective_rank == 0 for layer in report.layers)
     randomize_adapters(model)
     with torch.no_grad():
-        model.layers()["blocks.1.attn.qkv"].lora_B["default"][0, 0, 0] = float("nan")
+        model.layers()["blocks.1.attn.qkv"].adapters["default"].lora_B[0, 0, 0] = float("nan")
     report = diagnose(model)
     assert report.verdict.status == "broken" and "blocks.1.attn.qkv[q]" in report.verdict.reasons[0]
     assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["verdict"]["status"] == "broken"
@@ -110,7 +110,7 @@ def test_saved_directory_reads_as_the_live_model_with_and_without_base(tmp_path,
     model = vislora.inject(tiny_timm(), vislora.AdapterConfig(rank=4, alpha=8, **options))
     randomize_adapters(model)
     live = diagnose(model)
-    model.save_adapter(tmp_path / "adapter")
+    vislora.save_adapter(model, tmp_path / "adapter")
     alone = inspect_adapter(tmp_path / "adapter")
     with_base = inspect_adapter(tmp_path / "adapter", base=tiny_timm())
     assert [layer.path for layer in alone.layers] == [layer.path for layer in live.layers]
@@ -145,7 +145,7 @@ def test_inspect_command_prints_tables_and_json_with_base_norms(tmp_path):
     model = vislora.inject(transformers.ViTModel.from_pretrained(tmp_path / "base"),
                            vislora.AdapterConfig(rank=4, alpha=8, targets=["q", "v"]))
     randomize_adapters(model)
-    model.save_adapter(tmp_path / "adapter")
+    vislora.save_adapter(model, tmp_path / "adapter")
 
     result = runner.invoke(app, ["inspect", str(tmp_path / "adapter")])
     assert result.exit_code == 0, result.output

@@ -76,7 +76,7 @@ def adapted_and_saved(tmp_path, family, cfg):
     factory, inputs = FAMILIES[family]
     model = vislora.inject(factory(), cfg)
     randomize_adapters(model)
-    model.save_adapter(tmp_path / "adapter")
+    vislora.save_adapter(model, tmp_path / "adapter")
     return out(model, inputs), tmp_path / "adapter"
 
 
@@ -140,7 +140,7 @@ def test_modules_to_save_round_trip_with_peft(tmp_path):
     randomize_adapters(model)
     with torch.no_grad():
         model.base_model.head.copies["default"].weight.normal_()
-    model.save_adapter(tmp_path)
+    vislora.save_adapter(model, tmp_path)
     reference = peft.PeftModel.from_pretrained(factory(), tmp_path).eval()
     torch.testing.assert_close(out(reference, inputs), out(model, inputs), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out(vislora.load_adapter(factory(), tmp_path), inputs), out(model, inputs))
@@ -149,7 +149,7 @@ def test_modules_to_save_round_trip_with_peft(tmp_path):
 def test_second_adapter_loads_beside_the_first(tmp_path, images):
     _, folder = adapted_and_saved(tmp_path, "timm_vit", AdapterConfig(rank=4, alpha=8, targets=["qkv"]))
     model = vislora.inject(tiny_timm(), AdapterConfig(rank=2, alpha=2, targets=["fc1"]), name="mine")
-    model.load_adapter(folder, name="loaded")
+    vislora.load_adapter(model, folder, name="loaded")
     assert model.adapters == ("mine", "loaded") and model.active_adapters == ("mine",)
     model.set_active(["mine", "loaded"])
     assert model(images).shape == (2, 5)
@@ -203,9 +203,9 @@ def test_slice_file_with_weight_outside_its_slices_is_refused_and_model_untouche
     model = vislora.inject(vit, AdapterConfig(rank=2, alpha=2, targets=["fc1"]), name="mine")
     mine = model.state_dict().keys()
     with pytest.raises(AdapterFileError, match="outside the q/k/v slices"):
-        model.check_adapter(folder)
+        vislora.check_adapter(model, folder)
     with pytest.raises(AdapterFileError, match="outside the q/k/v slices"):
-        model.load_adapter(folder, name="edited")
+        vislora.load_adapter(model, folder, name="edited")
     assert model.adapters == ("mine",) and model.state_dict().keys() == mine
 
 
@@ -213,9 +213,9 @@ def test_checked_adapter_installs_later_with_the_same_outputs(tmp_path, images):
     _, folder = adapted_and_saved(tmp_path, "timm_vit", AdapterConfig(rank=4, alpha=8, targets=["q", "v", "fc2"]))
     direct = vislora.load_adapter(tiny_timm(), folder)
     model = vislora.inject(tiny_timm(), AdapterConfig(rank=2, alpha=2, targets=["fc1"]), name="mine")
-    checked = model.check_adapter(folder)
+    checked = vislora.check_adapter(model, folder)
     assert model.adapters == ("mine",)  # checking changes nothing
-    model.load_adapter(checked, name="later", activate=True)
+    vislora.load_adapter(model, checked, name="later", activate=True)
     model.set_active("later")
     torch.testing.assert_close(model(images), direct(images), rtol=0, atol=0)
 
@@ -279,9 +279,9 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr("vislora.formats_save.save_file", disk_full)
+    monkeypatch.setattr("vislora.formats.write.save_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        model.save_adapter(folder)
+        vislora.save_adapter(model, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # old adapter intact, no temp files
     assert not [n for n in os.listdir(folder) if n.endswith(".tmp")]
     assert copy.deepcopy(before) == before
@@ -294,23 +294,23 @@ def test_load_adapter_weights_copies_in_place(tmp_path, cfg, images):
     model = vislora.inject(tiny_timm(), cfg)
     randomize_adapters(model)
     saved = model(images)
-    model.save_adapter(tmp_path)
+    vislora.save_adapter(model, tmp_path)
     params = list(model.adapter_parameters("default"))
     with torch.no_grad():
         for param in params:
             param.add_(0.5)
     assert (model(images) - saved).abs().max() > 1e-3
-    model.load_adapter_weights(tmp_path)
+    vislora.load_adapter_weights(model, tmp_path)
     assert all(a is b for a, b in zip(params, model.adapter_parameters("default"), strict=True))
     torch.testing.assert_close(model(images), saved, rtol=1e-5, atol=1e-6)
 
 
 def test_load_adapter_weights_refuses_another_config(tmp_path, vit):
     other = vislora.inject(tiny_timm(), AdapterConfig(rank=4, alpha=8, targets=["qkv"]))
-    other.save_adapter(tmp_path)
+    vislora.save_adapter(other, tmp_path)
     model = vislora.inject(vit, AdapterConfig(rank=4, alpha=4, targets=["qkv"]))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(AdapterFileError, match=r"another config than adapter 'default' \(differs in alpha\)"):
-        model.load_adapter_weights(tmp_path)
+        vislora.load_adapter_weights(model, tmp_path)
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)

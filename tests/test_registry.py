@@ -41,7 +41,7 @@ def make_adapter(base_dir, out, seed):
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen))
-    model.save_adapter(out)
+    vislora.save_adapter(model, out)
     return out
 
 

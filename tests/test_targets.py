@@ -1,6 +1,7 @@
 import pytest
 from torch import nn
 
+import vislora
 from conftest import tiny_hf_clip, tiny_hf_vit, tiny_open_clip_tower, tiny_timm
 from vislora import AdapterConfig, TargetError, resolve_targets
 
@@ -16,7 +17,8 @@ def test_role_slices_on_timm_fused_qkv(vit):
         ("blocks.1.attn.qkv", ("q", "v"), "linear"),
     ]
     # two pairs per layer: A [r, 32] and B [32/... d=32, r] for q and for v
-    assert plan.n_params == 2 * 2 * 8 * (32 + 32)
+    model = vislora.inject(vit, AdapterConfig(targets=["q", "v"]))
+    assert sum(model.parameter_counts("default").values()) == 2 * 2 * 8 * (32 + 32)
 
 
 def test_qkv_role_is_one_pair_on_the_fused_layer(vit):

@@ -1,7 +1,6 @@
 """vislora: low-rank adapters for vision transformers and vision-language models."""
 
-__version__ = "0.1.0"
-
+from vislora.arithmetic import CombineReport, combine
 from vislora.config import PRESETS, AdapterConfig
 from vislora.diagnostics import diagnose
 from vislora.errors import (
@@ -12,15 +11,11 @@ from vislora.errors import (
     VisloraError,
     VisloraWarning,
 )
-from vislora.model import AdaptedModel, inject, load_adapter
+from vislora.formats import check_adapter, load_adapter, load_adapter_weights, save_adapter
+from vislora.model import AdaptedModel, AdapterWeights, inject
 from vislora.parameters import ParameterReport, parameter_report
 from vislora.targets import ROLES, Target, TargetPlan, resolve_targets
-
-
-def save_adapter(model: AdaptedModel, path: str, name: str = "default") -> object:
-    """Write adapter `name` of `model` to directory `path` (same as `model.save_adapter`)."""
-    return model.save_adapter(path, name)
-
+from vislora.version import __version__
 
 __all__ = [
     "PRESETS",
@@ -29,6 +24,8 @@ __all__ = [
     "AdapterConfig",
     "AdapterError",
     "AdapterFileError",
+    "AdapterWeights",
+    "CombineReport",
     "ConfigError",
     "ParameterReport",
     "Target",
@@ -37,9 +34,12 @@ __all__ = [
     "VisloraError",
     "VisloraWarning",
     "__version__",
+    "check_adapter",
+    "combine",
     "diagnose",
     "inject",
     "load_adapter",
+    "load_adapter_weights",
     "parameter_report",
     "resolve_targets",
     "save_adapter",

@@ -24,5 +24,9 @@ class AdapterFileError(VisloraError, OSError):
     """An adapter file is unsafe, corrupt, or does not fit the model."""
 
 
+class NonFiniteError(VisloraError, FloatingPointError):
+    """Adapter weights would give NaN/Inf (e.g. merging a broken adapter); nothing was changed."""
+
+
 class VisloraWarning(UserWarning):
     """Advice about a configuration that works but is likely a mistake."""

@@ -1,37 +1,51 @@
-"""AdaptedModel: a base model with named adapters that can be added, activated, merged and unloaded."""
+"""AdaptedModel: a base model with named adapters that can be added, activated, routed per sample, merged and unloaded.
+
+Files and combinations sit above this module: `vislora.formats` reads and writes adapter directories and
+`vislora.arithmetic` combines adapters; both hand this model an `AdapterWeights` to `install`.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
-from vislora.adapters import variants
-from vislora.adapters.adalora import RankAllocator, kept_ranks
-from vislora.adapters.linear import LoraLayer, PairSpec
+from vislora.adapters.layer import LoraLayer
+from vislora.adapters.lora import Grown, LoRA, TrainingHooks
+from vislora.adapters.methods import method_class
 from vislora.adapters.routing import Route
-from vislora.adapters.saved import ModulesToSave
 from vislora.adapters.tree import ModuleTree
 from vislora.config import AdapterConfig
-from vislora.errors import AdapterError, TargetError
-from vislora.targets import QKV, TargetPlan, resolve_targets
-
-if TYPE_CHECKING:
-    from vislora.arithmetic import CombineReport
-    from vislora.formats import CheckedAdapter
+from vislora.errors import AdapterError, ConfigError, NonFiniteError, TargetError
+from vislora.targets import TargetPlan, resolve_targets
 
 logger = logging.getLogger(__name__)
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
 
 
-class AdaptedModel(ModuleTree, nn.Module):
+@dataclass
+class AdapterWeights:
+    """One adapter's tensors, checked against one model and ready to install with no further checks.
+
+    `vislora.formats.check_adapter` reads them from a directory and `vislora.arithmetic.combine` computes them;
+    `AdaptedModel.install` only puts them in place, so a server can hold its model lock for the install alone.
+    """
+
+    config: AdapterConfig
+    plan: TargetPlan
+    layers: dict[str, dict[str, torch.Tensor]]  # target path -> tensors in the adapter's export_tensors() form
+    saved: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # saved-module path -> its state dict
+    source: str = ""  # where they came from (a directory), for messages
+
+
+class AdaptedModel(nn.Module):
     """A base model carrying named adapters. Build it with `vislora.inject`.
 
     Calls are forwarded to the base model; attributes it lacks are looked up on the base model, so
@@ -46,12 +60,10 @@ class AdaptedModel(ModuleTree, nn.Module):
         self.base_model = base_model
         self.configs: dict[str, AdapterConfig] = {}
         self.plans: dict[str, TargetPlan] = {}
-        self._layers: dict[str, LoraLayer] = {}  # logical module path -> wrapper
-        self._saved: dict[str, ModulesToSave] = {}
-        self._allocators: dict[str, RankAllocator] = {}  # AdaLoRA adapters' rank budgets
+        self.tree = ModuleTree(base_model)
+        self.hooks: dict[str, TrainingHooks] = {}  # per adapter whose method needs them (AdaLoRA, MoLoRA)
         self._active: tuple[str, ...] = ()
         self._merged = False
-        self._patched: list[tuple[nn.Module, str, Any]] = []  # (module, attribute, original value)
         self._requires_grad = {name: p.requires_grad for name, p in base_model.named_parameters()}
         base_model.requires_grad_(False)
 
@@ -61,7 +73,7 @@ class AdaptedModel(ModuleTree, nn.Module):
         """
         if adapters is None:
             return self.base_model(*args, **kwargs)
-        route = Route.for_call(self, adapters, args, kwargs)
+        route = self._route_for(adapters, args, kwargs)
         self._set_route(route)
         try:
             return self.base_model(*args, **kwargs)
@@ -88,27 +100,62 @@ class AdaptedModel(ModuleTree, nn.Module):
 
     @property
     def merged(self) -> bool:
+        """Whether the active adapters are merged into the base weights."""
         return self._merged
 
     def layers(self) -> dict[str, LoraLayer]:
-        """Adapter layers by module path (a MultiheadAttention's in_proj layer under the attention's path)."""
-        return dict(self._layers)
+        """Adapter layers by module path (a MultiheadAttention's in_proj layer under the attention's path, a raw
+        weight's under `<module>.<parameter>`)."""
+        return dict(self.tree.layers)
+
+    def layers_of(self, name: str) -> dict[str, LoRA]:
+        """Adapter `name`'s module in each layer that holds it, by layer path."""
+        self.check_known([name])
+        return {path: layer.adapters[name] for path, layer in self.tree.layers.items() if name in layer.adapters}
+
+    def saved_modules(self, name: str) -> dict[str, nn.Module]:
+        """Adapter `name`'s own copies of modules trained in full (modules_to_save), by module path."""
+        self.check_known([name])
+        return {path: saved.copies[name] for path, saved in self.tree.saved.items() if name in saved.copies}
 
     def add_adapter(self, name: str, config: AdapterConfig, activate: bool | None = None) -> TargetPlan:
         """Add a new adapter; it becomes active if it is the first one (or if `activate`)."""
-        self._check_new_name(name)
+        self.check_new_name(name)
         plan = resolve_targets(self.base_model, config)
         self._install(name, config, plan)
-        if activate or (activate is None and not self._active):
-            self.set_active(name)
-        else:
-            self._apply_active()
-        logger.info("adapter %r added:\n%s", name, plan)
+        self._activate_new(name, activate)
+        logger.info("adapter %r added, %d parameters:\n%s", name, sum(self.parameter_counts(name).values()), plan)
         return plan
 
+    def install(self, name: str, weights: AdapterWeights, activate: bool | None = None) -> TargetPlan:
+        """Add adapter `name` holding `weights` (checked against this model); nothing stays behind if it fails."""
+        self.check_new_name(name)
+        self._install(name, weights.config, weights.plan)
+        try:
+            self.import_weights(name, weights)
+        except Exception:
+            self._remove(name)
+            raise
+        self._activate_new(name, activate)
+        return weights.plan
+
+    def import_weights(self, name: str, weights: AdapterWeights) -> None:
+        """Copy `weights` into adapter `name`'s tensors in place: the parameter objects stay, so an optimizer or a
+        DistributedDataParallel wrapper holding them keeps working."""
+        self.check_known([name])
+        for target in self.plans[name].targets:
+            adapter = self.tree.layers[target.module_path].adapters[name]
+            try:
+                adapter.import_tensors(weights.layers[target.path])
+            except AdapterError as exc:
+                raise AdapterError(f"{target.path}: {exc} ({weights.source or 'given weights'})") from None
+        with torch.no_grad():
+            for path, copy in self.saved_modules(name).items():
+                copy.load_state_dict(weights.saved[path])
+
     def delete_adapter(self, name: str) -> None:
-        """Remove an adapter; layers left without adapters go back to their base modules."""
-        self._check_known([name])
+        """Remove an adapter and every tensor of it; layers left without adapters go back to their base modules."""
+        self.check_known([name])
         if self._merged:
             raise AdapterError(f"adapters {list(self._active)} are merged into the weights; call unmerge() before "
                                f"deleting {name!r}")
@@ -118,13 +165,13 @@ class AdaptedModel(ModuleTree, nn.Module):
     def set_active(self, names: str | Sequence[str]) -> None:
         """Choose the adapters used in forward; several active adapters are summed."""
         names = (names,) if isinstance(names, str) else tuple(names)
-        self._check_known(names)
+        self.check_known(names)
         if self._merged:
             raise AdapterError(f"adapters {self._active} are merged into the weights; call unmerge() before "
                                "changing the active set")
         if len(set(names)) != len(names):
             raise AdapterError(f"adapter names repeat in {list(names)}")
-        for path, saved in self._saved.items():
+        for path, saved in self.tree.saved.items():
             owners = [n for n in names if n in saved.copies]
             if len(owners) > 1:
                 raise AdapterError(f"adapters {owners} each carry their own copy of {path!r} "
@@ -136,21 +183,12 @@ class AdaptedModel(ModuleTree, nn.Module):
         """Make exactly these adapters trainable, e.g. every task of a multi-task run that routes samples with
         `model(x, adapters=[...])`. set_active() resets this to the active set."""
         names = (names,) if isinstance(names, str) else tuple(names)
-        self._check_known(names)
+        self.check_known(names)
         self._make_trainable(names)
 
-    def combine(
-        self, weights: Mapping[str, float], name: str, how: str = "exact", rank: int | None = None
-    ) -> CombineReport:
-        """Add adapter `name` = sum of weights[a] * (adapter a's change of W); negative weights subtract.
-
-        how="exact" concatenates the ranks (equal to the weighted sum of deltas up to float rounding);
-        how="svd" truncates the summed delta of each layer to `rank` (default: the largest contributing rank)
-        and reports the relative approximation error per layer. The new adapter is not activated.
-        """
-        from vislora.arithmetic import combine
-
-        return combine(self, weights, name, how, rank)
+    def is_training(self, name: str) -> bool:
+        """Whether any tensor of adapter `name` is trainable."""
+        return any(p.requires_grad for p in self.adapter_parameters(name))
 
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
@@ -158,61 +196,118 @@ class AdaptedModel(ModuleTree, nn.Module):
         was_merged = self._merged
         if was_merged:
             self.unmerge()
-        self._route(())
+        self._activate_layers(())
         try:
             yield
         finally:
-            self._route(self._active)
+            self._activate_layers(self._active)
             if was_merged:
                 self.merge()
+
+    # ---------------------------------------------------------------- the adapters' tensors
+    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """Every tensor of adapter `name`: its modules' parameters in every layer (A, B, and what its method adds:
+        DoRA magnitudes, AdaLoRA's E, MoLoRA's gates) and its copies of modules trained in full."""
+        yield from self.layer_parameters(name)
+        for copy in self.saved_modules(name).values():
+            yield from copy.parameters()
+
+    def layer_parameters(self, name: str) -> Iterator[nn.Parameter]:
+        """Adapter `name`'s tensors in its adapter layers (no saved-module copies)."""
+        for adapter in self.layers_of(name).values():
+            yield from adapter.parameters()
+
+    def parameter_counts(self, name: str) -> dict[str, int]:
+        """How many numbers adapter `name` holds in each adapted weight, by target path (its whole tensor list)."""
+        layers = self.layers_of(name)
+        return {t.path: sum(p.numel() for p in layers[t.module_path].parameters()) for t in self.plans[name].targets}
+
+    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter `name`'s tensors keyed `<layer path>.<tensor name>` and `<path>.<key>` for saved modules."""
+        state = {f"{path}.{key}": value for path, adapter in self.layers_of(name).items()
+                 for key, value in adapter.named_parameters()}
+        for path, copy in self.saved_modules(name).items():
+            state.update({f"{path}.{k}": v for k, v in copy.state_dict().items()})
+        return state
 
     # ---------------------------------------------------------------- training hooks (the trainer calls these)
     def auxiliary_loss(self) -> torch.Tensor | None:
         """Sum of the regularisers the adapters in training ask for (AdaLoRA orthogonality, MoLoRA load balance)."""
-        return variants.auxiliary_loss(self)
+        terms = [loss for name, hooks in self.hooks.items() if self.is_training(name)
+                 for loss in (hooks.loss(),) if loss is not None]
+        return torch.stack(terms).sum() if terms else None
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """Let adapters act on a finished optimizer step while its gradients exist (AdaLoRA's rank allocator)."""
-        variants.after_optimizer_step(self, step, total_steps)
+        """Let adapters in training act on a finished optimizer step while its gradients exist (AdaLoRA's budget)."""
+        for name, hooks in self.hooks.items():
+            if self.is_training(name):
+                hooks.after_step(step, total_steps)
 
     def adapter_metrics(self) -> dict[str, float]:
         """Figures adapters report while training: AdaLoRA rank budgets, MoLoRA expert shares."""
-        return variants.metrics(self)
+        return {key: value for hooks in self.hooks.values() for key, value in hooks.metrics().items()}
 
     def adapter_ranks(self, name: str) -> dict[str, int]:
         """The rank adapter `name` has in each layer now (AdaLoRA: triplets kept; others: as configured)."""
-        self._check_known([name])
-        if name in self._allocators:
-            return kept_ranks(variants.layers_of(self, name), name)
+        self.check_known([name])
+        ranks = getattr(self.hooks.get(name), "ranks", None)
+        if ranks is not None:
+            return ranks()
         return {t.path: t.rank * max(1, len(t.slices)) for t in self.plans[name].targets}
 
-    def grow_rank(self, name: str, rank: int) -> list[tuple[nn.Parameter, nn.Parameter, tuple[int, int]]]:
+    def grow_rank(self, name: str, rank: int) -> list[Grown]:
         """Raise adapter `name` to `rank` without changing the model's output (progressive rank growth).
 
         New rows of A start like a fresh adapter's, new columns of B at zero, each layer's scale is kept (alpha grows
         with the rank). Returns (old parameter, new parameter, (old rank, grown dim)) so a trainer can move the
         optimizer state of the old entries over (vislora.train.growth.replace_grown).
         """
-        self._check_known([name])
-        return variants.grow_rank(self, name, rank)
+        self.check_known([name])
+        config = self.configs[name]
+        if config.rank_pattern:
+            raise ConfigError(f"adapter {name!r} has a rank_pattern {config.rank_pattern}; progressive rank growth "
+                              "raises one uniform rank, so remove the rank_pattern")
+        if rank <= config.rank:
+            raise ConfigError(f"rank growth of {name!r} must go up: it has rank {config.rank}, asked for {rank}")
+        if self._merged:
+            raise AdapterError(f"call unmerge() before growing the rank of {name!r}")
+        if not method_class(config).grows:
+            raise AdapterError(f"adapter {name!r} ({config.method}, init {config.init}) cannot grow its rank; "
+                               "progressive rank growth works on LoRA and DoRA adapters not initialised by PiSSA")
+        ratio = (rank / config.rank) ** 0.5 if config.use_rslora else rank / config.rank
+        grown = [pair for adapter in self.layers_of(name).values() for pair in adapter.grow(rank)]
+        self.configs[name] = config.model_copy(update={
+            "rank": rank, "alpha": config.alpha * ratio,
+            "alpha_pattern": {k: v * ratio for k, v in config.alpha_pattern.items()},
+        })
+        self.plans[name] = resolve_targets(self.base_model, self.configs[name])
+        return grown
 
     # ---------------------------------------------------------------- merge
     def merge(self, safe: bool = True) -> None:
-        """Add the active adapters into the base weights: W += sum(scale * B @ A).
+        """Add the active adapters into the base weights: W' = W + sum_i (g_i - 1) W + sum_i g_i delta_W_i.
 
-        Afterwards forward costs what the base model costs. With `safe`, every merged weight is checked
-        for NaN/Inf first and nothing is written if one would be.
+        Afterwards forward costs what the base model costs. Adapters that cannot merge refuse before anything is
+        written; with `safe`, every merged weight is also checked for NaN/Inf first.
         """
         if self._merged:
             raise AdapterError(f"adapters {self._active} are already merged")
         if not self._active:
             raise AdapterError(f"no active adapter to merge; call set_active() first (loaded: {self.adapters})")
+        for name in self._active:
+            reason = method_class(self.configs[name]).refusal
+            if reason is not None:
+                raise AdapterError(f"cannot merge: adapter {name!r} is {reason}; nothing was merged")
+        for layer in self.tree.layers.values():
+            layer.check_merge(layer.active)
         if safe:
-            for path, layer in self._layers.items():
-                if not torch.isfinite(layer.merged_weight(layer.active)).all():
-                    raise FloatingPointError(f"merging {layer.active} into {path!r} gives NaN/Inf; "
-                                             "the adapter weights are broken, nothing was merged")
-        for layer in self._layers.values():
+            for path, layer in self.tree.layers.items():
+                with torch.no_grad():
+                    finite = bool(torch.isfinite(layer.merged_weight(layer.active)).all())
+                if not finite:
+                    raise NonFiniteError(f"merging {layer.active} into {path!r} gives NaN/Inf; the adapter weights are "
+                                       "broken, nothing was merged")
+        for layer in self.tree.layers.values():
             layer.merge(layer.active)
         self._merged = True
 
@@ -220,7 +315,7 @@ class AdaptedModel(ModuleTree, nn.Module):
         """Subtract merged adapters from the base weights (exact up to float rounding)."""
         if not self._merged:
             raise AdapterError("nothing is merged")
-        for layer in self._layers.values():
+        for layer in self.tree.layers.values():
             layer.unmerge()
         self._merged = False
         self._apply_active()
@@ -236,81 +331,18 @@ class AdaptedModel(ModuleTree, nn.Module):
         elif not merge and self._merged:
             self.unmerge()
         if not merge:
-            for saved in self._saved.values():
+            for saved in self.tree.saved.values():
                 saved.active = None
-        for path in sorted(self._layers, key=len, reverse=True):  # inner wrappers (MHA out_proj) first
-            self._unwrap(path)
-        for path in list(self._saved):
-            self._unwrap(path)
-        for module, attribute, value in self._patched:
-            setattr(module, attribute, value)
+        self.tree.unwrap_all()
         for param_name, param in self.base_model.named_parameters():
             param.requires_grad_(self._requires_grad.get(param_name, True))
-        base, self.configs, self.plans = self.base_model, {}, {}
-        self._active, self._merged, self._patched = (), False, []
+        base, self.configs, self.plans, self.hooks = self.base_model, {}, {}, {}
+        self._active, self._merged = (), False
         return base
 
-    # ---------------------------------------------------------------- files
-    def save_adapter(self, path: str | Path, name: str = "default") -> Path:
-        """Write adapter `name` as a PEFT-compatible directory (safetensors only, atomic writes)."""
-        from vislora.formats_save import save_adapter
-
-        self._check_known([name])
-        return save_adapter(self, Path(path), name)
-
-    def load_adapter(self, path: str | Path | CheckedAdapter, name: str = "default", activate: bool | None = None
-                     ) -> TargetPlan:
-        """Load an adapter directory saved by vislora or PEFT (or one `check_adapter` read); the model is untouched
-        if it does not fit."""
-        from vislora.formats import CheckedAdapter, load_adapter_into
-
-        return load_adapter_into(self, path if isinstance(path, CheckedAdapter) else Path(path), name, activate)
-
-    def check_adapter(self, path: str | Path) -> CheckedAdapter:
-        """Read an adapter directory and check it against this model without changing anything; `load_adapter`
-        takes the result and only installs it."""
-        from vislora.formats import check_adapter
-
-        return check_adapter(self, Path(path))
-
-    def load_adapter_weights(self, path: str | Path, name: str = "default") -> None:
-        """Copy a saved adapter (e.g. a checkpoint of this run) into adapter `name` in place: the parameter objects
-        stay, so optimizers and DDP wrappers holding them keep working. The file must come from the same config."""
-        from vislora.formats import load_weights_into
-
-        load_weights_into(self, Path(path), name)
-
-    def adapter_state(self, name: str) -> dict[str, torch.Tensor]:
-        """Adapter `name`'s tensors keyed by `<module path>.lora_A|lora_B|lora_magnitude` and `<path>.<param>` for
-        saved modules."""
-        self._check_known([name])
-        state = {}
-        for path, layer in self._layers.items():
-            if name in layer.specs:
-                state[f"{path}.lora_A"] = layer.lora_A[name]
-                state[f"{path}.lora_B"] = layer.lora_B[name]
-                if name in layer.lora_magnitude:
-                    state[f"{path}.lora_magnitude"] = layer.lora_magnitude[name]
-        for path, saved in self._saved.items():
-            if name in saved.copies:
-                state.update({f"{path}.{k}": v for k, v in saved.copies[name].state_dict().items()})
-        return state
-
-    def adapter_parameters(self, name: str) -> Iterator[nn.Parameter]:
-        """The trainable parameters of one adapter (low-rank pairs, DoRA magnitudes, saved-module copies)."""
-        self._check_known([name])
-        for layer in self._layers.values():
-            if name in layer.specs:
-                yield layer.lora_A[name]
-                yield layer.lora_B[name]
-                if name in layer.lora_magnitude:
-                    yield layer.lora_magnitude[name]
-        for saved in self._saved.values():
-            if name in saved.copies:
-                yield from saved.copies[name].parameters()
-
-    # ---------------------------------------------------------------- internals
-    def _check_new_name(self, name: str) -> None:
+    # ---------------------------------------------------------------- checks
+    def check_new_name(self, name: str) -> None:
+        """Raise AdapterError unless `name` is a valid name no adapter has yet."""
         if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name):
             raise AdapterError(f"invalid adapter name {name!r}: use 1-64 letters, digits, '_' or '-', "
                                "starting with a letter")
@@ -318,60 +350,86 @@ class AdaptedModel(ModuleTree, nn.Module):
             raise AdapterError(f"an adapter named {name!r} already exists; delete_adapter({name!r}) first or "
                                "pick another name")
 
-    def _check_known(self, names: Sequence[str]) -> None:
+    def check_known(self, names: Sequence[str]) -> None:
+        """Raise AdapterError naming any of `names` that is not loaded."""
         unknown = [n for n in names if n not in self.configs]
         if unknown:
             raise AdapterError(f"unknown adapter(s) {unknown}; loaded: {list(self.adapters) or 'none'}")
 
+    # ---------------------------------------------------------------- internals
     def _install(self, name: str, config: AdapterConfig, plan: TargetPlan) -> None:
-        """Add adapter `name` to every layer of `plan`; on any failure nothing of it stays behind."""
+        """Add adapter `name` (freshly initialised) to every layer of `plan`; on failure nothing of it stays."""
         self.configs[name], self.plans[name] = config, plan
+        method = method_class(config)
         try:
             for target in plan.targets:
-                layer = self._wrap(target.module_path)
-                slices = tuple(QKV.index(s) for s in target.slices)
-                layer.add_adapter(name, PairSpec(target.rank, target.scale, config.dropout, slices, config.init,
-                                                 config.method, config.molora))
+                self.tree.layer_for(target).add_adapter(name, method.for_target(target, config))
             for path in plan.modules_to_save:
-                saved = self._saved.get(path) or self._wrap_saved(path)
-                saved.add_adapter(name)
-            if config.method == "adalora":
-                self._allocators[name] = RankAllocator(variants.layers_of(self, name), name, config.adalora)
+                self.tree.saved_for(path).add_adapter(name)
+            hooks = method.training_hooks(self.layers_of(name), name, config)
+            if hooks is not None:
+                self.hooks[name] = hooks
         except Exception:
             self._remove(name)
             raise
 
     def _remove(self, name: str) -> None:
         """Take adapter `name` out of every wrapper; wrappers left empty go back to their base modules."""
-        for layer in self._layers.values():
-            if name in layer.specs:
+        for layer in self.tree.layers.values():
+            if name in layer.adapters:
                 layer.delete_adapter(name)
-        for path in sorted(self._layers, key=len, reverse=True):  # an MHA's out_proj before the MHA
-            if not self._layers[path].specs and not self._nested_adapters(path):
-                self._unwrap(path)
-        for path, saved in list(self._saved.items()):
+        for saved in self.tree.saved.values():
             if name in saved.copies:
                 saved.delete_adapter(name)
-                if not len(saved.copies):
-                    self._unwrap(path)
+        self.tree.unwrap_empty()
         del self.configs[name], self.plans[name]
-        self._allocators.pop(name, None)
+        self.hooks.pop(name, None)
         self._active = tuple(n for n in self._active if n != name)
 
+    def _activate_new(self, name: str, activate: bool | None) -> None:
+        if activate or (activate is None and not self._active):
+            self.set_active(name)
+        else:
+            self._apply_active()
+
+    def _route_for(self, adapters: Sequence[str | None], args: tuple, kwargs: dict) -> Route:
+        """The route of one `model(*args, adapters=..., **kwargs)` call, after checking `adapters` against it."""
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
+            raise AdapterError(f"adapters= takes one adapter name (or None) per sample, got {adapters!r}; "
+                               "to use one adapter for the whole batch call set_active() instead")
+        if self._merged:
+            raise AdapterError(f"adapters {list(self._active)} are merged into the weights; call unmerge() "
+                               "before routing samples to adapters")
+        unknown = sorted({n for n in adapters if n is not None and n not in self.configs})
+        if unknown:
+            raise AdapterError(f"unknown adapter(s) {unknown} in adapters=; loaded: {list(self.adapters) or 'none'}")
+        refusing = [n for n in dict.fromkeys(adapters) if n is not None and method_class(self.configs[n]).refusal]
+        if refusing:
+            method = method_class(self.configs[refusing[0]])
+            raise AdapterError(f"{method.__name__} adapter(s) {refusing} cannot be routed per sample: each is "
+                               f"{method.refusal}; run them with set_active() on their own batches")
+        batch = next((t for t in (*args, *kwargs.values()) if torch.is_tensor(t)), None)
+        if batch is None:
+            raise AdapterError("per-sample routing needs a tensor input whose first dimension is the batch")
+        if len(adapters) != batch.shape[0]:
+            raise AdapterError(f"adapters= has {len(adapters)} entries but the batch has {batch.shape[0]} samples "
+                               f"(input shape {tuple(batch.shape)}); give one adapter name or None per sample")
+        return Route.build(adapters, batch.device)
+
     def _set_route(self, route: Route | None) -> None:
-        for wrapper in (*self._layers.values(), *self._saved.values()):
+        for wrapper in (*self.tree.layers.values(), *self.tree.saved.values()):
             wrapper.route = route
 
-    def _route(self, names: tuple[str, ...]) -> None:
+    def _activate_layers(self, names: tuple[str, ...]) -> None:
         """Tell every wrapper which adapters its forward adds (none of them while merged)."""
-        for layer in self._layers.values():
-            layer.active = () if self._merged else tuple(n for n in names if n in layer.specs)
-        for saved in self._saved.values():
+        for layer in self.tree.layers.values():
+            layer.active = () if self._merged else names
+        for saved in self.tree.saved.values():
             saved.active = next((n for n in names if n in saved.copies), None)
 
     def _apply_active(self) -> None:
-        """Route the active set and make exactly the active adapters trainable."""
-        self._route(self._active)
+        """Activate the active set in every wrapper and make exactly the active adapters trainable."""
+        self._activate_layers(self._active)
         self._make_trainable(self._active)
 
     def _make_trainable(self, names: Sequence[str]) -> None:
@@ -389,20 +447,5 @@ def inject(base_model: nn.Module, config: AdapterConfig, name: str = "default") 
         model.add_adapter(name, config)
     except (TargetError, AdapterError):
         model.unload(merge=False)
-        raise
-    return model
-
-
-def load_adapter(
-    base_model: nn.Module, path: str | Path, name: str = "default", activate: bool | None = None
-) -> AdaptedModel:
-    """Load a saved adapter (vislora or PEFT directory) onto `base_model`; returns the AdaptedModel."""
-    model = base_model if isinstance(base_model, AdaptedModel) else AdaptedModel(base_model)
-    fresh = model is not base_model
-    try:
-        model.load_adapter(path, name, activate)
-    except Exception:
-        if fresh:
-            model.unload(merge=False)
         raise
     return model

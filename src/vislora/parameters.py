@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from vislora.model import AdaptedModel
+
 
 @dataclass(frozen=True)
 class ParameterReport:
@@ -47,8 +49,6 @@ class ParameterReport:
 
 def parameter_report(model: nn.Module) -> ParameterReport:
     """Count base, adapter and trainable parameters of an AdaptedModel (or any nn.Module)."""
-    from vislora.model import AdaptedModel
-
     per_adapter: dict[str, int] = {}
     adapter_ids: set[int] = set()
     if isinstance(model, AdaptedModel):

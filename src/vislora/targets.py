@@ -8,7 +8,9 @@ A `targets` entry is one of
 - `<path>[q,v]`: chosen slices of one fused qkv layer (how a combined adapter names its targets);
 - anything else: a module-path suffix on a dot boundary (`attn.proj` hits `blocks.3.attn.proj`,
   never `patch_embed.proj`).
-Inside `nn.MultiheadAttention` the fused input projection is reachable as `<path>.in_proj`.
+Inside `nn.MultiheadAttention` the fused input projection is reachable as `<path>.in_proj`. A weight that is a bare
+2-D nn.Parameter of a module that is not a torch layer (open_clip's `Attention.in_proj_weight`, a user's module) is
+reachable as `<module path>.<parameter name>`; one named `in_proj_weight` counts as a fused qkv projection.
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from vislora.config import AdapterConfig
 from vislora.errors import TargetError
 
 QKV = ("q", "k", "v")
 _ANY = r"(?:.*\.)?"
-_FUSED = (rf"{_ANY}qkv", rf"{_ANY}in_proj")
+_FUSED = (rf"{_ANY}qkv", rf"{_ANY}in_proj", rf"{_ANY}in_proj_weight")
 _SEPARATE = {
     "q": (rf"{_ANY}(?:q_proj|query)",),
     "k": (rf"{_ANY}(?:k_proj|key)",),
@@ -44,30 +47,37 @@ _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm)
 
 
 @dataclass(frozen=True)
-class Target:
-    """One adapted weight: a Linear, or the fused input projection of a MultiheadAttention."""
+class RawWeight:
+    """A bare 2-D nn.Parameter of a module, as a target candidate."""
 
-    path: str  # module path; for MultiheadAttention input projections "<mha path>.in_proj"
-    kind: str  # "linear" | "mha_in_proj"
-    slices: tuple[str, ...]  # () = whole weight; else chosen blocks of a fused (q, k, v) weight
+    owner: nn.Module
+    name: str
+    out_features: int
+    in_features: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """One adapted weight: a Linear, the fused input projection of a MultiheadAttention, or a raw weight."""
+
+    path: str  # module path; "<mha path>.in_proj" for an attention's input projection; "<module>.<param>" raw
+    kind: str  # "linear" | "mha_in_proj" | "parameter"
+    slices: tuple[str, ...]  # () = whole weight; else the chosen roles of a fused (q, k, v) weight
     in_features: int
     out_features: int
     rank: int
     alpha: float
     scale: float
-    method: str = "lora"
 
     @property
     def module_path(self) -> str:
-        """Path of the module that is wrapped (the MultiheadAttention for its in_proj)."""
+        """Path of the adapter layer: the MultiheadAttention for its in_proj, else the target's own path."""
         return self.path.removesuffix(".in_proj") if self.kind == "mha_in_proj" else self.path
 
     @property
-    def n_params(self) -> int:
-        pairs = max(1, len(self.slices))
-        rows = self.out_features // len(QKV) if self.slices else self.out_features
-        magnitude = self.out_features if self.method == "dora" else 0
-        return pairs * self.rank * (self.in_features + rows) + magnitude
+    def blocks(self) -> tuple[int, ...]:
+        """The chosen slices as indices into (q, k, v)."""
+        return tuple(QKV.index(s) for s in self.slices)
 
 
 @dataclass
@@ -77,17 +87,13 @@ class TargetPlan:
     targets: list[Target]
     modules_to_save: list[str] = field(default_factory=list)
 
-    @property
-    def n_params(self) -> int:
-        return sum(t.n_params for t in self.targets)
-
     def counts(self) -> dict[str, int]:
         """Number of adapted weights per module-name pattern (block indices replaced by N)."""
         return dict(Counter(_generic(t.path) + (f"[{','.join(t.slices)}]" if t.slices else "")
                             for t in self.targets))
 
     def __str__(self) -> str:
-        lines = [f"{len(self.targets)} adapted weights, {self.n_params:,} adapter parameters"]
+        lines = [f"{len(self.targets)} adapted weights"]
         lines += [f"  {n:>4} x {name}" for name, n in self.counts().items()]
         if self.modules_to_save:
             lines.append(f"  trained in full and saved: {', '.join(self.modules_to_save)}")
@@ -127,18 +133,53 @@ def logical_modules(model: nn.Module) -> dict[str, nn.Module]:
             module = module.base_layer
         out[path] = module
         for name, child in module.named_children():
-            walk(f"{path}.{name}" if path else name, child)
+            if name != "parametrizations" or not parametrize.is_parametrized(module):
+                walk(f"{path}.{name}" if path else name, child)
 
     walk("", model)
     return out
 
 
-def _candidates(modules: dict[str, nn.Module]) -> dict[str, nn.Module]:
-    """All module paths plus a pseudo path `<mha>.in_proj` for each MultiheadAttention."""
-    out = {path: module for path, module in modules.items() if path}
+def check_mha(mha: nn.MultiheadAttention, path: str = "") -> None:
+    """Raise TargetError unless vislora can adapt this attention's fused input projection (the one place that says)."""
+    problems = []
+    if not mha.kdim == mha.vdim == mha.embed_dim:
+        problems.append(f"kdim={mha.kdim}/vdim={mha.vdim} differ from embed_dim={mha.embed_dim}")
+    if mha.bias_k is not None:
+        problems.append("add_bias_kv=True")
+    if mha.add_zero_attn:
+        problems.append("add_zero_attn=True")
+    if problems:
+        where = f"{path!r}: " if path else ""
+        raise TargetError(
+            f"{where}cannot adapt the input projection of this nn.MultiheadAttention ({', '.join(problems)}): "
+            "vislora adapts the fused in_proj_weight of attention with equal q/k/v dims and no bias_k/bias_v/"
+            "add_zero_attn; target its out_proj only, or exclude this layer"
+        )
+
+
+def raw_weights(module: nn.Module) -> dict[str, RawWeight]:
+    """The bare 2-D floating-point parameters of `module` by name, unless it is a torch layer (whose weights its
+    own wrapper adapts); a parametrized one counts as the parameter it stands for."""
+    cls = type(module).__bases__[0] if parametrize.is_parametrized(module) else type(module)
+    if cls.__module__.startswith("torch.nn"):
+        return {}
+    params = dict(module.named_parameters(recurse=False))
+    if parametrize.is_parametrized(module):
+        params.update({name: plist.original for name, plist in module.parametrizations.items()})
+    return {name: RawWeight(module, name, *p.shape) for name, p in params.items()
+            if p.dim() == 2 and p.is_floating_point()}
+
+
+def _candidates(modules: dict[str, nn.Module]) -> dict[str, nn.Module | RawWeight]:
+    """All module paths, a pseudo path `<mha>.in_proj` for each MultiheadAttention, `<module>.<param>` for raw
+    weights."""
+    out: dict[str, nn.Module | RawWeight] = {path: module for path, module in modules.items() if path}
     for path, module in modules.items():
         if isinstance(module, nn.MultiheadAttention):
             out[f"{path}.in_proj" if path else "in_proj"] = module
+        for name, weight in raw_weights(module).items():
+            out[f"{path}.{name}" if path else name] = weight
     return out
 
 
@@ -148,16 +189,16 @@ def _matches(pattern: str, path: str) -> bool:
     return path == pattern or path.endswith("." + pattern)
 
 
-def _is_fused(path: str, module: nn.Module) -> bool:
+def _is_fused(path: str, module: nn.Module | RawWeight) -> bool:
     if isinstance(module, nn.MultiheadAttention):
         return path.endswith("in_proj")
-    return isinstance(module, nn.Linear) and module.out_features % len(QKV) == 0 and any(
+    return isinstance(module, (nn.Linear, RawWeight)) and module.out_features % len(QKV) == 0 and any(
         re.fullmatch(p, path) for p in _FUSED
     )
 
 
 def _match_entry(
-    entry: str, candidates: dict[str, nn.Module], modules: dict[str, nn.Module]
+    entry: str, candidates: dict[str, nn.Module | RawWeight], modules: dict[str, nn.Module]
 ) -> list[tuple[str, str | None]]:
     """(path, slice) pairs an entry selects; slice is None for a whole weight."""
     if entry in ROLES:
@@ -182,20 +223,21 @@ def _match_entry(
         module = candidates[path]
         if isinstance(module, nn.MultiheadAttention) and not path.endswith("in_proj"):
             out += [(f"{path}.in_proj", None), (f"{path}.out_proj", None)]  # the whole attention layer
-        elif isinstance(module, nn.Linear) or path.endswith("in_proj"):
+        elif isinstance(module, (nn.Linear, RawWeight)) or path.endswith("in_proj"):
             out.append((path, None))
         else:
             inner = [p for p, m in modules.items() if p.startswith(path + ".") and isinstance(m, nn.Linear)]
             hint = f" Adaptable layers inside it: {', '.join(inner[:6])}." if inner else ""
             raise TargetError(
-                f"target {entry!r} matches {path!r}, a {type(module).__name__}; vislora adapts nn.Linear and "
-                f"nn.MultiheadAttention only. Use a more specific pattern or add it to `exclude`.{hint}"
+                f"target {entry!r} matches {path!r}, a {type(module).__name__}; vislora adapts nn.Linear, "
+                "nn.MultiheadAttention and bare 2-D weight parameters only. Use a more specific pattern or add it "
+                f"to `exclude`.{hint}"
             )
     return out
 
 
 def _match_sliced(
-    entry: str, pattern: str, slices: list[str], candidates: dict[str, nn.Module]
+    entry: str, pattern: str, slices: list[str], candidates: dict[str, nn.Module | RawWeight]
 ) -> list[tuple[str, str | None]]:
     hits = [path for path in candidates if _matches(pattern, path)]
     if not hits:
@@ -203,11 +245,12 @@ def _match_sliced(
     unfused = [path for path in hits if not _is_fused(path, candidates[path])]
     if unfused:
         raise TargetError(f"target {entry!r} asks for q/k/v slices of {unfused[0]!r}, which is not a fused qkv "
-                          "projection (a Linear named qkv with 3*d outputs, or a MultiheadAttention's in_proj)")
+                          "projection (a Linear named qkv with 3*d outputs, a MultiheadAttention's in_proj, or a raw "
+                          "in_proj_weight)")
     return [(path, s) for path in hits for s in slices]
 
 
-def _match_role(role: str, candidates: dict[str, nn.Module]) -> list[tuple[str, str | None]]:
+def _match_role(role: str, candidates: dict[str, nn.Module | RawWeight]) -> list[tuple[str, str | None]]:
     if role in ROLE_GROUPS:
         return [hit for sub in ROLE_GROUPS[role] for hit in _match_role(sub, candidates)]
     hits: list[tuple[str, str | None]] = []
@@ -277,7 +320,8 @@ def _stack_depths(modules: dict[str, nn.Module]) -> dict[str, int]:
     return depth
 
 
-def _target(path: str, slices: set[str] | None, candidates: dict[str, nn.Module], config: AdapterConfig) -> Target:
+def _target(path: str, slices: set[str] | None, candidates: dict[str, nn.Module | RawWeight],
+            config: AdapterConfig) -> Target:
     module = candidates[path]
     # PEFT adapts a MultiheadAttention as one module: its rank/alpha_pattern keys name the attention
     parent = path.rpartition(".")[0]
@@ -285,16 +329,14 @@ def _target(path: str, slices: set[str] | None, candidates: dict[str, nn.Module]
     rank = _pattern_value(config.rank_pattern, path, _pattern_value(config.rank_pattern, owner, config.rank))
     alpha = _pattern_value(config.alpha_pattern, path, _pattern_value(config.alpha_pattern, owner, config.alpha))
     if isinstance(module, nn.MultiheadAttention):
-        if not module._qkv_same_embed_dim or module.bias_k is not None or module.add_zero_attn:
-            raise TargetError(
-                f"{path!r}: vislora adapts nn.MultiheadAttention with equal q/k/v dims and no bias_k/bias_v/"
-                "add_zero_attn; target its out_proj only, or exclude this layer"
-            )
+        check_mha(module, path)
         kind, n_in, n_out = "mha_in_proj", module.embed_dim, 3 * module.embed_dim
+    elif isinstance(module, RawWeight):
+        kind, n_in, n_out = "parameter", module.in_features, module.out_features
     else:
         kind, n_in, n_out = "linear", module.in_features, module.out_features
     ordered = tuple(s for s in QKV if slices and s in slices)
-    return Target(path, kind, ordered, n_in, n_out, rank, float(alpha), config.scale_for(rank, alpha), config.method)
+    return Target(path, kind, ordered, n_in, n_out, rank, float(alpha), config.scale_for(rank, alpha))
 
 
 def _pattern_value(pattern: dict, path: str, default: float) -> float:

@@ -10,7 +10,7 @@ from torch import nn
 import vislora
 from conftest import randomize_adapters, tiny_hf_vit, tiny_open_clip_tower, tiny_timm
 from vislora import AdapterConfig, AdapterError
-from vislora.adapters import LoraLinear, PairSpec
+from vislora.adapters import DoRA, LoraLinear
 from vislora.adapters.dora import row_norms, squared_row_norms
 
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -39,7 +39,7 @@ def test_peft_loads_our_dora_with_identical_outputs(tmp_path, targets):
     model = trained_like(vislora.inject(tiny_timm(), AdapterConfig(rank=4, alpha=8, targets=targets, method="dora")))
     ours = model(X)
     assert (ours - tiny_timm()(X)).abs().max() > 1e-2
-    model.save_adapter(tmp_path)
+    vislora.save_adapter(model, tmp_path)
     reference = peft.PeftModel.from_pretrained(tiny_timm(), tmp_path).eval()
     torch.testing.assert_close(reference(X), ours, rtol=1e-5, atol=1e-6)
     again = vislora.load_adapter(tiny_timm(), tmp_path)
@@ -71,20 +71,20 @@ def test_gradients_equal_peft_with_the_norm_detached():
     peft_modules = dict(reference.base_model.model.named_modules())
     with torch.no_grad():
         for path, layer in ours.layers().items():
-            peft_modules[path].lora_A["default"].weight.copy_(layer.lora_A["default"])
-            peft_modules[path].lora_B["default"].weight.copy_(layer.lora_B["default"])
-            peft_modules[path].lora_magnitude_vector["default"].weight.copy_(layer.lora_magnitude["default"])
+            peft_modules[path].lora_A["default"].weight.copy_(layer.adapters["default"].lora_A)
+            peft_modules[path].lora_B["default"].weight.copy_(layer.adapters["default"].lora_B)
+            peft_modules[path].lora_magnitude_vector["default"].weight.copy_(layer.adapters["default"].lora_magnitude)
     ours.train()
     reference.train()
     ours(X).square().sum().backward()
     reference(X).square().sum().backward()
     for path, layer in ours.layers().items():
         module = peft_modules[path]
-        torch.testing.assert_close(layer.lora_A["default"].grad, module.lora_A["default"].weight.grad,
+        torch.testing.assert_close(layer.adapters["default"].lora_A.grad, module.lora_A["default"].weight.grad,
                                    rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(layer.lora_B["default"].grad, module.lora_B["default"].weight.grad,
+        torch.testing.assert_close(layer.adapters["default"].lora_B.grad, module.lora_B["default"].weight.grad,
                                    rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(layer.lora_magnitude["default"].grad,
+        torch.testing.assert_close(layer.adapters["default"].lora_magnitude.grad,
                                    module.lora_magnitude_vector["default"].weight.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -103,16 +103,17 @@ def test_dropout_reaches_only_the_adapter_branch_with_one_base_matmul():
     torch.manual_seed(0)
     base = nn.Linear(6, 5)
     layer = LoraLinear(base)
-    layer.add_adapter("d", PairSpec(rank=2, scale=1.5, dropout=0.5, method="dora"))
+    layer.add_adapter("d", DoRA(rank=2, scale=1.5, dropout=0.5))
     layer.active = ("d",)
     trained_like(layer)
     x = torch.randn(3, 6)
     mask = (torch.rand(3, 6) > 0.5).float() * 2
-    layer.lora_dropout["d"] = FixedMask(mask)
+    layer.adapters["d"].dropout = FixedMask(mask)
     calls = []
     base.register_forward_hook(lambda *_: calls.append(1))
     got = layer(x)
-    weight, a, b, m = base.weight, layer.lora_A["d"], layer.lora_B["d"], layer.lora_magnitude["d"]
+    d = layer.adapters["d"]
+    weight, a, b, m = base.weight, d.lora_A, d.lora_B, d.lora_magnitude
     g = m / torch.linalg.norm(weight + 1.5 * b @ a, dim=1)
     expected = x @ weight.T + base.bias + (g - 1) * (x @ weight.T) + g * (1.5 * (x * mask) @ a.T @ b.T)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
@@ -157,7 +158,7 @@ def test_dora_on_multihead_attention_merges_exactly_and_peft_refuses_it(tmp_path
     model.merge()
     torch.testing.assert_close(model(x), adapted, rtol=1e-5, atol=1e-5)
     model.unmerge()
-    model.save_adapter(tmp_path)
+    vislora.save_adapter(model, tmp_path)
     again = vislora.load_adapter(tiny_open_clip_tower(), tmp_path)
     torch.testing.assert_close(again(x), adapted, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="does not support DoRA"):
@@ -167,12 +168,12 @@ def test_dora_on_multihead_attention_merges_exactly_and_peft_refuses_it(tmp_path
 def test_dora_magnitudes_train_and_start_at_the_weight_norm():
     model = vislora.inject(tiny_timm(), AdapterConfig(rank=2, alpha=4, targets=["qkv"], method="dora"))
     layer = model.layers()["blocks.1.attn.qkv"]
-    torch.testing.assert_close(layer.lora_magnitude["default"], torch.linalg.norm(layer.base_weight, dim=1))
+    torch.testing.assert_close(layer.adapters["default"].lora_magnitude, torch.linalg.norm(layer.base_weight, dim=1))
     torch.testing.assert_close(model(X), tiny_timm()(X), rtol=1e-5, atol=1e-6)
     names = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any("lora_magnitude.default" in n for n in names)
+    assert any("default.lora_magnitude" in n for n in names)
     report = vislora.parameter_report(model)
-    assert report.trainable == sum(t.n_params for t in model.plans["default"].targets)
+    assert report.trainable == sum(model.parameter_counts("default").values())
 
 
 def test_dora_cannot_share_a_layer_with_pissa():

@@ -30,7 +30,7 @@ def test_growth_keeps_the_output_and_each_layers_scale(cfg):
     model.grow_rank("default", 8)
     torch.testing.assert_close(model(X), before, rtol=1e-5, atol=1e-6)
     assert {t.path: t.scale for t in model.plans["default"].targets} == pytest.approx(scales)
-    assert all(layer.specs["default"].rank == 8 for layer in model.layers().values())
+    assert all(layer.adapters["default"].rank == 8 for layer in model.layers().values())
     assert model.configs["default"].rank == 8
 
 
@@ -51,11 +51,11 @@ def test_optimizer_keeps_the_old_entries_state_and_trains_the_new_ones():
         optimizer.step()
         optimizer.zero_grad()
     qkv = model.layers()["blocks.0.attn.qkv"]
-    old_a, old_b = qkv.lora_A["default"], qkv.lora_B["default"]
+    old_a, old_b = qkv.adapters["default"].lora_A, qkv.adapters["default"].lora_B
     old_state = copy.deepcopy({k: optimizer.state[p] for k, p in (("a", old_a), ("b", old_b))})
     grown = model.grow_rank("default", 4)
     replace_grown(optimizer, grown)
-    new_a, new_b = qkv.lora_A["default"], qkv.lora_B["default"]
+    new_a, new_b = qkv.adapters["default"].lora_A, qkv.adapters["default"].lora_B
     assert old_a not in optimizer.state and new_a in optimizer.state
     assert {id(p) for group in optimizer.param_groups for p in group["params"]} == {
         id(p) for p in model.parameters() if p.requires_grad}

@@ -7,31 +7,32 @@ from torch import nn
 
 import vislora
 from conftest import randomize_adapters
-from vislora.adapters import LoraLinear, PairSpec
+from vislora.adapters import LoRA, LoraLinear
 
 
 def test_zero_init_keeps_output_and_kaiming_a():
     torch.manual_seed(0)
     base = nn.Linear(16, 8)
     layer = LoraLinear(copy.deepcopy(base))
-    layer.add_adapter("a", PairSpec(rank=4, scale=2.0, dropout=0.0))
+    layer.add_adapter("a", LoRA(rank=4, scale=2.0, dropout=0.0))
     layer.active = ("a",)
     x = torch.randn(3, 5, 16)
     torch.testing.assert_close(layer(x), base(x), rtol=0, atol=0)
-    assert layer.lora_B["a"].abs().sum() == 0
+    assert layer.adapters["a"].lora_B.abs().sum() == 0
     bound = math.sqrt(6 / ((1 + 5) * 16))  # kaiming_uniform_(a=sqrt(5)) bound for fan_in 16
-    a = layer.lora_A["a"]
+    a = layer.adapters["a"].lora_A
     assert a.abs().max() <= bound and a.std() > bound / 4
 
 
 def test_forward_is_base_plus_scaled_low_rank_product():
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(16, 8))
-    layer.add_adapter("a", PairSpec(rank=4, scale=0.5, dropout=0.0))
-    layer.lora_B["a"].data.normal_()
+    layer.add_adapter("a", LoRA(rank=4, scale=0.5, dropout=0.0))
+    layer.adapters["a"].lora_B.data.normal_()
     layer.active = ("a",)
     x = torch.randn(3, 16)
-    w, b, a_, b_ = layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["a"], layer.lora_B["a"]
+    adapter = layer.adapters["a"]
+    w, b, a_, b_ = layer.base_layer.weight, layer.base_layer.bias, adapter.lora_A, adapter.lora_B
     expected = x @ w.T + b + 0.5 * (x @ a_.T @ b_.T)
     torch.testing.assert_close(layer(x), expected)
     torch.testing.assert_close(layer.delta_weight("a"), 0.5 * b_ @ a_)
@@ -39,15 +40,15 @@ def test_forward_is_base_plus_scaled_low_rank_product():
 
 def test_gaussian_init():
     layer = LoraLinear(nn.Linear(64, 8))
-    layer.add_adapter("g", PairSpec(rank=4, scale=1.0, dropout=0.0, init="gaussian"))
-    assert abs(layer.lora_A["g"].std().item() - 0.25) < 0.05
+    layer.add_adapter("g", LoRA(rank=4, scale=1.0, dropout=0.0, init="gaussian"))
+    assert abs(layer.adapters["g"].lora_A.std().item() - 0.25) < 0.05
 
 
 def test_dropout_only_touches_the_adapter_branch():
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(16, 8))
-    layer.add_adapter("a", PairSpec(rank=4, scale=1.0, dropout=0.5))
-    layer.lora_B["a"].data.normal_()
+    layer.add_adapter("a", LoRA(rank=4, scale=1.0, dropout=0.5))
+    layer.adapters["a"].lora_B.data.normal_()
     layer.active = ("a",)
     x = torch.randn(64, 16)
     layer.eval()
@@ -100,8 +101,8 @@ def test_fused_qkv_slices_equal_separate_projections_with_lora(roles):
     with torch.no_grad():  # copy each slice's pair into the separate projection's adapter
         for j, role in enumerate(roles):
             target = split_model.layers()[f"{role}_proj"]
-            target.lora_A["default"].copy_(layer.lora_A["default"][j * 4:(j + 1) * 4])
-            target.lora_B["default"].copy_(layer.lora_B["default"][j])
+            target.adapters["default"].lora_A.copy_(layer.adapters["default"].lora_A[j * 4:(j + 1) * 4])
+            target.adapters["default"].lora_B.copy_(layer.adapters["default"].lora_B[j])
     x = torch.randn(2, 7, 16)
     torch.testing.assert_close(fused_model(x), split_model(x))
     # the separate model against PEFT as an independent reference
@@ -113,8 +114,8 @@ def test_fused_qkv_slices_equal_separate_projections_with_lora(roles):
         for role in roles:
             module = getattr(reference.base_model.model, f"{role}_proj")
             j = roles.index(role)
-            module.lora_A["default"].weight.copy_(layer.lora_A["default"][j * 4:(j + 1) * 4])
-            module.lora_B["default"].weight.copy_(layer.lora_B["default"][j])
+            module.lora_A["default"].weight.copy_(layer.adapters["default"].lora_A[j * 4:(j + 1) * 4])
+            module.lora_B["default"].weight.copy_(layer.adapters["default"].lora_B[j])
     torch.testing.assert_close(fused_model(x), reference(x))
 
 
@@ -135,7 +136,7 @@ def test_slice_merge_and_unmerge_are_exact():
 
 def test_half_precision_base_keeps_fp32_adapter():
     layer = LoraLinear(nn.Linear(8, 8).to(torch.bfloat16))
-    layer.add_adapter("a", PairSpec(rank=2, scale=1.0, dropout=0.0))
+    layer.add_adapter("a", LoRA(rank=2, scale=1.0, dropout=0.0))
     layer.active = ("a",)
-    assert layer.lora_A["a"].dtype == torch.float32
+    assert layer.adapters["a"].lora_A.dtype == torch.float32
     assert layer(torch.randn(2, 8, dtype=torch.bfloat16)).dtype == torch.bfloat16

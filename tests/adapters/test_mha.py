@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_open_clip_tower
-from vislora.adapters import LoraLinear, PairSpec
+from vislora.adapters import LoRA, LoraLinear
 from vislora.adapters.mha import LoraMultiheadAttention
 from vislora.errors import TargetError
 
@@ -137,8 +137,8 @@ def test_dropout_only_in_training_and_as_torch_draws_it(need_weights):
 def test_adapter_equals_the_merged_in_proj_weight(slices, cross):
     base = make_mha()
     layer = LoraMultiheadAttention(copy.deepcopy(base)).eval()
-    layer.add_adapter("a", PairSpec(rank=4, scale=2.0, dropout=0.0, slices=slices))
-    layer.lora_B["a"].data.normal_()
+    layer.add_adapter("a", LoRA(rank=4, scale=2.0, dropout=0.0, blocks=slices))
+    layer.adapters["a"].lora_B.data.normal_()
     layer.active = ("a",)
     reference = copy.deepcopy(base)
     with torch.no_grad():
@@ -156,10 +156,10 @@ def test_adapter_equals_the_merged_in_proj_weight(slices, cross):
 def test_two_active_adapters_add_up():
     base = make_mha(batch_first=False)
     layer = LoraMultiheadAttention(copy.deepcopy(base)).eval()
-    layer.add_adapter("a", PairSpec(rank=4, scale=2.0, dropout=0.0))
-    layer.add_adapter("b", PairSpec(rank=2, scale=0.5, dropout=0.0, slices=(1,)))
+    layer.add_adapter("a", LoRA(rank=4, scale=2.0, dropout=0.0))
+    layer.add_adapter("b", LoRA(rank=2, scale=0.5, dropout=0.0, blocks=(1,)))
     for name in ("a", "b"):
-        layer.lora_B[name].data.normal_()
+        layer.adapters[name].lora_B.data.normal_()
     layer.active = ("a", "b")
     reference = copy.deepcopy(base)
     with torch.no_grad():
@@ -174,16 +174,16 @@ def test_lora_linear_on_out_proj_is_applied(with_in_proj_adapter):
     base = make_mha()
     layer = LoraMultiheadAttention(copy.deepcopy(base)).eval()
     out_proj = LoraLinear(layer.base_layer.out_proj)
-    out_proj.add_adapter("o", PairSpec(rank=4, scale=2.0, dropout=0.0))
-    out_proj.lora_B["o"].data.normal_()
+    out_proj.add_adapter("o", LoRA(rank=4, scale=2.0, dropout=0.0))
+    out_proj.adapters["o"].lora_B.data.normal_()
     out_proj.active = ("o",)
     layer.base_layer.out_proj = out_proj
     reference = copy.deepcopy(base)
     with torch.no_grad():
         reference.out_proj.weight += out_proj.delta_weight("o")
     if with_in_proj_adapter:
-        layer.add_adapter("a", PairSpec(rank=4, scale=2.0, dropout=0.0, slices=(0, 2)))
-        layer.lora_B["a"].data.normal_()
+        layer.add_adapter("a", LoRA(rank=4, scale=2.0, dropout=0.0, blocks=(0, 2)))
+        layer.adapters["a"].lora_B.data.normal_()
         layer.active = ("a",)
         with torch.no_grad():
             reference.in_proj_weight += layer.delta_weight("a")
@@ -198,13 +198,13 @@ def test_lora_linear_on_out_proj_is_applied(with_in_proj_adapter):
 def test_merge_and_unmerge(slices):
     layer = LoraMultiheadAttention(make_mha()).eval()
     original = layer.base_layer.in_proj_weight.detach().clone()
-    layer.add_adapter("a", PairSpec(rank=4, scale=2.0, dropout=0.0, slices=slices))
-    layer.lora_B["a"].data.normal_()
+    layer.add_adapter("a", LoRA(rank=4, scale=2.0, dropout=0.0, blocks=slices))
+    layer.adapters["a"].lora_B.data.normal_()
     layer.active = ("a",)
     query, key = tokens(L), tokens(S, seed=4)
     unmerged = layer(query, query, query), layer(query, key, key)
     layer.merge(("a",))
-    assert layer.active == () and layer.merged == ("a",)
+    assert layer.active == () and layer.merged_adapters == ("a",)
     assert_same(layer(query, query, query), unmerged[0])
     assert_same(layer(query, key, key), unmerged[1])
     assert layer.unmerge() == ("a",)
@@ -215,11 +215,11 @@ def test_merge_and_unmerge(slices):
 def test_gradients_reach_only_the_adapter(slices):
     layer = LoraMultiheadAttention(make_mha())
     layer.base_layer.requires_grad_(False)
-    layer.add_adapter("a", PairSpec(rank=4, scale=2.0, dropout=0.0, slices=slices))
+    layer.add_adapter("a", LoRA(rank=4, scale=2.0, dropout=0.0, blocks=slices))
     layer.active = ("a",)
     x = tokens(L)
     layer(x, x, x, need_weights=False)[0].square().sum().backward()
-    a, b = layer.lora_A["a"], layer.lora_B["a"]
+    a, b = layer.adapters["a"].lora_A, layer.adapters["a"].lora_B
     assert b.grad.abs().sum() > 0
     assert a.grad.abs().sum() == 0  # B = 0 at init blocks A's gradient
     assert all(p.grad is None for p in layer.base_layer.parameters())

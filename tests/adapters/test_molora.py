@@ -8,7 +8,8 @@ from torch import nn
 import vislora
 from conftest import randomize_adapters, tiny_timm
 from vislora import AdapterConfig, AdapterError
-from vislora.adapters import LoraLinear, PairSpec
+from vislora.adapters import LoraLinear, MoLoRA
+from vislora.adapters.molora import GateBalance
 from vislora.config import MoLoraOptions
 
 X = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -18,7 +19,7 @@ def expert_layer(gate: str = "token", top_k: int = 2) -> LoraLinear:
     torch.manual_seed(0)
     layer = LoraLinear(nn.Linear(6, 5))
     options = MoLoraOptions(experts=3, top_k=top_k, gate=gate)
-    layer.add_adapter("m", PairSpec(rank=2, scale=1.5, dropout=0.0, method="molora", molora=options))
+    layer.add_adapter("m", MoLoRA(rank=2, scale=1.5, options=options, dropout=0.0))
     layer.active = ("m",)
     randomize_adapters(layer)
     return layer
@@ -26,7 +27,7 @@ def expert_layer(gate: str = "token", top_k: int = 2) -> LoraLinear:
 
 def reference(layer: LoraLinear, x: torch.Tensor, top_k: int, per_image: bool) -> torch.Tensor:
     """The mixture written out token by token."""
-    a, b, gate = layer.lora_A["m"], layer.lora_B["m"], layer.lora_gate["m"]
+    a, b, gate = layer.adapters["m"].lora_A, layer.adapters["m"].lora_B, layer.adapters["m"].lora_gate
     out = layer.base_layer(x)
     for n in range(x.shape[0]):
         image_logits = (x[n] @ gate.T).mean(0)
@@ -51,18 +52,19 @@ def test_balance_loss_and_expert_use():
     layer.train()
     x = torch.randn(8, 4, 6)
     layer(x)
-    logits = x @ layer.lora_gate["m"].T  # (8, 4, 3)
+    logits = x @ layer.adapters["m"].lora_gate.T  # (8, 4, 3)
     chosen = torch.zeros_like(logits).scatter(-1, logits.topk(2).indices, 1.0).flatten(0, 1)
     expected = 3 * ((chosen.sum(0) / chosen.sum()) * logits.flatten(0, 1).softmax(-1).mean(0)).sum()
-    stats = layer.expert_stats["m"]
+    stats = layer.adapters["m"]
     torch.testing.assert_close(stats.balance, expected)
     stats.balance.backward()
-    assert layer.lora_gate["m"].grad.abs().sum() > 0  # the balance loss trains the gate
-    shares = layer.training_metrics()
+    assert layer.adapters["m"].lora_gate.grad.abs().sum() > 0  # the balance loss trains the gate
+    hooks = GateBalance({"layer": layer.adapters["m"]}, "m", weight=1.0)  # what the model reports over its layers
+    shares = hooks.metrics()
     assert shares.keys() == {"molora.m.expert_0", "molora.m.expert_1", "molora.m.expert_2"}
     assert sum(shares.values()) == pytest.approx(1.0)
     torch.testing.assert_close(torch.tensor(list(shares.values())), chosen.sum(0) / chosen.sum())
-    assert layer.training_metrics() == {}  # read once, then counted afresh
+    assert hooks.metrics() == {}  # read once, then counted afresh
 
 
 def test_model_level_loss_metrics_and_training():
@@ -90,7 +92,7 @@ def test_files_round_trip_and_peft_refuses_them(tmp_path):
                                                       modules_to_save=["head"]))
     randomize_adapters(model)
     expected = model(X)
-    model.save_adapter(tmp_path)
+    vislora.save_adapter(model, tmp_path)
     again = vislora.load_adapter(tiny_timm(), tmp_path)
     torch.testing.assert_close(again(X), expected, rtol=0, atol=0)
     with pytest.raises(KeyError, match="VISLORA_MOLORA"):
@@ -98,7 +100,7 @@ def test_files_round_trip_and_peft_refuses_them(tmp_path):
     with torch.no_grad():
         for param in again.adapter_parameters("default"):
             param.add_(1.0)
-    again.load_adapter_weights(tmp_path)
+    vislora.load_adapter_weights(again, tmp_path)
     torch.testing.assert_close(again(X), expected, rtol=0, atol=0)
 
 
@@ -111,7 +113,7 @@ def test_what_needs_a_fixed_delta_is_refused():
     with pytest.raises(AdapterError, match=r"MoLoRA adapter\(s\) \['m'\] cannot be routed per sample"):
         model(X, adapters=["m", "plain", None, None])
     with pytest.raises(AdapterError, match=r"MoLoRA adapter\(s\) \['m'\].*no single delta to combine"):
-        model.combine({"m": 0.5, "plain": 0.5}, name="mix")
+        vislora.combine(model, {"m": 0.5, "plain": 0.5}, name="mix")
     with pytest.raises(AdapterError, match="MoLoRA experts adapt whole weights"):
         model.add_adapter("sliced", AdapterConfig(rank=2, alpha=4, targets=["q", "v"], method="molora"))
     with pytest.raises(ValueError, match=r"top_k=5 exceeds molora\.experts=4"):

@@ -23,8 +23,8 @@ def test_initialisation_equals_peft_and_leaves_the_output_unchanged():
         r=4, lora_alpha=8, target_modules=["qkv", "fc1"], init_lora_weights="pissa"))
     peft_modules = dict(reference.base_model.model.named_modules())
     for path, layer in ours.layers().items():
-        torch.testing.assert_close(layer.lora_A["default"], peft_modules[path].lora_A["default"].weight)
-        torch.testing.assert_close(layer.lora_B["default"], peft_modules[path].lora_B["default"].weight)
+        torch.testing.assert_close(layer.adapters["default"].lora_A, peft_modules[path].lora_A["default"].weight)
+        torch.testing.assert_close(layer.adapters["default"].lora_B, peft_modules[path].lora_B["default"].weight)
         torch.testing.assert_close(layer.base_weight, peft_modules[path].base_layer.weight)
         assert (layer.base_weight - base.get_submodule(path).weight).abs().max() > 1e-2  # W was rewritten
     torch.testing.assert_close(ours(X), base(X), rtol=1e-5, atol=1e-5)
@@ -37,7 +37,7 @@ def test_saved_file_is_the_plain_lora_peft_writes_and_loads_on_the_original_mode
                                                               use_rslora=True))
     randomize_adapters(model)
     trained = model(X)
-    model.save_adapter(tmp_path)
+    vislora.save_adapter(model, tmp_path)
     config = json.loads((tmp_path / CONFIG_FILE).read_text())
     assert config["r"] == 8 and config["lora_alpha"] == pytest.approx(8 * 2 ** 0.5)
     assert config["init_lora_weights"] is True
@@ -77,8 +77,8 @@ def test_another_adapter_on_the_same_layers_still_sees_the_original_weight():
     alone = vislora.inject(copy.deepcopy(base), other, name="k")
     with torch.no_grad():
         for path, layer in alone.layers().items():
-            layer.lora_A["k"].copy_(model.layers()[path].lora_A["k"])
-            layer.lora_B["k"].copy_(model.layers()[path].lora_B["k"])
+            layer.adapters["k"].lora_A.copy_(model.layers()[path].adapters["k"].lora_A)
+            layer.adapters["k"].lora_B.copy_(model.layers()[path].adapters["k"].lora_B)
     model.set_active("k")
     torch.testing.assert_close(model(X), alone(X), rtol=1e-5, atol=1e-5)
     model.merge()

@@ -9,7 +9,7 @@ from torch import nn
 import vislora
 from conftest import randomize_adapters, tiny_hf_vit, tiny_open_clip_tower, tiny_timm
 from vislora import AdapterConfig, AdapterError
-from vislora.adapters.linear import LoraLayer
+from vislora.adapters import LoraLayer
 
 
 def loaded_vit() -> vislora.AdaptedModel:
@@ -27,7 +27,7 @@ def loaded_vit() -> vislora.AdaptedModel:
 def perturb_magnitudes(model: vislora.AdaptedModel) -> None:
     with torch.no_grad():
         for layer in model.layers().values():
-            for magnitude in layer.lora_magnitude.values():
+            for magnitude in [a.lora_magnitude for a in layer.adapters.values() if hasattr(a, "lora_magnitude")]:
                 magnitude.mul_(torch.linspace(0.8, 1.2, magnitude.numel()))
 
 
@@ -91,13 +91,13 @@ def test_cached_stacks_follow_a_change_of_adalora_singular_values_alone():
                                            adalora={"target_rank": 2}))
     layer = model.layers()["blocks.0.attn.qkv"]
     with torch.no_grad():
-        layer.lora_E["ada"].copy_(torch.tensor([1.0, -0.5, 2.0]))
-        layer.lora_B["ada"].normal_(std=0.2)
+        layer.adapters["ada"].lora_E.copy_(torch.tensor([1.0, -0.5, 2.0]))
+        layer.adapters["ada"].lora_B.normal_(std=0.2)
     x = torch.randn(3, 3, 32, 32)
     with torch.inference_mode():
         model(x, adapters=["ada", "whole", "dora"])  # stacks built and cached
     with torch.no_grad():
-        layer.lora_E["ada"][1] = 0.0  # what AdaLoRA's pruning does: E alone changes
+        layer.adapters["ada"].lora_E[1] = 0.0  # what AdaLoRA's pruning does: E alone changes
     with torch.inference_mode():
         routed = model(x, adapters=["ada", "whole", "dora"])
         expected = one_by_one(model, x, ["ada", "whole", "dora"])

@@ -92,7 +92,7 @@ def test_bare_adapter_over_a_hugging_face_model_needs_base_and_saves_the_merged_
         for name, param in adapted.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.2)
-    adapted.save_adapter(tmp_path / "adapter")
+    vislora.save_adapter(adapted, tmp_path / "adapter")
     x = torch.randn(2, 3, TINY_DINOV2["image_size"], TINY_DINOV2["image_size"])
     with torch.inference_mode():
         expected = adapted(pixel_values=x).last_hidden_state

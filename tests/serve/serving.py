@@ -23,6 +23,7 @@ import torch
 import uvicorn
 from PIL import Image
 
+import vislora
 from synthetic_images import class_image, image_folder, tiny_train_config
 from vislora.data.transforms import build_transform
 from vislora.serve import Engine, ServeConfig
@@ -57,7 +58,7 @@ def derive(trained: Path, out: Path, seed: int) -> Path:
     with torch.no_grad():
         for param in model.adapter_parameters("default"):
             param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
-    model.save_adapter(out, "default")
+    vislora.save_adapter(model, out, "default")
     shutil.copy(trained / "task.json", out / "task.json")
     return out
 

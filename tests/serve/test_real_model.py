@@ -39,7 +39,7 @@ def test_mixed_batches_over_dinov2_equal_each_adapters_own_model(dinov2, tmp_pat
         with torch.no_grad():
             for param in adapted.adapter_parameters("default"):
                 param.add_(torch.randn(param.shape, generator=generator) * 0.02)
-        adapted.save_adapter(tmp_path / name)
+        vislora.save_adapter(adapted, tmp_path / name)
     config = ServeConfig.parse({"base": {"spec": "asset:dinov2-small", "num_classes": CLASSES, "image_size": SIZE},
                                 "adapters": {"a": str(tmp_path / "a"), "b": str(tmp_path / "b")},
                                 "batching": {"max_wait_ms": 100}})

@@ -20,8 +20,8 @@ def test_monitored_run_logs_every_layer_gradient_norm(tmp_path):
         def on_gradients(self, trainer):
             super().on_gradients(trainer)
             layers = trainer.adapted.layers()
-            seen.append({p: math.sqrt(sum(float(x.grad.square().sum()) for x in (layer.lora_A["default"],
-                                                                                 layer.lora_B["default"])))
+            seen.append({p: math.sqrt(sum(float(x.grad.square().sum()) for x in (layer.adapters["default"].lora_A,
+                                                                                 layer.adapters["default"].lora_B)))
                          for p, layer in layers.items()})
 
     trainer = Trainer(cfg, callbacks=[Spy()])

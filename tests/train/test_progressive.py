@@ -36,14 +36,14 @@ def test_stages_grow_the_rank_keep_the_output_and_the_optimizer_state(tmp_path, 
         for param in model.adapter_parameters("default"):
             param.add_(torch.randn_like(param) * 0.1)
     optimizer = trainer.optimizer.optimizer
-    a = model.layers()["blocks.0.attn.qkv"].lora_A["default"]
+    a = model.layers()["blocks.0.attn.qkv"].adapters["default"].lora_A
     optimizer.state[a] = {"step": torch.tensor(3.0), "exp_avg": torch.ones_like(a), "exp_avg_sq": torch.ones_like(a)}
     model.eval()
     before = model(x)
     trainer.loop.step = 3
     apply_stage(trainer, 1)
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
-    grown = model.layers()["blocks.0.attn.qkv"].lora_A["default"]
+    grown = model.layers()["blocks.0.attn.qkv"].adapters["default"].lora_A
     assert grown.shape[0] == 2 * 4 and grown.requires_grad
     state = trainer.optimizer.optimizer.state[grown]["exp_avg"].view(2, 4, -1)
     assert state[:, :2].eq(1).all() and state[:, 2:].eq(0).all()

@@ -8,7 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 from synthetic_images import image_folder, tiny_train_config
+from vislora import AdapterConfig
 from vislora.train.config import TrainConfig
+from vislora.train.tasks import ClassificationTask
 from vislora.train.trainer import Trainer
 
 ADALORA = {"targets": ["q", "v", "o"], "rank": 6, "alpha": 6, "method": "adalora",
@@ -65,3 +67,29 @@ def test_resume_is_exact(tmp_path, folder, adapter):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), key
+
+
+@pytest.mark.parametrize("frozen", [ADALORA, MOLORA], ids=["adalora", "molora"])
+def test_a_frozen_variant_adapter_does_not_move_while_another_trains(tmp_path, folder, monkeypatch, frozen):
+    """AdaLoRA's E and MoLoRA's gate belong to their adapter: kept active and frozen under the one being trained,
+    no tensor of it changes through the trainer's steps."""
+
+    def adapted(task, model):
+        model.add_adapter("frozen", AdapterConfig.parse(frozen))
+        with torch.no_grad():  # E away from zero, so that gradients reach every tensor of the frozen adapter
+            for param in model.adapter_parameters("frozen"):
+                param.add_(0.1)
+        model.set_active(["frozen", "default"])
+        model.set_trainable("default")
+
+    monkeypatch.setattr(ClassificationTask, "adapted", adapted)
+    trainer = Trainer(config(tmp_path, folder, "f", {"targets": ["qkv"], "rank": 2, "alpha": 4}))
+    names = [n for n, _ in trainer.adapted.named_parameters() if "frozen" in n.split(".")]
+    assert any("lora_E" in n or "lora_gate" in n for n in names)
+    before = {n: p.detach().clone() for n, p in trainer.adapted.named_parameters() if n in names}
+    trained = {n: p.detach().clone() for n, p in trainer.adapted.named_parameters() if "default" in n.split(".")}
+    trainer.fit()
+    after = dict(trainer.adapted.named_parameters())
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
+    assert any(not torch.equal(after[n], v) for n, v in trained.items())  # the other adapter did train

@@ -56,7 +56,7 @@ def test_text_adapter_trains_over_a_frozen_shared_vision_adapter(tmp_path):
             torch.testing.assert_close(live[f"{path}.lora_A"], value, rtol=0, atol=0)
 
     fresh = vislora.load_adapter(tiny_dual_from(towers), shared.adapter_dir, "vision")
-    fresh.load_adapter(result.adapter_dir, "spanish")
+    vislora.load_adapter(fresh, result.adapter_dir, "spanish")
     fresh.set_active(["vision", "spanish"])
     trained = spanish.adapted.eval()
     pixels = torch.randn(2, 3, 32, 32)

@@ -10,6 +10,7 @@ import torch
 from dual_fixtures import COLOR_NAMES, dual_train_config, save_towers
 from fastapi.testclient import TestClient
 
+import vislora
 from synthetic_images import image_folder
 from vislora.dual_encoder import build_dual_encoder
 from vislora.errors import AdapterFileError
@@ -40,7 +41,7 @@ def runs(tmp_path_factory):
     with torch.no_grad():
         for param in model.adapter_parameters("default"):
             param.add_(torch.randn(param.shape, generator=gen) * 0.2)
-    model.save_adapter(derived, "default")
+    vislora.save_adapter(model, derived, "default")
     (derived / "task.json").write_text(json.dumps(task))
     captions = shutil.copytree(derived, root / "run" / "captions")
     (captions / "task.json").write_text(json.dumps({**task, "classes": [], "class_names": []}))

@@ -29,7 +29,7 @@ def test_per_tower_targets_rank_and_alpha_in_one_config(tmp_path):
     assert model.plans["default"].modules_to_save == ["logit_scale", "text_proj", "vision_proj"]
     # the saved file is an ordinary adapter directory: loading it rebuilds the same plan
     randomize_adapters(model)
-    model.save_adapter(tmp_path / "towers")
+    vislora.save_adapter(model, tmp_path / "towers")
     again = vislora.load_adapter(tiny_dual(), tmp_path / "towers")
     assert plan_of(again) == plan
     images = torch.randn(2, 3, 32, 32)
@@ -67,8 +67,8 @@ def test_clip_lora_recipe_on_hf_clip_scopes_each_tower():
 def test_tower_of_names_encoder_and_projection_parameters():
     model = vislora.inject(tiny_dual(), tower_adapter_config(tiny_dual(), ["q"], ["q"]))
     owners = {name: tower_of(model, name) for name, p in model.named_parameters() if p.requires_grad}
-    assert owners["base_model.vision.encoder.layer.0.attention.q_proj.lora_A.default"] == "vision"
-    assert owners["base_model.text.encoder.layer.1.attention.self.query.lora_B.default"] == "text"
+    assert owners["base_model.vision.encoder.layer.0.attention.q_proj.adapters.default.lora_A"] == "vision"
+    assert owners["base_model.text.encoder.layer.1.attention.self.query.adapters.default.lora_B"] == "text"
     assert owners["base_model.text_proj.copies.default.weight"] == "text"
     assert owners["base_model.logit_scale.copies.default.log_scale"] is None
 

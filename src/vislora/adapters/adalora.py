@@ -1,11 +1,13 @@
 """AdaLoRA (Zhang et al. 2023): SVD-form adapters whose ranks are pruned to a global budget while training.
 
 A layer's delta is scale * B diag(E) A: A [P*r, in] (rows: right singular vectors), B [out, r] (or [S, d, r] per q/k/v
-slice), E [P*r] singular values; r triplets per pair. The allocator keeps, per entry of A, B and E, the smoothed
-sensitivity I = |w * grad| (EMA beta1) and its uncertainty U = |I - EMA(I)| (EMA beta2); a triplet's score is
-s(E_j) + mean_i s(A_ji) + mean_o s(B_oj) with s = EMA(I) * U. The budget (total triplets kept) falls from the
-initial count to target_rank per pair on a cubic schedule between tinit and total - tfinal; every delta_t steps the
-lowest-scoring triplets get E = 0. From total - tfinal on the pattern is fixed and re-applied after every step.
+block), E [P*r] singular values; r triplets per pair. E is folded into A wherever a pair is used, so routing, merge and
+export work as for LoRA; saved, the kept triplets are an exactly equivalent plain LoRA.
+The allocator keeps, per entry of A, B and E, the smoothed sensitivity I = |w * grad| (EMA beta1) and its uncertainty
+U = |I - EMA(I)| (EMA beta2); a triplet's score is s(E_j) + mean_i s(A_ji) + mean_o s(B_oj) with s = EMA(I) * U. The
+budget (total triplets kept) falls from the initial count to target_rank per pair on a cubic schedule between tinit and
+total - tfinal; every delta_t steps the lowest-scoring triplets get E = 0. From total - tfinal on the pattern is fixed
+and re-applied after every step. The training loss adds orth_reg_weight * (||A A^T - I||_F + ||B^T B - I||_F).
 """
 
 from __future__ import annotations
@@ -13,37 +15,74 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
+
+from vislora.adapters.layout import Whole
+from vislora.adapters.lora import BaseWeight, LoRA, Pair, TrainingHooks
 
 if TYPE_CHECKING:
-    from vislora.adapters.linear import LoraLayer
-    from vislora.config import AdaLoraOptions
+    from vislora.config import AdaLoraOptions, AdapterConfig
 
-KINDS = ("A", "B", "E")
+KINDS = {"A": "lora_A", "B": "lora_B", "E": "lora_E"}  # short names in the allocator's state keys
 
 
-class RankAllocator:
-    """The budget of one AdaLoRA adapter over all its layers; `step()` runs after each optimizer step."""
+class AdaLoRA(LoRA):
+    """delta_W = scale * B diag(E) A with E pruned by the rank budget; A, B start N(0, 0.02^2), E at zero (as PEFT)."""
 
-    def __init__(self, layers: dict[str, LoraLayer], name: str, options: AdaLoraOptions) -> None:
-        self.layers, self.name, self.options = layers, name, options
-        self.initial_budget = sum(layer.lora_E[name].numel() for layer in layers.values())
-        self.target_budget = options.target_rank * sum(layer.specs[name].n_pairs for layer in layers.values())
+    grows = False
+    keeps_training_state = True  # its file is the pruned LoRA; the full A, B, E and the budget go beside it
+
+    @classmethod
+    def training_hooks(cls, adapters: dict[str, LoRA], name: str, config: AdapterConfig) -> TrainingHooks:
+        return RankAllocator(adapters, name, config.adalora)
+
+    def build(self, in_features: int, out_features: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().build(in_features, out_features, dtype, device)
+        with torch.no_grad():
+            nn.init.normal_(self.lora_A, std=0.02)
+            nn.init.normal_(self.lora_B, std=0.02)
+        self.lora_E = nn.Parameter(torch.zeros(self.lora_A.shape[0], dtype=dtype, device=device))
+
+    def add(self, x: torch.Tensor, out: torch.Tensor, base_out: torch.Tensor, base: BaseWeight) -> torch.Tensor:
+        h = self.dropout(x.to(self.lora_A.dtype)) @ (self.lora_E[:, None] * self.lora_A).T  # (..., in) -> (..., S*r)
+        return self.layout.add(out, h, self.lora_B, self.scale)
+
+    def folded_pair(self, base: BaseWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_E[:, None] * self.lora_A, self.layout.dense(self.lora_B) * self.scale
+
+    def routed_pair(self, base: BaseWeight) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]:
+        a, b = self.folded_pair(base)
+        return a, b, 1.0, None
+
+    def export_pair(self) -> Pair:
+        """The kept triplets as a plain whole-weight pair, E folded into A: A [k, in], B [out, k]."""
+        kept = self.lora_E.detach() != 0
+        a = (self.lora_E[:, None] * self.lora_A).detach()
+        b = self.layout.dense(self.lora_B.detach())
+        return Pair(a[kept], b[:, kept], Whole(), int(kept.sum()))
+
+    def kept(self) -> int:
+        """Triplets with E != 0: the rank the adapter has now."""
+        return int((self.lora_E != 0).sum())
+
+
+class RankAllocator(TrainingHooks):
+    """The budget of one AdaLoRA adapter over all its layers; `after_step()` runs after each optimizer step."""
+
+    def __init__(self, adapters: dict[str, AdaLoRA], name: str, options: AdaLoraOptions) -> None:
+        self.adapters, self.name, self.options = adapters, name, options
+        self.initial_budget = sum(adapter.lora_E.numel() for adapter in adapters.values())
+        self.target_budget = options.target_rank * sum(adapter.layout.pairs for adapter in adapters.values())
         self.ipt: dict[str, torch.Tensor] = {}  # "<path>.<kind>" -> EMA of the sensitivity
         self.unc: dict[str, torch.Tensor] = {}  # "<path>.<kind>" -> EMA of its uncertainty
         self.final_mask: dict[str, torch.Tensor] = {}  # "<path>" -> kept triplets, once the pattern is fixed
 
-    def budget(self, step: int, total_steps: int) -> tuple[int, bool]:
-        """(triplets to keep, whether to mask at this step)."""
-        tinit, tfinal = self.options.tinit, self.options.tfinal
-        if step <= tinit:
-            return self.initial_budget, False
-        if step > total_steps - tfinal:
-            return self.target_budget, True
-        progress = 1 - (step - tinit) / max(1, total_steps - tfinal - tinit)
-        budget = int((self.initial_budget - self.target_budget) * progress**3 + self.target_budget)
-        return budget, step % self.options.delta_t == 0
+    # ------------------------------------------------------------ training hooks
+    def loss(self) -> torch.Tensor | None:
+        weight = self.options.orth_reg_weight
+        return weight * orthogonality(self.adapters) if weight > 0 else None
 
-    def step(self, step: int, total_steps: int) -> None:
+    def after_step(self, step: int, total_steps: int) -> None:
         """Update the scores from this step's gradients and prune to the budget when the schedule says so."""
         final_start = total_steps - self.options.tfinal
         if step < final_start:
@@ -57,14 +96,34 @@ class RankAllocator:
             self.ipt, self.unc = {}, {}
         else:
             with torch.no_grad():
-                for path, layer in self.layers.items():
-                    layer.lora_E[self.name].mul_(self.final_mask[path])
+                for path, adapter in self.adapters.items():
+                    adapter.lora_E.mul_(self.final_mask[path])
+
+    def metrics(self) -> dict[str, float]:
+        return {f"adalora.{self.name}.rank_budget": float(sum(self.ranks().values()))}
+
+    # ------------------------------------------------------------ the budget
+    def ranks(self) -> dict[str, int]:
+        """Triplets kept per layer path."""
+        return {path: adapter.kept() for path, adapter in self.adapters.items()}
+
+    def budget(self, step: int, total_steps: int) -> tuple[int, bool]:
+        """(triplets to keep, whether to mask at this step)."""
+        tinit, tfinal = self.options.tinit, self.options.tfinal
+        if step <= tinit:
+            return self.initial_budget, False
+        if step > total_steps - tfinal:
+            return self.target_budget, True
+        progress = 1 - (step - tinit) / max(1, total_steps - tfinal - tinit)
+        budget = int((self.initial_budget - self.target_budget) * progress**3 + self.target_budget)
+        return budget, step % self.options.delta_t == 0
 
     def _update_scores(self) -> None:
         beta1, beta2 = self.options.beta1, self.options.beta2
         with torch.no_grad():
-            for path, layer in self.layers.items():
-                for kind, param in zip(KINDS, _params(layer, self.name), strict=True):
+            for path, adapter in self.adapters.items():
+                for kind, attribute in KINDS.items():
+                    param = getattr(adapter, attribute)
                     if param.grad is None:
                         continue
                     key = f"{path}.{kind}"
@@ -77,7 +136,7 @@ class RankAllocator:
     def triplet_scores(self) -> dict[str, torch.Tensor]:
         """Score of every triplet, per layer path: [P*r]."""
         scores = {}
-        for path in self.layers:
+        for path in self.adapters:
             if f"{path}.E" not in self.ipt:
                 continue
             s = {kind: self.ipt[f"{path}.{kind}"] * self.unc[f"{path}.{kind}"] for kind in KINDS}
@@ -101,10 +160,11 @@ class RankAllocator:
         with torch.no_grad():
             for (path, score), kept in zip(scores.items(), kept_flat.split([s.numel() for s in scores.values()]),
                                            strict=True):
-                self.layers[path].lora_E[self.name].mul_(kept.view_as(score))
+                self.adapters[path].lora_E.mul_(kept.view_as(score))
                 keep[path] = kept.view_as(score)
         return keep
 
+    # ------------------------------------------------------------ resume
     def state(self) -> dict[str, torch.Tensor]:
         """Everything needed to resume the allocation exactly, as named tensors."""
         out = {f"ipt.{k}": v for k, v in self.ipt.items()}
@@ -118,23 +178,14 @@ class RankAllocator:
         self.final_mask = {k[5:]: v.clone() for k, v in tensors.items() if k.startswith("mask.")}
 
 
-def orthogonality(layers: dict[str, LoraLayer], name: str) -> torch.Tensor:
+def orthogonality(adapters: dict[str, AdaLoRA]) -> torch.Tensor:
     """Mean over all pairs of ||A A^T - I||_F and ||B^T B - I||_F: keeps A's rows and B's columns orthonormal."""
     terms = []
-    for layer in layers.values():
-        spec = layer.specs[name]
-        a = layer.lora_A[name].view(spec.n_pairs, spec.rank, -1)  # (P, r, in)
-        b = layer.lora_B[name].view(spec.n_pairs, -1, spec.rank)  # (P, out, r)
-        eye = torch.eye(spec.rank, dtype=a.dtype, device=a.device)
+    for adapter in adapters.values():
+        pairs, rank = adapter.layout.pairs, adapter.rank
+        a = adapter.lora_A.view(pairs, rank, -1)  # (P, r, in)
+        b = adapter.lora_B.view(pairs, -1, rank)  # (P, out, r)
+        eye = torch.eye(rank, dtype=a.dtype, device=a.device)
         terms.append(torch.linalg.matrix_norm(a @ a.transpose(1, 2) - eye))  # (P,)
         terms.append(torch.linalg.matrix_norm(b.transpose(1, 2) @ b - eye))  # (P,)
     return torch.cat(terms).mean()
-
-
-def kept_ranks(layers: dict[str, LoraLayer], name: str) -> dict[str, int]:
-    """Triplets with E != 0 per layer path: the ranks the adapter has now."""
-    return {path: int((layer.lora_E[name] != 0).sum()) for path, layer in layers.items()}
-
-
-def _params(layer: LoraLayer, name: str) -> tuple[torch.Tensor, ...]:
-    return layer.lora_A[name], layer.lora_B[name], layer.lora_E[name]

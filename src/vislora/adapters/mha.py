@@ -2,7 +2,7 @@
 
 The input projection W_in = [W_q; W_k; W_v] [3E, E] is a raw parameter that torch's forward reads
 directly, so the wrapper runs the attention itself: qkv = x W_in^T + b_in + sum of active deltas
-(whole weight, or per q/k/v slice, as `LoraLayer` defines them), then multi-head attention, then
+(whole weight, or per q/k/v block, as the adapters' layouts define them), then multi-head attention, then
 `out_proj` called as a module, so that a `LoraLinear` put there adapts the output projection too.
 """
 
@@ -12,15 +12,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vislora.adapters.linear import LoraLayer
-from vislora.errors import TargetError
+from vislora.adapters.layer import LoraLayer
+from vislora.targets import check_mha
 
 
 class LoraMultiheadAttention(LoraLayer):
     """An nn.MultiheadAttention with named LoRA adapters on its in_proj_weight; a drop-in for its forward."""
 
     def __init__(self, base_layer: nn.MultiheadAttention) -> None:
-        _check_supported(base_layer)
+        check_mha(base_layer)
         embed_dim = base_layer.embed_dim
         super().__init__(embed_dim, 3 * embed_dim, base_layer.in_proj_weight)
         self.base_layer = base_layer
@@ -44,6 +44,11 @@ class LoraMultiheadAttention(LoraLayer):
     @property
     def batch_first(self) -> bool:
         return self.base_layer.batch_first
+
+    @property
+    def batch_dim(self) -> int:
+        """Where a batched input holds the batch (what a MoLoRA gate over images needs)."""
+        return 0 if self.batch_first else 1
 
     @property
     def _qkv_same_embed_dim(self) -> bool:
@@ -117,22 +122,6 @@ class LoraMultiheadAttention(LoraLayer):
         if not batched:
             return x.squeeze(0)  # (L, E)
         return x if self.batch_first else x.transpose(0, 1)  # (N, L, E) or (L, N, E)
-
-
-def _check_supported(mha: nn.MultiheadAttention) -> None:
-    problems = []
-    if not mha._qkv_same_embed_dim:
-        problems.append(f"kdim={mha.kdim}/vdim={mha.vdim} differ from embed_dim={mha.embed_dim}")
-    if mha.bias_k is not None:
-        problems.append("add_bias_kv=True")
-    if mha.add_zero_attn:
-        problems.append("add_zero_attn=True")
-    if problems:
-        raise TargetError(
-            f"cannot adapt the input projection of this nn.MultiheadAttention ({', '.join(problems)}): "
-            "vislora adapts the fused in_proj_weight of attention with equal q/k/v dims and no bias_k/bias_v/"
-            "add_zero_attn; target its out_proj only, or exclude this layer"
-        )
 
 
 def _attention_with_weights(

@@ -45,7 +45,7 @@ def targets(
     """
     cfg = _config(preset, target, rank, alpha, layers, config)
     adapted = inject(load_base_model(model, pretrained=pretrained), cfg)
-    show_plan(adapted, adapted.plans["default"])
+    show_plan(adapted)
 
 
 def _config(preset: str | None, target: list[str] | None, rank: int | None, alpha: float | None,

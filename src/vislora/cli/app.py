@@ -8,11 +8,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vislora import __version__
 from vislora.errors import VisloraError
 from vislora.model import AdaptedModel
 from vislora.parameters import parameter_report
-from vislora.targets import TargetPlan
+from vislora.version import __version__
 
 app = typer.Typer(
     help="Low-rank adapters for vision transformers: audit data, choose targets, train, evaluate, save "
@@ -40,12 +39,14 @@ def main(
     """vislora: adapt large vision models with LoRA on one GPU or a laptop CPU."""
 
 
-def show_plan(model: AdaptedModel, plan: TargetPlan) -> None:
+def show_plan(model: AdaptedModel, name: str = "default") -> None:
+    """The resolved targets of adapter `name`, what each holds, and the parameter report."""
+    plan, counts = model.plans[name], model.parameter_counts(name)
     table = Table("module", "slices", "in", "out", "rank", "alpha", "scale", "params",
                   title=f"{len(plan.targets)} adapted weights")
     for t in plan.targets:
         table.add_row(t.path, ",".join(t.slices) or "all", str(t.in_features), str(t.out_features),
-                      str(t.rank), f"{t.alpha:g}", f"{t.scale:g}", f"{t.n_params:,}")
+                      str(t.rank), f"{t.alpha:g}", f"{t.scale:g}", f"{counts[t.path]:,}")
     console.print(table)
     for name, count in plan.counts().items():
         console.print(f"  {count:>4} x {name}", markup=False)

@@ -33,7 +33,7 @@ def train(
     cfg = TrainConfig.load(config, set_ or [])
     trainer = Trainer(cfg)
     if trainer.accelerator.is_main_process:
-        show_plan(trainer.adapted, trainer.adapted.plans["default"])
+        show_plan(trainer.adapted)
     result = trainer.fit()
     if trainer.accelerator.is_main_process:
         console.print(f"trained {result.steps} steps in {result.seconds:.1f} s"

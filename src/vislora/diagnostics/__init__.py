@@ -10,21 +10,20 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from vislora.adapters.layer import LoraLayer
+from vislora.adapters.mha import LoraMultiheadAttention
 from vislora.diagnostics.files import read_adapter_pairs
 from vislora.diagnostics.records import Diagnosis, GroupSummary, LayerDiagnostics, Stats, Verdict
 from vislora.diagnostics.spectrum import analyse_pair, effective_rank, energy_rank, low_rank_singular_values
 from vislora.diagnostics.verdict import verdict
 from vislora.errors import AdapterError, ConfigError
+from vislora.model import AdaptedModel
 from vislora.targets import QKV
-
-if TYPE_CHECKING:
-    from vislora.adapters.linear import LoraLayer
-    from vislora.model import AdaptedModel
 
 __all__ = [
     "Diagnosis",
@@ -54,10 +53,11 @@ def diagnose(model: AdaptedModel, adapter: str | None = None, threshold: float =
         raise AdapterError(f"adapters {list(model.active_adapters)} are merged into the base weights, so W and "
                            "delta_W cannot be told apart; call model.unmerge() before diagnose()")
     layers: list[LayerDiagnostics] = []
+    method = model.configs[name].method
     with torch.no_grad():
         for path, layer in model.layers().items():
-            if name in layer.specs:
-                layers += _layer_pairs(path, layer, name, threshold)
+            if name in layer.adapters:
+                layers += _layer_pairs(path, layer, name, method, threshold)
     return build_diagnosis(name, "model", threshold, layers)
 
 
@@ -82,29 +82,31 @@ def build_diagnosis(adapter: str, source: str, threshold: float, layers: list[La
                      verdict=verdict(layers, threshold))
 
 
-def _layer_pairs(path: str, layer: LoraLayer, name: str, threshold: float) -> list[LayerDiagnostics]:
-    """One entry per pair of adapter `name` on `layer`: the whole weight, each q/k/v slice, or each MoLoRA expert."""
-    spec = layer.specs[name]
-    a, b, rank = layer.export_pair(name)  # relative to the original W (PiSSA: [A; A0], [B, -B0])
-    weight = layer.merged_weight(())  # the original W [out, in] (a PiSSA residual added back)
-    change = layer.change(name) if spec.method == "dora" else None
-    magnitude = layer.lora_magnitude.get(name)
-    finite = magnitude is None or bool(torch.isfinite(magnitude).all())
+def _layer_pairs(path: str, layer: LoraLayer, name: str, method: str, threshold: float) -> list[LayerDiagnostics]:
+    """One entry per pair of adapter `name` on `layer`: the whole weight, each q/k/v block, or each MoLoRA expert."""
+    adapter = layer.adapters[name]
+    weight = layer.original_weight()  # [out, in] (a PiSSA residual added back)
+    finite = all(bool(torch.isfinite(p).all()) for p in adapter.parameters())
     module = path.rpartition(".")[2]
-    if isinstance(layer.base_layer, nn.MultiheadAttention):  # named as in the file: `<attention>.in_proj`
+    if isinstance(layer, LoraMultiheadAttention):  # named as in the file: `<attention>.in_proj`
         path, module = f"{path}.in_proj", "in_proj"
-    if b.dim() == 3 and not spec.slices:  # MoLoRA: B [experts, out, r], each expert its own pair
-        return [analyse_pair(f"{path}[expert {e}]", module, a[e * rank:(e + 1) * rank], b[e], spec.scale,
-                             spec.method, threshold, weight) for e in range(b.shape[0])]
-    if not spec.slices:
-        return [analyse_pair(path, module, a, b, spec.scale, spec.method, threshold, weight, change, finite)]
+    if adapter.refusal is not None:  # no single delta_W (MoLoRA): each expert its own pair
+        tensors = adapter.export_tensors()
+        a, b = tensors["lora_A"], tensors["lora_B"]  # (X*r, in), (X, out, r)
+        rank = b.shape[-1]
+        return [analyse_pair(f"{path}[expert {e}]", module, a[e * rank:(e + 1) * rank], b[e], adapter.scale,
+                             method, threshold, weight) for e in range(b.shape[0])]
+    pair = adapter.export_pair()  # relative to the original W (PiSSA: [A; A0], [B, -B0])
+    change = None if adapter.exact_sum else layer.change(name)  # DoRA: g (W + delta_W) - W
+    if not pair.layout.blocks:
+        return [analyse_pair(path, module, pair.a, pair.b, adapter.scale, method, threshold, weight, change, finite)]
     rows = layer.out_features // len(QKV)
     out = []
-    for j, index in enumerate(spec.slices):
+    for j, index in enumerate(pair.layout.blocks):
         block = slice(index * rows, (index + 1) * rows)
-        out.append(analyse_pair(f"{path}[{QKV[index]}]", f"{module}[{QKV[index]}]", a[j * rank:(j + 1) * rank],
-                                b[j], spec.scale, spec.method, threshold, weight[block],
-                                None if change is None else change[block], finite))
+        out.append(analyse_pair(f"{path}[{QKV[index]}]", f"{module}[{QKV[index]}]",
+                                pair.a[j * pair.rank:(j + 1) * pair.rank], pair.b[j], adapter.scale, method,
+                                threshold, weight[block], None if change is None else change[block], finite))
     return out
 
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from vislora.data.transforms import InputSpec, model_input_spec
 from vislora.errors import VisloraError
+from vislora.formats import load_adapter
 from vislora.io import fsync
 from vislora.model import AdaptedModel
 
@@ -78,7 +79,6 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
                           "trained on, e.g. --base hf:facebook/dinov2-small or --base timm:vit_base_patch16_224")
     from vislora.assets import resolve_model_spec
     from vislora.backbones import load_base_model
-    from vislora.model import load_adapter
 
     base_model = load_base_model(resolve_model_spec(base), pretrained=True)
     try:

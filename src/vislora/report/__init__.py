@@ -73,11 +73,12 @@ def build_report(info: RunInfo, model: AdaptedModel, comparison: Comparison | No
     images = {"training": plots.training_curves(info.metrics, folder / "training.png"),
               "rank_utilisation": plots.rank_heatmap(diagnosis, folder / "rank_utilisation.png")}
     by_module: Counter = Counter()
+    counts = model.parameter_counts(adapter)
     for target in model.plans[adapter].targets:
         by_module[target.path.rpartition(".")[2] + (f"[{','.join(target.slices)}]" if target.slices else "")] += (
-            target.n_params)
+            counts[target.path])
     gain = comparison.adapted.accuracy - comparison.base.accuracy if comparison else None
-    images["parameters"] = plots.parameter_efficiency(params.base, params.trainable, model.plans[adapter].n_params,
+    images["parameters"] = plots.parameter_efficiency(params.base, params.trainable, sum(counts.values()),
                                                       dict(by_module), folder / "parameters.png", gain)
     evaluation = None
     if comparison is not None:

@@ -12,7 +12,6 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vislora import __version__
 from vislora.errors import VisloraError
 from vislora.serve.config import ServeConfig
 from vislora.serve.dependencies import Tokens
@@ -20,6 +19,7 @@ from vislora.serve.engine import Engine
 from vislora.serve.errors import ServeError, TooLarge
 from vislora.serve.limits import BodyLimit
 from vislora.serve.routers import adapters, inference, ops, routes
+from vislora.version import __version__
 
 logger = logging.getLogger(__name__)
 

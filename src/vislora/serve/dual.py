@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from vislora.adapters.saved import ModulesToSave
+from vislora.arithmetic import combine
 from vislora.data.transforms import InputSpec
 from vislora.errors import AdapterError, AdapterFileError
-from vislora.formats import CheckedAdapter
-from vislora.model import AdaptedModel
+from vislora.formats import check_adapter
+from vislora.model import AdaptedModel, AdapterWeights
 from vislora.serve.config import BaseSection
 from vislora.serve.engine import Engine
 from vislora.serve.errors import ServeError
@@ -108,21 +109,21 @@ class DualEngine(Engine):
             ids[row, :tokens.shape[1]], mask[row, :tokens.shape[1]] = tokens[0], tokens[1]
         return ids, mask
 
-    def _read(self, source: AdapterSource) -> list[CheckedAdapter]:
+    def _read(self, source: AdapterSource) -> list[AdapterWeights]:
         """The adapter's files, and those of the frozen adapters it was trained over (task.json `frozen`)."""
-        return [self.model.check_adapter(folder) for folder in (*frozen_folders(source), source.path)]
+        return [check_adapter(self.model, folder) for folder in (*frozen_folders(source), source.path)]
 
-    def _install(self, name: str, checked: list[CheckedAdapter]) -> None:
+    def _install(self, name: str, checked: list[AdapterWeights]) -> None:
         """One adapter as it is; a run trained over frozen adapters as their exact sum (ranks concatenated,
-        `AdaptedModel.combine`), since a sample is routed to one adapter."""
+        `vislora.combine`), since a sample is routed to one adapter."""
         if len(checked) == 1:
             super()._install(name, checked[0])
             return
         parts = [f"x{uuid.uuid4().hex[:16]}" for _ in checked]  # not a name a request can use
         try:
             for part, files in zip(parts, checked, strict=True):
-                self.model.load_adapter(files, part, activate=False)
-            self.model.combine(dict.fromkeys(parts, 1.0), name, how="exact")
+                self.model.install(part, files, activate=False)
+            combine(self.model, dict.fromkeys(parts, 1.0), name, how="exact")
         except AdapterError as exc:
             if name in self.model.configs:
                 self.model.delete_adapter(name)

@@ -25,6 +25,7 @@ from PIL import Image
 
 from vislora.data.transforms import InputSpec, build_transform
 from vislora.errors import ConfigError
+from vislora.formats import check_adapter
 from vislora.model import AdaptedModel
 from vislora.serve.batcher import Job, MicroBatcher
 from vislora.serve.calls import BlockingCalls, ImageInput
@@ -362,11 +363,11 @@ class Engine(BlockingCalls):
 
     def _read(self, source: AdapterSource) -> Any:
         """The adapter's files, read and checked against the model (no model lock held)."""
-        return self.model.check_adapter(source.path)
+        return check_adapter(self.model, source.path)
 
     def _install(self, name: str, checked: Any) -> None:
         """Put what `_read` returned on the model as adapter `name` (the model lock is held)."""
-        self.model.load_adapter(checked, name, activate=False)
+        self.model.install(name, checked, activate=False)
 
     def _installed(self, name: str, source: AdapterSource) -> None:
         """Called with the model lock held once adapter `name` is on the model, before any request can use it."""

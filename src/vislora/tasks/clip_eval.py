@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vislora.errors import AdapterFileError
+from vislora.formats import load_adapter
 from vislora.tasks.classification import eval_batches
 from vislora.tasks.clip import contrastive_loss, retrieval_recall, same_label, text_classifier
 
@@ -100,7 +101,6 @@ def load_trained_dual(adapter_dir: str | Path) -> tuple[nn.Module, dict[str, Any
     """The dual encoder of a `vislora train` contrastive/few-shot run with its adapter (and the frozen adapters it
     was trained over) loaded and active, in eval mode; and the adapter's task.json."""
     from vislora.dual_encoder import build_dual_encoder
-    from vislora.model import load_adapter
 
     adapter_dir = Path(adapter_dir)
     task_file = adapter_dir / "task.json"
@@ -120,7 +120,7 @@ def load_trained_dual(adapter_dir: str | Path) -> tuple[nn.Module, dict[str, Any
     frozen = task.get("frozen", {})
     model = load_adapter(base, adapter_dir, "default", activate=False)
     for name, folder in frozen.items():
-        model.load_adapter(folder, name, activate=False)
+        load_adapter(model, folder, name, activate=False)
     model.set_active([*frozen, "default"])
     return model.eval(), task
 

@@ -20,8 +20,9 @@ from vislora.data.datasets import ImageDataset, collate, open_dataset
 from vislora.data.transforms import InputSpec, SampleTransform, build_transform
 from vislora.errors import AdapterFileError
 from vislora.evaluate import BaseHead, Comparison, collect, compare, measure_latency
+from vislora.formats import load_adapter
 from vislora.io import atomic_write_text
-from vislora.model import AdaptedModel, load_adapter
+from vislora.model import AdaptedModel
 from vislora.tasks.classification import EvalResult, build_classifier, predict_rows, summarize
 
 

@@ -32,15 +32,13 @@ MIN_HISTORY = 3  # steps of a layer's own history before a spike can be called e
 
 
 def layer_gradient_norms(model: AdaptedModel) -> dict[str, float]:
-    """||gradient|| of every adapter layer's trainable low-rank weights (and DoRA magnitudes), by layer path.
+    """||gradient|| of every adapter layer's trainable adapter tensors (A, B and what the method adds), by layer path.
 
     A trainable parameter without a gradient counts as zero: nothing reached it.
     """
     norms = {}
     for path, layer in model.layers().items():
-        params = [p for name in layer.specs for p in (layer.lora_A[name], layer.lora_B[name],
-                                                      layer.lora_magnitude.get(name)) if p is not None and
-                  p.requires_grad]
+        params = [p for adapter in layer.adapters.values() for p in adapter.parameters() if p.requires_grad]
         if not params:
             continue
         squares = [p.grad.detach().float().square().sum() for p in params if p.grad is not None]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vislora.errors import VisloraError
+from vislora.formats import load_adapter_weights, save_adapter
 from vislora.io import atomic_write_text
 from vislora.train import checkpoint as ckpt
 from vislora.train.config import TrainConfig
@@ -129,7 +130,7 @@ class RunDirectory:
         """Restore adapter, optimizer, scheduler, RNG and loop position from a checkpoint folder."""
         if self.stage_plan is not None:  # the checkpoint holds the optimizer of the stage running its next step
             apply_stage(self, self.stage_plan.index_at(ckpt.saved_step(folder)), carry_state=False)
-        self.adapted.load_adapter_weights(folder)
+        load_adapter_weights(self.adapted, folder)
         self.loop = ckpt.load_trainer_state(folder, self.optimizer, self.scheduler)
         ckpt.load_rng(folder, self.accelerator.process_index)
         if self.accelerator.is_main_process:
@@ -147,7 +148,7 @@ class RunDirectory:
         shutil.rmtree(staging, ignore_errors=True)
 
     def _save_adapter_files(self: Trainer, folder: Path) -> None:
-        self.adapted.save_adapter(folder, "default")
+        save_adapter(self.adapted, folder, "default")
         task = {**self.task.info(), "input": asdict(self.spec), "step": self.loop.step,
                 "seed": self.config.run.seed}  # rebuilds a randomly initialised base wherever the adapter goes
         atomic_write_text(folder / "task.json", json.dumps(task, indent=2))

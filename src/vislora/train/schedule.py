@@ -9,21 +9,23 @@ import torch
 from torch import nn
 
 from vislora.errors import ConfigError
+from vislora.model import AdaptedModel
 from vislora.train.config import OptimSection
 
 
-def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(adapter weights: every trainable `lora_*` parameter, other trainable weights: heads, norms)."""
+def parameter_groups(model: AdaptedModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(adapter weights: the trainable tensors of the adapter layers, other trainable weights: heads, norms)."""
+    in_layers = {id(p) for name in model.adapters for p in model.layer_parameters(name)}
     adapter, other = [], []
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         if param.requires_grad:
-            (adapter if "lora_" in name else other).append(param)
+            (adapter if id(param) in in_layers else other).append(param)
     if not adapter and not other:
         raise ConfigError("the model has no trainable parameters; check adapter.targets and that an adapter is active")
     return adapter, other
 
 
-def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
+def build_optimizer(model: AdaptedModel, optim: OptimSection) -> torch.optim.AdamW:
     """AdamW over two groups, always in this order: [adapter (lr_adapter), other (lr_head)]."""
     adapter, other = parameter_groups(model)
     return torch.optim.AdamW([

@@ -22,6 +22,7 @@ from vislora.config import AdapterConfig
 from vislora.data.datasets import DataError, ImageDataset, collate
 from vislora.dual_encoder import DualTowerModel, build_dual_encoder
 from vislora.errors import ConfigError
+from vislora.formats import load_adapter
 from vislora.tasks.clip import (
     CLIP_LORA,
     contrastive_loss,
@@ -85,7 +86,7 @@ class DualTask(TrainTask):
         """Load `adapter.frozen` adapters, keep them active under `default`, train only `default`."""
         frozen = self.config.adapter.frozen
         for name, folder in frozen.items():
-            model.load_adapter(folder, name, activate=False)
+            load_adapter(model, folder, name, activate=False)
         if frozen:
             model.set_active([*frozen, "default"])
             model.set_trainable("default")
