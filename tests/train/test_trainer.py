@@ -284,6 +284,30 @@ def test_bf16_runs_the_training_forward_under_autocast(tmp_path, folder):
     assert trainer.accelerator.scaler is None  # bf16 keeps fp32's exponent range: no loss scaling
 
 
+def test_fp16_without_a_gpu_is_refused_instead_of_silently_training_fp32(tmp_path, folder):
+    # Accelerate has no fp16 autocast on CPU: it would train in fp32 while the config says fp16
+    with pytest.raises(ConfigError, match=r"mixed_precision fp16 needs a GPU.*bf16"):
+        Trainer(config(tmp_path, folder, run={"mixed_precision": "fp16"}))
+
+
+@pytest.mark.gpu
+def test_fp16_autocasts_scales_the_loss_and_survives_an_overflowing_step(tmp_path, folder):
+    cfg = config(tmp_path, folder, optim={"max_steps": 4}, run={"mixed_precision": "fp16"})
+    base = open_dataset(folder)
+    second_batch = list(EpochBatches(len(base), 4, cfg.run.seed, 0, 0, 0, 1))[1]
+    trainer = Trainer(cfg, train_data=Poisoned(base, second_batch[:1]))
+    assert trainer.accelerator.scaler is not None
+    seen = []
+    trainer.adapted.base_model.blocks[0].mlp.fc1.register_forward_hook(
+        lambda module, args, out: seen.append((module.training, out.dtype)))
+    scale = trainer.accelerator.scaler.get_scale()
+    result = trainer.fit()  # the NaN step is skipped and lowers the loss scale; the next step unscales afresh
+    assert {dtype for training, dtype in seen if training} == {torch.float16}
+    finite = [r["finite"] for r in metric_rows(result.run_dir, "train")]
+    assert result.steps == 4 and finite[1] is False and finite[-1] is True  # (early steps may also overflow)
+    assert trainer.accelerator.scaler.get_scale() < scale
+
+
 class NormProbe(TrainerCallback):
     """The global gradient norm of the trained parameters before clipping and after (at the optimizer step)."""
 
