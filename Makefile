@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
 		{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null; } || \
-		echo "could not apt-get install dataset-fashion-mnist: the demo and the real-data tests will skip"; \
+		echo "could not apt-get install dataset-fashion-mnist: the demo and the real-data tests will skip (fail under VISLORA_REQUIRE_ASSETS=1, as in CI)"; \
 	else \
 		echo "Fashion-MNIST is not installed and apt-get is unavailable (or not root): run"; \
 		echo "  sudo apt-get install dataset-fashion-mnist   or   $(BIN)/python -c 'import vislora.assets as a; a.fashion_mnist_dir(download=True)'"; \
@@ -36,7 +36,7 @@ $(STAMP): pyproject.toml
 	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 		apt-get install -y -qq chromium chromium-driver >/dev/null 2>&1 || \
 		{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq chromium chromium-driver >/dev/null; } || \
-		echo "could not apt-get install chromium chromium-driver: the dashboard browser test will skip"; \
+		echo "could not apt-get install chromium chromium-driver: the dashboard browser test will skip (fail under VISLORA_REQUIRE_ASSETS=1)"; \
 	else \
 		echo "chromium and chromedriver are not installed and apt-get is unavailable (or not root): run"; \
 		echo "  sudo apt-get install chromium chromium-driver   (without them the dashboard browser test skips)"; \

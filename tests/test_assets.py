@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import missing_asset, require_module
 from vislora import assets
 
 
@@ -11,9 +12,8 @@ def dinov2_or_skip():
     try:
         assets.dinov2_onnx_path()
     except assets.AssetError as err:
-        pytest.skip(f"DINOv2 asset absent ({err}); `make test` installs it")
-    if importlib.util.find_spec("onnx") is None:
-        pytest.skip("the onnx package is not installed: pip install 'vislora[demo]'")
+        missing_asset(f"DINOv2 asset absent ({err}); `make test` installs it")
+    require_module("onnx")
     return assets.dinov2_small()
 
 
@@ -34,8 +34,8 @@ def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
 @pytest.mark.slow
 def test_converted_dinov2_matches_the_onnx_graph_run_by_onnxruntime():
     folder = dinov2_or_skip()
-    onnx = pytest.importorskip("onnx")
-    ort = pytest.importorskip("onnxruntime")
+    onnx = require_module("onnx")
+    ort = require_module("onnxruntime")
     from transformers import AutoModel
 
     graph = onnx.load(str(assets.dinov2_onnx_path()))

@@ -8,7 +8,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import vislora
-from conftest import randomize_adapters, tiny_timm
+from conftest import randomize_adapters, require_module, tiny_timm
 from vislora.cli import app
 from vislora.diagnostics import (
     diagnose,
@@ -122,7 +122,7 @@ def test_saved_directory_reads_as_the_live_model_with_and_without_base(tmp_path,
 
 
 def test_peft_saved_adapter_scales_by_its_rank_and_alpha_patterns(tmp_path):
-    peft = pytest.importorskip("peft")
+    peft = require_module("peft")
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["qkv", "fc1"], use_rslora=True,
                              rank_pattern={"fc1": 2}, alpha_pattern={"blocks.1.attn.qkv": 3})
     model = peft.get_peft_model(tiny_timm(), config)

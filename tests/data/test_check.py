@@ -4,9 +4,9 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
+from conftest import missing_asset
 from synthetic_images import class_image, corrupt_png, csv_manifest, image_folder
 from vislora import assets
 from vislora.data import check_dataset, manifest, open_dataset
@@ -55,7 +55,7 @@ def test_fashion_mnist_check_runs_on_the_array_dataset(tmp_path):
     try:
         assets.fashion_mnist_dir()
     except assets.AssetError as err:
-        pytest.skip(f"Fashion-MNIST not installed ({err})")
+        missing_asset(f"Fashion-MNIST not installed ({err})")
     data = open_dataset("fashion-mnist:test").subset(200, seed=0)
     report = check_dataset(data, tmp_path)
     assert report.resolutions == {"28x28": 200} and sum(report.class_counts.values()) == 200

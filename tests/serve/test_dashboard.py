@@ -9,6 +9,7 @@ import httpx
 import pytest
 from serving import build_served, live_server, make_engine, serve_config
 
+from conftest import missing_asset
 from vislora.serve import create_app
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium") or "/usr/bin/chromium", shutil.which("chromedriver")
@@ -17,10 +18,12 @@ FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync",
          "--disable-dev-shm-usage", "--window-size=1280,1000")
 
-pytestmark = pytest.mark.skipif(
-    not (Path(CHROMIUM).exists() and CHROMEDRIVER),
-    reason="needs Debian's chromium and chromium-driver (`make test` installs them as root: "
-           "apt-get install chromium chromium-driver)")
+
+@pytest.fixture(autouse=True)
+def chromium():
+    if not (Path(CHROMIUM).exists() and CHROMEDRIVER):
+        missing_asset("needs Debian's chromium and chromium-driver (`make test` installs them as root: "
+                      "apt-get install chromium chromium-driver)")
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import vislora
+from conftest import missing_asset
 from vislora import assets
 from vislora.serve import Engine, ServeConfig
 from vislora.tasks.classification import build_classifier
@@ -21,7 +22,7 @@ def dinov2():
         assets.dinov2_onnx_path()
         return assets.dinov2_small()
     except (assets.AssetError, ImportError) as err:
-        pytest.skip(f"DINOv2 asset unavailable ({err}); `make test` installs it")
+        missing_asset(f"DINOv2 asset unavailable ({err}); `make test` installs it")
 
 
 def classifier():

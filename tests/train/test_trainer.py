@@ -6,10 +6,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import randomize_adapters
 from synthetic_images import corrupt_png, image_folder, tiny_train_config
 from vislora import ConfigError
 from vislora.data import DataError, ImageDataset, open_dataset
+from vislora.data.datasets import collate
 from vislora.train import checkpoint as ckpt
+from vislora.train.callbacks import TrainerCallback
 from vislora.train.config import TrainConfig
 from vislora.train.trainer import EpochBatches, Trainer, TrainingError
 
@@ -230,9 +233,129 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, folder):
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
+def activation_bytes_and_gradients(trainer):
+    """Bytes of the activations autograd keeps from one forward for the backward (the peak a training step holds
+    beyond the weights; tensors a checkpointed block will recompute are not kept), then the adapter gradients."""
+    randomize_adapters(trainer.adapted)  # B = 0 at init would leave A without gradient
+    weights = {p.untyped_storage().data_ptr() for p in trainer.model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in weights:  # saved weights are no extra memory
+            kept[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    batch = collate([trainer.train_data[i] for i in range(4)])
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss, _ = trainer.task.loss(trainer.model, batch, trainer.accelerator.device)
+    loss.backward()
+    gradients = {name: p.grad.clone() for name, p in trainer.adapted.named_parameters() if "lora_" in name}
+    return sum(kept.values()), loss.detach(), gradients
+
+
+def test_gradient_checkpointing_keeps_fewer_activations_for_the_same_gradients(tmp_path, folder):
+    plain_bytes, plain_loss, plain_grads = activation_bytes_and_gradients(Trainer(config(tmp_path, folder, "plain")))
+    ckpt_bytes, ckpt_loss, ckpt_grads = activation_bytes_and_gradients(
+        Trainer(config(tmp_path, folder, "ckpt", run={"gradient_checkpointing": True})))
+    # two blocks: only each block's input is kept instead of every intermediate (measured here ~7x less)
+    assert ckpt_bytes < plain_bytes / 3, (ckpt_bytes, plain_bytes)
+    torch.testing.assert_close(ckpt_loss, plain_loss, rtol=0, atol=0)
+    assert plain_grads.keys() == ckpt_grads.keys() and plain_grads
+    for name, grad in plain_grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(ckpt_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
 def test_bf16_autocast_trains(tmp_path, folder):
     result = Trainer(config(tmp_path, folder, run={"mixed_precision": "bf16"})).fit()
     assert result.steps == 6 and all(math.isfinite(r["loss"]) for r in metric_rows(result.run_dir, "train"))
+
+
+def test_bf16_runs_the_training_forward_under_autocast(tmp_path, folder):
+    trainer = Trainer(config(tmp_path, folder, optim={"max_steps": 2}, run={"mixed_precision": "bf16"}))
+    seen = []
+    block = trainer.adapted.base_model.blocks[0]
+    for module in (block.attn.qkv, block.mlp.fc1):  # an adapted layer and a plain one
+        module.register_forward_hook(lambda module, args, out: seen.append((module.training, out.dtype)))
+    trainer.fit()
+    assert {dtype for training, dtype in seen if training} == {torch.bfloat16}
+    assert {dtype for training, dtype in seen if not training} == {torch.bfloat16}  # the held-out evaluation too
+    assert trainer.accelerator.scaler is None  # bf16 keeps fp32's exponent range: no loss scaling
+
+
+def test_fp16_without_a_gpu_is_refused_instead_of_silently_training_fp32(tmp_path, folder):
+    # Accelerate has no fp16 autocast on CPU: it would train in fp32 while the config says fp16
+    with pytest.raises(ConfigError, match=r"mixed_precision fp16 needs a GPU.*bf16"):
+        Trainer(config(tmp_path, folder, run={"mixed_precision": "fp16"}))
+
+
+@pytest.mark.gpu
+def test_fp16_autocasts_scales_the_loss_and_survives_an_overflowing_step(tmp_path, folder):
+    cfg = config(tmp_path, folder, optim={"max_steps": 4}, run={"mixed_precision": "fp16"})
+    base = open_dataset(folder)
+    second_batch = list(EpochBatches(len(base), 4, cfg.run.seed, 0, 0, 0, 1))[1]
+    trainer = Trainer(cfg, train_data=Poisoned(base, second_batch[:1]))
+    assert trainer.accelerator.scaler is not None
+    seen = []
+    trainer.adapted.base_model.blocks[0].mlp.fc1.register_forward_hook(
+        lambda module, args, out: seen.append((module.training, out.dtype)))
+    scale = trainer.accelerator.scaler.get_scale()
+    result = trainer.fit()  # the NaN step is skipped and lowers the loss scale; the next step unscales afresh
+    assert {dtype for training, dtype in seen if training} == {torch.float16}
+    finite = [r["finite"] for r in metric_rows(result.run_dir, "train")]
+    assert result.steps == 4 and finite[1] is False and finite[-1] is True  # (early steps may also overflow)
+    assert trainer.accelerator.scaler.get_scale() < scale
+
+
+class NormProbe(TrainerCallback):
+    """The global gradient norm of the trained parameters before clipping and after (at the optimizer step)."""
+
+    def __init__(self):
+        self.before, self.after = [], []
+
+    def norm(self, trainer):
+        grads = [p.grad for p in trainer.model.parameters() if p.requires_grad and p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+    def on_gradients(self, trainer):
+        self.before.append(self.norm(trainer))
+
+    def on_step_end(self, trainer, taken):
+        self.after.append(self.norm(trainer))
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.05, None])
+def test_clipping_bounds_the_global_gradient_norm_at_the_step(tmp_path, folder, max_grad_norm):
+    probe = NormProbe()
+    cfg = config(tmp_path, folder, data={"val": None}, optim={"max_steps": 2, "max_grad_norm": max_grad_norm})
+    result = Trainer(cfg, callbacks=[probe]).fit()
+    assert len(probe.before) == len(probe.after) == 2
+    logged = [r["grad_norm"] for r in metric_rows(result.run_dir, "train")]
+    assert logged == pytest.approx(probe.before, rel=1e-5)  # the log shows the norm before clipping
+    if max_grad_norm is None:
+        assert probe.after == probe.before
+        return
+    assert all(before > 2 * max_grad_norm for before in probe.before)  # so clipping had work to do
+    assert all(after <= max_grad_norm * (1 + 1e-5) for after in probe.after), probe.after
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_eager_output(tmp_path, folder):
+    tiny = {"model": {"spec": "timm:vit_tiny_patch16_224", "pretrained": False,  # one block: compiles faster
+                      "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}}
+    compiled = Trainer(config(tmp_path, folder, "compiled", run={"compile": True}, **tiny)).adapted.eval()
+    eager = Trainer(config(tmp_path, folder, "eager", **tiny)).adapted.eval()  # same seed: the same weights
+    randomize_adapters(compiled)
+    randomize_adapters(eager)
+    traced = []
+    compiled.base_model.blocks[0].register_forward_pre_hook(
+        lambda module, args: traced.append(torch.compiler.is_compiling()))
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected, out = eager(images), compiled(images)
+    assert traced == [True]  # the forward went through torch.compile (the hook ran only while tracing)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)  # inductor may reorder float sums
 
 
 def test_worker_processes_do_not_change_what_is_trained(tmp_path, folder):

@@ -74,6 +74,9 @@ class Trainer(RunDirectory):
         # Accelerate keeps one global state per process; a second Trainer in the same process (a notebook,
         # the tests) may ask for another precision. The process group (PartialState) is kept.
         AcceleratorState._reset_state()
+        if config.run.mixed_precision == "fp16" and not _has_accelerator():
+            raise ConfigError("run.mixed_precision fp16 needs a GPU: on CPU Accelerate has no fp16 autocast and would "
+                              "silently train in fp32; use mixed_precision: bf16 (autocast works on CPU) or no")
         # Without a GPU, cpu=True lets Accelerate join a multi-process launch over gloo (MULTI_CPU).
         self.accelerator = Accelerator(mixed_precision=config.run.mixed_precision, cpu=not _has_accelerator())
         set_seed(config.run.seed)
@@ -282,6 +285,8 @@ class Trainer(RunDirectory):
             self.scheduler.step()
             self.loop.nonfinite_in_a_row = 0
         else:
+            if self.accelerator.scaler is not None:  # fp16: lower the loss scale, as the scaler's own skip does;
+                self.accelerator.scaler.update()  # without it the next step's unscale_ raises
             self.loop.nonfinite_in_a_row += 1
             self.loop.nonfinite_total += 1
             logger.warning("step %d: loss or gradients are NaN/Inf; the step was skipped (%d in a row)",
