@@ -8,9 +8,8 @@ import torch
 from fastapi.testclient import TestClient
 from serving import build_served, make_engine, serve_config
 
-from vislora.errors import AdapterFileError, ConfigError
+from vislora.errors import AdapterFileError, ConfigError, ServeError
 from vislora.serve import Engine, create_app
-from vislora.serve.errors import ServeError
 from vislora.serve.sources import base_from_task
 
 ADMIN = {"Authorization": "Bearer admin-secret"}

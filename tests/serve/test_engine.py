@@ -9,9 +9,8 @@ import pytest
 import torch
 from serving import assert_matches, build_served, make_engine, serve_config
 
-from vislora.errors import AdapterFileError
+from vislora.errors import AdapterFileError, Busy, Conflict, ServeError, UnknownAdapter
 from vislora.serve import Engine
-from vislora.serve.errors import Busy, Conflict, ServeError, UnknownAdapter
 
 
 @pytest.fixture

@@ -13,11 +13,10 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vislora import __version__
-from vislora.errors import VisloraError
+from vislora.errors import ServeError, TooLarge, VisloraError
 from vislora.serve.config import ServeConfig
 from vislora.serve.dependencies import Tokens
 from vislora.serve.engine import Engine
-from vislora.serve.errors import ServeError, TooLarge
 from vislora.serve.limits import BodyLimit
 from vislora.serve.routers import adapters, inference, ops, routes
 

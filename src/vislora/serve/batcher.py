@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vislora.serve.errors import Busy
+from vislora.errors import Busy
 
 logger = logging.getLogger(__name__)
 

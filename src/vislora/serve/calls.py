@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from vislora.serve.errors import ServeError
+from vislora.errors import ServeError
 from vislora.serve.records import Embedding, Output, Prediction, top_k
 
 if TYPE_CHECKING:

@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from vislora.errors import Forbidden, Unauthorized
 from vislora.serve.engine import Engine
-from vislora.serve.errors import Forbidden, Unauthorized
 
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <token>")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]

@@ -23,12 +23,11 @@ import torch.nn.functional as F
 
 from vislora.adapters.saved import ModulesToSave
 from vislora.data.transforms import InputSpec
-from vislora.errors import AdapterError, AdapterFileError
+from vislora.errors import AdapterError, AdapterFileError, ServeError
 from vislora.formats import CheckedAdapter
 from vislora.model import AdaptedModel
 from vislora.serve.config import BaseSection
 from vislora.serve.engine import Engine
-from vislora.serve.errors import ServeError
 from vislora.serve.sources import AdapterSource, frozen_folders
 from vislora.tasks.clip import DEFAULT_TEMPLATES, text_classifier
 

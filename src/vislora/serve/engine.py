@@ -24,12 +24,11 @@ import torch
 from PIL import Image
 
 from vislora.data.transforms import InputSpec, build_transform
-from vislora.errors import ConfigError
+from vislora.errors import BadImage, Busy, ConfigError, Conflict, ServeError, UnknownAdapter
 from vislora.model import AdaptedModel
 from vislora.serve.batcher import Job, MicroBatcher
 from vislora.serve.calls import BlockingCalls, ImageInput
 from vislora.serve.config import BaseSection, BatchingSection, LimitsSection, RolloutConfig, ServeConfig
-from vislora.serve.errors import BadImage, Busy, Conflict, ServeError, UnknownAdapter
 from vislora.serve.images import decode_image
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
 from vislora.serve.openmp import release_team

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vislora.errors import ServeError
+
 
 @dataclass(frozen=True)
 class LoadedAdapter:
@@ -60,7 +62,10 @@ class Embedding:
 def top_k(output: Output, k: int) -> tuple[Label, ...]:
     """The k most probable classes of one output, best first."""
     if output.classes is None or output.logits is None:
-        raise ValueError("this output has no class names")
+        who = "the base model" if output.adapter is None else f"adapter {output.adapter!r}"
+        raise ServeError(f"{who} computed no class scores for this input (a text, an adapter trained without class "
+                         "labels, or a base head that names no classes); predict images with an adapter that has "
+                         "classes, or embed instead")
     probs = torch.softmax(output.logits.double(), dim=-1)  # (classes,)
     scores, indices = probs.topk(min(k, probs.shape[0]))
     return tuple(Label(output.classes[i], i, float(s)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True))

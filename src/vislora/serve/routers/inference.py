@@ -11,9 +11,9 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from vislora.errors import ServeError, Timeout, UnsupportedMedia
 from vislora.serve.dependencies import EngineDep, require_client
 from vislora.serve.engine import Engine
-from vislora.serve.errors import ServeError, Timeout, UnsupportedMedia
 from vislora.serve.images import decode_base64
 from vislora.serve.records import Output, top_k
 from vislora.serve.schemas import EmbedJSON, EmbedResponse, ErrorOut, LabelOut, PredictJSON, PredictResponse
