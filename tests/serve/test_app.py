@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from serving import build_served, make_engine, serve_config
 
 from vislora.errors import AdapterFileError, ConfigError, ServeError
-from vislora.serve import Engine, create_app
+from vislora.serve import build_engine, create_app
 from vislora.serve.sources import base_from_task
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
@@ -328,7 +328,7 @@ def test_a_registry_adapter_registered_against_other_base_weights_is_refused(ser
     Registry(tmp_path / "registry").add("cats", served["dirs"]["a3"], metrics={}, promote=True)
     fields = {"registry": str(tmp_path / "registry"), "base": base_from_task(served["task"]).model_dump()}
     torch.manual_seed(1)  # another draw of the random base: other weights, same architecture
-    with Engine.from_config(serve_config(served, names=(), **fields)) as engine:
+    with build_engine(serve_config(served, names=(), **fields)) as engine:
         with pytest.raises(AdapterFileError, match="registered against other base weights"):
             engine.load("cats", "registry:cats")
         engine.load("plain", served["dirs"]["a3"])  # a plain folder carries no fingerprint to compare

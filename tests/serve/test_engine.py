@@ -10,7 +10,7 @@ import torch
 from serving import assert_matches, build_served, make_engine, serve_config
 
 from vislora.errors import AdapterFileError, Busy, Conflict, ServeError, UnknownAdapter
-from vislora.serve import Engine
+from vislora.serve import build_engine
 
 
 @pytest.fixture
@@ -134,6 +134,6 @@ def test_full_queue_answers_busy(served):
 
 def test_a_random_init_base_is_rebuilt_from_its_runs_seed_whatever_the_global_seed(served):
     torch.manual_seed(123)  # not the run's seed: the engine must not depend on the caller's random state
-    with Engine.from_config(serve_config(served, ("a0",))) as engine:
+    with build_engine(serve_config(served, ("a0",))) as engine:
         output = engine.submit(engine.preprocess(served["images"][3]), "a0").result()
     assert_matches(output.logits, output.features, served["refs"]["a0"], 3)

@@ -50,11 +50,11 @@ def serve(
     """
     import uvicorn
 
-    from vislora.serve import Engine, create_app
+    from vislora.serve import build_engine, create_app
 
     cfg = build_config(config, adapter or [], base, num_classes, image_size, random_init, host, port, set_ or [],
                        registry, text=text, dual_encoder=dual_encoder)
-    engine = Engine.from_config(cfg)
+    engine = build_engine(cfg)
     console.print(f"serving {len(engine.adapters())} adapters over {engine.base.spec} "
                   f"({engine.input_spec.size} px): {', '.join(a.name for a in engine.adapters()) or 'none yet'}")
     console.print(f"dashboard http://{cfg.host}:{cfg.port}/dashboard  ·  API http://{cfg.host}:{cfg.port}/docs")

@@ -6,7 +6,7 @@ its templates (from the task.json `vislora train` wrote), embedded through the a
 averaged per class, scaled by the adapter's logit scale, as `vislora clip eval` scores it. A run trained over
 frozen adapters (task.json `frozen`) is served as their exact sum, one adapter to route.
 
-    with Engine.from_config(ServeConfig.parse({"adapters": {"pets": "runs/pets-clip/adapter"}})) as engine:
+    with build_engine(ServeConfig.parse({"adapters": {"pets": "runs/pets-clip/adapter"}})) as engine:
         engine.embed_text("a photo of a cat", adapter="pets").vector   # (dim,), L2-normalised
         engine.predict("cat.png", adapter="pets").labels[0]
 """

@@ -5,7 +5,9 @@ adapters costs one pass. A route is state on the model's layers, so one worker t
 adapter loads/unloads take the same lock: no request sees a half-loaded adapter. An adapter being unloaded
 takes no new requests and is removed once its in-flight requests have their answers.
 
-    with Engine.from_config(ServeConfig.parse({"adapters": {"cats": "runs/cats/adapter"}})) as engine:
+`vislora.serve.factory.build_engine` builds the engine a ServeConfig describes:
+
+    with build_engine(ServeConfig.parse({"adapters": {"cats": "runs/cats/adapter"}})) as engine:
         engine.predict("cat.png", adapter="cats").labels[0]
 """
 
@@ -26,21 +28,15 @@ from PIL import Image
 from vislora.data.transforms import InputSpec, build_transform
 from vislora.errors import BadImage, Busy, ConfigError, Conflict, ServeError, UnknownAdapter
 from vislora.model import AdaptedModel
+from vislora.registry import fingerprint
 from vislora.serve.batcher import Job, MicroBatcher
 from vislora.serve.calls import BlockingCalls, ImageInput
-from vislora.serve.config import BaseSection, BatchingSection, LimitsSection, RolloutConfig, ServeConfig
+from vislora.serve.config import BaseSection, BatchingSection, LimitsSection, RolloutConfig
 from vislora.serve.images import decode_image
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
 from vislora.serve.openmp import release_team
 from vislora.serve.records import LoadedAdapter, Output
-from vislora.serve.sources import (
-    AdapterSource,
-    base_from_task,
-    build_base,
-    check_base_weights,
-    check_fits,
-    open_source,
-)
+from vislora.serve.sources import AdapterSource, check_base_weights, check_fits, open_source
 from vislora.serve.traffic import Assignment, TrafficPolicy, record_shadow
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
@@ -55,7 +51,7 @@ def check_name(name: str, what: str = "adapter") -> str:
 
 class Engine(BlockingCalls):
     """Serves predictions and embeddings of a base model with any number of adapters; thread-safe. This class
-    serves image classifiers; `DualEngine` (built by `from_config` for a dual-encoder base) adds texts."""
+    serves image classifiers; `DualEngine` adds texts for a dual-encoder base (`build_engine` picks the class)."""
 
     modalities: tuple[str, ...] = ("image",)
 
@@ -78,10 +74,8 @@ class Engine(BlockingCalls):
         self._inflight: Counter[str] = Counter()  # adapter -> requests admitted, not yet answered
         self._pending: set[str] = set()  # adapters being loaded or unloaded: no request may use them
         self._model_lock = threading.Lock()  # one forward, or one change of the model, at a time
-        self._base_print = None  # fingerprint of the base weights, to check registry adapters against
+        self._base_print: str | None = None  # fingerprint of the base weights, to check registry adapters against
         if registry is not None and not model.adapters:
-            from vislora.registry import fingerprint
-
             self._base_print = fingerprint(model.base_model, exclude=(head_path,) if head_path else ())
         if self.batching.threads:
             torch.set_num_threads(self.batching.threads)
@@ -98,33 +92,6 @@ class Engine(BlockingCalls):
         self._prepare()
         release_team()  # this thread's OpenMP team would slow the batch worker's (see vislora.serve.openmp)
         self._batcher.start()
-
-    @classmethod
-    def from_config(cls, config: ServeConfig) -> Engine:
-        """Build the base (from config.base, or the first adapter's task.json), load the adapters, set routes."""
-        sources = {check_name(name): open_source(ref, config.registry) for name, ref in config.adapters.items()}
-        trained = next((s for s in sources.values() if s.task), None) if config.base is None else None
-        if config.base is None and trained is None:
-            raise ConfigError(f"none of the adapters {sorted(sources)} has a task.json naming its base model; give "
-                              "base.spec and base.num_classes in the config (or --base/--num-classes)")
-        base = config.base or base_from_task(trained.task)
-        model, head, spec = build_base(base, trained)
-        engine_class = cls
-        if base.kind == "dual_encoder" and "text" not in cls.modalities:
-            from vislora.serve.dual import DualEngine
-
-            engine_class = DualEngine  # a dual-encoder base needs the engine that embeds texts
-        engine = engine_class(AdaptedModel(model), head, spec, base, batching=config.batching, limits=config.limits,
-                     seed=config.seed, registry=config.registry)
-        try:
-            for name, source in sources.items():
-                engine.load(name, source)
-            for name, rollout in config.routes.items():
-                engine.set_route(name, rollout)
-        except BaseException:
-            engine.close()
-            raise
-        return engine
 
     # ------------------------------------------------------------ adapters and routes
     def adapters(self) -> list[LoadedAdapter]:
