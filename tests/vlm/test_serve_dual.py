@@ -1,5 +1,5 @@
 """Serving dual encoders: text and image embeddings and prompt-classifier predictions, each sample routed to its own
-adapter, equal to the adapter loaded offline (`load_trained_dual`); the HTTP text route; what is refused."""
+adapter, equal to the adapter loaded offline (`load_trained_dual`); the HTTP text endpoint; what is refused."""
 
 import io
 import json
@@ -130,12 +130,12 @@ def test_bad_texts_are_refused_with_the_fix(engine):
         engine.embed_texts([3], ["a"])
 
 
-def test_a_shadowed_route_records_drift_for_texts_and_agreement_for_images(runs):
+def test_a_shadowed_rollout_records_drift_for_texts_and_agreement_for_images(runs):
     config = ServeConfig.parse({"adapters": {"a": str(runs["a"]), "b": str(runs["b"])},
-                                "routes": {"live": {"weights": {"a": 1}, "shadow": "b"}}})
+                                "rollouts": {"live": {"weights": {"a": 1}, "shadow": "b"}}})
     with build_engine(config) as engine:
         out = engine.embed_text(TEXTS[0], "live")
-        assert (out.adapter, out.route) == ("a", "live")
+        assert (out.adapter, out.rollout) == ("a", "live")
         assert torch.allclose(out.vector, engine.embed_text(TEXTS[0], "a").vector, atol=1e-6)
         drift = 1 - float(out.vector @ engine.embed_text(TEXTS[0], "b").vector)
         shadow = engine.metrics.snapshot()["shadow"]["live"]

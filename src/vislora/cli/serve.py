@@ -39,7 +39,7 @@ def serve(
 ) -> None:
     """Serve predictions and embeddings of many adapters over one base model, micro-batched across adapters.
 
-    Admin routes (load/unload adapters, change routes) need VISLORA_ADMIN_TOKEN in the environment; the live
+    Admin endpoints (load/unload adapters, change rollouts) need VISLORA_ADMIN_TOKEN in the environment; the live
     dashboard is at /dashboard, Prometheus metrics at /metrics, the OpenAPI schema at /openapi.json.
 
     Example: VISLORA_ADMIN_TOKEN=secret vislora serve -a cats=runs/cats/adapter -a dogs=runs/dogs/best --port 8080
@@ -59,7 +59,7 @@ def serve(
                   f"({engine.input_spec.size} px): {', '.join(a.name for a in engine.adapters()) or 'none yet'}")
     console.print(f"dashboard http://{cfg.host}:{cfg.port}/dashboard  ·  API http://{cfg.host}:{cfg.port}/docs")
     if cfg.auth.admin() is None:
-        console.print(f"[yellow]admin routes are off[/]: set {cfg.auth.admin_token_env} to load/unload adapters "
+        console.print(f"[yellow]admin endpoints are off[/]: set {cfg.auth.admin_token_env} to load/unload adapters "
                       "over HTTP")
     uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="info")
 

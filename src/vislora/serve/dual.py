@@ -72,8 +72,9 @@ class DualEngine(Engine):
         return torch.stack([tokens["input_ids"][0], tokens["attention_mask"][0]])  # (2, tokens)
 
     def check_predicts(self, adapter: str | None) -> None:
-        """Refuse predict for an adapter (or each adapter of a route) that has no classes to predict."""
-        names = sorted(self.traffic.routes[adapter].weights) if adapter in self.traffic.routes else [adapter]
+        """Refuse predict for an adapter (or each adapter of a rollout) that has no classes to predict."""
+        rollouts = self.traffic.rollouts
+        names = sorted(rollouts[adapter].weights) if adapter in rollouts else [adapter]
         for name in names:
             if name in self._heads:
                 continue

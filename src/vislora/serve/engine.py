@@ -3,7 +3,8 @@
 Every forward routes each sample to its own adapter (`AdaptedModel(x, adapters=[...])`), so a batch mixing 128
 adapters costs one pass. A route is state on the model's layers, so one worker thread runs every forward and
 adapter loads/unloads take the same lock: no request sees a half-loaded adapter. An adapter being unloaded
-takes no new requests and is removed once its in-flight requests have their answers.
+takes no new requests and is removed once its in-flight requests have their answers. A rollout (a name that
+splits requests between adapters by weight, with a shadow) is resolved before a request is queued.
 
 `vislora.serve.factory.build_engine` builds the engine a ServeConfig describes:
 
@@ -57,7 +58,7 @@ class Engine(BlockingCalls):
 
     def __init__(self, model: AdaptedModel, head_path: str | None, input_spec: InputSpec, base: BaseSection, *,
                  batching: BatchingSection | None = None, limits: LimitsSection | None = None,
-                 routes: dict[str, RolloutConfig] | None = None, seed: int = 0,
+                 rollouts: dict[str, RolloutConfig] | None = None, seed: int = 0,
                  metrics: ServeMetrics | None = None, registry: str | Path | None = None) -> None:
         self.model = model.eval()
         self.head_path = head_path
@@ -87,13 +88,13 @@ class Engine(BlockingCalls):
         for name in model.adapters:  # adapters already on the model are served as they are
             self._register(name, LoadedAdapter(name, "(in memory)", "", "", self._classes(None), self._bytes(name),
                                                time.time()))
-        for name, rollout in (routes or {}).items():
-            self.set_route(name, rollout)
+        for name, rollout in (rollouts or {}).items():
+            self.set_rollout(name, rollout)
         self._prepare()
         release_team()  # this thread's OpenMP team would slow the batch worker's (see vislora.serve.openmp)
         self._batcher.start()
 
-    # ------------------------------------------------------------ adapters and routes
+    # ------------------------------------------------------------ adapters and rollouts
     def adapters(self) -> list[LoadedAdapter]:
         with self._state:
             return [a for n, a in self._adapters.items() if n not in self._pending]
@@ -136,9 +137,9 @@ class Engine(BlockingCalls):
                 raise Conflict(f"adapter {name!r} is being loaded or unloaded already; retry when that is done")
             if name not in self._adapters:
                 raise UnknownAdapter(f"no adapter {name!r} is loaded (loaded: {self._loaded_names()})")
-            routes = self.traffic.using(name)
-            if routes:
-                raise Conflict(f"routes {routes} send traffic to adapter {name!r}; change or delete them first")
+            rollouts = self.traffic.using(name)
+            if rollouts:
+                raise Conflict(f"rollouts {rollouts} send traffic to adapter {name!r}; change or delete them first")
             self._pending.add(name)
             if not self._state.wait_for(lambda: self._inflight[name] == 0, timeout):
                 self._pending.discard(name)
@@ -155,21 +156,21 @@ class Engine(BlockingCalls):
                 sizes = {n: a.bytes for n, a in self._adapters.items()}
             self.metrics.loaded(sizes, gone=name)
 
-    def set_route(self, name: str, rollout: RolloutConfig) -> None:
-        """Add or replace a traffic route; every adapter it names must be loaded."""
-        check_name(name, "route")
+    def set_rollout(self, name: str, rollout: RolloutConfig) -> None:
+        """Add or replace a rollout (weighted split, optional shadow); every adapter it names must be loaded."""
+        check_name(name, "rollout")
         with self._state:
             if name in self._adapters or name in self._pending:
-                raise Conflict(f"{name!r} is an adapter's name; a route needs a name of its own")
+                raise Conflict(f"{name!r} is an adapter's name; a rollout needs a name of its own")
             missing = sorted(n for n in rollout.adapters() if n not in self._adapters or n in self._pending)
             if missing:
-                raise UnknownAdapter(f"route {name!r} names adapters that are not loaded: {missing} "
+                raise UnknownAdapter(f"rollout {name!r} names adapters that are not loaded: {missing} "
                                      f"(loaded: {self._loaded_names()})")
             self.traffic.set(name, rollout)
 
-    def delete_route(self, name: str) -> None:
+    def delete_rollout(self, name: str) -> None:
         if self.traffic.remove(name) is None:
-            raise UnknownAdapter(f"no route {name!r} (routes: {sorted(self.traffic.routes)})")
+            raise UnknownAdapter(f"no rollout {name!r} (rollouts: {sorted(self.traffic.rollouts)})")
 
     # ------------------------------------------------------------ requests
     def preprocess(self, image: ImageInput) -> torch.Tensor:
@@ -185,7 +186,7 @@ class Engine(BlockingCalls):
         return pixels
 
     def submit(self, pixels: torch.Tensor, adapter: str | None = None) -> Future[Output]:
-        """Queue one preprocessed sample for `adapter` (an adapter, a route, or None = the base model)."""
+        """Queue one preprocessed sample for `adapter` (an adapter, a rollout, or None = the base model)."""
         expected = (3, self.input_spec.size, self.input_spec.size)
         if tuple(pixels.shape) != expected:
             raise BadImage(f"pixels have shape {tuple(pixels.shape)}, expected {expected}; use engine.preprocess()")
@@ -196,7 +197,7 @@ class Engine(BlockingCalls):
         raise self._no_texts()
 
     def submit_text(self, tokens: torch.Tensor, adapter: str | None = None) -> Future[Output]:
-        """Queue one text, tokenized by `preprocess_text`, for `adapter` (an adapter, a route, or None)."""
+        """Queue one text, tokenized by `preprocess_text`, for `adapter` (an adapter, a rollout, or None)."""
         if "text" not in self.modalities:
             raise self._no_texts()
         if tokens.dim() != 2 or tokens.shape[0] != 2:
@@ -210,7 +211,7 @@ class Engine(BlockingCalls):
 
     def _enqueue(self, inputs: torch.Tensor, adapter: str | None, modality: str) -> Future[Output]:
         assignment = self._admit(adapter)
-        job = Job(inputs, assignment.adapter, assignment.shadow, assignment.route, modality)
+        job = Job(inputs, assignment.adapter, assignment.shadow, assignment.rollout, modality)
         job.future.add_done_callback(lambda _: self._release(assignment))
         try:
             return self._batcher.submit(job)
@@ -246,7 +247,7 @@ class Engine(BlockingCalls):
 
     # ------------------------------------------------------------ internals
     def _admit(self, name: str | None) -> Assignment:
-        """Resolve a route, check the adapters are servable and count the request in flight for them."""
+        """Resolve a rollout, check the adapters are servable and count the request in flight for them."""
         assignment = self.traffic.assign(name)
         with self._state:
             usable = [n for n in (assignment.adapter, assignment.shadow)
@@ -254,9 +255,9 @@ class Engine(BlockingCalls):
             if assignment.adapter not in usable and assignment.adapter is not None:
                 state = "is being loaded or unloaded" if assignment.adapter in self._pending else "is not loaded"
                 raise UnknownAdapter(f"adapter {assignment.adapter!r} {state} (loaded: {self._loaded_names()}; "
-                                     f"routes: {sorted(self.traffic.routes)})")
+                                     f"rollouts: {sorted(self.traffic.rollouts)})")
             if assignment.shadow is not None and assignment.shadow not in usable:
-                assignment = Assignment(assignment.adapter, assignment.route)
+                assignment = Assignment(assignment.adapter, assignment.rollout)
             self._inflight.update(n for n in (assignment.adapter, assignment.shadow) if n is not None)
         return assignment
 
@@ -282,7 +283,7 @@ class Engine(BlockingCalls):
         for i, job in enumerate(jobs):
             record = records.get(job.adapter)
             classes = (record.classes if record else self.base_classes) if logits[i] is not None else None
-            output = Output(logits[i], features[i], job.adapter, record.digest if record else None, job.route,
+            output = Output(logits[i], features[i], job.adapter, record.digest if record else None, job.rollout,
                             classes, started - job.enqueued)
             m.queue_wait.observe(output.queue_wait_s)
             m.samples.labels(job.adapter or NO_ADAPTER, "primary").inc()
@@ -353,8 +354,8 @@ class Engine(BlockingCalls):
         if name in self._adapters or name in self._pending:
             raise Conflict(f"an adapter named {name!r} is already loaded (or loading); unload it first or pick "
                            "another name")
-        if name in self.traffic.routes:
-            raise Conflict(f"{name!r} is a route's name; an adapter needs a name of its own")
+        if name in self.traffic.rollouts:
+            raise Conflict(f"{name!r} is a rollout's name; an adapter needs a name of its own")
 
     def _loaded_names(self) -> list[str]:
         return sorted(n for n in self._adapters if n not in self._pending)

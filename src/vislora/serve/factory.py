@@ -1,5 +1,5 @@
 """build_engine: the engine a ServeConfig describes. The base model's kind picks the engine class (`ENGINES`); the
-adapters are loaded and the routes set before it is handed back.
+adapters are loaded and the rollouts set before it is handed back.
 
     with build_engine(ServeConfig.parse({"adapters": {"cats": "runs/cats/adapter"}})) as engine:
         engine.predict("cat.png", adapter="cats").labels[0]
@@ -21,7 +21,7 @@ ENGINES: Mapping[str, type[Engine]] = {"classifier": Engine, "dual_encoder": Dua
 
 def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGINES) -> Engine:
     """Build the base (from config.base, or the first adapter's task.json) and the engine class `engines` names for
-    its kind, load the adapters and set the routes; a failure closes the engine before it is raised."""
+    its kind, load the adapters and set the rollouts; a failure closes the engine before it is raised."""
     sources = {check_name(name): open_source(ref, config.registry) for name, ref in config.adapters.items()}
     trained = next((s for s in sources.values() if s.task), None) if config.base is None else None
     if config.base is None and trained is None:
@@ -37,8 +37,8 @@ def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGI
     try:
         for name, source in sources.items():
             engine.load(name, source)
-        for name, rollout in config.routes.items():
-            engine.set_route(name, rollout)
+        for name, rollout in config.rollouts.items():
+            engine.set_rollout(name, rollout)
     except BaseException:
         engine.close()
         raise

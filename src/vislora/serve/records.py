@@ -31,7 +31,7 @@ class Output:
     # encoder's L2-normalised image or text embedding
     adapter: str | None
     digest: str | None
-    route: str | None
+    rollout: str | None  # the rollout the request named, if any
     classes: tuple[str, ...] | None  # None: the base head predicts nothing meaningful
     queue_wait_s: float
 
@@ -47,7 +47,7 @@ class Label:
 class Prediction:
     adapter: str | None
     digest: str | None
-    route: str | None
+    rollout: str | None  # the rollout the request named, if any
     labels: tuple[Label, ...]  # best first
 
 
@@ -55,7 +55,7 @@ class Prediction:
 class Embedding:
     adapter: str | None
     digest: str | None
-    route: str | None
+    rollout: str | None  # the rollout the request named, if any
     vector: torch.Tensor  # (width,)
 
 
