@@ -137,3 +137,21 @@ def test_a_random_init_base_is_rebuilt_from_its_runs_seed_whatever_the_global_se
     with build_engine(serve_config(served, ("a0",))) as engine:
         output = engine.submit(engine.preprocess(served["images"][3]), "a0").result()
     assert_matches(output.logits, output.features, served["refs"]["a0"], 3)
+
+
+def test_a_shadow_run_is_counted_before_the_answer_and_never_changes_it(served, monkeypatch, caplog):
+    canary = {"canary": {"weights": {"a0": 1}, "shadow": "a1"}}
+    with make_engine(served, rollouts=canary) as engine:
+        output = engine.submit(engine.preprocess(served["images"][0]), "canary").result()
+        assert engine.metrics.snapshot()["shadow"]["canary"]["comparisons"] == 1  # no wait: counted already
+
+    def broken(*args):
+        raise RuntimeError("shadow bookkeeping broke")
+
+    monkeypatch.setattr("vislora.serve.engine.record_shadow", broken)
+    with make_engine(served, rollouts=canary) as engine:
+        failed = engine.submit(engine.preprocess(served["images"][0]), "canary").result()
+    for answer in (output, failed):
+        assert (answer.adapter, answer.rollout) == ("a0", "canary")
+        assert_matches(answer.logits, answer.features, served["refs"]["a0"], 0)
+    assert "recording a shadow run of adapter 'a1' (rollout 'canary') failed" in caplog.text

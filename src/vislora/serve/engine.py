@@ -14,6 +14,7 @@ splits requests between adapters by weight, with a shadow) is resolved before a 
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -39,6 +40,8 @@ from vislora.serve.openmp import release_team
 from vislora.serve.records import LoadedAdapter, Output
 from vislora.serve.sources import AdapterSource, check_base_weights, check_fits, open_source
 from vislora.serve.traffic import Assignment, TrafficPolicy, record_shadow
+
+logger = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
 
@@ -280,6 +283,13 @@ class Engine(BlockingCalls):
         m = self.metrics
         m.forward.observe(time.perf_counter() - started)
         m.batch_size.observe(len(names))
+        for k, i in enumerate(shadowed):  # before the answers: whoever has an answer finds its shadow run counted
+            s = len(jobs) + k
+            try:
+                record_shadow(m, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records)
+            except Exception:  # a shadow never changes an answer, not even by failing
+                logger.exception("recording a shadow run of adapter %r (rollout %r) failed", jobs[i].shadow,
+                                 jobs[i].rollout)
         for i, job in enumerate(jobs):
             record = records.get(job.adapter)
             classes = (record.classes if record else self.base_classes) if logits[i] is not None else None
@@ -288,9 +298,6 @@ class Engine(BlockingCalls):
             m.queue_wait.observe(output.queue_wait_s)
             m.samples.labels(job.adapter or NO_ADAPTER, "primary").inc()
             job.future.set_result(output)
-        for k, i in enumerate(shadowed):
-            s = len(jobs) + k
-            record_shadow(self.metrics, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records)
 
     def _forward(self, modality: str, inputs: list[torch.Tensor], names: list[str | None]
                  ) -> tuple[Sequence[torch.Tensor | None], torch.Tensor]:
