@@ -286,7 +286,7 @@ def test_adapters_from_the_registry_by_version(served, tmp_path):
     fields = {"auth": {"admin_token": "admin-secret"}, "registry": str(tmp_path / "registry"),
               "adapters": {"cats": "registry:cats"}, "base": base}
     engine = make_engine(served, **fields)
-    assert engine._base_print == registry.get("cats", 1).base_fingerprint  # the base weights were compared
+    assert engine.base_fingerprint == registry.get("cats", 1).base_fingerprint  # the base weights were compared
     with TestClient(create_app(engine, serve_config(served, **fields))) as client:
         listed = client.get("/v1/adapters").json()
         assert [(a["name"], a["source"]) for a in listed] == [("cats", "registry:cats")]
@@ -320,7 +320,7 @@ def test_requests_not_computed_in_time_get_504_and_waiting_ones_are_dropped(serv
         assert_predict_matches(after.json(), served["refs"]["a1"], 2)
         samples = {a["name"]: a["samples"] for a in client.get("/v1/stats").json()["adapters"]}
     assert samples["a0"] == 1 and samples["a1"] == 1  # the timed-out a1 request was never computed
-    assert engine._inflight["a0"] == 0 and engine._inflight["a1"] == 0
+    assert engine.in_flight("a0") == 0 and engine.in_flight("a1") == 0
 
 
 def test_a_registry_adapter_registered_against_other_base_weights_is_refused(served, tmp_path):

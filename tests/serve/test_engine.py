@@ -124,12 +124,12 @@ def test_full_queue_answers_busy(served):
         pixels = engine.preprocess(served["images"][0])
         with engine._model_lock:
             first = engine.submit(pixels, "a0")
-            wait_until(lambda: engine._batcher.depth == 0)  # the worker holds it, waiting for the model
+            wait_until(lambda: engine.queue_depth == 0)  # the worker holds it, waiting for the model
             second = engine.submit(pixels, "a0")
             with pytest.raises(Busy, match="max_queue"):
                 engine.submit(pixels, "a0")
         assert first.result() and second.result()
-        assert engine._inflight["a0"] == 0  # the refused request was not left counted in flight
+        assert engine.in_flight("a0") == 0  # the refused request was not left counted in flight
 
 
 def test_a_random_init_base_is_rebuilt_from_its_runs_seed_whatever_the_global_seed(served):

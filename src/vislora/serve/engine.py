@@ -238,6 +238,17 @@ class Engine(BlockingCalls):
         """Requests waiting for a batch."""
         return self._batcher.depth
 
+    def in_flight(self, adapter: str) -> int:
+        """Requests admitted for `adapter` (as primary or shadow) and not answered yet."""
+        with self._state:
+            return self._inflight[adapter]
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """The registry's fingerprint of the served base weights, that registry adapters are checked against
+        (None without a registry)."""
+        return self._base_print
+
     def close(self) -> None:
         """Answer the requests already queued, then stop the worker."""
         self._batcher.close()
