@@ -80,11 +80,13 @@ def run_server(args: argparse.Namespace) -> None:
     """Child process: build the engine from CONFIG (seeded base) and serve it until terminated."""
     import uvicorn
 
-    from vislora.serve import Engine, ServeConfig, create_app
+    from vislora.serve import ServeConfig, build_engine, create_app
+    from vislora.serve.factory import ENGINES
 
     config = ServeConfig.load(args.serve)
     torch.manual_seed(SEED)  # every server builds the same random base weights
-    engine = (swap_engine_class() if args.swap else Engine).from_config(config)
+    engines = {**ENGINES, "classifier": swap_engine_class()} if args.swap else ENGINES
+    engine = build_engine(config, engines)
     uvicorn.run(create_app(engine, config), host="127.0.0.1", port=args.port, log_level="warning")
 
 

@@ -137,13 +137,13 @@ def contender(name: str, dirs: list[Path], texts: list[str], names: list[str], a
     if name == "offline":
         offline_rate(dirs[0], texts[: args.max_batch_size], args.max_batch_size)  # warm-up
         return {"rate": offline_rate(dirs[0], texts, args.max_batch_size)[0]}
-    from vislora.serve import Engine, ServeConfig
+    from vislora.serve import ServeConfig, build_engine
 
     n = int(name.split("-")[1])
     batching = {"max_batch_size": args.max_batch_size, "max_wait_ms": args.max_wait_ms, "threads": args.threads}
     config = ServeConfig.parse({"base": BASE, "batching": batching,
                                 "adapters": {f"text-{i}": str(d) for i, d in enumerate(dirs[:n])}})
-    with Engine.from_config(config) as engine:
+    with build_engine(config) as engine:
         drive(engine, texts[: 2 * args.clients], names[: 2 * args.clients], args.clients)  # warm-up
         before = batch_totals(engine)
         rate, times = drive(engine, texts, names, args.clients)
@@ -153,11 +153,11 @@ def contender(name: str, dirs: list[Path], texts: list[str], names: list[str], a
 
 def check(dirs: list[Path], texts: list[str], args: argparse.Namespace) -> float:
     """Max |served - offline| over the embeddings of `texts` under adapter text-0 (in a child process)."""
-    from vislora.serve import Engine, ServeConfig
+    from vislora.serve import ServeConfig, build_engine
 
     _, reference = offline_rate(dirs[0], texts, args.max_batch_size)
     config = ServeConfig.parse({"base": BASE, "adapters": {"text-0": str(dirs[0])}})
-    with Engine.from_config(config) as engine:
+    with build_engine(config) as engine:
         served = torch.stack([e.vector for e in engine.embed_texts(texts, ["text-0"] * len(texts))])
     return float((served - reference).abs().max())
 

@@ -28,5 +28,78 @@ class NonFiniteError(VisloraError, FloatingPointError):
     """Adapter weights would give NaN/Inf (e.g. merging a broken adapter); nothing was changed."""
 
 
+class ServeError(VisloraError):
+    """A request the server refuses; `status` is the HTTP status it answers with, `kind` labels the error
+    counter (vislora_errors_total{kind})."""
+
+    status = 400
+    kind = "bad_request"
+
+
+class BadImage(ServeError, ValueError):
+    """An upload that is not a decodable image within the server's limits."""
+
+    kind = "bad_image"
+
+
+class UnknownAdapter(ServeError, KeyError):
+    """A request names no loaded adapter or rollout."""
+
+    status = 404
+    kind = "unknown_adapter"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class Conflict(ServeError):
+    """A name already taken, or an adapter still used by a rollout or being loaded or unloaded."""
+
+    status = 409
+    kind = "conflict"
+
+
+class Busy(ServeError):
+    """The request queue is full, or the server is shutting down."""
+
+    status = 503
+    kind = "busy"
+
+
+class Unauthorized(ServeError):
+    """A missing or wrong bearer token."""
+
+    status = 401
+    kind = "unauthorized"
+
+
+class Forbidden(ServeError):
+    """Admin endpoints without a configured admin token, or an adapter path outside the adapter root."""
+
+    status = 403
+    kind = "forbidden"
+
+
+class Timeout(ServeError):
+    """A request not computed within limits.request_timeout_s."""
+
+    status = 504
+    kind = "timeout"
+
+
+class TooLarge(ServeError):
+    """A request body above limits.max_upload_bytes."""
+
+    status = 413
+    kind = "too_large"
+
+
+class UnsupportedMedia(ServeError):
+    """A request body that is neither JSON nor a form."""
+
+    status = 415
+    kind = "unsupported_media"
+
+
 class VisloraWarning(UserWarning):
     """Advice about a configuration that works but is likely a mistake."""

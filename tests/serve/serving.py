@@ -26,7 +26,7 @@ from PIL import Image
 import vislora
 from synthetic_images import class_image, image_folder, tiny_train_config
 from vislora.data.transforms import build_transform
-from vislora.serve import Engine, ServeConfig
+from vislora.serve import Engine, ServeConfig, build_engine
 from vislora.train.config import TrainConfig
 from vislora.train.evaluation import load_trained
 from vislora.train.trainer import Trainer
@@ -111,7 +111,7 @@ def serve_config(served, names=("a0", "a1", "a2"), **fields) -> ServeConfig:
 
 def make_engine(served, names=("a0", "a1", "a2"), **fields) -> Engine:
     torch.manual_seed(0)  # the same random base weights as the offline references
-    return Engine.from_config(serve_config(served, names, **fields))
+    return build_engine(serve_config(served, names, **fields))
 
 
 def assert_matches(output_logits, output_features, ref: Reference, image: int, atol: float = 1e-5) -> None:

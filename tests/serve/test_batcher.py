@@ -6,8 +6,8 @@ import time
 import pytest
 import torch
 
+from vislora.errors import Busy
 from vislora.serve.batcher import Job, MicroBatcher
-from vislora.serve.errors import Busy
 
 
 class Recorder:

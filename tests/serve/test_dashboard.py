@@ -94,8 +94,8 @@ def test_dashboard_lists_adapters_and_updates_after_requests(served, browser, tm
             wait_for(browser, lambda d: text(d, "adapter-count") == "4", "the hot-loaded adapter never appeared")
             assert [r[0] for r in table(browser, "adapters")] == ["a0", "a1", "a2", "a3"]
 
-            route = {"weights": {"a0": 1}, "shadow": "a3"}
-            assert http.put("/v1/routes/canary", json=route, headers=ADMIN).status_code == 200
+            rollout = {"weights": {"a0": 1}, "shadow": "a3"}
+            assert http.put("/v1/rollouts/canary", json=rollout, headers=ADMIN).status_code == 200
             for i in range(2):
                 http.post("/v1/predict", files={"image": ("x.png", served["images"][i])}, data={"adapter": "canary"})
             wait_for(browser, lambda d: [r[:2] for r in table(d, "shadow")] == [["canary", "2"]],

@@ -9,9 +9,8 @@ import pytest
 import torch
 from serving import assert_matches, build_served, make_engine, serve_config
 
-from vislora.errors import AdapterFileError
-from vislora.serve import Engine
-from vislora.serve.errors import Busy, Conflict, ServeError, UnknownAdapter
+from vislora.errors import AdapterFileError, Busy, Conflict, ServeError, UnknownAdapter
+from vislora.serve import build_engine
 
 
 @pytest.fixture
@@ -125,16 +124,34 @@ def test_full_queue_answers_busy(served):
         pixels = engine.preprocess(served["images"][0])
         with engine._model_lock:
             first = engine.submit(pixels, "a0")
-            wait_until(lambda: engine._batcher.depth == 0)  # the worker holds it, waiting for the model
+            wait_until(lambda: engine.queue_depth == 0)  # the worker holds it, waiting for the model
             second = engine.submit(pixels, "a0")
             with pytest.raises(Busy, match="max_queue"):
                 engine.submit(pixels, "a0")
         assert first.result() and second.result()
-        assert engine._inflight["a0"] == 0  # the refused request was not left counted in flight
+        assert engine.in_flight("a0") == 0  # the refused request was not left counted in flight
 
 
 def test_a_random_init_base_is_rebuilt_from_its_runs_seed_whatever_the_global_seed(served):
     torch.manual_seed(123)  # not the run's seed: the engine must not depend on the caller's random state
-    with Engine.from_config(serve_config(served, ("a0",))) as engine:
+    with build_engine(serve_config(served, ("a0",))) as engine:
         output = engine.submit(engine.preprocess(served["images"][3]), "a0").result()
     assert_matches(output.logits, output.features, served["refs"]["a0"], 3)
+
+
+def test_a_shadow_run_is_counted_before_the_answer_and_never_changes_it(served, monkeypatch, caplog):
+    canary = {"canary": {"weights": {"a0": 1}, "shadow": "a1"}}
+    with make_engine(served, rollouts=canary) as engine:
+        output = engine.submit(engine.preprocess(served["images"][0]), "canary").result()
+        assert engine.metrics.snapshot()["shadow"]["canary"]["comparisons"] == 1  # no wait: counted already
+
+    def broken(*args):
+        raise RuntimeError("shadow bookkeeping broke")
+
+    monkeypatch.setattr("vislora.serve.engine.record_shadow", broken)
+    with make_engine(served, rollouts=canary) as engine:
+        failed = engine.submit(engine.preprocess(served["images"][0]), "canary").result()
+    for answer in (output, failed):
+        assert (answer.adapter, answer.rollout) == ("a0", "canary")
+        assert_matches(answer.logits, answer.features, served["refs"]["a0"], 0)
+    assert "recording a shadow run of adapter 'a1' (rollout 'canary') failed" in caplog.text

@@ -9,7 +9,7 @@ from PIL import Image
 import vislora
 from conftest import missing_asset
 from vislora import assets
-from vislora.serve import Engine, ServeConfig
+from vislora.serve import ServeConfig, build_engine
 from vislora.tasks.classification import build_classifier
 
 pytestmark = pytest.mark.slow
@@ -49,7 +49,7 @@ def test_mixed_batches_over_dinov2_equal_each_adapters_own_model(dinov2, tmp_pat
     images.append(images[0])
     names = ["a", "b", None, "a", None]
     torch.manual_seed(0)
-    with Engine.from_config(config) as engine:
+    with build_engine(config) as engine:
         assert engine.input_spec.size == SIZE
         pixels = torch.stack([engine.preprocess(image) for image in images])
         outputs = [f.result() for f in [engine.submit(p, n) for p, n in zip(pixels, names, strict=True)]]

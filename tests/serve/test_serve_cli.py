@@ -32,13 +32,13 @@ def test_flags_and_config_file_combine(tmp_path, served):
     (tmp_path / "conf").mkdir()
     config = tmp_path / "conf" / "serve.yaml"  # its relative adapter paths are read from its folder
     config.write_text("adapters:\n  a0: ../run/a0\nbatching:\n  max_batch_size: 8\n"
-                      "routes:\n  r:\n    weights: {a0: 1}\n")
+                      "rollouts:\n  r:\n    weights: {a0: 1}\n")
     (tmp_path / "run").symlink_to(served["dirs"]["a0"].parent)
     cfg = build_config(config, [f"a1={served['dirs']['a1']}"], None, None, None, False, "127.0.0.1", 9000,
                        ["batching.max_wait_ms=7"])
     assert cfg.adapters == {"a0": str(tmp_path / "conf" / "../run/a0"), "a1": str(served["dirs"]["a1"].resolve())}
     assert (cfg.batching.max_batch_size, cfg.batching.max_wait_ms, cfg.port) == (8, 7.0, 9000)
-    assert set(cfg.routes) == {"r"}
+    assert set(cfg.rollouts) == {"r"}
     base = build_config(None, [], "timm:vit_tiny_patch16_224", 10, 64, True, None, None, [])
     assert (base.base.spec, base.base.num_classes, base.base.image_size, base.base.pretrained) == (
         "timm:vit_tiny_patch16_224", 10, 64, False)
@@ -49,6 +49,14 @@ def test_flags_and_config_file_combine(tmp_path, served):
     assert (clip.base.kind, clip.base.text) == ("dual_encoder", None)
     with pytest.raises(ConfigError, match="give --base too"):
         build_config(None, [], None, None, None, False, None, None, [], text="asset:all-minilm-l6-v2")
+
+
+def test_the_old_routes_key_is_refused_naming_its_new_name(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("base: {spec: 'timm:vit_tiny_patch16_224', num_classes: 3}\n"
+                      "routes:\n  r:\n    weights: {a0: 1}\n")
+    with pytest.raises(ConfigError, match=r"`routes` was renamed `rollouts`.*got routes: \{'r': \{'weights'"):
+        build_config(config, [], None, None, None, False, None, None, [])
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -1,4 +1,4 @@
-"""Traffic routes: weighted splits follow the weights, shadow draws follow their fraction, seeds repeat."""
+"""Rollouts: weighted splits follow the weights, shadow draws follow their fraction, seeds repeat."""
 
 import math
 from collections import Counter
@@ -31,7 +31,7 @@ def test_weighted_split_follows_the_weights(weights):
 def test_shadow_runs_on_its_fraction_of_requests_and_never_answers():
     policy = TrafficPolicy({"r": RolloutConfig(weights={"v1": 1}, shadow="v2", shadow_fraction=0.25)}, seed=0)
     draws = [policy.assign("r") for _ in range(N)]
-    assert all(d.adapter == "v1" and d.route == "r" for d in draws)
+    assert all(d.adapter == "v1" and d.rollout == "r" for d in draws)
     shadowed = sum(d.shadow == "v2" for d in draws) / N
     assert abs(shadowed - 0.25) <= tolerance(0.25)
 

@@ -67,12 +67,12 @@ def test_prealigned_zero_shot_then_few_shot_lora_on_both_towers(dual, tmp_path):
 
 
 def test_served_real_pair_embeds_texts_as_the_offline_model_does(dual):  # dual: skips without the assets
-    from vislora.serve import Engine, ServeConfig
+    from vislora.serve import ServeConfig, build_engine
 
     base = {"kind": "dual_encoder", "spec": "asset:dinov2-small", "text": "asset:all-minilm-l6-v2", "embed_dim": 128,
             "image_size": 112}
     captions = ["a photo of a sneaker", "a picture of a running shoe", "a photo of an evening dress"]
-    with Engine.from_config(ServeConfig.parse({"base": base})) as engine:
+    with build_engine(ServeConfig.parse({"base": base})) as engine:
         served = torch.stack([e.vector for e in engine.embed_texts(captions, [None] * 3)])  # one padded batch
     # a fresh build: the module's `dual` was pre-aligned by the test above
     fresh = build_dual_encoder("asset:dinov2-small", "asset:all-minilm-l6-v2", embed_dim=128).eval()

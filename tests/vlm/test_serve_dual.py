@@ -1,5 +1,5 @@
 """Serving dual encoders: text and image embeddings and prompt-classifier predictions, each sample routed to its own
-adapter, equal to the adapter loaded offline (`load_trained_dual`); the HTTP text route; what is refused."""
+adapter, equal to the adapter loaded offline (`load_trained_dual`); the HTTP text endpoint; what is refused."""
 
 import io
 import json
@@ -13,10 +13,9 @@ from fastapi.testclient import TestClient
 import vislora
 from synthetic_images import image_folder
 from vislora.dual_encoder import build_dual_encoder
-from vislora.errors import AdapterFileError
-from vislora.serve import Engine, ServeConfig, create_app
+from vislora.errors import AdapterFileError, ServeError
+from vislora.serve import ServeConfig, build_engine, create_app
 from vislora.serve.dual import DualEngine
-from vislora.serve.errors import ServeError
 from vislora.tasks.clip import text_classifier
 from vislora.tasks.clip_eval import load_trained_dual
 from vislora.train.config import TrainConfig
@@ -71,7 +70,7 @@ def engine(runs):
     config = ServeConfig.parse({"adapters": {"a": str(runs["a"]), "b": str(runs["b"]),
                                              "captions": str(runs["captions"])},
                                 "batching": {"max_batch_size": 8, "max_wait_ms": 20}})
-    with Engine.from_config(config) as engine:
+    with build_engine(config) as engine:
         yield engine
 
 
@@ -132,12 +131,12 @@ def test_bad_texts_are_refused_with_the_fix(engine):
         engine.embed_texts([3], ["a"])
 
 
-def test_a_shadowed_route_records_drift_for_texts_and_agreement_for_images(runs):
+def test_a_shadowed_rollout_records_drift_for_texts_and_agreement_for_images(runs):
     config = ServeConfig.parse({"adapters": {"a": str(runs["a"]), "b": str(runs["b"])},
-                                "routes": {"live": {"weights": {"a": 1}, "shadow": "b"}}})
-    with Engine.from_config(config) as engine:
+                                "rollouts": {"live": {"weights": {"a": 1}, "shadow": "b"}}})
+    with build_engine(config) as engine:
         out = engine.embed_text(TEXTS[0], "live")
-        assert (out.adapter, out.route) == ("a", "live")
+        assert (out.adapter, out.rollout) == ("a", "live")
         assert torch.allclose(out.vector, engine.embed_text(TEXTS[0], "a").vector, atol=1e-6)
         drift = 1 - float(out.vector @ engine.embed_text(TEXTS[0], "b").vector)
         shadow = engine.metrics.snapshot()["shadow"]["live"]
@@ -180,7 +179,7 @@ def test_a_configured_base_predicts_its_zero_shot_classes_and_hot_loads_adapters
     templates = ["a photo of a {}", "a {} picture"]
     base = {"kind": "dual_encoder", "spec": f"hf:{vision}", "text": f"hf:{text}", "embed_dim": 16, "image_size": 32,
             "classes": classes, "templates": templates}
-    with Engine.from_config(ServeConfig.parse({"base": base})) as engine:
+    with build_engine(ServeConfig.parse({"base": base})) as engine:
         offline = build_dual_encoder(f"hf:{vision}", f"hf:{text}", embed_dim=16).eval()
         with torch.no_grad():
             logits = offline.logit_scale() * offline.encode_image(pixels_of(engine, runs)[:1]) @ text_classifier(

@@ -39,7 +39,7 @@ def serve(
 ) -> None:
     """Serve predictions and embeddings of many adapters over one base model, micro-batched across adapters.
 
-    Admin routes (load/unload adapters, change routes) need VISLORA_ADMIN_TOKEN in the environment; the live
+    Admin endpoints (load/unload adapters, change rollouts) need VISLORA_ADMIN_TOKEN in the environment; the live
     dashboard is at /dashboard, Prometheus metrics at /metrics, the OpenAPI schema at /openapi.json.
 
     Example: VISLORA_ADMIN_TOKEN=secret vislora serve -a cats=runs/cats/adapter -a dogs=runs/dogs/best --port 8080
@@ -50,16 +50,16 @@ def serve(
     """
     import uvicorn
 
-    from vislora.serve import Engine, create_app
+    from vislora.serve import build_engine, create_app
 
     cfg = build_config(config, adapter or [], base, num_classes, image_size, random_init, host, port, set_ or [],
                        registry, text=text, dual_encoder=dual_encoder)
-    engine = Engine.from_config(cfg)
+    engine = build_engine(cfg)
     console.print(f"serving {len(engine.adapters())} adapters over {engine.base.spec} "
                   f"({engine.input_spec.size} px): {', '.join(a.name for a in engine.adapters()) or 'none yet'}")
     console.print(f"dashboard http://{cfg.host}:{cfg.port}/dashboard  ·  API http://{cfg.host}:{cfg.port}/docs")
     if cfg.auth.admin() is None:
-        console.print(f"[yellow]admin routes are off[/]: set {cfg.auth.admin_token_env} to load/unload adapters "
+        console.print(f"[yellow]admin endpoints are off[/]: set {cfg.auth.admin_token_env} to load/unload adapters "
                       "over HTTP")
     uvicorn.run(create_app(engine, cfg), host=cfg.host, port=cfg.port, log_level="info")
 

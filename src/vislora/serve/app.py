@@ -12,13 +12,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vislora.errors import VisloraError
+from vislora.errors import ServeError, TooLarge, VisloraError
 from vislora.serve.config import ServeConfig
 from vislora.serve.dependencies import Tokens
 from vislora.serve.engine import Engine
-from vislora.serve.errors import ServeError, TooLarge
 from vislora.serve.limits import BodyLimit
-from vislora.serve.routers import adapters, inference, ops, routes
+from vislora.serve.routers import adapters, inference, ops, rollouts
 from vislora.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -39,10 +38,11 @@ def create_app(engine: Engine, config: ServeConfig | None = None, close_engine: 
 
     app = FastAPI(title="vislora serve", version=__version__, lifespan=lifespan,
                   description="One base model, many adapters: per-request adapter choice, mixed-adapter "
-                              "micro-batches, hot load/unload, traffic routes with shadow adapters.")
+                              "micro-batches, hot load/unload, rollouts (weighted traffic splits) with shadow "
+                              "adapters.")
     app.state.engine, app.state.config = engine, config
     app.state.tokens = Tokens(config.auth.admin(), config.auth.client())
-    for module in (inference, adapters, routes, ops):
+    for module in (inference, adapters, rollouts, ops):
         app.include_router(module.router)
     metrics = engine.metrics
     app.add_middleware(BodyLimit, max_bytes=config.limits.max_upload_bytes,

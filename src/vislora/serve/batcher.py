@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from vislora.serve.errors import Busy
+from vislora.errors import Busy
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ class Job:
     inputs: torch.Tensor  # one sample, e.g. (3, H, W) pixels
     adapter: str | None  # None = the base model
     shadow: str | None = None  # also computed, compared, never returned
-    route: str | None = None
+    rollout: str | None = None  # the rollout the request named, if any
     modality: str = "image"
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)

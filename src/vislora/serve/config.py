@@ -1,4 +1,4 @@
-"""ServeConfig: one YAML file describes a server (base model, adapters, batching, limits, auth, traffic)."""
+"""ServeConfig: one YAML file describes a server (base model, adapters, batching, limits, auth, rollouts)."""
 
 from __future__ import annotations
 
@@ -78,7 +78,8 @@ class LimitsSection(_Section):
 
 
 class AuthSection(_Section):
-    """Bearer tokens. Admin routes (load/unload adapters, change routes) are refused while no admin token is set."""
+    """Bearer tokens. Admin endpoints (load/unload adapters, change rollouts) are refused while no admin token is
+    set."""
 
     admin_token: SecretStr | None = Field(None, description="Prefer admin_token_env: config files get copied.")
     admin_token_env: str = Field("VISLORA_ADMIN_TOKEN", description="Environment variable holding the admin token.")
@@ -99,7 +100,7 @@ def _token(value: SecretStr | None, env: str) -> str | None:
 
 
 class RolloutConfig(_Section):
-    """A named route: requests naming it go to one of `weights`' adapters (weighted draw), and a fraction of them
+    """A named rollout: requests naming it go to one of `weights`' adapters (weighted draw), and a fraction of them
     also runs on `shadow`, whose answer is compared with the primary's and never returned."""
 
     weights: dict[str, float] = Field(..., min_length=1, description="Adapter -> relative share of the traffic.")
@@ -131,7 +132,8 @@ class ServeConfig(_Section):
     batching: BatchingSection = Field(default_factory=BatchingSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     auth: AuthSection = Field(default_factory=AuthSection)
-    routes: dict[str, RolloutConfig] = Field(default_factory=dict, description="Traffic routes by name.")
+    rollouts: dict[str, RolloutConfig] = Field(default_factory=dict, description="Rollouts (weighted traffic "
+                                               "splits with an optional shadow) by name.")
     seed: int = Field(0, description="Seed of the traffic split and shadow draws.")
     top_k: int = Field(5, ge=1, description="Labels returned by predict unless the request says otherwise.")
     host: str = "127.0.0.1"
@@ -142,13 +144,18 @@ class ServeConfig(_Section):
         if self.base is None and not self.adapters:
             raise ValueError("give a base model (base.spec, base.num_classes) or at least one adapter trained by "
                              "`vislora train` (its task.json names the base)")
-        clash = sorted(set(self.routes) & set(self.adapters))
+        clash = sorted(set(self.rollouts) & set(self.adapters))
         if clash:
-            raise ValueError(f"route names {clash} are also adapter names; a request names either one")
+            raise ValueError(f"rollout names {clash} are also adapter names; a request names either one")
         return self
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> ServeConfig:
+        """Validate a config mapping; ConfigError naming every problem."""
+        if "routes" in data:
+            raise ConfigError(f"the serve config key `routes` was renamed `rollouts` (weighted traffic splits with "
+                              f"a shadow), got routes: {data['routes']!r}; rename the key to `rollouts`, its "
+                              "entries stay as they are")
         try:
             return cls.model_validate(data)
         except ValidationError as exc:

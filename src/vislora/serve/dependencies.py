@@ -1,4 +1,4 @@
-"""Dependencies shared by the routers: the engine, and bearer-token checks for admin and client routes."""
+"""Dependencies shared by the routers: the engine, and bearer-token checks for admin and client endpoints."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from vislora.errors import Forbidden, Unauthorized
 from vislora.serve.engine import Engine
-from vislora.serve.errors import Forbidden, Unauthorized
 
 bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <token>")
 Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
@@ -30,22 +30,22 @@ def get_engine(request: Request) -> Engine:
 
 def _check(credentials: HTTPAuthorizationCredentials | None, token: str, what: str) -> None:
     if credentials is None:
-        raise Unauthorized(f"this route needs the {what} token: send the header 'Authorization: Bearer <token>'")
+        raise Unauthorized(f"this endpoint needs the {what} token: send the header 'Authorization: Bearer <token>'")
     if not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
         raise Unauthorized(f"the bearer token is not the {what} token")
 
 
 def require_admin(request: Request, credentials: Credentials) -> None:
-    """Admin routes (load/unload adapters, change routes): refused unless an admin token was configured."""
+    """Admin endpoints (load/unload adapters, change rollouts): refused unless an admin token was configured."""
     tokens: Tokens = request.app.state.tokens
     if tokens.admin is None:
-        raise Forbidden("admin routes are disabled: start the server with an admin token (environment variable "
+        raise Forbidden("admin endpoints are disabled: start the server with an admin token (environment variable "
                         "VISLORA_ADMIN_TOKEN, or auth.admin_token in the config)")
     _check(credentials, tokens.admin, "admin")
 
 
 def require_client(request: Request, credentials: Credentials) -> None:
-    """Predict/embed/read routes: open unless a client token was configured (the admin token also passes)."""
+    """Predict/embed/read endpoints: open unless a client token was configured (the admin token also passes)."""
     tokens: Tokens = request.app.state.tokens
     if tokens.client is None:
         return

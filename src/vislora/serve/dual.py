@@ -6,7 +6,7 @@ its templates (from the task.json `vislora train` wrote), embedded through the a
 averaged per class, scaled by the adapter's logit scale, as `vislora clip eval` scores it. A run trained over
 frozen adapters (task.json `frozen`) is served as their exact sum, one adapter to route.
 
-    with Engine.from_config(ServeConfig.parse({"adapters": {"pets": "runs/pets-clip/adapter"}})) as engine:
+    with build_engine(ServeConfig.parse({"adapters": {"pets": "runs/pets-clip/adapter"}})) as engine:
         engine.embed_text("a photo of a cat", adapter="pets").vector   # (dim,), L2-normalised
         engine.predict("cat.png", adapter="pets").labels[0]
 """
@@ -24,12 +24,11 @@ import torch.nn.functional as F
 from vislora.adapters.saved import ModulesToSave
 from vislora.arithmetic import combine
 from vislora.data.transforms import InputSpec
-from vislora.errors import AdapterError, AdapterFileError
+from vislora.errors import AdapterError, AdapterFileError, ServeError
 from vislora.formats import check_adapter
 from vislora.model import AdaptedModel, AdapterWeights
 from vislora.serve.config import BaseSection
 from vislora.serve.engine import Engine
-from vislora.serve.errors import ServeError
 from vislora.serve.sources import AdapterSource, frozen_folders
 from vislora.tasks.clip import DEFAULT_TEMPLATES, text_classifier
 
@@ -74,8 +73,9 @@ class DualEngine(Engine):
         return torch.stack([tokens["input_ids"][0], tokens["attention_mask"][0]])  # (2, tokens)
 
     def check_predicts(self, adapter: str | None) -> None:
-        """Refuse predict for an adapter (or each adapter of a route) that has no classes to predict."""
-        names = sorted(self.traffic.routes[adapter].weights) if adapter in self.traffic.routes else [adapter]
+        """Refuse predict for an adapter (or each adapter of a rollout) that has no classes to predict."""
+        rollouts = self.traffic.rollouts
+        names = sorted(rollouts[adapter].weights) if adapter in rollouts else [adapter]
         for name in names:
             if name in self._heads:
                 continue

@@ -3,14 +3,18 @@
 Every forward routes each sample to its own adapter (`AdaptedModel(x, adapters=[...])`), so a batch mixing 128
 adapters costs one pass. A route is state on the model's layers, so one worker thread runs every forward and
 adapter loads/unloads take the same lock: no request sees a half-loaded adapter. An adapter being unloaded
-takes no new requests and is removed once its in-flight requests have their answers.
+takes no new requests and is removed once its in-flight requests have their answers. A rollout (a name that
+splits requests between adapters by weight, with a shadow) is resolved before a request is queued.
 
-    with Engine.from_config(ServeConfig.parse({"adapters": {"cats": "runs/cats/adapter"}})) as engine:
+`vislora.serve.factory.build_engine` builds the engine a ServeConfig describes:
+
+    with build_engine(ServeConfig.parse({"adapters": {"cats": "runs/cats/adapter"}})) as engine:
         engine.predict("cat.png", adapter="cats").labels[0]
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -24,26 +28,21 @@ import torch
 from PIL import Image
 
 from vislora.data.transforms import InputSpec, build_transform
-from vislora.errors import ConfigError
+from vislora.errors import BadImage, Busy, ConfigError, Conflict, ServeError, UnknownAdapter
 from vislora.formats import check_adapter
 from vislora.model import AdaptedModel
+from vislora.registry import fingerprint
 from vislora.serve.batcher import Job, MicroBatcher
 from vislora.serve.calls import BlockingCalls, ImageInput
-from vislora.serve.config import BaseSection, BatchingSection, LimitsSection, RolloutConfig, ServeConfig
-from vislora.serve.errors import BadImage, Busy, Conflict, ServeError, UnknownAdapter
+from vislora.serve.config import BaseSection, BatchingSection, LimitsSection, RolloutConfig
 from vislora.serve.images import decode_image
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
 from vislora.serve.openmp import release_team
 from vislora.serve.records import LoadedAdapter, Output
-from vislora.serve.sources import (
-    AdapterSource,
-    base_from_task,
-    build_base,
-    check_base_weights,
-    check_fits,
-    open_source,
-)
+from vislora.serve.sources import AdapterSource, check_base_weights, check_fits, open_source
 from vislora.serve.traffic import Assignment, TrafficPolicy, record_shadow
+
+logger = logging.getLogger(__name__)
 
 NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")
 
@@ -57,13 +56,13 @@ def check_name(name: str, what: str = "adapter") -> str:
 
 class Engine(BlockingCalls):
     """Serves predictions and embeddings of a base model with any number of adapters; thread-safe. This class
-    serves image classifiers; `DualEngine` (built by `from_config` for a dual-encoder base) adds texts."""
+    serves image classifiers; `DualEngine` adds texts for a dual-encoder base (`build_engine` picks the class)."""
 
     modalities: tuple[str, ...] = ("image",)
 
     def __init__(self, model: AdaptedModel, head_path: str | None, input_spec: InputSpec, base: BaseSection, *,
                  batching: BatchingSection | None = None, limits: LimitsSection | None = None,
-                 routes: dict[str, RolloutConfig] | None = None, seed: int = 0,
+                 rollouts: dict[str, RolloutConfig] | None = None, seed: int = 0,
                  metrics: ServeMetrics | None = None, registry: str | Path | None = None) -> None:
         self.model = model.eval()
         self.head_path = head_path
@@ -80,10 +79,8 @@ class Engine(BlockingCalls):
         self._inflight: Counter[str] = Counter()  # adapter -> requests admitted, not yet answered
         self._pending: set[str] = set()  # adapters being loaded or unloaded: no request may use them
         self._model_lock = threading.Lock()  # one forward, or one change of the model, at a time
-        self._base_print = None  # fingerprint of the base weights, to check registry adapters against
+        self._base_print: str | None = None  # fingerprint of the base weights, to check registry adapters against
         if registry is not None and not model.adapters:
-            from vislora.registry import fingerprint
-
             self._base_print = fingerprint(model.base_model, exclude=(head_path,) if head_path else ())
         if self.batching.threads:
             torch.set_num_threads(self.batching.threads)
@@ -95,40 +92,13 @@ class Engine(BlockingCalls):
         for name in model.adapters:  # adapters already on the model are served as they are
             self._register(name, LoadedAdapter(name, "(in memory)", "", "", self._classes(None), self._bytes(name),
                                                time.time()))
-        for name, rollout in (routes or {}).items():
-            self.set_route(name, rollout)
+        for name, rollout in (rollouts or {}).items():
+            self.set_rollout(name, rollout)
         self._prepare()
         release_team()  # this thread's OpenMP team would slow the batch worker's (see vislora.serve.openmp)
         self._batcher.start()
 
-    @classmethod
-    def from_config(cls, config: ServeConfig) -> Engine:
-        """Build the base (from config.base, or the first adapter's task.json), load the adapters, set routes."""
-        sources = {check_name(name): open_source(ref, config.registry) for name, ref in config.adapters.items()}
-        trained = next((s for s in sources.values() if s.task), None) if config.base is None else None
-        if config.base is None and trained is None:
-            raise ConfigError(f"none of the adapters {sorted(sources)} has a task.json naming its base model; give "
-                              "base.spec and base.num_classes in the config (or --base/--num-classes)")
-        base = config.base or base_from_task(trained.task)
-        model, head, spec = build_base(base, trained)
-        engine_class = cls
-        if base.kind == "dual_encoder" and "text" not in cls.modalities:
-            from vislora.serve.dual import DualEngine
-
-            engine_class = DualEngine  # a dual-encoder base needs the engine that embeds texts
-        engine = engine_class(AdaptedModel(model), head, spec, base, batching=config.batching, limits=config.limits,
-                     seed=config.seed, registry=config.registry)
-        try:
-            for name, source in sources.items():
-                engine.load(name, source)
-            for name, rollout in config.routes.items():
-                engine.set_route(name, rollout)
-        except BaseException:
-            engine.close()
-            raise
-        return engine
-
-    # ------------------------------------------------------------ adapters and routes
+    # ------------------------------------------------------------ adapters and rollouts
     def adapters(self) -> list[LoadedAdapter]:
         with self._state:
             return [a for n, a in self._adapters.items() if n not in self._pending]
@@ -171,9 +141,9 @@ class Engine(BlockingCalls):
                 raise Conflict(f"adapter {name!r} is being loaded or unloaded already; retry when that is done")
             if name not in self._adapters:
                 raise UnknownAdapter(f"no adapter {name!r} is loaded (loaded: {self._loaded_names()})")
-            routes = self.traffic.using(name)
-            if routes:
-                raise Conflict(f"routes {routes} send traffic to adapter {name!r}; change or delete them first")
+            rollouts = self.traffic.using(name)
+            if rollouts:
+                raise Conflict(f"rollouts {rollouts} send traffic to adapter {name!r}; change or delete them first")
             self._pending.add(name)
             if not self._state.wait_for(lambda: self._inflight[name] == 0, timeout):
                 self._pending.discard(name)
@@ -190,21 +160,21 @@ class Engine(BlockingCalls):
                 sizes = {n: a.bytes for n, a in self._adapters.items()}
             self.metrics.loaded(sizes, gone=name)
 
-    def set_route(self, name: str, rollout: RolloutConfig) -> None:
-        """Add or replace a traffic route; every adapter it names must be loaded."""
-        check_name(name, "route")
+    def set_rollout(self, name: str, rollout: RolloutConfig) -> None:
+        """Add or replace a rollout (weighted split, optional shadow); every adapter it names must be loaded."""
+        check_name(name, "rollout")
         with self._state:
             if name in self._adapters or name in self._pending:
-                raise Conflict(f"{name!r} is an adapter's name; a route needs a name of its own")
+                raise Conflict(f"{name!r} is an adapter's name; a rollout needs a name of its own")
             missing = sorted(n for n in rollout.adapters() if n not in self._adapters or n in self._pending)
             if missing:
-                raise UnknownAdapter(f"route {name!r} names adapters that are not loaded: {missing} "
+                raise UnknownAdapter(f"rollout {name!r} names adapters that are not loaded: {missing} "
                                      f"(loaded: {self._loaded_names()})")
             self.traffic.set(name, rollout)
 
-    def delete_route(self, name: str) -> None:
+    def delete_rollout(self, name: str) -> None:
         if self.traffic.remove(name) is None:
-            raise UnknownAdapter(f"no route {name!r} (routes: {sorted(self.traffic.routes)})")
+            raise UnknownAdapter(f"no rollout {name!r} (rollouts: {sorted(self.traffic.rollouts)})")
 
     # ------------------------------------------------------------ requests
     def preprocess(self, image: ImageInput) -> torch.Tensor:
@@ -220,7 +190,7 @@ class Engine(BlockingCalls):
         return pixels
 
     def submit(self, pixels: torch.Tensor, adapter: str | None = None) -> Future[Output]:
-        """Queue one preprocessed sample for `adapter` (an adapter, a route, or None = the base model)."""
+        """Queue one preprocessed sample for `adapter` (an adapter, a rollout, or None = the base model)."""
         expected = (3, self.input_spec.size, self.input_spec.size)
         if tuple(pixels.shape) != expected:
             raise BadImage(f"pixels have shape {tuple(pixels.shape)}, expected {expected}; use engine.preprocess()")
@@ -231,7 +201,7 @@ class Engine(BlockingCalls):
         raise self._no_texts()
 
     def submit_text(self, tokens: torch.Tensor, adapter: str | None = None) -> Future[Output]:
-        """Queue one text, tokenized by `preprocess_text`, for `adapter` (an adapter, a route, or None)."""
+        """Queue one text, tokenized by `preprocess_text`, for `adapter` (an adapter, a rollout, or None)."""
         if "text" not in self.modalities:
             raise self._no_texts()
         if tokens.dim() != 2 or tokens.shape[0] != 2:
@@ -245,7 +215,7 @@ class Engine(BlockingCalls):
 
     def _enqueue(self, inputs: torch.Tensor, adapter: str | None, modality: str) -> Future[Output]:
         assignment = self._admit(adapter)
-        job = Job(inputs, assignment.adapter, assignment.shadow, assignment.route, modality)
+        job = Job(inputs, assignment.adapter, assignment.shadow, assignment.rollout, modality)
         job.future.add_done_callback(lambda _: self._release(assignment))
         try:
             return self._batcher.submit(job)
@@ -269,6 +239,17 @@ class Engine(BlockingCalls):
         """Requests waiting for a batch."""
         return self._batcher.depth
 
+    def in_flight(self, adapter: str) -> int:
+        """Requests admitted for `adapter` (as primary or shadow) and not answered yet."""
+        with self._state:
+            return self._inflight[adapter]
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """The registry's fingerprint of the served base weights, that registry adapters are checked against
+        (None without a registry)."""
+        return self._base_print
+
     def close(self) -> None:
         """Answer the requests already queued, then stop the worker."""
         self._batcher.close()
@@ -281,7 +262,7 @@ class Engine(BlockingCalls):
 
     # ------------------------------------------------------------ internals
     def _admit(self, name: str | None) -> Assignment:
-        """Resolve a route, check the adapters are servable and count the request in flight for them."""
+        """Resolve a rollout, check the adapters are servable and count the request in flight for them."""
         assignment = self.traffic.assign(name)
         with self._state:
             usable = [n for n in (assignment.adapter, assignment.shadow)
@@ -289,9 +270,9 @@ class Engine(BlockingCalls):
             if assignment.adapter not in usable and assignment.adapter is not None:
                 state = "is being loaded or unloaded" if assignment.adapter in self._pending else "is not loaded"
                 raise UnknownAdapter(f"adapter {assignment.adapter!r} {state} (loaded: {self._loaded_names()}; "
-                                     f"routes: {sorted(self.traffic.routes)})")
+                                     f"rollouts: {sorted(self.traffic.rollouts)})")
             if assignment.shadow is not None and assignment.shadow not in usable:
-                assignment = Assignment(assignment.adapter, assignment.route)
+                assignment = Assignment(assignment.adapter, assignment.rollout)
             self._inflight.update(n for n in (assignment.adapter, assignment.shadow) if n is not None)
         return assignment
 
@@ -314,17 +295,21 @@ class Engine(BlockingCalls):
         m = self.metrics
         m.forward.observe(time.perf_counter() - started)
         m.batch_size.observe(len(names))
+        for k, i in enumerate(shadowed):  # before the answers: whoever has an answer finds its shadow run counted
+            s = len(jobs) + k
+            try:
+                record_shadow(m, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records)
+            except Exception:  # a shadow never changes an answer, not even by failing
+                logger.exception("recording a shadow run of adapter %r (rollout %r) failed", jobs[i].shadow,
+                                 jobs[i].rollout)
         for i, job in enumerate(jobs):
             record = records.get(job.adapter)
             classes = (record.classes if record else self.base_classes) if logits[i] is not None else None
-            output = Output(logits[i], features[i], job.adapter, record.digest if record else None, job.route,
+            output = Output(logits[i], features[i], job.adapter, record.digest if record else None, job.rollout,
                             classes, started - job.enqueued)
             m.queue_wait.observe(output.queue_wait_s)
             m.samples.labels(job.adapter or NO_ADAPTER, "primary").inc()
             job.future.set_result(output)
-        for k, i in enumerate(shadowed):
-            s = len(jobs) + k
-            record_shadow(self.metrics, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records)
 
     def _forward(self, modality: str, inputs: list[torch.Tensor], names: list[str | None]
                  ) -> tuple[Sequence[torch.Tensor | None], torch.Tensor]:
@@ -388,8 +373,8 @@ class Engine(BlockingCalls):
         if name in self._adapters or name in self._pending:
             raise Conflict(f"an adapter named {name!r} is already loaded (or loading); unload it first or pick "
                            "another name")
-        if name in self.traffic.routes:
-            raise Conflict(f"{name!r} is a route's name; an adapter needs a name of its own")
+        if name in self.traffic.rollouts:
+            raise Conflict(f"{name!r} is a rollout's name; an adapter needs a name of its own")
 
     def _loaded_names(self) -> list[str]:
         return sorted(n for n in self._adapters if n not in self._pending)

@@ -9,7 +9,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from vislora.serve.errors import BadImage
+from vislora.errors import BadImage
 
 FORMATS_HINT = "send PNG, JPEG, WebP, BMP or GIF bytes"
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vislora.serve.errors import TooLarge
+from vislora.errors import TooLarge
 
 
 class BodyLimit:

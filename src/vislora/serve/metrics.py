@@ -49,10 +49,10 @@ class ServeMetrics:
         self.model_bytes = Gauge("vislora_model_bytes", "Bytes of the base model's parameters and buffers.",
                                  registry=r)
         self.queue_depth = Gauge("vislora_queue_depth", "Requests waiting for a batch.", registry=r)
-        self.shadow = Counter("vislora_shadow_comparisons", "Shadow runs that predict labels, by route and top-1 "
-                              "agreement with the primary.", ["route", "primary", "shadow", "agree"], registry=r)
-        self.drift = Histogram("vislora_shadow_drift", "1 - cosine(primary embedding, shadow embedding).", ["route"],
-                               buckets=DRIFT, registry=r)
+        self.shadow = Counter("vislora_shadow_comparisons", "Shadow runs that predict labels, by rollout and top-1 "
+                              "agreement with the primary.", ["rollout", "primary", "shadow", "agree"], registry=r)
+        self.drift = Histogram("vislora_shadow_drift", "1 - cosine(primary embedding, shadow embedding).",
+                               ["rollout"], buckets=DRIFT, registry=r)
 
     def bind_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
@@ -122,21 +122,21 @@ def _histogram(got: dict[str, list[Any]], family: str, scale: float = 1.0) -> di
 
 def _shadow(comparisons: list[Any], drift_sums: list[Any], drift_counts: list[Any]
             ) -> dict[str, dict[str, float | None]]:
-    """Per route: shadow runs (`comparisons`), top-1 agreement rate over the runs that predict labels (None when
+    """Per rollout: shadow runs (`comparisons`), top-1 agreement rate over the runs that predict labels (None when
     none did: text embeddings), mean drift (1 - cosine) over all runs."""
-    labelled: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # route -> [comparisons, agreeing]
+    labelled: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])  # rollout -> [comparisons, agreeing]
     for s in comparisons:
-        row = labelled[s.labels["route"]]
+        row = labelled[s.labels["rollout"]]
         row[0] += s.value
         row[1] += s.value if s.labels["agree"] == "true" else 0.0
-    drift = {s.labels["route"]: s.value for s in drift_sums}
+    drift = {s.labels["rollout"]: s.value for s in drift_sums}
     out: dict[str, dict[str, float | None]] = {}
     for runs in drift_counts:  # every shadow run records a drift
-        route = runs.labels["route"]
+        rollout = runs.labels["rollout"]
         if runs.value:
-            compared, agreeing = labelled[route]
-            out[route] = {"comparisons": runs.value, "agreement": agreeing / compared if compared else None,
-                          "drift_mean": drift.get(route, 0.0) / runs.value}
+            compared, agreeing = labelled[rollout]
+            out[rollout] = {"comparisons": runs.value, "agreement": agreeing / compared if compared else None,
+                            "drift_mean": drift.get(rollout, 0.0) / runs.value}
     return out
 
 

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vislora.errors import ServeError
+
 
 @dataclass(frozen=True)
 class LoadedAdapter:
@@ -29,7 +31,7 @@ class Output:
     # encoder's L2-normalised image or text embedding
     adapter: str | None
     digest: str | None
-    route: str | None
+    rollout: str | None  # the rollout the request named, if any
     classes: tuple[str, ...] | None  # None: the base head predicts nothing meaningful
     queue_wait_s: float
 
@@ -45,7 +47,7 @@ class Label:
 class Prediction:
     adapter: str | None
     digest: str | None
-    route: str | None
+    rollout: str | None  # the rollout the request named, if any
     labels: tuple[Label, ...]  # best first
 
 
@@ -53,14 +55,17 @@ class Prediction:
 class Embedding:
     adapter: str | None
     digest: str | None
-    route: str | None
+    rollout: str | None  # the rollout the request named, if any
     vector: torch.Tensor  # (width,)
 
 
 def top_k(output: Output, k: int) -> tuple[Label, ...]:
     """The k most probable classes of one output, best first."""
     if output.classes is None or output.logits is None:
-        raise ValueError("this output has no class names")
+        who = "the base model" if output.adapter is None else f"adapter {output.adapter!r}"
+        raise ServeError(f"{who} computed no class scores for this input (a text, an adapter trained without class "
+                         "labels, or a base head that names no classes); predict images with an adapter that has "
+                         "classes, or embed instead")
     probs = torch.softmax(output.logits.double(), dim=-1)  # (classes,)
     scores, indices = probs.topk(min(k, probs.shape[0]))
     return tuple(Label(output.classes[i], i, float(s)) for s, i in zip(scores.tolist(), indices.tolist(), strict=True))

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from vislora.serve.config import RolloutConfig
 from vislora.serve.records import LoadedAdapter
 
-ADAPTER_FIELD = ("An adapter or route name; omit for the base model. A route draws one of its adapters by "
+ADAPTER_FIELD = ("An adapter or rollout name; omit for the base model. A rollout draws one of its adapters by "
                  "weight; the response names the adapter that answered.")
 
 
@@ -49,7 +49,7 @@ class LabelOut(BaseModel):
 class Served(BaseModel):
     adapter: str | None = Field(..., description="The adapter that computed the answer (None: the base model).")
     digest: str | None = Field(..., description="sha256 (16 hex) of that adapter's weights file.")
-    route: str | None = Field(..., description="The route the request named, if any.")
+    rollout: str | None = Field(..., description="The rollout the request named, if any.")
 
 
 class PredictResponse(Served):
@@ -84,7 +84,7 @@ class LoadAdapter(_Body):
                       "registry:NAME[@VERSION] from the server's registry (VERSION: a number, latest, promoted).")
 
 
-class RouteOut(RolloutConfig):
+class RolloutOut(RolloutConfig):
     name: str
 
 

@@ -111,8 +111,8 @@ def check_dual_servable(task: dict[str, Any]) -> None:
     """Refuse the dual-encoder runs a server cannot rebuild."""
     if task.get("prepared_base"):
         raise AdapterFileError("this adapter was trained on a base model prepared in Python (e.g. pre-aligned "
-                               "projections), which task.json cannot rebuild; serve it from an Engine built on that "
-                               "model in Python (Engine(AdaptedModel(model), ...))")
+                               "projections), which task.json cannot rebuild; serve it from a DualEngine built on that "
+                               "model in Python (DualEngine(AdaptedModel(model), ...))")
 
 
 def frozen_folders(source: AdapterSource) -> list[Path]:

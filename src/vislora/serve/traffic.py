@@ -1,5 +1,5 @@
-"""Traffic routes: a name that splits requests between adapters by weight, with an optional shadow adapter whose
-runs are compared with the primary's (`record_shadow`).
+"""Rollouts: a name that splits requests between adapters by weight, with an optional shadow adapter whose runs
+are compared with the primary's (`record_shadow`).
 
 Draws come from one seeded generator, so a server started with the same seed and fed the same sequence of
 requests splits them the same way.
@@ -26,40 +26,41 @@ class Assignment:
     """Who computes one request: the adapter whose answer is returned, and maybe a shadow."""
 
     adapter: str | None
-    route: str | None = None
+    rollout: str | None = None  # the rollout the request named, if any
     shadow: str | None = None
 
 
 class TrafficPolicy:
-    """Named routes (feature-flag style rollouts) resolved with a seeded generator; thread-safe."""
+    """Named rollouts (feature-flag style) resolved with a seeded generator; thread-safe."""
 
-    def __init__(self, routes: dict[str, RolloutConfig] | None = None, seed: int = 0) -> None:
-        self._routes: dict[str, RolloutConfig] = dict(routes or {})
+    def __init__(self, rollouts: dict[str, RolloutConfig] | None = None, seed: int = 0) -> None:
+        self._rollouts: dict[str, RolloutConfig] = dict(rollouts or {})
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
     @property
-    def routes(self) -> dict[str, RolloutConfig]:
+    def rollouts(self) -> dict[str, RolloutConfig]:
+        """A copy of the rollouts by name."""
         with self._lock:
-            return dict(self._routes)
+            return dict(self._rollouts)
 
     def set(self, name: str, rollout: RolloutConfig) -> None:
         with self._lock:
-            self._routes[name] = rollout
+            self._rollouts[name] = rollout
 
     def remove(self, name: str) -> RolloutConfig | None:
         with self._lock:
-            return self._routes.pop(name, None)
+            return self._rollouts.pop(name, None)
 
     def using(self, adapter: str) -> list[str]:
-        """Routes that send traffic (primary or shadow) to `adapter`."""
+        """Rollouts that send traffic (primary or shadow) to `adapter`."""
         with self._lock:
-            return sorted(name for name, r in self._routes.items() if adapter in r.adapters())
+            return sorted(name for name, r in self._rollouts.items() if adapter in r.adapters())
 
     def assign(self, name: str | None) -> Assignment:
-        """The route's weighted draw (and shadow draw) if `name` is a route; else `name` itself."""
+        """The rollout's weighted draw (and shadow draw) if `name` is a rollout; else `name` itself."""
         with self._lock:
-            rollout = self._routes.get(name) if name is not None else None
+            rollout = self._rollouts.get(name) if name is not None else None
             if rollout is None:
                 return Assignment(name)
             names = [n for n, w in rollout.weights.items() if w > 0]
@@ -71,12 +72,12 @@ class TrafficPolicy:
 def record_shadow(metrics: ServeMetrics, job: Job, primary: Computed, shadow: Computed,
                   records: dict[str, LoadedAdapter]) -> None:
     """Record 1 - cosine of a shadow run's features against its primary's, and whether their top-1 labels agree
-    when both predict labels (texts do not). A route's primary and shadow are always adapters."""
+    when both predict labels (texts do not). A rollout's primary and shadow are always adapters."""
     (logits, features), (shadow_logits, shadow_features) = primary, shadow
     drift = 1.0 - float(torch.nn.functional.cosine_similarity(features, shadow_features, dim=0))
     if logits is not None and shadow_logits is not None:
         agree = records[job.adapter].classes[int(logits.argmax())] == records[job.shadow].classes[
             int(shadow_logits.argmax())]
-        metrics.shadow.labels(job.route, job.adapter, job.shadow, str(agree).lower()).inc()
-    metrics.drift.labels(job.route).observe(max(drift, 0.0))
+        metrics.shadow.labels(job.rollout, job.adapter, job.shadow, str(agree).lower()).inc()
+    metrics.drift.labels(job.rollout).observe(max(drift, 0.0))
     metrics.samples.labels(job.shadow, "shadow").inc()

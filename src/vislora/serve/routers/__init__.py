@@ -1,1 +1,1 @@
-"""One router per resource: inference (predict, embed), adapters, routes, operations (health, metrics, dashboard)."""
+"""One router per resource: inference (predict, embed), adapters, rollouts, operations (health, metrics, dashboard)."""

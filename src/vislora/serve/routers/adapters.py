@@ -7,9 +7,9 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
+from vislora.errors import Forbidden
 from vislora.serve.dependencies import EngineDep, require_admin, require_client
 from vislora.serve.engine import check_name
-from vislora.serve.errors import Forbidden
 from vislora.serve.routers.inference import ERRORS
 from vislora.serve.schemas import AdapterOut, LoadAdapter
 from vislora.serve.sources import REGISTRY

@@ -1,5 +1,5 @@
 """POST /v1/predict and /v1/embed: one image (multipart file or base64 JSON), or for embed on a dual encoder one
-text, and an adapter or route name."""
+text, and an adapter or rollout name."""
 
 from __future__ import annotations
 
@@ -11,16 +11,16 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
+from vislora.errors import ServeError, Timeout, UnsupportedMedia
 from vislora.serve.dependencies import EngineDep, require_client
 from vislora.serve.engine import Engine
-from vislora.serve.errors import ServeError, Timeout, UnsupportedMedia
 from vislora.serve.images import decode_base64
 from vislora.serve.records import Output, top_k
 from vislora.serve.schemas import EmbedJSON, EmbedResponse, ErrorOut, LabelOut, PredictJSON, PredictResponse
 
 Body = TypeVar("Body", bound=BaseModel)
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut, "description": text} for code, text in (
-    (400, "Malformed image or request"), (401, "Missing or wrong bearer token"), (404, "Unknown adapter or route"),
+    (400, "Malformed image or request"), (401, "Missing or wrong bearer token"), (404, "Unknown adapter or rollout"),
     (413, "Body above limits.max_upload_bytes"), (415, "Neither JSON nor a form"), (503, "Queue full"),
     (504, "Not computed within limits.request_timeout_s"))}
 
@@ -38,7 +38,7 @@ def body_doc(schema: type[BaseModel]) -> dict[str, Any]:
 
 @router.post("/predict", response_model=PredictResponse, openapi_extra=body_doc(PredictJSON))
 async def predict(request: Request, engine: EngineDep) -> PredictResponse:
-    """Top-k labels and softmax scores of one image under its adapter (or a route's draw)."""
+    """Top-k labels and softmax scores of one image under its adapter (or a rollout's draw)."""
     data, body = await read_body(request, PredictJSON)
     k = body.top_k or request.app.state.config.top_k
     limit = request.app.state.config.limits.max_top_k
@@ -46,13 +46,13 @@ async def predict(request: Request, engine: EngineDep) -> PredictResponse:
         raise ServeError(f"top_k={k} is above the server's limit of {limit} (limits.max_top_k)")
     engine.check_predicts(body.adapter)
     output = await compute(engine, data, body.adapter, request.app.state.config.limits.request_timeout_s)
-    return PredictResponse(adapter=output.adapter, digest=output.digest, route=output.route,
+    return PredictResponse(adapter=output.adapter, digest=output.digest, rollout=output.rollout,
                            labels=[LabelOut(**asdict(label)) for label in top_k(output, k)])
 
 
 @router.post("/embed", response_model=EmbedResponse, openapi_extra=body_doc(EmbedJSON))
 async def embed(request: Request, engine: EngineDep) -> EmbedResponse:
-    """The embedding of an image, or of a text (dual-encoder bases), under its adapter (or a route's draw):
+    """The embedding of an image, or of a text (dual-encoder bases), under its adapter (or a rollout's draw):
     a classifier's pooled backbone features, a dual encoder's L2-normalised joint-space embedding."""
     data, body = await read_body(request, EmbedJSON)
     timeout = request.app.state.config.limits.request_timeout_s
@@ -60,7 +60,7 @@ async def embed(request: Request, engine: EngineDep) -> EmbedResponse:
         output = await compute(engine, body.text, body.adapter, timeout, text=True)
     else:
         output = await compute(engine, data, body.adapter, timeout)
-    return EmbedResponse(adapter=output.adapter, digest=output.digest, route=output.route,
+    return EmbedResponse(adapter=output.adapter, digest=output.digest, rollout=output.rollout,
                          embedding=output.features.tolist(), dim=output.features.shape[0])
 
 
