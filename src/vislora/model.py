@@ -250,9 +250,9 @@ class AdaptedModel(nn.Module):
     def adapter_ranks(self, name: str) -> dict[str, int]:
         """The rank adapter `name` has in each layer now (AdaLoRA: triplets kept; others: as configured)."""
         self.check_known([name])
-        ranks = getattr(self.hooks.get(name), "ranks", None)
+        ranks = self.hooks[name].ranks() if name in self.hooks else None
         if ranks is not None:
-            return ranks()
+            return ranks
         return {t.path: t.rank * max(1, len(t.slices)) for t in self.plans[name].targets}
 
     def grow_rank(self, name: str, rank: int) -> list[Grown]:
@@ -285,7 +285,7 @@ class AdaptedModel(nn.Module):
 
     # ---------------------------------------------------------------- merge
     def merge(self, safe: bool = True) -> None:
-        """Add the active adapters into the base weights: W' = W + sum_i (g_i - 1) W + sum_i g_i delta_W_i.
+        """Add the active adapters into the base weights: W' = W + sum_i delta_W_i (DoRA: g (W + delta_W)).
 
         Afterwards forward costs what the base model costs. Adapters that cannot merge refuse before anything is
         written; with `safe`, every merged weight is also checked for NaN/Inf first.

@@ -76,6 +76,10 @@ class TrainingHooks:
         """Figures to log."""
         return {}
 
+    def ranks(self) -> dict[str, int] | None:
+        """The rank each layer has now, if the method changes it while training (None: as configured)."""
+        return None
+
     def state(self) -> dict[str, torch.Tensor]:
         """What resuming needs besides the adapter's tensors, as named tensors."""
         return {}
