@@ -9,9 +9,10 @@ from safetensors.torch import load_file
 from synthetic_images import corrupt_png, image_folder, tiny_train_config
 from vislora import ConfigError
 from vislora.data import DataError, ImageDataset, open_dataset
+from vislora.errors import TrainingError
 from vislora.train import checkpoint as ckpt
 from vislora.train.config import TrainConfig
-from vislora.train.trainer import EpochBatches, Trainer, TrainingError
+from vislora.train.trainer import EpochBatches, Trainer
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ import torch
 
 from vislora.data.datasets import IMAGE_SUFFIXES, ImageDataset, Record, collate, open_dataset
 from vislora.data.transforms import InputSpec, SampleTransform, build_transform
-from vislora.errors import VisloraError
-from vislora.export.common import INPUT_NAME, ExportError
+from vislora.errors import ExportError, VisloraError
+from vislora.export.common import INPUT_NAME
 
 if TYPE_CHECKING:
     from vislora.train.config import TrainConfig

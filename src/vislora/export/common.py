@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from vislora.data.transforms import InputSpec, model_input_spec
-from vislora.errors import VisloraError
+from vislora.errors import ConfigError, ExportError
 from vislora.io import fsync
 from vislora.model import AdaptedModel
 
@@ -32,9 +32,6 @@ logger = logging.getLogger(__name__)
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
-
-class ExportError(VisloraError, ValueError):
-    """An export cannot be done as asked: missing base model, bad calibration data, output in the way."""
 
 
 @dataclass
@@ -83,7 +80,7 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
     base_model = load_base_model(resolve_model_spec(base), pretrained=True)
     try:
         spec = model_input_spec(base_model)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise ExportError(f"cannot tell the input size of {base!r} ({exc}); export a trained adapter folder "
                           "(its task.json records the size)") from None
     return Exportable(load_adapter(base_model, adapter_dir).eval(), spec, base, adapter_dir)

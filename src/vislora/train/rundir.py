@@ -11,7 +11,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vislora.errors import VisloraError
+from vislora.errors import TrainingError
 from vislora.io import atomic_write_text
 from vislora.train import checkpoint as ckpt
 from vislora.train.config import TrainConfig
@@ -26,9 +26,6 @@ logger = logging.getLogger(__name__)
 RESUME_FREE_KEYS = {"run.resume", "run.progress", "run.output_dir", "data.num_workers", "run.log_every",
                     "run.monitor_gradients"}
 
-
-class TrainingError(VisloraError, RuntimeError):
-    """Training cannot go on (NaN/Inf loss for too long, a run directory that does not match)."""
 
 
 class MetricsLog:

@@ -25,7 +25,7 @@ from torch import nn
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
 from vislora.data.transforms import SampleTransform, build_transform, model_input_spec
-from vislora.errors import ConfigError
+from vislora.errors import ConfigError, TrainingError
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel, inject
 from vislora.parameters import parameter_report
@@ -34,7 +34,7 @@ from vislora.train.batches import EpochBatches
 from vislora.train.callbacks import TrainerCallback
 from vislora.train.config import TrainConfig
 from vislora.train.monitor import GradientMonitor
-from vislora.train.rundir import MetricsLog, RunDirectory, TrainingError
+from vislora.train.rundir import MetricsLog, RunDirectory
 from vislora.train.schedule import build_optimizer, build_scheduler
 from vislora.train.stages import StagePlan, apply_stage
 from vislora.train.tasks import Evaluation, make_task

@@ -19,9 +19,9 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from vislora.config import AdapterConfig
-from vislora.data.datasets import DataError, ImageDataset, collate
+from vislora.data.datasets import ImageDataset, collate
 from vislora.dual_encoder import DualTowerModel, build_dual_encoder
-from vislora.errors import ConfigError
+from vislora.errors import ConfigError, DataError
 from vislora.tasks.clip import (
     CLIP_LORA,
     contrastive_loss,
