@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import real_assets_or_skip
-from vislora.train.config import TrainConfig
+from vislora.run_config import TrainConfig
 from vislora.train.evaluation import evaluate_adapter
 from vislora.train.trainer import Trainer
 

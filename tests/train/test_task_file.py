@@ -6,7 +6,7 @@ import shutil
 import torch
 
 from synthetic_images import image_folder, tiny_train_config
-from vislora.train.config import TrainConfig
+from vislora.run_config import TrainConfig
 from vislora.train.evaluation import load_trained
 from vislora.train.trainer import Trainer
 

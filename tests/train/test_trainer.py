@@ -10,8 +10,8 @@ from synthetic_images import corrupt_png, image_folder, tiny_train_config
 from vislora import ConfigError
 from vislora.data import DataError, ImageDataset, open_dataset
 from vislora.errors import TrainingError
+from vislora.run_config import TrainConfig
 from vislora.train import checkpoint as ckpt
-from vislora.train.config import TrainConfig
 from vislora.train.trainer import EpochBatches, Trainer
 
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from synthetic_images import image_folder, tiny_train_config
-from vislora.train.config import TrainConfig
+from vislora.run_config import TrainConfig
 from vislora.train.trainer import Trainer
 
 ADALORA = {"targets": ["q", "v", "o"], "rank": 6, "alpha": 6, "method": "adalora",

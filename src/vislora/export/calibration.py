@@ -22,7 +22,7 @@ from vislora.errors import ExportError, VisloraError
 from vislora.export.common import INPUT_NAME
 
 if TYPE_CHECKING:
-    from vislora.train.config import TrainConfig
+    from vislora.run_config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ def open_images(source: str | Path, limit: int | None = None, seed: int = 0, wha
 
 def run_config(adapter_dir: Path) -> TrainConfig | None:
     """The config.yaml of the run that wrote `adapter_dir` (RUN/adapter, RUN/best, RUN/checkpoints/step-N)."""
-    from vislora.train.config import TrainConfig
+    from vislora.run_config import TrainConfig
 
     run = next((d for d in (adapter_dir.parent, adapter_dir.parent.parent) if (d / "config.yaml").is_file()), None)
     return TrainConfig.load(run / "config.yaml") if run is not None else None

@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from vislora.errors import TrainingError
 from vislora.io import atomic_write_text
+from vislora.run_config import TrainConfig
 from vislora.train import checkpoint as ckpt
-from vislora.train.config import TrainConfig
 from vislora.train.stages import apply_stage
 
 if TYPE_CHECKING:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from vislora.errors import ConfigError
-from vislora.train.config import OptimSection
+from vislora.run_config import OptimSection
 
 
 def parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -23,34 +23,18 @@ before loading.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from vislora.errors import ConfigError
+from vislora.run_config import StageSection
 from vislora.towers import tower_of
 
 if TYPE_CHECKING:
     from vislora.train.trainer import Trainer
 
 logger = logging.getLogger(__name__)
-
-
-class StageSection(BaseModel):
-    """One stage: how many optimizer steps, which towers train, the learning-rate factor, and the adapter's rank."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    steps: int = Field(..., ge=1, description="Optimizer steps in this stage.")
-    train: list[Literal["vision", "text"]] = Field(
-        default_factory=lambda: ["vision", "text"], min_length=1,
-        description="Towers whose adapters train (a model without towers is all `vision`; default: everything).")
-    lr_scale: float = Field(1.0, gt=0, description="Multiplies both learning rates during this stage.")
-    rank: int | None = Field(
-        None, ge=1, description="Progressive rank growth: the adapter grows to this rank when the stage starts. The "
-        "model's output is unchanged at that moment and the optimizer keeps the state of the old entries; ranks "
-        "never shrink (e.g. 4 -> 16 -> 32 over three stages).")
 
 
 class StagePlan:

@@ -16,8 +16,8 @@ from vislora.config import AdapterConfig
 from vislora.data.datasets import ImageDataset, collate
 from vislora.data.transforms import build_mixup
 from vislora.errors import ConfigError
+from vislora.run_config import TrainConfig
 from vislora.tasks.classification import EvalResult, build_classifier, classification_loss, predict_rows, summarize
-from vislora.train.config import TrainConfig
 
 if TYPE_CHECKING:
     from vislora.train.trainer import Trainer

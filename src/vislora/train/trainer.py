@@ -29,10 +29,10 @@ from vislora.errors import ConfigError, TrainingError
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel, inject
 from vislora.parameters import parameter_report
+from vislora.run_config import TrainConfig
 from vislora.train import checkpoint as ckpt
 from vislora.train.batches import EpochBatches
 from vislora.train.callbacks import TrainerCallback
-from vislora.train.config import TrainConfig
 from vislora.train.monitor import GradientMonitor
 from vislora.train.rundir import MetricsLog, RunDirectory
 from vislora.train.schedule import build_optimizer, build_scheduler
