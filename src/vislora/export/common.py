@@ -1,7 +1,7 @@
 """What every export step shares: the adapted model rebuilt from an adapter folder, and folders built whole.
 
 An export reads an adapter folder written by `vislora train` (its task.json names the model spec, classes and
-input size; `vislora.train.evaluation.load_trained` rebuilds the classifier from it) or a bare adapter plus
+input size; `vislora.runs.load_trained` rebuilds the classifier from it) or a bare adapter plus
 the base model spec it was trained on.
 """
 
@@ -26,6 +26,7 @@ from vislora.data.transforms import InputSpec, model_input_spec
 from vislora.errors import ConfigError, ExportError
 from vislora.io import fsync
 from vislora.model import AdaptedModel
+from vislora.runs import load_trained
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +63,6 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
                           "best/ or checkpoints/step-N/ folder, or a folder written by save_adapter")
     task_file = adapter_dir / "task.json"
     if task_file.is_file():
-        from vislora.train.evaluation import load_trained
-
         trained_on = json.loads(task_file.read_text())["model"]["spec"]
         if base is not None and base != trained_on:
             raise ExportError(f"{adapter_dir} was trained on {trained_on!r} (task.json) but --base is {base!r}; "

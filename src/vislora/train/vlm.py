@@ -22,6 +22,7 @@ from vislora.config import AdapterConfig
 from vislora.data.datasets import ImageDataset, collate
 from vislora.dual_encoder import DualTowerModel, build_dual_encoder
 from vislora.errors import ConfigError, DataError
+from vislora.evaluate.dual import DualEvalResult, embed_rows, score_rows
 from vislora.run_config import TOWER_FIELDS
 from vislora.tasks.clip import (
     CLIP_LORA,
@@ -31,7 +32,6 @@ from vislora.tasks.clip import (
     sigmoid_loss,
     text_classifier,
 )
-from vislora.tasks.clip_eval import DualEvalResult, embed_rows, score_rows
 from vislora.towers import tower_adapter_config
 from vislora.train.tasks import TrainTask
 
