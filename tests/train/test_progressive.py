@@ -10,7 +10,6 @@ from safetensors.torch import load_file
 from synthetic_images import image_folder, tiny_train_config
 from vislora import ConfigError
 from vislora.run_config import TrainConfig
-from vislora.train.stages import apply_stage
 from vislora.train.trainer import Trainer
 
 STAGES = [{"steps": 3, "rank": 2}, {"steps": 3, "rank": 4, "lr_scale": 0.5}, {"steps": 3, "rank": 8, "lr_scale": 0.25}]
@@ -41,7 +40,7 @@ def test_stages_grow_the_rank_keep_the_output_and_the_optimizer_state(tmp_path, 
     model.eval()
     before = model(x)
     trainer.loop.step = 3
-    apply_stage(trainer, 1)
+    trainer.enter_stage(1)
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
     grown = model.layers()["blocks.0.attn.qkv"].lora_A["default"]
     assert grown.shape[0] == 2 * 4 and grown.requires_grad

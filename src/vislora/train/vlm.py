@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +34,7 @@ from vislora.tasks.clip import (
 )
 from vislora.towers import tower_adapter_config
 from vislora.train.tasks import TrainTask
-
-if TYPE_CHECKING:
-    from vislora.train.trainer import Trainer
+from vislora.train.view import TrainerView
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +106,7 @@ class DualTask(TrainTask):
         return [templates[i % len(templates)].format(names[y])
                 for i, y in zip(batch["index"].tolist(), batch["label"].tolist(), strict=True)]
 
-    def evaluate(self, trainer: Trainer) -> DualEvalResult:
+    def evaluate(self, trainer: TrainerView) -> DualEvalResult:
         """Prompt-classifier accuracy (labelled data), contrastive loss, retrieval recall (captioned data) over
         `val_data`, sharded across processes and gathered."""
         accelerator = trainer.accelerator
