@@ -72,3 +72,9 @@ def test_a_progressive_run_ends_at_the_last_rank_and_resumes_exactly(tmp_path, f
 def test_ranks_only_grow(tmp_path, folder):
     with pytest.raises(ConfigError, match="stage 2 asks for rank 1, below the adapter's rank 2"):
         Trainer(config(tmp_path, folder, "c", stages=[{"steps": 2, "rank": 2}, {"steps": 2, "rank": 1}]))
+
+
+def test_a_run_without_stages_has_no_stage_to_enter(tmp_path, folder):
+    trainer = Trainer(TrainConfig.parse(tiny_train_config(tmp_path / "d", folder)))
+    with pytest.raises(ConfigError, match=r"cannot enter stage 1: this run has no stages"):
+        trainer.enter_stage(0)

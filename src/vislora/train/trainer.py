@@ -135,6 +135,9 @@ class Trainer(RunDirectory):
     def enter_stage(self, index: int, carry_state: bool = True) -> None:
         """Make stage `index` the current one (vislora.train.stages.apply_stage): trainable set, rank, a new optimizer
         (AdamW state carried for parameters that stay trainable), the LR schedule at the current step."""
+        if self.stage_plan is None:
+            raise ConfigError(f"cannot enter stage {index + 1}: this run has no stages (its config's `stages:` is "
+                              "empty); add stages to the run config")
         optimizer, self.scheduler = apply_stage(self.stage_plan, index, self.adapted, self.optimizer,
                                                 self.config.optim, self.loop.step, carry_state)
         self.optimizer = self.accelerator.prepare(optimizer)
