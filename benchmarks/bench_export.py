@@ -30,7 +30,7 @@ import torch
 
 from vislora.export.pipeline import export_onnx_dir
 from vislora.export.quantize import session
-from vislora.train.evaluation import load_trained
+from vislora.runs import load_trained
 
 AIMS = {"merged_over_base": 1.02, "int8_speedup_batch1": 2.0, "int8_accuracy_drop_points": 1.0}
 

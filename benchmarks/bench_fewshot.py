@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from vislora.data import fashion_mnist
 from vislora.data.transforms import build_transform, model_input_spec
 from vislora.dual_encoder import build_dual_encoder
+from vislora.run_config import TrainConfig
 from vislora.tasks.clip import sample_shots, text_classifier
 from vislora.tasks.prealign import image_features, prealign_projections
-from vislora.train.config import TrainConfig
 from vislora.train.trainer import Trainer
 
 TEMPLATES = ["a photo of a {}.", "a black and white photo of a {}.", "a low resolution photo of a {}.",

@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from vislora.parameters import parameter_report
-from vislora.train.config import DEMO_DEFAULTS, TrainConfig
+from vislora.run_config import TrainConfig
+from vislora.train.config import DEMO_DEFAULTS
 from vislora.train.demo import Probe, demo_config, linear_probe
 from vislora.train.schedule import parameter_groups
 from vislora.train.trainer import Trainer

@@ -17,6 +17,8 @@ import torch
 import transformers
 from torch import nn
 
+from vislora.tasks.classification import build_classifier
+
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 transformers.logging.set_verbosity_error()
 logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns about missing pretrained weights
@@ -101,6 +103,22 @@ def tiny_open_clip_tower() -> nn.Module:
 
     torch.manual_seed(0)
     return Transformer(width=32, layers=2, heads=2, batch_first=True).eval()
+
+
+def tiny_classifier() -> tuple[nn.Module, str]:
+    """A 3-class vislora classifier (2-block 32-px timm ViT, linear head on pooled features) and its head's path."""
+    torch.manual_seed(0)
+    return build_classifier("timm:vit_tiny_patch16_224", 3, pretrained=False, head="linear", image_size=32,
+                            patch_size=8, embed_dim=32, depth=2, num_heads=2)
+
+
+def tensor_batches(n: int = 2, size: int = 4) -> list[dict]:
+    """`n` collated batches of `size` random 32-px images, labels 0..2, no metadata; every batch after the first
+    reports image 3 as skipped (corrupt)."""
+    gen = torch.Generator().manual_seed(5)
+    return [{"image": torch.randn(size, 3, 32, 32, generator=gen), "label": torch.arange(size) % 3,
+             "index": torch.arange(i * size, (i + 1) * size), "metadata": [{}] * size, "skipped": [3] if i else []}
+            for i in range(n)]
 
 
 def randomize_adapters(model: nn.Module, seed: int = 1) -> None:

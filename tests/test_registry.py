@@ -7,7 +7,8 @@ import torch
 import transformers
 
 import vislora
-from vislora.registry import AdapterVersion, Registry, RegistryError, fingerprint
+from vislora.errors import RegistryError
+from vislora.registry import AdapterVersion, Registry, fingerprint
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=timezone.utc)
 TINY = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,

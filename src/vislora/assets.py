@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vislora.errors import ConfigError, VisloraError
+from vislora.errors import AssetError, ConfigError, DataError
 from vislora.io import atomic_write
 
 logger = logging.getLogger(__name__)
@@ -46,9 +46,6 @@ FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ("t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker",
                          "bag", "ankle boot")
 
-
-class AssetError(VisloraError, FileNotFoundError):
-    """A bundled asset is not installed and cannot be made."""
 
 
 def cache_dir() -> Path:
@@ -199,7 +196,7 @@ def download_fashion_mnist(folder: Path, base_url: str = FASHION_MNIST_URL) -> P
 def read_fashion_mnist(split: str, folder: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(images uint8 [N, 28, 28], labels int64 [N]) of split `train` or `test`."""
     if split not in FASHION_MNIST_FILES:
-        raise VisloraError(f"Fashion-MNIST split {split!r} does not exist; use 'train' or 'test'")
+        raise DataError(f"Fashion-MNIST split {split!r} does not exist; use 'train' or 'test'")
     folder = folder or fashion_mnist_dir()
     image_file, label_file = (folder / name for name in FASHION_MNIST_FILES[split])
     images = _read_idx(image_file, magic=2051)

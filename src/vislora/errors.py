@@ -1,4 +1,9 @@
-"""The one hierarchy of errors and warnings vislora raises on user input."""
+"""The one hierarchy of errors and warnings vislora raises on user input.
+
+Every error is a `VisloraError`; each subclass also derives from the built-in exception a caller would expect of
+that failure (a bad value is a ValueError, a bad file an OSError), so `except ValueError` keeps working. The
+server's HTTP errors (vislora.serve.errors) derive from `VisloraError` too.
+"""
 
 
 class VisloraError(Exception):
@@ -99,6 +104,26 @@ class UnsupportedMedia(ServeError):
 
     status = 415
     kind = "unsupported_media"
+
+
+class AssetError(VisloraError, FileNotFoundError):
+    """A bundled asset is not installed and cannot be made."""
+
+
+class DataError(VisloraError, ValueError):
+    """A dataset cannot be read as asked: missing column, unknown label, corrupt file in strict mode."""
+
+
+class TrainingError(VisloraError, RuntimeError):
+    """Training cannot go on (NaN/Inf loss for too long, a run directory that does not match)."""
+
+
+class ExportError(VisloraError, ValueError):
+    """An export cannot be done as asked: missing base model, bad calibration data, output in the way."""
+
+
+class RegistryError(VisloraError, ValueError):
+    """A registry call cannot be done: unknown name or version, nothing to roll back to, tampered files."""
 
 
 class VisloraWarning(UserWarning):

@@ -1,8 +1,10 @@
-"""Atomic file writes: write to a temp file in the same folder, fsync, rename over the target."""
+"""Files: atomic writes (a temp file in the same folder, fsynced, renamed over the target), and config files read
+as mappings with `key.path=value` overrides applied."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import tempfile
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from vislora.errors import ConfigError
 
 
 def _read_umask() -> int:
@@ -64,8 +68,6 @@ def fsync(path: str | Path) -> None:
 
 def read_mapping(path: str | Path, what: str, hint: str) -> dict[str, Any]:
     """The mapping in a YAML (or .json) file, or a ConfigError naming the file, what is wrong and `hint`."""
-    from vislora.errors import ConfigError
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} does not exist; {hint}")
@@ -77,3 +79,20 @@ def read_mapping(path: str | Path, what: str, hint: str) -> dict[str, Any]:
     if not isinstance(data or {}, dict):
         raise ConfigError(f"{path} must hold a mapping ({hint}), found {type(data).__name__}")
     return data or {}
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """`["optim.max_steps=100", "adapter.targets=[q, v]"]` applied to a nested mapping (copied); values are YAML."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not key=value (example: --set optim.max_steps=200)")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is a value, not a section")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return data

@@ -33,7 +33,7 @@ import torch
 from filelock import FileLock
 from torch import nn
 
-from vislora.errors import VisloraError
+from vislora.errors import RegistryError
 from vislora.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -43,9 +43,6 @@ MIN_AGE_DAYS = 30
 _HASH_CHUNK = 1 << 20
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_\-]{0,63}")  # also a valid adapter name in AdaptedModel
 
-
-class RegistryError(VisloraError, ValueError):
-    """A registry call cannot be done: unknown name or version, nothing to roll back to, tampered files."""
 
 
 @dataclass

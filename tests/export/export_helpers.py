@@ -20,7 +20,7 @@ import torch
 import transformers
 
 from synthetic_images import image_folder, tiny_train_config
-from vislora.train.config import TrainConfig
+from vislora.run_config import TrainConfig
 from vislora.train.trainer import Trainer
 
 TINY_DINOV2 = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,

@@ -4,8 +4,7 @@ from export_helpers import dinov2_run
 from typer.testing import CliRunner
 
 from vislora.cli import app
-from vislora.export import ExportError
-from vislora.registry import RegistryError
+from vislora.errors import ExportError, RegistryError
 
 runner = CliRunner()
 

@@ -10,10 +10,10 @@ import torch
 from export_helpers import data_dirs, dinov2_run, session_root
 
 from synthetic_images import image_folder
+from vislora.evaluate import evaluate_adapter
 from vislora.export import ONNX_ATOL, ExportError, export_onnx_dir, load_exportable
 from vislora.export import pipeline as pipeline_module
 from vislora.export.onnx import check_onnx, export_onnx
-from vislora.train.evaluation import evaluate_adapter
 
 
 @functools.cache

@@ -7,7 +7,7 @@ from export_helpers import run_without_vislora, save_array
 
 from conftest import real_assets_or_skip
 from vislora.export import MERGE_ATOL, export_onnx_dir, load_exportable, merge_adapter
-from vislora.train.config import TrainConfig
+from vislora.run_config import TrainConfig
 from vislora.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow

@@ -26,9 +26,9 @@ from PIL import Image
 import vislora
 from synthetic_images import class_image, image_folder, tiny_train_config
 from vislora.data.transforms import build_transform
+from vislora.run_config import TrainConfig
+from vislora.runs import load_trained
 from vislora.serve import Engine, ServeConfig, build_engine
-from vislora.train.config import TrainConfig
-from vislora.train.evaluation import load_trained
 from vislora.train.trainer import Trainer
 
 N_ADAPTERS = 6

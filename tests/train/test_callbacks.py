@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from synthetic_images import image_folder, tiny_train_config
+from vislora.run_config import TrainConfig
 from vislora.train.callbacks import TrainerCallback
-from vislora.train.config import TrainConfig
 from vislora.train.trainer import Trainer
 
 

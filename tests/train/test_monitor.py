@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from synthetic_images import image_folder, tiny_train_config
-from vislora.train.config import TrainConfig
+from vislora.run_config import TrainConfig
 from vislora.train.monitor import GradientMonitor, layer_gradient_norms
 from vislora.train.trainer import Trainer
 

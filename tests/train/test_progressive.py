@@ -9,8 +9,7 @@ from safetensors.torch import load_file
 
 from synthetic_images import image_folder, tiny_train_config
 from vislora import ConfigError
-from vislora.train.config import TrainConfig
-from vislora.train.stages import apply_stage
+from vislora.run_config import TrainConfig
 from vislora.train.trainer import Trainer
 
 STAGES = [{"steps": 3, "rank": 2}, {"steps": 3, "rank": 4, "lr_scale": 0.5}, {"steps": 3, "rank": 8, "lr_scale": 0.25}]
@@ -41,7 +40,7 @@ def test_stages_grow_the_rank_keep_the_output_and_the_optimizer_state(tmp_path, 
     model.eval()
     before = model(x)
     trainer.loop.step = 3
-    apply_stage(trainer, 1)
+    trainer.enter_stage(1)
     torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-6)
     grown = model.layers()["blocks.0.attn.qkv"].adapters["default"].lora_A
     assert grown.shape[0] == 2 * 4 and grown.requires_grad
@@ -73,3 +72,9 @@ def test_a_progressive_run_ends_at_the_last_rank_and_resumes_exactly(tmp_path, f
 def test_ranks_only_grow(tmp_path, folder):
     with pytest.raises(ConfigError, match="stage 2 asks for rank 1, below the adapter's rank 2"):
         Trainer(config(tmp_path, folder, "c", stages=[{"steps": 2, "rank": 2}, {"steps": 2, "rank": 1}]))
+
+
+def test_a_run_without_stages_has_no_stage_to_enter(tmp_path, folder):
+    trainer = Trainer(TrainConfig.parse(tiny_train_config(tmp_path / "d", folder)))
+    with pytest.raises(ConfigError, match=r"cannot enter stage 1: this run has no stages"):
+        trainer.enter_stage(0)

@@ -3,8 +3,8 @@
 import pytest
 
 from conftest import real_assets_or_skip
-from vislora.train.config import TrainConfig
-from vislora.train.evaluation import evaluate_adapter
+from vislora.evaluate import evaluate_adapter
+from vislora.run_config import TrainConfig
 from vislora.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow

@@ -5,7 +5,8 @@ import yaml
 
 from synthetic_images import tiny_train_config
 from vislora import ConfigError
-from vislora.train.config import TrainConfig, apply_overrides
+from vislora.io import apply_overrides
+from vislora.run_config import TrainConfig
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 

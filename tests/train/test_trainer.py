@@ -11,10 +11,11 @@ from synthetic_images import corrupt_png, image_folder, tiny_train_config
 from vislora import ConfigError
 from vislora.data import DataError, ImageDataset, open_dataset
 from vislora.data.datasets import collate
+from vislora.errors import TrainingError
+from vislora.run_config import TrainConfig
 from vislora.train import checkpoint as ckpt
 from vislora.train.callbacks import TrainerCallback
-from vislora.train.config import TrainConfig
-from vislora.train.trainer import EpochBatches, Trainer, TrainingError
+from vislora.train.trainer import EpochBatches, Trainer
 
 
 @pytest.fixture

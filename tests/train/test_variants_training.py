@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from synthetic_images import image_folder, tiny_train_config
 from vislora import AdapterConfig
-from vislora.train.config import TrainConfig
+from vislora.run_config import TrainConfig
 from vislora.train.tasks import ClassificationTask
 from vislora.train.trainer import Trainer
 

@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 import vislora
 from conftest import randomize_adapters
 from synthetic_images import image_folder
+from vislora.run_config import TrainConfig
 from vislora.towers import tower_adapter_config
-from vislora.train.config import TrainConfig
 from vislora.train.trainer import Trainer
 
 SPANISH = {"class0": "rojo", "class1": "verde", "class2": "azul"}

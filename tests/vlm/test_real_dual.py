@@ -10,9 +10,9 @@ from conftest import real_assets_or_skip
 from vislora.data import fashion_mnist
 from vislora.data.transforms import build_transform, model_input_spec
 from vislora.dual_encoder import build_dual_encoder
+from vislora.run_config import TrainConfig
 from vislora.tasks.clip import text_classifier
 from vislora.tasks.prealign import image_features, prealign_projections
-from vislora.train.config import TrainConfig
 from vislora.train.trainer import Trainer
 
 pytestmark = pytest.mark.slow

@@ -14,11 +14,11 @@ import vislora
 from synthetic_images import image_folder
 from vislora.dual_encoder import build_dual_encoder
 from vislora.errors import AdapterFileError, ServeError
+from vislora.run_config import TrainConfig
+from vislora.runs import load_trained_dual
 from vislora.serve import ServeConfig, build_engine, create_app
 from vislora.serve.dual import DualEngine
 from vislora.tasks.clip import text_classifier
-from vislora.tasks.clip_eval import load_trained_dual
-from vislora.train.config import TrainConfig
 from vislora.train.trainer import Trainer
 
 TEXTS = ["a photo of a red picture", "blue", "a green picture of the long caption that goes on", "una foto de rojo"]

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 from synthetic_images import image_folder
 from vislora.cli import app
 from vislora.data import DataError
-from vislora.tasks.clip_eval import evaluate_dual
-from vislora.train.config import TrainConfig
+from vislora.evaluate import evaluate_dual
+from vislora.run_config import TrainConfig
 from vislora.train.trainer import Trainer
 
 

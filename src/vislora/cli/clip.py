@@ -30,7 +30,7 @@ def clip_eval(
 
     Example: vislora clip eval --adapter runs/fewshot-fashion-mnist/adapter --data fashion-mnist:test --limit 1000
     """
-    from vislora.tasks.clip_eval import evaluate_dual
+    from vislora.evaluate import evaluate_dual
 
     result = evaluate_dual(adapter, data, batch_size=batch_size, limit=limit, templates=template or None)
     table = Table("metric", "value", title=f"{result.n} images" + (f" ({result.skipped} skipped)"

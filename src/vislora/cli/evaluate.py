@@ -11,7 +11,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from vislora.cli.app import app, console
-from vislora.evaluate import Comparison, Delta, points
+from vislora.evaluate import Comparison, Delta, compare_adapter, points
 
 
 @app.command("eval")
@@ -42,7 +42,6 @@ def evaluate(
     from rich.progress import track
 
     from vislora.io import atomic_write_text
-    from vislora.train.evaluation import compare_adapter
 
     comparison = compare_adapter(
         adapter, data, batch_size=batch_size, limit=limit, label_column=label_column, path_column=path_column,

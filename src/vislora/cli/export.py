@@ -150,7 +150,7 @@ app.add_typer(registry_app, name="registry")
 def _metrics(values: list[str] | None) -> dict[str, float] | None:
     if not values:
         return None
-    from vislora.registry import RegistryError
+    from vislora.errors import RegistryError
 
     out = {}
     for item in values:

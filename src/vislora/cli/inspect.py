@@ -38,7 +38,7 @@ def inspect(
     from vislora.diagnostics import diagnose, inspect_adapter
 
     if base == "auto":
-        from vislora.train.evaluation import load_trained
+        from vislora.runs import load_trained
 
         diagnosis = diagnose(load_trained(adapter)[0], threshold=threshold)
         diagnosis.adapter, diagnosis.source = adapter.name, str(adapter)

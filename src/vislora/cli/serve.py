@@ -69,9 +69,9 @@ def build_config(config: Path | None, adapters: list[str], base: str | None, num
                  overrides: list[str], registry: Path | None = None, *, text: str | None = None,
                  dual_encoder: bool = False) -> Any:
     """The ServeConfig from CONFIG (if given) with the command-line flags applied on top."""
+    from vislora.io import apply_overrides
     from vislora.serve.config import ServeConfig, read_config
     from vislora.serve.sources import REGISTRY
-    from vislora.train.config import apply_overrides
 
     data = read_config(config) if config is not None else {}
     for item in adapters:

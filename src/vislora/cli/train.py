@@ -27,7 +27,7 @@ def train(
 
     Example: vislora train examples/fashion_mnist_dinov2.yaml --set optim.max_steps=50
     """
-    from vislora.train.config import TrainConfig
+    from vislora.run_config import TrainConfig
     from vislora.train.trainer import Trainer
 
     cfg = TrainConfig.load(config, set_ or [])

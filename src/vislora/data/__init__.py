@@ -3,7 +3,6 @@
 from vislora.data.check import DataReport, check_dataset
 from vislora.data.datasets import (
     ArrayDataset,
-    DataError,
     ImageDataset,
     Record,
     collate,
@@ -20,6 +19,7 @@ from vislora.data.transforms import (
     build_transform,
     model_input_spec,
 )
+from vislora.errors import DataError
 
 __all__ = [
     "ArrayDataset",

@@ -22,16 +22,13 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vislora.errors import VisloraError
+from vislora.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
-
-class DataError(VisloraError, ValueError):
-    """A dataset cannot be read as asked: missing column, unknown label, corrupt file in strict mode."""
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from vislora.errors import VisloraWarning
+from vislora.errors import ConfigError, VisloraWarning
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +82,9 @@ def model_input_spec(model: nn.Module, size: int | None = None) -> InputSpec:
         std = tuple(getattr(visual, "image_std", None) or IMAGENET_STD)
         return InputSpec(size or native, mean, std)
     if size is None:
-        raise ValueError(f"cannot read the input size of a {type(model).__name__}; set data.image_size")
+        raise ConfigError(f"cannot read the input size of a {type(model).__name__}: it has no timm "
+                          "pretrained_cfg, Hugging Face config.image_size or open_clip visual.image_size; give the "
+                          "size (data.image_size in a train config, base.image_size in a serve config)")
     logger.info("no normalisation found on %s: using ImageNet mean/std", type(model).__name__)
     return InputSpec(size)
 

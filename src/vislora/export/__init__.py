@@ -1,6 +1,7 @@
 """Ship an adapter: merged checkpoints, ONNX, static INT8 with calibration images, a Triton model repository."""
 
-from vislora.export.common import ExportError, load_exportable, staged_dir
+from vislora.errors import ExportError
+from vislora.export.common import load_exportable, staged_dir
 from vislora.export.merge import MERGE_ATOL, MergeResult, merge_adapter
 from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OnnxCheck, check_onnx, export_onnx
 from vislora.export.pipeline import OnnxExport, export_onnx_dir, prepare_int8

@@ -11,18 +11,15 @@ import logging
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from vislora.data.datasets import IMAGE_SUFFIXES, ImageDataset, Record, collate, open_dataset
 from vislora.data.transforms import InputSpec, SampleTransform, build_transform
-from vislora.errors import VisloraError
-from vislora.export.common import INPUT_NAME, ExportError
-
-if TYPE_CHECKING:
-    from vislora.train.config import TrainConfig
+from vislora.errors import ExportError, VisloraError
+from vislora.export.common import INPUT_NAME
+from vislora.runs import run_config
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +43,6 @@ def open_images(source: str | Path, limit: int | None = None, seed: int = 0, wha
         raise ExportError(f"{what} data {str(source)!r} holds no images; give a folder of images, a manifest, or "
                           "fashion-mnist:train")
     return dataset.subset(limit, seed=seed) if limit else dataset
-
-
-def run_config(adapter_dir: Path) -> TrainConfig | None:
-    """The config.yaml of the run that wrote `adapter_dir` (RUN/adapter, RUN/best, RUN/checkpoints/step-N)."""
-    from vislora.train.config import TrainConfig
-
-    run = next((d for d in (adapter_dir.parent, adapter_dir.parent.parent) if (d / "config.yaml").is_file()), None)
-    return TrainConfig.load(run / "config.yaml") if run is not None else None
 
 
 def training_resolutions(adapter_dir: Path) -> Counter | None:

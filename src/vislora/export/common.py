@@ -1,7 +1,7 @@
 """What every export step shares: the adapted model rebuilt from an adapter folder, and folders built whole.
 
 An export reads an adapter folder written by `vislora train` (its task.json names the model spec, classes and
-input size; `vislora.train.evaluation.load_trained` rebuilds the classifier from it) or a bare adapter plus
+input size; `vislora.runs.load_trained` rebuilds the classifier from it) or a bare adapter plus
 the base model spec it was trained on.
 """
 
@@ -23,19 +23,17 @@ import torch
 from torch import nn
 
 from vislora.data.transforms import InputSpec, model_input_spec
-from vislora.errors import VisloraError
+from vislora.errors import ConfigError, ExportError
 from vislora.formats import load_adapter
 from vislora.io import fsync
 from vislora.model import AdaptedModel
+from vislora.runs import load_trained
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
 
-
-class ExportError(VisloraError, ValueError):
-    """An export cannot be done as asked: missing base model, bad calibration data, output in the way."""
 
 
 @dataclass
@@ -66,8 +64,6 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
                           "best/ or checkpoints/step-N/ folder, or a folder written by save_adapter")
     task_file = adapter_dir / "task.json"
     if task_file.is_file():
-        from vislora.train.evaluation import load_trained
-
         trained_on = json.loads(task_file.read_text())["model"]["spec"]
         if base is not None and base != trained_on:
             raise ExportError(f"{adapter_dir} was trained on {trained_on!r} (task.json) but --base is {base!r}; "
@@ -83,7 +79,7 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
     base_model = load_base_model(resolve_model_spec(base), pretrained=True)
     try:
         spec = model_input_spec(base_model)
-    except ValueError as exc:
+    except ConfigError as exc:
         raise ExportError(f"cannot tell the input size of {base!r} ({exc}); export a trained adapter folder "
                           "(its task.json records the size)") from None
     return Exportable(load_adapter(base_model, adapter_dir).eval(), spec, base, adapter_dir)

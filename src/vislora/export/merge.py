@@ -27,9 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from vislora.errors import ExportError
 from vislora.export.common import (
     Exportable,
-    ExportError,
     TensorOutput,
     load_exportable,
     plain_merged,

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from vislora.export.common import INPUT_NAME, OUTPUT_NAME, ExportError
+from vislora.errors import ExportError
+from vislora.export.common import INPUT_NAME, OUTPUT_NAME
 
 logger = logging.getLogger(__name__)
 

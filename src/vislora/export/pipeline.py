@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from vislora.data.datasets import ImageDataset
+from vislora.errors import ExportError
 from vislora.export.calibration import (
     CalibrationReader,
     check_resolutions,
@@ -27,7 +28,6 @@ from vislora.export.common import (
     INPUT_NAME,
     OUTPUT_NAME,
     Exportable,
-    ExportError,
     load_exportable,
     plain_merged,
     staged_dir,

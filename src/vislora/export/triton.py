@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from vislora.export.common import INPUT_NAME, OUTPUT_NAME, ExportError, staged_dir
+from vislora.errors import ExportError
+from vislora.export.common import INPUT_NAME, OUTPUT_NAME, staged_dir
 from vislora.export.onnx import OnnxCheck
 from vislora.export.pipeline import Log, load_and_merge, prepare_int8, write_metadata, write_onnx_pair
 from vislora.export.quantize import QuantizeReport

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vislora.diagnostics import diagnose
 from vislora.errors import VisloraError
-from vislora.evaluate import Comparison
+from vislora.evaluate import Comparison, compare_model
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel
 from vislora.parameters import parameter_report
@@ -25,6 +25,7 @@ from vislora.report import plots
 from vislora.report.card import model_card
 from vislora.report.html import render_html
 from vislora.report.run import DataSummary, RunInfo, load_run, summarize_data, training_data
+from vislora.runs import load_trained
 
 __all__ = ["ReportFiles", "build_report", "load_run", "summarize_data", "write_report"]
 
@@ -45,8 +46,6 @@ def write_report(run_dir: str | Path, data: str | None = None, limit: int | None
                  out: str | Path | None = None, batch_size: int = 64, latency_images: int = 8,
                  progress: Callable[[Iterable, int], Iterable] | None = None) -> ReportFiles:
     """Report on a finished run; `data` (default: the run's data.val, same limit) is the before/after data."""
-    from vislora.train.evaluation import compare_model, load_trained
-
     info = load_run(run_dir, adapter)
     kind = info.task.get("task", "classification")
     if kind != "classification":

@@ -177,7 +177,7 @@ def _limitations(info: RunInfo, comparison: Comparison | None, data: DataSummary
 
 
 def _usage(info: RunInfo) -> str:
-    return ("## How to use\n\n```python\nfrom vislora.train.evaluation import load_trained\n\n"
+    return ("## How to use\n\n```python\nfrom vislora.runs import load_trained\n\n"
             f"model, task = load_trained(\"{info.adapter_dir}\")  # base model rebuilt from task.json, adapter loaded\n"
             "logits = model(images)  # images normalised as task['input'] says\n"
             "model.merge()           # fold the adapter into the weights: base-model speed\n```")

@@ -5,10 +5,24 @@
         print(engine.predict("cat.png", adapter="cats").labels[0])
 """
 
+from vislora.errors import (
+    BadImage,
+    Busy,
+    Conflict,
+    Forbidden,
+    ServeError,
+    Timeout,
+    TooLarge,
+    Unauthorized,
+    UnknownAdapter,
+    UnsupportedMedia,
+)
 from vislora.serve.app import create_app
 from vislora.serve.config import ServeConfig
 from vislora.serve.engine import Engine
 from vislora.serve.factory import build_engine
 from vislora.serve.records import Embedding, Label, LoadedAdapter, Prediction
 
-__all__ = ["Embedding", "Engine", "Label", "LoadedAdapter", "Prediction", "ServeConfig", "build_engine", "create_app"]
+__all__ = ["BadImage", "Busy", "Conflict", "Embedding", "Engine", "Forbidden", "Label", "LoadedAdapter", "Prediction",
+           "ServeConfig", "ServeError", "Timeout", "TooLarge", "Unauthorized", "UnknownAdapter", "UnsupportedMedia",
+           "build_engine", "create_app"]

@@ -9,8 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from vislora.errors import ConfigError
-from vislora.io import read_mapping
-from vislora.train.config import apply_overrides
+from vislora.io import apply_overrides, read_mapping
 
 
 class _Section(BaseModel):

@@ -20,9 +20,9 @@ from torch import nn
 from vislora.data.transforms import InputSpec, model_input_spec
 from vislora.errors import AdapterFileError, ConfigError
 from vislora.formats import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
+from vislora.runs import run_seed
 from vislora.serve.config import BaseSection
 from vislora.tasks.classification import build_classifier
-from vislora.train.evaluation import run_seed
 
 logger = logging.getLogger(__name__)
 

@@ -8,31 +8,29 @@ The trainer calls, in this order for every optimizer step:
 Adapter methods that need the loop (AdaLoRA's rank allocator, MoLoRA's balance loss) reach it through
 AdaptedModel.auxiliary_loss() and AdaptedModel.after_optimizer_step(), which the trainer always calls; callbacks
 are for what the user or the run config opts into (e.g. gradient-flow monitoring).
+`trainer` is the running Trainer, seen through vislora.train.view.TrainerView: what a callback may read.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from vislora.train.trainer import Trainer
+from vislora.train.view import TrainerView
 
 
 class TrainerCallback:
     """A no-op hook set; the trainer calls every method at the point its docstring names."""
 
-    def extra_loss(self, trainer: Trainer) -> torch.Tensor | None:
+    def extra_loss(self, trainer: TrainerView) -> torch.Tensor | None:
         """A term added to the loss of each micro-batch (before the division for gradient accumulation)."""
         return None
 
-    def on_gradients(self, trainer: Trainer) -> None:
+    def on_gradients(self, trainer: TrainerView) -> None:
         """Gradients of the step are complete and not yet clipped."""
 
-    def on_step_end(self, trainer: Trainer, taken: bool) -> None:
+    def on_step_end(self, trainer: TrainerView, taken: bool) -> None:
         """The optimizer stepped (`taken`) or skipped a non-finite step; gradients are still there."""
 
-    def metrics(self, trainer: Trainer) -> dict[str, float]:
+    def metrics(self, trainer: TrainerView) -> dict[str, float]:
         """Figures to log with this step's training row."""
         return {}

@@ -16,15 +16,12 @@ import logging
 import math
 import statistics
 from collections import defaultdict, deque
-from typing import TYPE_CHECKING
 
 import torch
 
+from vislora.model import AdaptedModel
 from vislora.train.callbacks import TrainerCallback
-
-if TYPE_CHECKING:
-    from vislora.model import AdaptedModel
-    from vislora.train.trainer import Trainer
+from vislora.train.view import TrainerView
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +55,7 @@ class GradientMonitor(TrainerCallback):
         self._history: dict[str, deque[float]] = defaultdict(lambda: deque(maxlen=window))
         self._warned: set[tuple[str, str]] = set()
 
-    def on_gradients(self, trainer: Trainer) -> None:
+    def on_gradients(self, trainer: TrainerView) -> None:
         self.observe(layer_gradient_norms(trainer.adapted), trainer.loop.step + 1)
 
     def observe(self, norms: dict[str, float], step: int) -> None:
@@ -88,7 +85,7 @@ class GradientMonitor(TrainerCallback):
         shown = ", ".join(f"{p} ({self.norms[p]:.2e})" for p in new[:3]) + (" ..." if len(new) > 3 else "")
         logger.warning("step %d: %s gradients in %d adapter layers, %s: %s", step, kind, len(new), rule, shown)
 
-    def metrics(self, trainer: Trainer) -> dict[str, float]:
+    def metrics(self, trainer: TrainerView) -> dict[str, float]:
         if not self.norms:
             return {}
         values = list(self.norms.values())

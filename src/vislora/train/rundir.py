@@ -1,4 +1,5 @@
-"""The run directory's bookkeeping: config.yaml and the resume check, checkpoints, saved adapters, the metrics log."""
+"""The run directory's bookkeeping: config.yaml and the resume check, checkpoints, saved adapters, the metrics log,
+and summary.json with the TrainResult of the run."""
 
 from __future__ import annotations
 
@@ -7,19 +8,20 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from vislora.errors import VisloraError
+from accelerate import Accelerator
+
+from vislora.data.transforms import InputSpec
+from vislora.errors import TrainingError
 from vislora.formats import load_adapter_weights, save_adapter
 from vislora.io import atomic_write_text
+from vislora.model import AdaptedModel
+from vislora.run_config import TrainConfig
 from vislora.train import checkpoint as ckpt
-from vislora.train.config import TrainConfig
-from vislora.train.stages import apply_stage
-
-if TYPE_CHECKING:
-    from vislora.train.trainer import Trainer
+from vislora.train.tasks import Evaluation, TrainTask
 
 logger = logging.getLogger(__name__)
 
@@ -28,8 +30,22 @@ RESUME_FREE_KEYS = {"run.resume", "run.progress", "run.output_dir", "data.num_wo
                     "run.monitor_gradients"}
 
 
-class TrainingError(VisloraError, RuntimeError):
-    """Training cannot go on (NaN/Inf loss for too long, a run directory that does not match)."""
+@dataclass
+class TrainResult:
+    """What `fit` produced: where the adapters are and the last/best held-out metrics."""
+
+    run_dir: Path
+    adapter_dir: Path
+    best_dir: Path | None
+    steps: int
+    stopped_early: bool
+    final: dict[str, float] | None
+    best: dict[str, Any] | None
+    skipped_images: int
+    trainable_params: int
+    total_params: int
+    seconds: float
+    adapter_ranks: dict[str, int] = field(default_factory=dict)  # per layer; AdaLoRA's after pruning
 
 
 class MetricsLog:
@@ -76,9 +92,23 @@ class MetricsLog:
 
 
 class RunDirectory:
-    """The Trainer's files: what `run.output_dir` holds and how it is written (atomically) and read back."""
+    """The Trainer's files: what `run.output_dir` holds and how it is written (atomically) and read back.
 
-    def _prepare_run_dir(self: Trainer) -> None:
+    A base of Trainer, which sets the attributes annotated here; the methods read nothing else of it.
+    """
+
+    config: TrainConfig
+    accelerator: Accelerator
+    run_dir: Path
+    metrics: MetricsLog
+    loop: ckpt.LoopState
+    optimizer: Any  # torch.optim.Optimizer, wrapped by Accelerate
+    scheduler: Any  # torch.optim.lr_scheduler.LRScheduler
+    task: TrainTask
+    spec: InputSpec
+    adapted: AdaptedModel
+
+    def _prepare_run_dir(self) -> None:
         accelerator = self.accelerator
         checkpoints = ckpt.list_checkpoints(self.run_dir / "checkpoints")
         saved = self.run_dir / "config.yaml"
@@ -95,7 +125,7 @@ class RunDirectory:
             self.metrics.path.unlink(missing_ok=True)
         accelerator.wait_for_everyone()
 
-    def _check_same_run(self: Trainer, saved: Path) -> None:
+    def _check_same_run(self, saved: Path) -> None:
         previous = TrainConfig.load(saved).model_dump(mode="json")
         current = self.config.model_dump(mode="json")
         changed = changed_keys(previous, current, RESUME_FREE_KEYS)
@@ -103,7 +133,7 @@ class RunDirectory:
             raise TrainingError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} changed); "
                                 "resume it with the same config, or choose a new run.output_dir")
 
-    def save_checkpoint(self: Trainer) -> Path:
+    def save_checkpoint(self) -> Path:
         """Write checkpoints/step-N/ atomically (every process saves its RNG), prune old ones."""
         accelerator = self.accelerator
         root = self.run_dir / "checkpoints"
@@ -126,10 +156,8 @@ class RunDirectory:
         accelerator.wait_for_everyone()
         return final
 
-    def load_checkpoint(self: Trainer, folder: Path) -> None:
+    def load_checkpoint(self, folder: Path) -> None:
         """Restore adapter, optimizer, scheduler, RNG and loop position from a checkpoint folder."""
-        if self.stage_plan is not None:  # the checkpoint holds the optimizer of the stage running its next step
-            apply_stage(self, self.stage_plan.index_at(ckpt.saved_step(folder)), carry_state=False)
         load_adapter_weights(self.adapted, folder)
         self.loop = ckpt.load_trainer_state(folder, self.optimizer, self.scheduler)
         ckpt.load_rng(folder, self.accelerator.process_index)
@@ -137,7 +165,7 @@ class RunDirectory:
             self.metrics.truncate(self.loop.step)
             logger.info("resumed from %s (step %d, epoch %d)", folder, self.loop.step, self.loop.epoch)
 
-    def _save_adapter(self: Trainer, target: Path) -> None:
+    def _save_adapter(self, target: Path) -> None:
         """Write the current adapter to `target` (best/, adapter/) by a complete copy swapped in."""
         if not self.accelerator.is_main_process:
             return
@@ -147,16 +175,35 @@ class RunDirectory:
         ckpt.replace_dir(staging, target)
         shutil.rmtree(staging, ignore_errors=True)
 
-    def _save_adapter_files(self: Trainer, folder: Path) -> None:
+    def _save_adapter_files(self, folder: Path) -> None:
         save_adapter(self.adapted, folder, "default")
         task = {**self.task.info(), "input": asdict(self.spec), "step": self.loop.step,
                 "seed": self.config.run.seed}  # rebuilds a randomly initialised base wherever the adapter goes
         atomic_write_text(folder / "task.json", json.dumps(task, indent=2))
 
-    def _write_metrics(self: Trainer, row: dict[str, Any]) -> None:
+    def _write_metrics(self, row: dict[str, Any]) -> None:
         if not self.accelerator.is_main_process:
             return
         self.metrics.write(row)
+
+    def _finish(self, final: Evaluation | None, stopped_early: bool, report: Any, seconds: float) -> TrainResult:
+        adapter_dir = self.run_dir / "adapter"
+        self._save_adapter(adapter_dir)
+        best_dir = self.run_dir / "best"
+        result = TrainResult(
+            run_dir=self.run_dir, adapter_dir=adapter_dir, best_dir=best_dir if best_dir.is_dir() else None,
+            steps=self.loop.step, stopped_early=stopped_early, final=final.metrics() if final else None,
+            best={"step": self.loop.best_step, self.config.run.best_metric: self.loop.best_value}
+            if self.loop.best_step is not None else None,
+            skipped_images=len(self.loop.skipped), trainable_params=report.trainable, total_params=report.total,
+            seconds=seconds, adapter_ranks=self.adapted.adapter_ranks("default"))
+        if self.accelerator.is_main_process:
+            summary = {**asdict(result), "run_dir": str(self.run_dir), "adapter_dir": str(adapter_dir),
+                       "best_dir": str(result.best_dir) if result.best_dir else None}
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+            self.metrics.close()
+        self.accelerator.wait_for_everyone()
+        return result
 
 
 def changed_keys(previous: dict[str, Any], current: dict[str, Any], ignore: set[str]) -> list[str]:

@@ -10,7 +10,7 @@ from torch import nn
 
 from vislora.errors import ConfigError
 from vislora.model import AdaptedModel
-from vislora.train.config import OptimSection
+from vislora.run_config import OptimSection
 
 
 def parameter_groups(model: AdaptedModel) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -12,45 +12,29 @@
 
 A stage names towers (default: all); the trainable set of a stage is every parameter the run trains (adapter
 weights, saved projections) that lives in one of its towers, plus the shared ones outside both towers (the logit
-scale). At a stage boundary `apply_stage` - the one place a stage takes effect - grows the adapter's rank if the
-stage asks for more (AdaptedModel.grow_rank: output unchanged, the old entries' optimizer state kept), switches
-requires_grad, rebuilds the optimizer carrying the AdamW state of parameters that stay trainable, and puts the LR
-schedule (warmup + cosine over the whole run, times the stage's lr_scale) at the current step. After step s the
-trainer is in the stage that runs step s + 1, so a checkpoint holds that stage's optimizer and resume re-enters it
-before loading.
+scale). At a stage boundary `apply_stage` (through Trainer.enter_stage) - the one place a stage takes effect -
+grows the adapter's rank if the stage asks for more (AdaptedModel.grow_rank: output unchanged, the old entries'
+optimizer state kept), switches requires_grad, rebuilds the optimizer carrying the AdamW state of parameters that
+stay trainable, and puts the LR schedule (warmup + cosine over the whole run, times the stage's lr_scale) at the
+current step. After step s the trainer is in the stage that runs step s + 1, so a checkpoint holds that stage's
+optimizer and resume re-enters it before loading.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+import torch
 from torch import nn
 
 from vislora.errors import ConfigError
+from vislora.model import AdaptedModel
+from vislora.run_config import OptimSection, StageSection
 from vislora.towers import tower_of
-
-if TYPE_CHECKING:
-    from vislora.train.trainer import Trainer
+from vislora.train.growth import replace_grown
+from vislora.train.schedule import build_optimizer, build_scheduler, position_scheduler
 
 logger = logging.getLogger(__name__)
-
-
-class StageSection(BaseModel):
-    """One stage: how many optimizer steps, which towers train, the learning-rate factor, and the adapter's rank."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-    steps: int = Field(..., ge=1, description="Optimizer steps in this stage.")
-    train: list[Literal["vision", "text"]] = Field(
-        default_factory=lambda: ["vision", "text"], min_length=1,
-        description="Towers whose adapters train (a model without towers is all `vision`; default: everything).")
-    lr_scale: float = Field(1.0, gt=0, description="Multiplies both learning rates during this stage.")
-    rank: int | None = Field(
-        None, ge=1, description="Progressive rank growth: the adapter grows to this rank when the stage starts. The "
-        "model's output is unchanged at that moment and the optimizer keeps the state of the old entries; ranks "
-        "never shrink (e.g. 4 -> 16 -> 32 over three stages).")
 
 
 class StagePlan:
@@ -111,31 +95,29 @@ class StagePlan:
         return "\n".join(lines)
 
 
-def apply_stage(trainer: Trainer, index: int, carry_state: bool = True) -> None:
-    """Make stage `index` the trainer's stage: trainable set, optimizer (AdamW state carried for parameters that
-    stay trainable), LR schedule at the current step."""
-    from vislora.train.growth import replace_grown
-    from vislora.train.schedule import build_optimizer, build_scheduler, position_scheduler
-
-    plan = trainer.stage_plan
-    old = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
+def apply_stage(plan: StagePlan, index: int, model: AdaptedModel, optimizer: torch.optim.Optimizer | None,
+                optim: OptimSection, step: int, carry_state: bool = True,
+                ) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
+    """Make stage `index` of `plan` current on `model` after `step` steps: grow the adapter's rank if the stage asks,
+    set the trainable set, and return a new optimizer (the AdamW state of `optimizer` carried for parameters that
+    stay trainable) and its LR schedule positioned at `step`."""
+    old = getattr(optimizer, "optimizer", optimizer)  # under Accelerate, the torch optimizer it wraps
     rank = plan.stages[index].rank
-    if rank is not None and rank > trainer.adapted.configs["default"].rank:
-        grown = trainer.adapted.grow_rank("default", rank)
+    if rank is not None and rank > model.configs["default"].rank:
+        grown = model.grow_rank("default", rank)
         if old is not None:
             replace_grown(old, grown)  # the old entries' AdamW state moves into the grown parameters
-        plan.refresh(trainer.adapted)
+        plan.refresh(model)
     members = set(plan.members(index))
     for name, param in plan.candidates.items():
         param.requires_grad_(name in members)
-    optimizer = build_optimizer(trainer.adapted, trainer.config.optim)
+    new = build_optimizer(model, optim)
     if carry_state and old is not None:
-        for group in optimizer.param_groups:
+        for group in new.param_groups:
             for param in group["params"]:
                 if param in old.state:
-                    optimizer.state[param] = old.state[param]
-    scheduler = build_scheduler(optimizer, trainer.config.optim, plan.lr_scale)
-    position_scheduler(scheduler, trainer.loop.step)
-    trainer.optimizer = trainer.accelerator.prepare(optimizer)
-    trainer.scheduler = scheduler
+                    new.state[param] = old.state[param]
+    scheduler = build_scheduler(new, optim, plan.lr_scale)
+    position_scheduler(scheduler, step)
     plan.current = index
+    return new, scheduler

@@ -1,12 +1,13 @@
 """What the trainer trains: a small task interface, so one loop serves classification and dual-encoder tasks.
 
 A task builds the base model and its adapter config, turns a batch into a loss, and evaluates held-out data.
-`make_task(config)` picks the task from `task.kind`; the dual-encoder tasks live in `vislora.train.vlm`.
+The trainer picks the task `task.kind` names (vislora.train.trainer.TASKS); the dual-encoder tasks live in
+`vislora.train.vlm`.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate.utils import gather_object
@@ -16,11 +17,9 @@ from vislora.config import AdapterConfig
 from vislora.data.datasets import ImageDataset, collate
 from vislora.data.transforms import build_mixup
 from vislora.errors import ConfigError
+from vislora.run_config import TrainConfig
 from vislora.tasks.classification import EvalResult, build_classifier, classification_loss, predict_rows, summarize
-from vislora.train.config import TrainConfig
-
-if TYPE_CHECKING:
-    from vislora.train.trainer import Trainer
+from vislora.train.view import TrainerView
 
 
 class Evaluation(Protocol):
@@ -64,7 +63,7 @@ class TrainTask:
         """(loss of one micro-batch, images in it)."""
         raise NotImplementedError
 
-    def evaluate(self, trainer: Trainer) -> Evaluation:
+    def evaluate(self, trainer: TrainerView) -> Evaluation:
         raise NotImplementedError
 
     def info(self) -> dict[str, Any]:
@@ -99,7 +98,7 @@ class ClassificationTask(TrainTask):
         logits = model(images)
         return classification_loss(logits.float(), targets, self.config.data.augment.label_smoothing), len(images)
 
-    def evaluate(self, trainer: Trainer) -> EvalResult:
+    def evaluate(self, trainer: TrainerView) -> EvalResult:
         """Accuracy, loss, per-class and per-group accuracy over `val_data`, sharded across processes."""
         accelerator = trainer.accelerator
         indices = list(range(accelerator.process_index, len(trainer.val_data), accelerator.num_processes))
@@ -113,11 +112,3 @@ class ClassificationTask(TrainTask):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "head": self.head_path}
 
-
-def make_task(config: TrainConfig) -> TrainTask:
-    """The task `config.task.kind` names."""
-    if config.task.kind == "classification":
-        return ClassificationTask(config)
-    from vislora.train.vlm import ContrastiveTask, FewShotTask
-
-    return {"contrastive": ContrastiveTask, "few_shot": FewShotTask}[config.task.kind](config)

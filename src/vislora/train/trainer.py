@@ -8,12 +8,10 @@ The same code runs on one CPU, one GPU, or under `accelerate launch --num_proces
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,38 +23,24 @@ from torch import nn
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
 from vislora.data.transforms import SampleTransform, build_transform, model_input_spec
-from vislora.errors import ConfigError
-from vislora.io import atomic_write_text
+from vislora.errors import ConfigError, TrainingError
 from vislora.model import AdaptedModel, inject
 from vislora.parameters import parameter_report
+from vislora.run_config import TrainConfig
 from vislora.train import checkpoint as ckpt
 from vislora.train.batches import EpochBatches
 from vislora.train.callbacks import TrainerCallback
-from vislora.train.config import TrainConfig
 from vislora.train.monitor import GradientMonitor
-from vislora.train.rundir import MetricsLog, RunDirectory, TrainingError
+from vislora.train.rundir import MetricsLog, RunDirectory, TrainResult
 from vislora.train.schedule import build_optimizer, build_scheduler
 from vislora.train.stages import StagePlan, apply_stage
-from vislora.train.tasks import Evaluation, make_task
+from vislora.train.tasks import ClassificationTask, Evaluation, TrainTask
+from vislora.train.vlm import ContrastiveTask, FewShotTask
 
 logger = logging.getLogger(__name__)
 
-@dataclass
-class TrainResult:
-    """What `fit` produced: where the adapters are and the last/best held-out metrics."""
-
-    run_dir: Path
-    adapter_dir: Path
-    best_dir: Path | None
-    steps: int
-    stopped_early: bool
-    final: dict[str, float] | None
-    best: dict[str, Any] | None
-    skipped_images: int
-    trainable_params: int
-    total_params: int
-    seconds: float
-    adapter_ranks: dict[str, int] = field(default_factory=dict)  # per layer; AdaLoRA's after pruning
+TASKS: dict[str, type[TrainTask]] = {"classification": ClassificationTask, "contrastive": ContrastiveTask,
+                                     "few_shot": FewShotTask}  # task.kind -> what the trainer trains
 
 
 class Trainer(RunDirectory):
@@ -80,7 +64,7 @@ class Trainer(RunDirectory):
         # Without a GPU, cpu=True lets Accelerate join a multi-process launch over gloo (MULTI_CPU).
         self.accelerator = Accelerator(mixed_precision=config.run.mixed_precision, cpu=not _has_accelerator())
         set_seed(config.run.seed)
-        self.task = make_task(config)
+        self.task = TASKS[config.task.kind](config)
         self.train_data = self.task.prepare_data(train_data if train_data is not None else self._open(
             config.data.train, None, config.data.train_limit), train=True)
         classes = self.train_data.classes
@@ -148,15 +132,25 @@ class Trainer(RunDirectory):
                               "the trainable set, which a data-parallel wrapper fixes at start; drop stages or run "
                               "without accelerate launch")
         self.stage_plan = StagePlan(self.config.stages, self.adapted)
-        apply_stage(self, 0, carry_state=False)
+        self.enter_stage(0, carry_state=False)
         return self.stage_plan
+
+    def enter_stage(self, index: int, carry_state: bool = True) -> None:
+        """Make stage `index` the current one (vislora.train.stages.apply_stage): trainable set, rank, a new optimizer
+        (AdamW state carried for parameters that stay trainable), the LR schedule at the current step."""
+        if self.stage_plan is None:
+            raise ConfigError(f"cannot enter stage {index + 1}: this run has no stages (its config's `stages:` is "
+                              "empty); add stages to the run config")
+        optimizer, self.scheduler = apply_stage(self.stage_plan, index, self.adapted, self.optimizer,
+                                                self.config.optim, self.loop.step, carry_state)
+        self.optimizer = self.accelerator.prepare(optimizer)
 
     def _next_stage(self) -> None:
         """After a step: enter the stage that runs the next step if it differs, and say so."""
         plan = self.stage_plan
         if plan is None or plan.index_at(self.loop.step) == plan.current:
             return
-        apply_stage(self, plan.index_at(self.loop.step))
+        self.enter_stage(plan.index_at(self.loop.step))
         self._announce_stage()
 
     def _announce_stage(self) -> None:
@@ -172,6 +166,12 @@ class Trainer(RunDirectory):
     @property
     def adapted(self) -> AdaptedModel:
         return self.accelerator.unwrap_model(self.model)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        """Enter the stage the checkpoint was saved in (it holds that stage's optimizer), then restore it."""
+        if self.stage_plan is not None:
+            self.enter_stage(self.stage_plan.index_at(ckpt.saved_step(folder)), carry_state=False)
+        super().load_checkpoint(folder)
 
     # ---------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
@@ -370,25 +370,6 @@ class Trainer(RunDirectory):
 
         return tqdm(total=self.config.optim.max_steps, initial=self.loop.step, desc="train", unit="step",
                     dynamic_ncols=True, disable=None)  # None: no bar when stderr is not a terminal (CI logs)
-
-    def _finish(self, final: Evaluation | None, stopped_early: bool, report: Any, seconds: float) -> TrainResult:
-        adapter_dir = self.run_dir / "adapter"
-        self._save_adapter(adapter_dir)
-        best_dir = self.run_dir / "best"
-        result = TrainResult(
-            run_dir=self.run_dir, adapter_dir=adapter_dir, best_dir=best_dir if best_dir.is_dir() else None,
-            steps=self.loop.step, stopped_early=stopped_early, final=final.metrics() if final else None,
-            best={"step": self.loop.best_step, self.config.run.best_metric: self.loop.best_value}
-            if self.loop.best_step is not None else None,
-            skipped_images=len(self.loop.skipped), trainable_params=report.trainable, total_params=report.total,
-            seconds=seconds, adapter_ranks=self.adapted.adapter_ranks("default"))
-        if self.accelerator.is_main_process:
-            summary = {**asdict(result), "run_dir": str(self.run_dir), "adapter_dir": str(adapter_dir),
-                       "best_dir": str(result.best_dir) if result.best_dir else None}
-            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
-            self.metrics.close()
-        self.accelerator.wait_for_everyone()
-        return result
 
 
 def train(config: TrainConfig) -> TrainResult:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,10 +19,12 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from vislora.config import AdapterConfig
-from vislora.data.datasets import DataError, ImageDataset, collate
+from vislora.data.datasets import ImageDataset, collate
 from vislora.dual_encoder import DualTowerModel, build_dual_encoder
-from vislora.errors import ConfigError
+from vislora.errors import ConfigError, DataError
+from vislora.evaluate.dual import DualEvalResult, embed_rows, score_rows
 from vislora.formats import load_adapter
+from vislora.run_config import TOWER_FIELDS
 from vislora.tasks.clip import (
     CLIP_LORA,
     contrastive_loss,
@@ -31,13 +33,9 @@ from vislora.tasks.clip import (
     sigmoid_loss,
     text_classifier,
 )
-from vislora.tasks.clip_eval import DualEvalResult, embed_rows, score_rows
 from vislora.towers import tower_adapter_config
-from vislora.train.config import TOWER_FIELDS
 from vislora.train.tasks import TrainTask
-
-if TYPE_CHECKING:
-    from vislora.train.trainer import Trainer
+from vislora.train.view import TrainerView
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +107,7 @@ class DualTask(TrainTask):
         return [templates[i % len(templates)].format(names[y])
                 for i, y in zip(batch["index"].tolist(), batch["label"].tolist(), strict=True)]
 
-    def evaluate(self, trainer: Trainer) -> DualEvalResult:
+    def evaluate(self, trainer: TrainerView) -> DualEvalResult:
         """Prompt-classifier accuracy (labelled data), contrastive loss, retrieval recall (captioned data) over
         `val_data`, sharded across processes and gathered."""
         accelerator = trainer.accelerator

@@ -1,59 +1,30 @@
-"""Evaluate a trained adapter directory (it carries task.json: model spec, classes, input size) on any data.
+"""A trained classifier adapter scored on any data: alone (`evaluate_adapter`), or beside its base model
+(`compare_adapter`, `compare_model`: vislora.evaluate.comparison, with latency).
 
-`evaluate_adapter` scores the adapted model; `compare_adapter` puts it beside the base model (vislora.evaluate).
+The adapter folder is opened as a run (vislora.runs.load_trained: task.json names the model spec, classes and
+input transform), and the data gets the run's classes and evaluation transform.
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
-from vislora.data.transforms import InputSpec, SampleTransform, build_transform
-from vislora.errors import AdapterFileError
-from vislora.evaluate import BaseHead, Comparison, collect, compare, measure_latency
-from vislora.formats import load_adapter
+from vislora.data.transforms import SampleTransform, build_transform
+from vislora.evaluate.collect import BaseHead, collect
+from vislora.evaluate.comparison import Comparison, compare
+from vislora.evaluate.latency import measure_latency
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel
-from vislora.tasks.classification import EvalResult, build_classifier, predict_rows, summarize
-
-
-def load_trained(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]:
-    """The classifier with the adapter loaded, in eval mode, and the adapter's task.json."""
-    adapter_dir = Path(adapter_dir)
-    task_file = adapter_dir / "task.json"
-    if not task_file.is_file():
-        raise AdapterFileError(f"{adapter_dir} has no task.json: it was not written by `vislora train`. Give a "
-                               "run's adapter/, best/ or checkpoints/step-N/ folder")
-    task = json.loads(task_file.read_text())
-    model_cfg = task["model"]
-    spec = InputSpec(**{**task["input"], "mean": tuple(task["input"]["mean"]), "std": tuple(task["input"]["std"])})
-    pretrained = model_cfg.get("pretrained", True)
-    with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
-        if not pretrained:  # a randomly initialised base is rebuilt from the run's seed, as the trainer built it
-            torch.manual_seed(task["seed"] if "seed" in task else run_seed(adapter_dir))
-        base, _ = build_classifier(model_cfg["spec"], len(task["classes"]), pretrained, model_cfg.get("head", "auto"),
-                                   model_cfg.get("pooling", "cls"), spec.size, **model_cfg.get("kwargs", {}))
-    model = load_adapter(base, adapter_dir)
-    return model.eval(), {**task, "input_spec": spec}
-
-
-def run_seed(adapter_dir: Path) -> int:
-    """run.seed of the run holding `adapter_dir` (RUN/adapter, RUN/best, RUN/checkpoints/step-N)."""
-    for folder in (adapter_dir.parent, adapter_dir.parent.parent):
-        if (folder / "config.yaml").is_file():
-            return int((yaml.safe_load((folder / "config.yaml").read_text()) or {}).get("run", {}).get("seed", 0))
-    raise AdapterFileError(f"{adapter_dir} was trained on a randomly initialised base model (model.pretrained: false), "
-                           "which is rebuilt from the run's seed in its config.yaml, but no config.yaml is beside or "
-                           "above the folder; keep the adapter inside its run directory")
+from vislora.runs import load_trained
+from vislora.tasks.classification import EvalResult, predict_rows, summarize
 
 
 def open_eval_data(task: dict[str, Any], data: str | Path, limit: int | None = None, label_column: str = "label",
@@ -84,7 +55,8 @@ def compare_adapter(adapter_dir: str | Path, data: str | Path, batch_size: int =
                     predictions: str | Path | None = None, base_head: BaseHead = "trained", tolerance: float = 0.01,
                     latency_images: int = 8, progress: Callable[[Iterable, int], Iterable] | None = None,
                     ) -> Comparison:
-    """Base vs adapted on the same images of `data` (see vislora.evaluate), plus latency on `latency_images`."""
+    """Base vs adapted on the same images of `data` (see vislora.evaluate.comparison), plus latency on
+    `latency_images`."""
     model, task = load_trained(adapter_dir)
     return compare_model(model, task, data, batch_size, limit, label_column, path_column, seed, predictions,
                          base_head, tolerance, latency_images, progress)

@@ -1,14 +1,14 @@
-"""Held-out scoring of dual encoders: prompt-classifier accuracy, contrastive loss, retrieval recall; and
-loading a trained dual-encoder adapter (its task.json) to score it on any data.
+"""Held-out scoring of dual encoders: prompt-classifier accuracy, contrastive loss, retrieval recall.
 
-The trainer's dual-encoder tasks and `vislora clip eval` use the same two steps: `embed_rows` (images, and
-captions when the data has them, through the adapted model) and `score_rows`.
+The trainer's dual-encoder tasks and `vislora clip eval` (`evaluate_dual`, a trained run opened with
+vislora.runs.load_trained_dual) use the same two steps: `embed_rows` (images, and captions when the data has them,
+through the adapted model) and `score_rows`. The prompt classifier's logits are scale * image_emb @ text_emb.T with
+one text embedding per class, averaged over the prompt templates.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vislora.errors import AdapterFileError
-from vislora.formats import load_adapter
+from vislora.data.datasets import collate, open_dataset
+from vislora.data.transforms import SampleTransform, build_transform
+from vislora.runs import input_spec, load_trained_dual
 from vislora.tasks.classification import eval_batches
 from vislora.tasks.clip import contrastive_loss, retrieval_recall, same_label, text_classifier
 
@@ -97,49 +98,17 @@ def _score(rows: Sequence[dict[str, Any]], model: Any, names: Sequence[str], tem
     return figures
 
 
-def load_trained_dual(adapter_dir: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """The dual encoder of a `vislora train` contrastive/few-shot run with its adapter (and the frozen adapters it
-    was trained over) loaded and active, in eval mode; and the adapter's task.json."""
-    from vislora.dual_encoder import build_dual_encoder
-
-    adapter_dir = Path(adapter_dir)
-    task_file = adapter_dir / "task.json"
-    task = json.loads(task_file.read_text()) if task_file.is_file() else {}
-    if task.get("task") not in ("contrastive", "few_shot"):
-        raise AdapterFileError(f"{adapter_dir} is not a dual-encoder adapter of `vislora train` (task.json says "
-                               f"{task.get('task')!r}); give a contrastive or few_shot run's adapter/ or best/ folder, "
-                               "or use `vislora eval` for classifiers")
-    if task.get("prepared_base"):
-        raise AdapterFileError(f"{adapter_dir} was trained on a base model prepared in Python (e.g. pre-aligned "
-                               "projections), which task.json cannot rebuild; load it onto that model with "
-                               "vislora.load_adapter(model, folder)")
-    m = task["model"]
-    base = build_dual_encoder(m["spec"], m.get("text"), pretrained=m.get("pretrained", True),
-                              embed_dim=m.get("embed_dim", 256), vision_pooling=m.get("pooling", "cls"),
-                              text_pooling=m.get("text_pooling", "mean"), **m.get("kwargs", {}))
-    frozen = task.get("frozen", {})
-    model = load_adapter(base, adapter_dir, "default", activate=False)
-    for name, folder in frozen.items():
-        load_adapter(model, folder, name, activate=False)
-    model.set_active([*frozen, "default"])
-    return model.eval(), task
-
-
 def evaluate_dual(adapter_dir: str | Path, data: str | Path, *, batch_size: int = 64, limit: int | None = None,
                   label_column: str | None = "label", templates: Sequence[str] | None = None,
                   seed: int = 0) -> DualEvalResult:
     """Score a trained dual-encoder adapter on `data`: prompt-classifier accuracy with the run's class names and
     templates (or `templates`), and retrieval recall when the data has captions."""
-    from vislora.data.datasets import collate, open_dataset
-    from vislora.data.transforms import InputSpec, SampleTransform, build_transform
-
     model, task = load_trained_dual(adapter_dir)
     classes = task.get("classes") or None
     dataset = open_dataset(data, label_column=label_column if classes else None, classes=classes)
     if limit:
         dataset = dataset.subset(limit, seed=seed)
-    spec = InputSpec(**{**task["input"], "mean": tuple(task["input"]["mean"]), "std": tuple(task["input"]["std"])})
-    dataset.transform = SampleTransform(build_transform(spec, train=False), seed)
+    dataset.transform = SampleTransform(build_transform(input_spec(task), train=False), seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          generator=torch.Generator())
     rows, skipped = embed_rows(model, loader, model.base_model.tokenize)

@@ -1,0 +1,48 @@
+"""Evaluation: what an adapter does to a model, measured on held-out images.
+
+- metrics: accuracy, top-5, macro-F1, loss, calibration error (ECE), confusion, per-class and per-group accuracy
+- comparison: base vs adapted on the same images, per-class/per-group deltas, regressions, McNemar's test
+- drift: cosine similarity of base and adapted embeddings per image
+- latency: base, unmerged and merged forward passes on the same batch
+- collect: runs a classifier with and without its adapters over the same batches
+- classifier: a trained classifier run scored on any data (`vislora eval`)
+- dual: dual encoders (prompt-classifier accuracy, contrastive loss, retrieval recall; `vislora clip eval`)
+"""
+
+from vislora.evaluate.classifier import compare_adapter, compare_model, evaluate_adapter, write_predictions
+from vislora.evaluate.collect import BaseHead, Collected, classifier_parts, collect, recording_head
+from vislora.evaluate.comparison import Comparison, Delta, Outputs, compare, mcnemar_p, points
+from vislora.evaluate.drift import Drift, embedding_drift
+from vislora.evaluate.dual import DualEvalResult, embed_rows, evaluate_dual, score_rows
+from vislora.evaluate.latency import Latency, measure_latency
+from vislora.evaluate.metrics import Metrics, classification_metrics, expected_calibration_error, macro_f1
+
+__all__ = [
+    "BaseHead",
+    "Collected",
+    "Comparison",
+    "Delta",
+    "Drift",
+    "DualEvalResult",
+    "Latency",
+    "Metrics",
+    "Outputs",
+    "classification_metrics",
+    "classifier_parts",
+    "collect",
+    "compare",
+    "compare_adapter",
+    "compare_model",
+    "embed_rows",
+    "embedding_drift",
+    "evaluate_adapter",
+    "evaluate_dual",
+    "expected_calibration_error",
+    "macro_f1",
+    "mcnemar_p",
+    "measure_latency",
+    "points",
+    "recording_head",
+    "score_rows",
+    "write_predictions",
+]

@@ -1,0 +1,246 @@
+"""The run config, TrainConfig: one YAML file describes a training run; `--set section.key=value` overrides any field.
+
+The trainer reads it, writes it resolved into RUN/config.yaml, and whatever opens a run later (vislora.runs) reads
+it back. Unknown keys are errors that name the closest valid key (`optim.lr_adaptr` -> did you mean `lr_adapter`?).
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from vislora.config import AdapterConfig
+from vislora.data.transforms import AugmentConfig
+from vislora.errors import ConfigError
+from vislora.io import apply_overrides, atomic_write_text, read_mapping
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(_Section):
+    spec: str = Field(..., description="timm:<name>, hf:<id or dir>, open_clip:<name>, or asset:dinov2-small.")
+    pretrained: bool = Field(True, description="Load pretrained weights (timm/open_clip download them).")
+    head: Literal["auto", "own", "linear"] = Field(
+        "auto", description="auto: a timm model keeps its own classifier; others get a linear head on pooled features.")
+    pooling: Literal["cls", "mean", "cls_mean"] = Field("cls", description="Features the linear head reads.")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra arguments for the model factory "
+                                   "(timm.create_model / from_pretrained), e.g. {depth: 6}.")
+    text: str | None = Field(None, description="Dual encoders: the text tower (hf:<id or dir> or "
+                             "asset:all-minilm-l6-v2) paired with the image backbone `spec` through new projections; "
+                             "unset when `spec` already has both towers (hf: CLIP/SigLIP, open_clip:).")
+    embed_dim: int = Field(256, ge=1, description="Dual encoders: width of the shared embedding space.")
+    text_pooling: Literal["mean", "cls"] = Field("mean", description="Dual encoders: text features the projection "
+                                                 "reads (mean over tokens, as sentence-transformers).")
+
+
+class AdapterSection(_Section):
+    """AdapterConfig fields, optionally starting from a task preset; the head is always trained and saved."""
+
+    preset: str | None = Field(None, description="Task preset (vislora presets); other keys override it.")
+    rank: int | None = None
+    alpha: float | None = None
+    dropout: float | None = None
+    use_rslora: bool | None = None
+    targets: list[str] | None = None
+    exclude: list[str] | None = None
+    layers: list[int] | None = None
+    rank_pattern: dict[str, int] | None = None
+    alpha_pattern: dict[str, float] | None = None
+    train_norms: bool | None = None
+    modules_to_save: list[str] | None = None
+    init: str | None = None
+    method: str | None = Field(None, description="lora (default), dora, adalora or molora.")
+    adalora: dict[str, Any] | None = Field(None, description="AdaLoRA budget: target_rank, tinit, tfinal, delta_t, "
+                                           "beta1, beta2, orth_reg_weight (method: adalora).")
+    molora: dict[str, Any] | None = Field(None, description="MoLoRA experts: experts, top_k, gate (token|image), "
+                                          "balance_weight (method: molora).")
+    vision_targets: list[str] | None = Field(None, description="Dual encoders: targets inside the image tower.")
+    text_targets: list[str] | None = Field(None, description="Dual encoders: targets inside the text tower.")
+    vision_rank: int | None = Field(None, ge=1, description="Rank in the image tower (default: rank).")
+    vision_alpha: float | None = Field(None, gt=0, description="Alpha in the image tower (default: alpha).")
+    text_rank: int | None = Field(None, ge=1, description="Rank in the text tower (default: rank).")
+    text_alpha: float | None = Field(None, gt=0, description="Alpha in the text tower (default: alpha).")
+    train_heads: bool = Field(True, description="Dual encoders: train and save the projections of adapted towers "
+                              "and the logit scale (CLIP-LoRA keeps them frozen).")
+    frozen: dict[str, str] = Field(default_factory=dict, description="Adapters loaded from these folders under "
+                                   "these names, kept active and frozen while this one trains (e.g. a shared "
+                                   "vision adapter under a per-language text adapter).")
+
+    def build(self, head: str) -> AdapterConfig:
+        """The AdapterConfig for a model whose classifier lives at `head`."""
+        fields = self.model_dump(exclude={"preset", *TOWER_FIELDS}, exclude_none=True)
+        fields["modules_to_save"] = list(dict.fromkeys([*fields.get("modules_to_save", []), head]))
+        if self.preset:
+            return AdapterConfig.from_preset(self.preset, **fields)
+        return AdapterConfig.parse(fields)
+
+
+TOWER_FIELDS = ("vision_targets", "text_targets", "vision_rank", "vision_alpha", "text_rank", "text_alpha",
+                "train_heads", "frozen")
+
+
+class TaskSection(_Section):
+    """What is trained: an image classifier, or a dual encoder (contrastive image-text, few-shot prompt classifier)."""
+
+    kind: Literal["classification", "contrastive", "few_shot"] = Field(
+        "classification", description="classification: backbone + head; contrastive: symmetric InfoNCE on image-"
+        "caption pairs; few_shot: CLIP-LoRA, cross-entropy against a text classifier built from prompts.")
+    templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1, description=(
+        "Prompt templates ('{}' = class name). Prompt classifiers ensemble all (few_shot trains through that "
+        "ensemble); contrastive captions made from labels cycle through them."))
+    class_names: dict[str, str] = Field(default_factory=dict, description="Readable name per label for prompts "
+                                        "(e.g. {n01440764: tench}); labels not listed are used as they are.")
+    shots: int | None = Field(None, ge=1, description="few_shot: images per class sampled from data.train "
+                              "(seeded by run.seed); unset = all of data.train.")
+    loss: Literal["infonce", "sigmoid"] = Field("infonce", description="contrastive: InfoNCE (CLIP) or pairwise "
+                                                "sigmoid (SigLIP; needs a model with a logit bias).")
+
+
+class DataSection(_Section):
+    train: str = Field(..., description="Image folder, .csv/.jsonl manifest, or fashion-mnist:train.")
+    val: str | None = Field(None, description="Held-out data for evaluation and best-checkpoint choice.")
+    label_column: str | None = Field("label", description="Manifest label column; null for caption-only data.")
+    path_column: str = "path"
+    image_size: int | None = Field(None, ge=8, description="Square input side; default: the model's native size.")
+    train_limit: int | None = Field(None, ge=1, description="Use a stratified random subset of this many images.")
+    val_limit: int | None = Field(None, ge=1)
+    strict: bool = Field(False, description="Fail on a corrupt image instead of skipping and counting it.")
+    allow_mixed_resolution: bool = Field(False, description="Accept images of different sizes (all are resized).")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+
+
+class OptimSection(_Section):
+    batch_size: int = Field(32, ge=1, description="Images per process per micro-batch.")
+    max_steps: int = Field(..., ge=1, description="Optimizer steps to train.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    lr_adapter: float = Field(1e-3, gt=0, description="AdamW learning rate of the low-rank adapter weights.")
+    lr_head: float = Field(1e-2, gt=0, description="Learning rate of the other trainable weights (head, norms).")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["cosine", "constant"] = "cosine"
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping max-norm; null = off.")
+
+
+class RunSection(_Section):
+    output_dir: str = Field(..., description="Run directory: config.yaml, metrics.jsonl, checkpoints/, best/.")
+    seed: int = 0
+    eval_every: int = Field(0, ge=0, description="Evaluate on data.val every N steps (0: only at the end).")
+    save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: never).")
+    keep_last: int = Field(2, ge=1, description="Step checkpoints kept on disk.")
+    best_metric: Literal["accuracy", "loss", "recall@1"] = Field(
+        "accuracy", description="recall@1: mean of image->text and text->image recall@1 (contrastive runs).")
+    early_stopping_patience: int | None = Field(
+        None, ge=1, description="Stop after this many evaluations without improving best_metric.")
+    early_stopping_min_delta: float = Field(0.0, ge=0)
+    nan_max_consecutive: int = Field(5, ge=1, description="Stop after this many NaN/Inf steps in a row.")
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    gradient_checkpointing: bool = False
+    compile: bool = Field(False, description="torch.compile the model (slow first step, faster after).")
+    resume: bool = Field(True, description="Continue from the last checkpoint in output_dir if there is one.")
+    progress: bool = Field(True, description="Show a progress bar (on a terminal only: logs and pipes get the "
+                           "run's messages without it).")
+    log_every: int = Field(1, ge=1, description="Write a train line to metrics.jsonl every N steps.")
+    monitor_gradients: bool = Field(False, description="Log per-layer gradient norms of the adapter weights to "
+                                    "metrics.jsonl and warn when they vanish or explode (vislora.train.monitor).")
+
+
+class StageSection(_Section):
+    """One stage of a multi-stage run (vislora.train.stages): how many optimizer steps, which towers train, the
+    learning-rate factor, and the adapter's rank."""
+
+    steps: int = Field(..., ge=1, description="Optimizer steps in this stage.")
+    train: list[Literal["vision", "text"]] = Field(
+        default_factory=lambda: ["vision", "text"], min_length=1,
+        description="Towers whose adapters train (a model without towers is all `vision`; default: everything).")
+    lr_scale: float = Field(1.0, gt=0, description="Multiplies both learning rates during this stage.")
+    rank: int | None = Field(
+        None, ge=1, description="Progressive rank growth: the adapter grows to this rank when the stage starts. The "
+        "model's output is unchanged at that moment and the optimizer keeps the state of the old entries; ranks "
+        "never shrink (e.g. 4 -> 16 -> 32 over three stages).")
+
+
+class TrainConfig(_Section):
+    """A whole training run. Load with `TrainConfig.load(path, overrides)`."""
+
+    model: ModelSection
+    task: TaskSection = Field(default_factory=TaskSection)
+    adapter: AdapterSection = Field(default_factory=AdapterSection)
+    data: DataSection
+    optim: OptimSection
+    run: RunSection
+    stages: list[StageSection] = Field(default_factory=list, description="Multi-stage schedule, e.g. text tower "
+                                       "only, then vision only, then both at lr_scale 0.1; see docs/vlm.md.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_from_stages(cls, data: Any) -> Any:
+        """optim.max_steps defaults to the sum of the stages' steps, and must equal it when given."""
+        if not isinstance(data, dict) or not data.get("stages") or not isinstance(data.get("optim"), dict):
+            return data
+        total = sum(s.get("steps", 0) for s in data["stages"] if isinstance(s, dict))
+        given = data["optim"].get("max_steps")
+        if given is None:
+            return {**data, "optim": {**data["optim"], "max_steps": total}}
+        if given != total:
+            raise ValueError(f"optim.max_steps is {given} but the stages add up to {total} steps; drop "
+                             f"optim.max_steps (it defaults to the stages' sum) or make them agree")
+        return data
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.run.eval_every and not self.data.val:
+            raise ValueError("run.eval_every is set but data.val is empty; give held-out data or set eval_every: 0")
+        if self.run.early_stopping_patience and not self.data.val:
+            raise ValueError("run.early_stopping_patience needs data.val to measure improvement")
+        if self.task.kind == "classification" and self.model.text:
+            raise ValueError("model.text pairs a text tower with the image backbone, which only dual-encoder tasks "
+                             "use; set task.kind: contrastive or few_shot, or drop model.text")
+        if self.task.kind == "few_shot" and self.data.label_column is None:
+            raise ValueError("task.kind few_shot needs labelled data: set data.label_column")
+        return self
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> TrainConfig:
+        """Validate a mapping; unknown keys name the closest valid one."""
+        _check_keys(data, cls, "")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                + (f" (got {err['input']!r})" if err["type"] != "missing" and err["loc"] else "")
+                for err in exc.errors()
+            )
+            raise ConfigError(f"invalid train config: {problems}") from None
+
+    @classmethod
+    def load(cls, path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+        """Read YAML, apply `key.path=value` overrides (values parsed as YAML), validate."""
+        data = read_mapping(path, "train config", "sections model, data, optim, run; examples/ has runnable configs")
+        return cls.parse(apply_overrides(data, overrides))
+
+    def save(self, path: str | Path) -> None:
+        atomic_write_text(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def _check_keys(data: Any, model: type[BaseModel], prefix: str) -> None:
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
+            hint = f"did you mean '{prefix}{close[0]}'?" if close else f"valid keys: {', '.join(fields)}"
+            raise ConfigError(f"unknown config key '{prefix}{key}': {hint}")
+        annotation = fields[key].annotation
+        sub = next((t for t in (annotation, *get_args(annotation)) if isinstance(t, type) and
+                    issubclass(t, BaseModel)), None) if get_origin(annotation) is not dict else None
+        if sub is not None:
+            _check_keys(value, sub, f"{prefix}{key}.")

@@ -1,0 +1,137 @@
+"""Open a trained run: the adapted model of an adapter folder that `vislora train` wrote, rebuilt from its task.json.
+
+A run directory holds config.yaml (the resolved TrainConfig) and adapter folders: RUN/adapter, RUN/best and
+RUN/checkpoints/step-N. Each adapter folder carries task.json: the task, the base model section of the config, the
+classes, the input transform and the run's seed, so the folder works away from its run (a registry copy). From it
+`load_trained` rebuilds a classifier and `load_trained_dual` a dual encoder, with the adapter loaded; evaluation,
+reports, export, serving and the CLI open runs this way, never through the trainer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vislora.data.transforms import InputSpec
+from vislora.dual_encoder import build_dual_encoder
+from vislora.errors import AdapterFileError
+from vislora.formats import load_adapter
+from vislora.model import AdaptedModel
+from vislora.run_config import TrainConfig
+from vislora.tasks.classification import build_classifier
+
+TASK_FILE = "task.json"
+CONFIG_FILE = "config.yaml"
+DUAL_TASKS = ("contrastive", "few_shot")
+
+
+def read_task(adapter_dir: str | Path) -> dict[str, Any]:
+    """The task.json of an adapter folder written by `vislora train`."""
+    task_file = Path(adapter_dir) / TASK_FILE
+    if not task_file.is_file():
+        raise AdapterFileError(f"{adapter_dir} has no {TASK_FILE}: it was not written by `vislora train`. Give a "
+                               "run's adapter/, best/ or checkpoints/step-N/ folder")
+    try:
+        return json.loads(task_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFileError(f"{task_file} is not valid JSON ({exc}); the file is corrupt or truncated") from None
+
+
+def input_spec(task: dict[str, Any]) -> InputSpec:
+    """The input transform (size, normalisation, interpolation) a task.json records."""
+    spec = task["input"]
+    return InputSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+
+
+def run_dir(adapter_dir: str | Path) -> Path | None:
+    """The run directory holding `adapter_dir` (RUN/adapter, RUN/best, RUN/checkpoints/step-N), or None for a folder
+    kept outside its run."""
+    adapter_dir = Path(adapter_dir)
+    return next((d for d in (adapter_dir.parent, adapter_dir.parent.parent) if (d / CONFIG_FILE).is_file()), None)
+
+
+def run_config(adapter_dir: str | Path) -> TrainConfig | None:
+    """The config of the run that wrote `adapter_dir` (its config.yaml), or None for a folder outside its run."""
+    folder = run_dir(adapter_dir)
+    return TrainConfig.load(folder / CONFIG_FILE) if folder is not None else None
+
+
+def run_seed(adapter_dir: str | Path) -> int:
+    """The seed of the run that wrote `adapter_dir`: task.json's `seed`, or for a folder whose task.json predates it,
+    run.seed in the config of the run around it."""
+    task_file = Path(adapter_dir) / TASK_FILE
+    if task_file.is_file() and "seed" in (task := read_task(adapter_dir)):
+        return int(task["seed"])
+    config = run_config(adapter_dir)
+    if config is None:
+        raise AdapterFileError(f"{adapter_dir} was trained on a randomly initialised base model (model.pretrained: "
+                               "false), which is rebuilt from the run's seed, but its task.json has no `seed` and no "
+                               f"{CONFIG_FILE} is beside or above the folder; keep the adapter inside its run "
+                               "directory")
+    return config.run.seed
+
+
+@contextlib.contextmanager
+def base_random_state(task: dict[str, Any], adapter_dir: str | Path) -> Iterator[None]:
+    """Inside the block, a base model built with random weights (`pretrained: false`) draws them as the trainer did:
+    from the run's seed. The caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        if not task["model"].get("pretrained", True):
+            torch.manual_seed(run_seed(adapter_dir))
+        yield
+
+
+def dual_encoder_args(model: dict[str, Any]) -> dict[str, Any]:
+    """build_dual_encoder's arguments for a task.json `model` section (the run config's ModelSection)."""
+    return {"spec": model["spec"], "text": model.get("text"), "pretrained": model.get("pretrained", True),
+            "embed_dim": model.get("embed_dim", 256), "vision_pooling": model.get("pooling", "cls"),
+            "text_pooling": model.get("text_pooling", "mean"), **model.get("kwargs", {})}
+
+
+def check_rebuildable(task: dict[str, Any], adapter_dir: str | Path) -> None:
+    """Refuse a run whose base model task.json cannot describe: one prepared in Python and handed to the Trainer."""
+    if task.get("prepared_base"):
+        raise AdapterFileError(f"{adapter_dir} was trained on a base model prepared in Python (e.g. pre-aligned "
+                               "projections), which task.json cannot rebuild; build that model in Python and load the "
+                               "adapter onto it with vislora.load_adapter(model, folder)")
+
+
+def load_trained(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]:
+    """The classifier of a classification run with its adapter loaded, in eval mode, and the adapter's task.json
+    with the input transform added as `input_spec`."""
+    task = read_task(adapter_dir)
+    kind = task.get("task", "classification")
+    if kind != "classification":
+        raise AdapterFileError(f"{adapter_dir} is a {kind!r} run, not a classifier; open dual-encoder runs "
+                               f"({', '.join(DUAL_TASKS)}) with vislora.runs.load_trained_dual")
+    model = task["model"]
+    spec = input_spec(task)
+    with base_random_state(task, adapter_dir):
+        base, _ = build_classifier(model["spec"], len(task["classes"]), model.get("pretrained", True),
+                                   model.get("head", "auto"), model.get("pooling", "cls"), spec.size,
+                                   **model.get("kwargs", {}))
+    return load_adapter(base, adapter_dir).eval(), {**task, "input_spec": spec}
+
+
+def load_trained_dual(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]:
+    """The dual encoder of a contrastive or few-shot run with its adapter (and the frozen adapters it was trained
+    over, task.json `frozen`) loaded and active, in eval mode; and the adapter's task.json."""
+    task = read_task(adapter_dir)
+    if task.get("task") not in DUAL_TASKS:
+        raise AdapterFileError(f"{adapter_dir} is not a dual-encoder adapter of `vislora train` (task.json says "
+                               f"{task.get('task')!r}); give a contrastive or few_shot run's adapter/ or best/ folder, "
+                               "or open classifiers with vislora.runs.load_trained")
+    check_rebuildable(task, adapter_dir)
+    with base_random_state(task, adapter_dir):
+        base = build_dual_encoder(**dual_encoder_args(task["model"]))
+    frozen = task.get("frozen", {})
+    model = load_adapter(base, adapter_dir, "default", activate=False)
+    for name, folder in frozen.items():
+        load_adapter(model, folder, name, activate=False)
+    model.set_active([*frozen, "default"])
+    return model.eval(), task
