@@ -93,12 +93,13 @@ def dual_encoder_args(model: dict[str, Any]) -> dict[str, Any]:
             "text_pooling": model.get("text_pooling", "mean"), **model.get("kwargs", {})}
 
 
-def check_rebuildable(task: dict[str, Any], adapter_dir: str | Path) -> None:
+def check_rebuildable(task: dict[str, Any], adapter_dir: str | Path,
+                      fix: str = "build that model in Python and load the adapter onto it with "
+                                 "vislora.load_adapter(model, folder)") -> None:
     """Refuse a run whose base model task.json cannot describe: one prepared in Python and handed to the Trainer."""
     if task.get("prepared_base"):
         raise AdapterFileError(f"{adapter_dir} was trained on a base model prepared in Python (e.g. pre-aligned "
-                               "projections), which task.json cannot rebuild; build that model in Python and load the "
-                               "adapter onto it with vislora.load_adapter(model, folder)")
+                               f"projections), which task.json cannot rebuild; {fix}")
 
 
 def load_trained(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]:

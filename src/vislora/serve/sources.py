@@ -18,15 +18,15 @@ import torch
 from torch import nn
 
 from vislora.data.transforms import InputSpec, model_input_spec
+from vislora.dual_encoder import build_dual_encoder
 from vislora.errors import AdapterFileError, ConfigError
 from vislora.formats import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
-from vislora.runs import run_seed
+from vislora.runs import DUAL_TASKS, TASK_FILE, check_rebuildable, input_spec, run_seed
 from vislora.serve.config import BaseSection
 from vislora.tasks.classification import build_classifier
 
 logger = logging.getLogger(__name__)
 
-TASK_FILE = "task.json"
 REGISTRY = "registry:"
 
 
@@ -87,9 +87,6 @@ def open_source(reference: str | Path, registry: str | Path | None = None) -> Ad
     return AdapterSource(folder, str(reference), task, digest, base_print)
 
 
-DUAL_TASKS = ("contrastive", "few_shot")
-
-
 def base_from_task(task: dict[str, Any]) -> BaseSection:
     """The base model section an adapter's task.json describes (a classifier's classes become the head width)."""
     kind = task.get("task", "classification")
@@ -98,21 +95,14 @@ def base_from_task(task: dict[str, Any]) -> BaseSection:
               "pooling": model.get("pooling", "cls"), "kwargs": model.get("kwargs", {}),
               "image_size": task["input"]["size"]}
     if kind in DUAL_TASKS:
-        check_dual_servable(task)
+        check_rebuildable(task, "this adapter", fix="serve it from a DualEngine built on that model in Python "
+                          "(DualEngine(AdaptedModel(model), ...))")
         return BaseSection(kind="dual_encoder", text=model.get("text"), embed_dim=model.get("embed_dim", 256),
                            text_pooling=model.get("text_pooling", "mean"), **common)
     if kind != "classification":
         raise AdapterFileError(f"this adapter was trained for the {kind!r} task; the server serves classification "
                                f"and dual-encoder ({', '.join(DUAL_TASKS)}) adapters")
     return BaseSection(head=model.get("head", "auto"), num_classes=len(task["classes"]), **common)
-
-
-def check_dual_servable(task: dict[str, Any]) -> None:
-    """Refuse the dual-encoder runs a server cannot rebuild."""
-    if task.get("prepared_base"):
-        raise AdapterFileError("this adapter was trained on a base model prepared in Python (e.g. pre-aligned "
-                               "projections), which task.json cannot rebuild; serve it from a DualEngine built on that "
-                               "model in Python (DualEngine(AdaptedModel(model), ...))")
 
 
 def frozen_folders(source: AdapterSource) -> list[Path]:
@@ -124,11 +114,6 @@ def frozen_folders(source: AdapterSource) -> list[Path]:
         raise AdapterFileError(f"{source.path} was trained over the frozen adapters {missing} (task.json `frozen`), "
                                "which are not there; put them back, or fix the paths in task.json")
     return folders
-
-
-def input_spec_from_task(task: dict[str, Any]) -> InputSpec:
-    spec = task["input"]
-    return InputSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
 
 
 def build_base(section: BaseSection, trained: AdapterSource | None = None) -> tuple[nn.Module, str | None, InputSpec]:
@@ -147,7 +132,7 @@ def build_base(section: BaseSection, trained: AdapterSource | None = None) -> tu
             model, head = build_classifier(section.spec, section.num_classes, section.pretrained, section.head,
                                            section.pooling, section.image_size, **section.kwargs)
     if trained and trained.task:
-        spec = input_spec_from_task(trained.task)
+        spec = input_spec(trained.task)
     else:
         backbone = model.vision_tower if head is None else getattr(model, "backbone", model)
         spec = model_input_spec(backbone, section.image_size)
@@ -155,8 +140,6 @@ def build_base(section: BaseSection, trained: AdapterSource | None = None) -> tu
 
 
 def _dual_encoder(section: BaseSection) -> nn.Module:
-    from vislora.dual_encoder import build_dual_encoder
-
     return build_dual_encoder(section.spec, section.text, pretrained=section.pretrained, embed_dim=section.embed_dim,
                               vision_pooling=section.pooling, text_pooling=section.text_pooling, **section.kwargs)
 
@@ -189,8 +172,8 @@ def check_fits(name: str, source: AdapterSource, base: BaseSection, spec: InputS
     fields = ("kind", "spec", "pretrained", "pooling", "kwargs", "image_size", *(
         ("text", "embed_dim", "text_pooling") if base.kind == "dual_encoder" else ("head", "num_classes")))
     differ = {f: (getattr(theirs, f), getattr(base, f)) for f in fields if getattr(theirs, f) != getattr(base, f)}
-    if input_spec_from_task(source.task) != spec:
-        differ["input transform"] = (input_spec_from_task(source.task), spec)
+    if input_spec(source.task) != spec:
+        differ["input transform"] = (input_spec(source.task), spec)
     if differ:
         listed = "; ".join(f"{f}: adapter {a!r}, server {b!r}" for f, (a, b) in differ.items())
         raise AdapterFileError(f"adapter {name!r} ({source.path}) was trained for another base model than this "
