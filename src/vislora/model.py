@@ -73,7 +73,8 @@ class AdaptedModel(nn.Module):
         """
         if adapters is None:
             return self.base_model(*args, **kwargs)
-        route = self._route_for(adapters, args, kwargs)
+        loaded = {name: method_class(config) for name, config in self.configs.items()}
+        route = Route.for_call(adapters, (*args, *kwargs.values()), loaded, self._active if self._merged else None)
         self._set_route(route)
         try:
             return self.base_model(*args, **kwargs)
@@ -391,30 +392,6 @@ class AdaptedModel(nn.Module):
             self.set_active(name)
         else:
             self._apply_active()
-
-    def _route_for(self, adapters: Sequence[str | None], args: tuple, kwargs: dict) -> Route:
-        """The route of one `model(*args, adapters=..., **kwargs)` call, after checking `adapters` against it."""
-        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
-            raise AdapterError(f"adapters= takes one adapter name (or None) per sample, got {adapters!r}; "
-                               "to use one adapter for the whole batch call set_active() instead")
-        if self._merged:
-            raise AdapterError(f"adapters {list(self._active)} are merged into the weights; call unmerge() "
-                               "before routing samples to adapters")
-        unknown = sorted({n for n in adapters if n is not None and n not in self.configs})
-        if unknown:
-            raise AdapterError(f"unknown adapter(s) {unknown} in adapters=; loaded: {list(self.adapters) or 'none'}")
-        refusing = [n for n in dict.fromkeys(adapters) if n is not None and method_class(self.configs[n]).refusal]
-        if refusing:
-            method = method_class(self.configs[refusing[0]])
-            raise AdapterError(f"{method.__name__} adapter(s) {refusing} cannot be routed per sample: each is "
-                               f"{method.refusal}; run them with set_active() on their own batches")
-        batch = next((t for t in (*args, *kwargs.values()) if torch.is_tensor(t)), None)
-        if batch is None:
-            raise AdapterError("per-sample routing needs a tensor input whose first dimension is the batch")
-        if len(adapters) != batch.shape[0]:
-            raise AdapterError(f"adapters= has {len(adapters)} entries but the batch has {batch.shape[0]} samples "
-                               f"(input shape {tuple(batch.shape)}); give one adapter name or None per sample")
-        return Route.build(adapters, batch.device)
 
     def _set_route(self, route: Route | None) -> None:
         for wrapper in (*self.tree.layers.values(), *self.tree.saved.values()):

@@ -15,13 +15,15 @@ per layer. A Route is state on the layers for one forward: calls that route must
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from vislora.adapters.lora import BaseWeight, LoRA
+from vislora.errors import AdapterError
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,33 @@ class Route:
     names: tuple[str | None, ...]  # one entry per sample; None = the base model
     used: tuple[str | None, ...]  # slot k -> adapter; slot 0 is None
     index: torch.Tensor  # (N,) the slot of each sample
+
+    @classmethod
+    def for_call(cls, adapters: Sequence[str | None], inputs: Sequence[Any], loaded: Mapping[str, type[LoRA]],
+                 merged: tuple[str, ...] | None) -> Route:
+        """The route of one `model(*inputs, adapters=...)` call, after checking `adapters` against the model's
+        `loaded` adapters (name -> method class) and what is `merged` into its weights (None: nothing)."""
+        if isinstance(adapters, str) or not isinstance(adapters, Sequence):
+            raise AdapterError(f"adapters= takes one adapter name (or None) per sample, got {adapters!r}; "
+                               "to use one adapter for the whole batch call set_active() instead")
+        if merged is not None:
+            raise AdapterError(f"adapters {list(merged)} are merged into the weights; call unmerge() before routing "
+                               "samples to adapters")
+        unknown = sorted({n for n in adapters if n is not None and n not in loaded})
+        if unknown:
+            raise AdapterError(f"unknown adapter(s) {unknown} in adapters=; loaded: {list(loaded) or 'none'}")
+        refusing = [n for n in dict.fromkeys(adapters) if n is not None and loaded[n].refusal]
+        if refusing:
+            method = loaded[refusing[0]]
+            raise AdapterError(f"{method.__name__} adapter(s) {refusing} cannot be routed per sample: each is "
+                               f"{method.refusal}; run them with set_active() on their own batches")
+        batch = next((t for t in inputs if torch.is_tensor(t)), None)
+        if batch is None:
+            raise AdapterError("per-sample routing needs a tensor input whose first dimension is the batch")
+        if len(adapters) != batch.shape[0]:
+            raise AdapterError(f"adapters= has {len(adapters)} entries but the batch has {batch.shape[0]} samples "
+                               f"(input shape {tuple(batch.shape)}); give one adapter name or None per sample")
+        return cls.build(adapters, batch.device)
 
     @classmethod
     def build(cls, names: Sequence[str | None], device: torch.device | str) -> Route:
