@@ -60,9 +60,6 @@ class LoraLayer(nn.Module):
         self.route: Route | None = None
         self.path = ""  # set by AdaptedModel; names the layer in errors
         self.residual_owner: str | None = None  # the PiSSA adapter whose residual W lacks
-        # half-precision bases keep fp32 adapters: low-rank updates underflow in fp16/bf16
-        self.adapter_dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.device = weight.device
         self._stacks: tuple[tuple, Stacks] | None = None
 
     # ------------------------------------------------------------ the base layer (subclasses say which)
@@ -74,6 +71,17 @@ class LoraLayer(nn.Module):
     @property
     def base_bias(self) -> torch.Tensor | None:
         raise NotImplementedError
+
+    @property
+    def adapter_dtype(self) -> torch.dtype:
+        """The dtype new adapters get: W's, but fp32 under a half-precision W (low-rank updates underflow there)."""
+        dtype = self.base_weight.dtype
+        return dtype if dtype in (torch.float32, torch.float64) else torch.float32
+
+    @property
+    def device(self) -> torch.device:
+        """Where W lives now (a model moved after injection takes its new adapters along)."""
+        return self.base_weight.device
 
     @property
     def merged_adapters(self) -> tuple[str, ...]:
@@ -173,12 +181,14 @@ class LoraLayer(nn.Module):
         them (nor W) changed."""
         adapters = [self.adapters[n] if n in self.adapters else None for n in used]  # noqa: SIM401 (ModuleDict)
         shape = (self.out_features, self.in_features)
+        a = next((adapter.lora_A for adapter in adapters if adapter is not None), None)
+        dtype, device = (self.adapter_dtype, self.device) if a is None else (a.dtype, a.device)
         if torch.is_grad_enabled():
-            return build_stacks(adapters, self, shape, self.adapter_dtype, self.device)
+            return build_stacks(adapters, self, shape, dtype, device)
         key = (tuple(n if n in self.adapters else None for n in used), torch.is_inference_mode_enabled(),
-               self.base_weight._version, *(a.versions() for a in adapters if a is not None))
+               self.base_weight._version, device, *(adapter.versions() for adapter in adapters if adapter is not None))
         if self._stacks is None or self._stacks[0] != key:
-            self._stacks = (key, build_stacks(adapters, self, shape, self.adapter_dtype, self.device))
+            self._stacks = (key, build_stacks(adapters, self, shape, dtype, device))
         return self._stacks[1]
 
     def without_bias(self, base_out: torch.Tensor) -> torch.Tensor:
