@@ -12,7 +12,7 @@ from conftest import real_assets_or_skip
 from synthetic_images import class_image, csv_manifest, tiny_train_config
 from vislora.cli import app
 from vislora.errors import VisloraError
-from vislora.report import write_report
+from vislora.report import load_run, write_report
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -149,3 +149,14 @@ def test_demo_report_reuses_the_probe_and_final_evaluation(tmp_path):
         assert (result.report.parent / f"{name}.png").stat().st_size > 2000
     card = (result.report.parent / "MODEL_CARD.md").read_text()
     assert "base_model: facebook/dinov2-small" in card and "linear probe" in card
+
+
+@pytest.mark.parametrize(("method", "tags"), [("lora", ["vislora", "lora", "image-classification"]),
+                                               ("dora", ["vislora", "lora", "dora", "image-classification"])])
+def test_model_card_names_each_tag_once(run, method, tags):
+    from vislora.diagnostics import build_diagnosis
+    from vislora.report.card import model_card
+
+    card = model_card(load_run(run), {"method": method, "rank": 4, "alpha": 8}, build_diagnosis("a", "a", 0.9, []),
+                      None, None, None)
+    assert yaml.safe_load(card.split("---\n")[1])["tags"] == tags
