@@ -1,5 +1,6 @@
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -73,7 +74,7 @@ def test_untrained_adapter_is_reported_untrained_and_nan_as_broken():
     assert all(layer.untrained and layer.effective_rank == 0 for layer in report.layers)
     randomize_adapters(model)
     with torch.no_grad():
-        model.layers()["blocks.1.attn.qkv"].adapters["default"].lora_B[0, 0, 0] = float("nan")
+        model.layers()["blocks.1.attn.qkv"].adapters["default"].adapters[0, 0, 0].lora_B = float("nan")
     report = diagnose(model)
     assert report.verdict.status == "broken" and "blocks.1.attn.qkv[q]" in report.verdict.reasons[0]
     assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["verdict"]["status"] == "broken"
@@ -163,3 +164,32 @@ def test_inspect_command_prints_tables_and_json_with_base_norms(tmp_path):
 
     result = runner.invoke(app, ["inspect", str(tmp_path / "adapter"), "--threshold", "1.5"])
     assert result.exit_code != 0 and "energy threshold must be in (0, 1], got 1.5" in str(result.exception)
+
+
+def test_inspect_table_fits_80_columns_with_whole_names_in_natural_order(tmp_path, monkeypatch):
+    from vislora.cli.app import console
+
+    torch.manual_seed(0)
+    config = transformers.Dinov2Config(hidden_size=32, num_hidden_layers=12, num_attention_heads=2, mlp_ratio=2,
+                                       image_size=28, patch_size=14)
+    transformers.Dinov2Model(config).save_pretrained(tmp_path / "base")
+    model = vislora.inject(transformers.Dinov2Model.from_pretrained(tmp_path / "base"),
+                           vislora.AdapterConfig(rank=8, alpha=16, targets=["q", "v"]))
+    randomize_adapters(model)
+    vislora.save_adapter(model, tmp_path / "adapter")
+    monkeypatch.setattr(console, "width", 80)
+
+    for base in ([], ["--base", f"hf:{tmp_path / 'base'}"]):  # with the base: one more column
+        result = runner.invoke(app, ["inspect", str(tmp_path / "adapter"), *base])
+        assert result.exit_code == 0, result.output
+        lines = result.stdout.splitlines()  # stderr has the base model's loading bar
+        assert max(len(line) for line in lines) <= 80
+        assert lines[0].startswith(f"{tmp_path / 'adapter'}: 24") and "low-rank pairs" in result.stdout
+        assert "adapter adapter" not in result.stdout
+        assert sum("encoder.layer.N" in line for line in lines) == 1  # the stack, named once above its rows
+        rows = [line.split() for line in lines if re.match(r"^\s*\d+\s+attention\.[qv]_proj\s", line)]
+        assert [(row[0], row[1]) for row in rows] == [(str(depth), f"attention.{m}_proj") for depth in range(12)
+                                                      for m in "qv"]  # whole names, blocks 0, 1, 2, ..., 10, 11
+        depths = [line.split()[0] for line in lines[lines.index(next(x for x in lines if "per depth" in x)):]
+                  if re.match(r"^\s*\d+\s+2\s", line)]
+        assert depths == [str(depth) for depth in range(12)]

@@ -12,7 +12,7 @@ from conftest import real_assets_or_skip
 from synthetic_images import class_image, csv_manifest, tiny_train_config
 from vislora.cli import app
 from vislora.errors import VisloraError
-from vislora.report import write_report
+from vislora.report import load_run, write_report
 
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -149,3 +149,34 @@ def test_demo_report_reuses_the_probe_and_final_evaluation(tmp_path):
         assert (result.report.parent / f"{name}.png").stat().st_size > 2000
     card = (result.report.parent / "MODEL_CARD.md").read_text()
     assert "base_model: facebook/dinov2-small" in card and "linear probe" in card
+
+
+@pytest.mark.parametrize(("method", "tags"), [("lora", ["vislora", "lora", "image-classification"]),
+                                               ("dora", ["vislora", "lora", "dora", "image-classification"])])
+def test_model_card_names_each_tag_once(run, method, tags):
+    from vislora.diagnostics import build_diagnosis
+    from vislora.report.card import model_card
+
+    card = model_card(load_run(run), {"method": method, "rank": 4, "alpha": 8}, build_diagnosis("a", "a", 0.9, []),
+                      None, None, None)
+    assert yaml.safe_load(card.split("---\n")[1])["tags"] == tags
+
+
+def test_a_single_evaluation_is_a_labelled_bar_not_a_dot(tmp_path, monkeypatch):
+    from vislora.report import plots
+
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    rows = [{"split": "train", "step": s, "loss": 2.0 / s, "lr_adapter": 1e-3, "lr_head": 1e-3} for s in range(1, 41)]
+    plots.training_curves([*rows, {"split": "val", "step": 40, "loss": 0.4, "accuracy": 0.8625, "n": 1000}],
+                          tmp_path / "once.png")
+    accuracy = drawn[0].axes[1]
+    assert [bar.get_width() for bar in accuracy.patches] == [0.8625] and accuracy.get_xlim() == (0, 1)
+    assert "0.8625" in [text.get_text() for text in accuracy.texts]
+    assert "evaluated once on 1,000 images" in accuracy.get_title()
+    assert [label.get_text() for label in accuracy.get_yticklabels()] == ["step 40"]
+
+    plots.training_curves([*rows, {"split": "val", "step": 20, "loss": 0.5, "accuracy": 0.8},
+                           {"split": "val", "step": 40, "loss": 0.4, "accuracy": 0.86}], tmp_path / "twice.png")
+    curve = drawn[1].axes[1]
+    assert len(curve.patches) == 0 and list(curve.lines[0].get_ydata()) == [0.8, 0.86]  # two points: a curve

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
 from vislora.cli.app import app, console
-from vislora.diagnostics import Diagnosis, GroupSummary, Stats
+from vislora.diagnostics import Diagnosis, GroupSummary, LayerDiagnostics, Stats
+from vislora.targets import block_prefix
 
 STATUS_STYLE = {"healthy": "green", "attention": "yellow", "untrained": "red", "broken": "bold red"}
 
@@ -58,23 +61,16 @@ def _base_model(spec: str, pretrained: bool) -> object:
 
 
 def show_diagnosis(diagnosis: Diagnosis) -> None:
-    """Per-layer table, summaries per module type and per depth, and the verdict, on the console."""
+    """Per-layer tables (one per block stack), summaries per module type and per depth, and the verdict.
+
+    Fits an 80-column terminal: each row names its block by index and the module by its path inside the block
+    (the stack's path is the table's title), and no cell is ever wrapped; `--json` has every figure.
+    """
     relative = any(layer.relative_norm is not None for layer in diagnosis.layers)
-    energy = f"r@{diagnosis.threshold:.0%}"
-    table = Table(title=escape(f"adapter {diagnosis.adapter}: {len(diagnosis.layers)} low-rank pairs "
-                               "(dW = scale*B@A; s = its singular values)"))
-    table.add_column("layer", overflow="fold")
-    for column in ("type", "rank", "||A||", "||B||", "||dW||", *(["||dW||/||W||"] if relative else []), "top s",
-                   "eff. rank", energy, "use"):
-        table.add_column(escape(column))
-    for layer in diagnosis.layers:
-        top = " ".join(f"{s:.3g}" for s in layer.singular_values[:3])
-        table.add_row(escape(layer.path), escape(layer.module), str(layer.rank), f"{layer.norm_a:.3g}",
-                      f"{layer.norm_b:.3g}",
-                      f"{layer.delta_norm:.3g}",
-                      *([_num(layer.relative_norm)] if relative else []), top or "-",
-                      f"{layer.effective_rank:.2f}", str(layer.energy_rank), f"{layer.utilisation:.2f}")
-    console.print(table)
+    console.print(f"[bold]{escape(diagnosis.source)}[/]: {len(diagnosis.layers)} low-rank pairs, "
+                  "dW = scale*B@A with singular values s")
+    for stack, layers in _by_stack(diagnosis.layers).items():
+        console.print(_layer_table(stack, layers, relative, diagnosis.threshold))
     for key, groups in (("module type", diagnosis.by_module), ("depth", diagnosis.by_depth)):
         console.print(_summary_table(key, groups, relative))
     verdict = diagnosis.verdict
@@ -85,10 +81,42 @@ def show_diagnosis(diagnosis: Diagnosis) -> None:
         console.print(f"  -> {advice}", markup=False)
 
 
+def _by_stack(layers: list[LayerDiagnostics]) -> dict[str, list[tuple[str, str, LayerDiagnostics]]]:
+    """(block index, path inside the block, layer) per block stack (`backbone.encoder.layer.N`); layers outside
+    every stack keep their whole path, under "outside the blocks"."""
+    stacks: dict[str, list[tuple[str, str, LayerDiagnostics]]] = defaultdict(list)
+    for layer in layers:
+        prefix = block_prefix(layer.path)
+        if prefix is None:
+            stacks["outside the blocks"].append(("-", layer.path, layer))
+        else:
+            stack, _, index = prefix.rpartition(".")
+            stacks[f"{stack}.N" if stack else "N"].append((index, layer.path[len(prefix) + 1:], layer))
+    return stacks
+
+
+def _layer_table(stack: str, rows: list[tuple[str, str, LayerDiagnostics]], relative: bool, threshold: float
+                 ) -> Table:
+    table = Table(title=escape(stack), box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    table.add_column("N" if stack != "outside the blocks" else "", justify="right", no_wrap=True)
+    table.add_column("module", no_wrap=True)
+    for column in ("rank", "||dW||", *(["||dW||\n/||W||"] if relative else []), "eff.\nrank",
+                   f"r@{threshold:.0%}", "use"):
+        table.add_column(escape(column), justify="right", no_wrap=True)
+    table.add_column("top s", justify="right")  # three numbers: a narrow terminal wraps between them
+    for index, module, layer in rows:
+        top = " ".join(f"{s:.2g}" for s in layer.singular_values[:3])
+        table.add_row(index, escape(module), str(layer.rank), _num(layer.delta_norm),
+                      *([_num(layer.relative_norm)] if relative else []), f"{layer.effective_rank:.2f}",
+                      str(layer.energy_rank), f"{layer.utilisation:.2f}", top or "-")
+    return table
+
+
 def _summary_table(key_name: str, groups: dict[str, GroupSummary], relative: bool) -> Table:
-    table = Table(key_name, "layers",
-                  "utilisation mean ± std", "range", "eff. rank mean", *(["||dW||/||W|| mean"] if relative else []),
-                  title=f"per {key_name}")
+    table = Table(title=f"per {key_name}", box=box.SIMPLE_HEAD, collapse_padding=True, pad_edge=False)
+    for column in (key_name, "layers", "utilisation\nmean ± std", "utilisation\nrange", "eff. rank\nmean",
+                   *(["||dW||/||W||\nmean"] if relative else [])):
+        table.add_column(escape(column), no_wrap=True, justify="left" if column == key_name else "right")
     for key, group in groups.items():
         u = group.utilisation
         table.add_row(escape(key), str(group.layers), _mean_std(u), f"{u.min:.2f}-{u.max:.2f}" if u else "-",

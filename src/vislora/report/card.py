@@ -64,7 +64,8 @@ def _front_matter(info: RunInfo, adapter_config: dict[str, Any], comparison: Com
     if base:
         front["base_model"] = base
     front.update({"pipeline_tag": "image-classification",
-                  "tags": ["vislora", "lora", adapter_config.get("method", "lora"), "image-classification"],
+                  "tags": list(dict.fromkeys(["vislora", "lora", adapter_config.get("method", "lora"),
+                                              "image-classification"])),  # method "lora" is named once
                   "metrics": ["accuracy", "f1"]})
     if comparison is not None:
         metrics = [{"type": "accuracy", "value": round(comparison.adapted.accuracy, 4), "name": "accuracy (adapted)"},

@@ -46,8 +46,11 @@ def training_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
         axes[0].plot(steps[window - 1:], smooth, color=ADAPTED_COLOUR, lw=2, label=f"moving average ({window})")
     if val:
         axes[0].plot([r["step"] for r in val], [r["loss"] for r in val], "o-", color="#d62728", label="held-out loss")
+    if len(val) > 1:
         axes[1].plot([r["step"] for r in val], [r["accuracy"] for r in val], "o-", color="#2ca02c")
         axes[1].set_ylabel("held-out accuracy")
+    elif val:
+        _one_evaluation(axes[1], val[0])
     else:
         axes[1].text(0.5, 0.5, "no held-out evaluation logged", ha="center", va="center", transform=axes[1].transAxes)
     axes[0].set_ylabel("loss")
@@ -65,9 +68,21 @@ def training_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
         axes[3].set_ylabel("adapter gradient norm")
         axes[3].legend(fontsize=8)
     for ax in axes:
-        ax.set_xlabel("step")
+        ax.set_xlabel(ax.get_xlabel() or "step")
         ax.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def _one_evaluation(ax: Any, row: dict[str, Any]) -> None:
+    """A single held-out evaluation as a labelled bar on a 0-1 scale (one point is no curve)."""
+    accuracy = row["accuracy"]
+    ax.barh([f"step {row['step']}"], [accuracy], color="#2ca02c", height=0.5)
+    ax.text(accuracy / 2, 0, f"{accuracy:.4f}", ha="center", va="center", color="white", fontsize=11,
+            fontweight="bold")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("held-out accuracy")
+    n = f" on {row['n']:,} images" if "n" in row else ""
+    ax.set_title(f"evaluated once{n}; run.eval_every gives a curve", fontsize=8)
 
 
 def per_class_bars(comparison: Comparison, path: Path) -> Path | None:
