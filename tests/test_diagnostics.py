@@ -74,7 +74,7 @@ def test_untrained_adapter_is_reported_untrained_and_nan_as_broken():
     assert all(layer.untrained and layer.effective_rank == 0 for layer in report.layers)
     randomize_adapters(model)
     with torch.no_grad():
-        model.layers()["blocks.1.attn.qkv"].adapters["default"].adapters[0, 0, 0].lora_B = float("nan")
+        model.layers()["blocks.1.attn.qkv"].adapters["default"].lora_B[0, 0, 0] = float("nan")
     report = diagnose(model)
     assert report.verdict.status == "broken" and "blocks.1.attn.qkv[q]" in report.verdict.reasons[0]
     assert json.loads(json.dumps(report.to_dict(), allow_nan=False))["verdict"]["status"] == "broken"

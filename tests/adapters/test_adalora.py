@@ -92,8 +92,8 @@ def test_orthogonality_term_equals_its_definition_and_is_in_the_loss():
     for layer in layers.values():
         spec = layer.adapters["default"]
         for j in range(spec.layout.pairs):
-            a = layer.adapters["default"].adapters[j * 6:(j + 1) * 6].lora_A
-            b = layer.adapters["default"].adapters[j].lora_B if spec.layout.blocks else layer.adapters["default"].lora_B
+            a = layer.adapters["default"].lora_A[j * 6:(j + 1) * 6]
+            b = layer.adapters["default"].lora_B[j] if spec.layout.blocks else layer.adapters["default"].lora_B
             terms += [torch.linalg.norm(a @ a.T - torch.eye(6)), torch.linalg.norm(b.T @ b - torch.eye(6))]
     expected = torch.stack(terms).mean()
     torch.testing.assert_close(orthogonality(model.layers_of("default")), expected)
