@@ -56,6 +56,8 @@ def test_preset_overrides_and_unknown_preset():
 def test_invalid_fields_name_the_field(data, message):
     with pytest.raises(ConfigError, match=message):
         AdapterConfig.parse(data)
+    with pytest.raises(ConfigError, match=message):  # built in Python: the same error, not pydantic's
+        AdapterConfig(**data)
 
 
 def test_advice_warnings():

@@ -157,6 +157,13 @@ class AdapterConfig(BaseModel):
             )
         return self
 
+    def __init__(self, **data: Any) -> None:
+        """As pydantic's, but a bad value raises one ConfigError that names each field, as `parse` does."""
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid adapter config: {_problems(exc)}") from None
+
     def scale_for(self, rank: int, alpha: float) -> float:
         """scale = alpha / rank, or alpha / sqrt(rank) with rsLoRA."""
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
@@ -174,11 +181,7 @@ class AdapterConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']} (got {err.get('input')!r})"
-                for err in exc.errors()
-            )
-            raise ConfigError(f"invalid adapter config: {problems}") from None
+            raise ConfigError(f"invalid adapter config: {_problems(exc)}") from None
 
     @classmethod
     def load(cls, path: str | Path) -> AdapterConfig:
@@ -191,3 +194,9 @@ class AdapterConfig(BaseModel):
         data = self.model_dump(mode="json")
         text = json.dumps(data, indent=2) if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
         atomic_write_text(path, text)
+
+
+def _problems(exc: ValidationError) -> str:
+    """pydantic's errors as `field: message (got value)`, joined by '; '."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']} (got {err.get('input')!r})"
+                     for err in exc.errors())
