@@ -119,7 +119,7 @@ def resolve_targets(model: nn.Module, config: AdapterConfig) -> TargetPlan:
             "adapt in this model; loosen the exclude/layers filters"
         )
     targets = [_target(path, slices, candidates, config) for path, slices in sorted(chosen.items(),
-                                                                                    key=_path_order)]
+                                                                                    key=path_order)]
     to_save = _modules_to_save(modules, config)
     return TargetPlan(targets=targets, modules_to_save=to_save)
 
@@ -360,7 +360,7 @@ def _modules_to_save(modules: dict[str, nn.Module], config: AdapterConfig) -> li
         paths += [p for p, m in modules.items() if isinstance(m, _NORM_TYPES) or type(m).__name__.endswith(
             ("LayerNorm", "RMSNorm"))]
     # a module inside another saved module is saved with it
-    paths = sorted(set(paths), key=_path_order)
+    paths = sorted(set(paths), key=path_order)
     return [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
 
 
@@ -368,7 +368,8 @@ def _generic(path: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".N", path)
 
 
-def _path_order(item: str | tuple) -> list:
+def path_order(item: str | tuple) -> list:
+    """Sort key for module paths (or (path, ...) tuples) that reads block indices as numbers: 2 before 10."""
     path = item[0] if isinstance(item, tuple) else item
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.split(".")]
 

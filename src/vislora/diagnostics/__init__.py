@@ -8,7 +8,6 @@ layout) without any model, and with `base` also the relative change ||delta_W|| 
 
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from vislora.diagnostics.spectrum import analyse_pair, effective_rank, energy_ra
 from vislora.diagnostics.verdict import verdict
 from vislora.errors import AdapterError, ConfigError
 from vislora.model import AdaptedModel
-from vislora.targets import QKV
+from vislora.targets import QKV, path_order
 
 __all__ = [
     "Diagnosis",
@@ -78,16 +77,11 @@ def inspect_adapter(path: str | Path, base: nn.Module | None = None, threshold: 
 def build_diagnosis(adapter: str, source: str, threshold: float, layers: list[LayerDiagnostics]) -> Diagnosis:
     """Summaries per module type and per depth, and the verdict, over analysed layers (sorted naturally by path:
     block 2 before block 10, whether they came from a model or from a file's sorted keys)."""
-    layers = sorted(layers, key=lambda layer: natural_key(layer.path))
+    layers = sorted(layers, key=lambda layer: path_order(layer.path))
     return Diagnosis(adapter=adapter, source=source, threshold=threshold, layers=layers,
                      by_module=_summaries(layers, lambda layer: layer.module),
                      by_depth=_summaries(layers, lambda layer: "-" if layer.depth is None else str(layer.depth)),
                      verdict=verdict(layers, threshold))
-
-
-def natural_key(text: str) -> list[str | int]:
-    """Sort key that reads digit runs as numbers: `layer.2.q` before `layer.10.q`."""
-    return [int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", text))]
 
 
 def _layer_pairs(path: str, layer: LoraLayer, name: str, method: str, threshold: float) -> list[LayerDiagnostics]:
