@@ -99,6 +99,16 @@ class TooLarge(ServeError):
     kind = "too_large"
 
 
+class UnknownIndex(ServeError, KeyError):
+    """The search index a request names is not configured on the server (`indexes` in the serve config)."""
+
+    status = 404
+    kind = "unknown_index"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class UnsupportedMedia(ServeError):
     """A request body that is neither JSON nor a form."""
 
@@ -124,6 +134,18 @@ class ExportError(VisloraError, ValueError):
 
 class RegistryError(VisloraError, ValueError):
     """A registry call cannot be done: unknown name or version, nothing to roll back to, tampered files."""
+
+
+class IndexFileError(VisloraError, OSError):
+    """A search index folder (`vislora index build`) is missing, incomplete or corrupt."""
+
+
+class SearchError(VisloraError, ValueError):
+    """A search the index cannot answer: a text query on an index of classifier features, a query of another width."""
+
+
+class StaleIndex(SearchError):
+    """The adapter (or base model) a query is embedded with is not the one the index was built with."""
 
 
 class VisloraWarning(UserWarning):

@@ -98,6 +98,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def adapter_files(folder: Path) -> list[Path]:
+    """The files of an adapter folder that the registry copies and hashes: every file below it but hidden ones."""
+    return sorted(p for p in Path(folder).rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def file_hashes(folder: Path) -> dict[str, str]:
+    """{relative path: sha256} of `adapter_files(folder)`, as a version's record holds them (`files`)."""
+    folder = Path(folder)
+    return {str(f.relative_to(folder)): sha256_file(f) for f in adapter_files(folder)}
+
+
 def _utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
@@ -263,13 +274,13 @@ class Registry:
 
     def _copy_in(self, source: Path, folder: Path) -> dict[str, str]:
         staging = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}.partial")
-        files = sorted(p for p in source.rglob("*") if p.is_file() and not p.name.startswith("."))
+        files = adapter_files(source)
         try:
             for file in files:
                 target = staging / file.relative_to(source)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(file, target)
-            hashes = {str(f.relative_to(source)): sha256_file(staging / f.relative_to(source)) for f in files}
+            hashes = file_hashes(staging)
             os.rename(staging, folder)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -15,6 +15,7 @@ from vislora.errors import (
     TooLarge,
     Unauthorized,
     UnknownAdapter,
+    UnknownIndex,
     UnsupportedMedia,
 )
 from vislora.serve.app import create_app
@@ -24,5 +25,6 @@ from vislora.serve.factory import build_engine
 from vislora.serve.records import Embedding, Label, LoadedAdapter, Prediction
 
 __all__ = ["BadImage", "Busy", "Conflict", "Embedding", "Engine", "Forbidden", "Label", "LoadedAdapter", "Prediction",
-           "ServeConfig", "ServeError", "Timeout", "TooLarge", "Unauthorized", "UnknownAdapter", "UnsupportedMedia",
+           "ServeConfig", "ServeError", "Timeout", "TooLarge", "Unauthorized", "UnknownAdapter", "UnknownIndex",
+           "UnsupportedMedia",
            "build_engine", "create_app"]

@@ -71,6 +71,7 @@ class LimitsSection(_Section):
     max_text_chars: int = Field(10_000, ge=1, description="Longer texts get 400 (dual encoders truncate to their "
                                 "text tower's token limit anyway).")
     max_top_k: int = Field(100, ge=1)
+    max_search_k: int = Field(100, ge=1, description="Most hits POST /v1/search returns; a larger k gets 400.")
     unload_timeout_s: float = Field(60.0, gt=0, description="How long an unload waits for in-flight requests.")
     request_timeout_s: float = Field(60.0, gt=0, description="A request not computed by then gets 504 (and is "
                                      "dropped if its batch has not started).")
@@ -133,6 +134,8 @@ class ServeConfig(_Section):
     auth: AuthSection = Field(default_factory=AuthSection)
     rollouts: dict[str, RolloutConfig] = Field(default_factory=dict, description="Rollouts (weighted traffic "
                                                "splits with an optional shadow) by name.")
+    indexes: dict[str, str] = Field(default_factory=dict, description="Search indexes (vislora index build) by "
+                                    "name, for POST /v1/search: name -> index folder.")
     seed: int = Field(0, description="Seed of the traffic split and shadow draws.")
     top_k: int = Field(5, ge=1, description="Labels returned by predict unless the request says otherwise.")
     host: str = "127.0.0.1"
@@ -181,6 +184,8 @@ def read_config(path: str | Path) -> dict[str, Any]:
     for key in ("registry", "adapter_root"):
         if data.get(key):
             data[key] = _from(folder, str(data[key]))
+    if isinstance(data.get("indexes"), dict):
+        data["indexes"] = {name: _from(folder, str(index)) for name, index in data["indexes"].items()}
     return data
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from vislora.serve.config import RolloutConfig
@@ -40,6 +42,27 @@ class EmbedJSON(_Body):
         return self
 
 
+class SearchJSON(_Body):
+    """A search request as JSON (multipart/form-data takes the same fields, `image` as a file): an image, or a text
+    for indexes of dual-encoder embeddings."""
+
+    image: str | None = Field(None, description="The query image's bytes, base64-encoded (a data: URL prefix is "
+                              "allowed).")
+    text: str | None = Field(None, description="A text to search with (indexes built by a dual encoder).")
+    index: str | None = Field(None, description="The index to search (the serve config's `indexes`); optional "
+                              "when the server has one.")
+    adapter: str | None = Field(None, description="The adapter that embeds the query: the one the index was built "
+                                "with (checked by its files' sha256); omit for an index of base-model embeddings.")
+    k: int | None = Field(None, ge=1, description="Hits to return (at most limits.max_search_k); default 10, or the "
+                          "limit if it is lower.")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> SearchJSON:
+        if (self.image is None) == (self.text is None):
+            raise ValueError("give exactly one of image and text")
+        return self
+
+
 class LabelOut(BaseModel):
     label: str
     index: int
@@ -61,6 +84,22 @@ class EmbedResponse(Served):
                                    "input). Dual encoders: the L2-normalised image or text embedding in their "
                                    "joint space.")
     dim: int
+
+
+class HitOut(BaseModel):
+    rank: int = Field(..., description="1 = nearest.")
+    row: int = Field(..., description="Row of the index.")
+    score: float = Field(..., description="Cosine similarity of the query and the image.")
+    path: str
+    label: str | None
+    metadata: dict[str, Any]
+
+
+class SearchResponse(Served):
+    index: str
+    adapter_sha256: str | None = Field(..., description="sha256 of the files of the adapter that embedded the "
+                                       "query (and the index); None for the base model.")
+    hits: list[HitOut] = Field(..., description="Nearest first.")
 
 
 class AdapterOut(BaseModel):
