@@ -59,3 +59,36 @@ def tiny_train_config(out: Path, train: Path, val: Path | None = None, **section
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}
     return config
+
+
+QUADRANTS = ("top_left", "top_right", "bottom_left", "bottom_right")
+
+
+def quadrant_image(tags: tuple[str, ...], rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """Noise with a bright square in each quadrant named by `tags` (QUADRANTS): multi-label and learnable."""
+    pixels = rng.random((size, size, 3)) * 60
+    half = size // 2
+    for tag in tags:
+        row, col = divmod(QUADRANTS.index(tag), 2)
+        pixels[row * half:(row + 1) * half, col * half:(col + 1) * half] += 180
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def quadrant_manifest(root: Path, n: int = 24, seed: int = 0, name: str = "tags.csv",
+                      rare: str | None = None, extra: dict | None = None) -> Path:
+    """A CSV multi-label manifest of `n` quadrant images, labels joined by '|'; every tag set has 1-3 tags. With
+    `rare`, that tag appears in 2 images only."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        pool = [t for t in QUADRANTS if t != rare or i < 2]
+        count = int(rng.integers(1, 4))
+        tags = tuple(sorted(rng.choice(pool, size=min(count, len(pool)), replace=False).tolist(),
+                            key=QUADRANTS.index))
+        if rare is not None and i < 2 and rare not in tags:
+            tags = (*tags[:-1], rare) if len(tags) == 3 else (*tags, rare)
+        file = f"{name.split('.')[0]}_{i:03d}.png"
+        quadrant_image(tags, rng).save(root / file)
+        rows.append({"path": file, "label": "|".join(tags), **(extra or {})})
+    return csv_manifest(root, rows, name=name)
