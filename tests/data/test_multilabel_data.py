@@ -5,7 +5,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from synthetic_images import QUADRANTS, class_image, quadrant_manifest
+from synthetic_images import TAGS, class_image, tag_manifest
 from vislora.cli import app
 from vislora.data import AttributeSet, DataError, MultiLabelFormat, check_dataset, collate, manifest, open_dataset
 
@@ -109,38 +109,38 @@ def test_attribute_set_groups_and_single_choice(tmp_path):
 
 
 def test_with_attributes_checks_every_row_against_the_groups(tmp_path):
-    path = quadrant_manifest(tmp_path, n=6)
+    path = tag_manifest(tmp_path, n=6)
     data = manifest(path, multilabel=ML)
-    default = AttributeSet.from_labels(data.label_sets(), groups={"top": ("top_left", "top_right")})
-    assert default.names == tuple(sorted(QUADRANTS))
-    strict = AttributeSet(default.names, default.groups, single_choice=("top",))
+    default = AttributeSet.from_labels(data.label_sets(), groups={"warm": ("red", "yellow")})
+    assert default.names == tuple(sorted(TAGS))
+    strict = AttributeSet(default.names, default.groups, single_choice=("warm",))
     bad = next(i for i, labels in enumerate(data.label_sets())
-               if sum(t.startswith("top") for t in labels) != 1)
-    with pytest.raises(DataError, match=rf"tags\.csv line {bad + 2}: single-choice group 'top'"):
+               if sum(t in ("red", "yellow") for t in labels) != 1)
+    with pytest.raises(DataError, match=rf"tags\.csv line {bad + 2}: single-choice group 'warm'"):
         data.with_attributes(strict)
     assert data.with_attributes(default).attributes == default
 
 
 def test_stratified_subset_of_multilabel_rows_uses_the_first_label(tmp_path):
-    data = manifest(quadrant_manifest(tmp_path, n=20), multilabel=ML)
+    data = manifest(tag_manifest(tmp_path, n=20), multilabel=ML)
     sub = data.subset(10, seed=1)
     assert len(sub) == 10 and sub.multilabel and sub.classes == data.classes
     assert [r.source for r in data.subset(10, seed=1).records] == [r.source for r in sub.records]
 
 
 def test_data_check_counts_images_per_attribute_and_flags_rare_ones(tmp_path):
-    path = quadrant_manifest(tmp_path, n=20, rare="bottom_right")
+    path = tag_manifest(tmp_path, n=20, rare="yellow")
     data = manifest(path, multilabel=ML)
     report = check_dataset(data, tmp_path / "audit", rare_below=3)
     sets = data.label_sets()
     assert report.multilabel and report.class_counts == {t: sum(t in s for s in sets) for t in data.classes}
-    assert report.class_counts["bottom_right"] == 2 and report.rare == ["bottom_right"]
+    assert report.class_counts["yellow"] == 2 and report.rare == ["yellow"]
     assert report.labels_per_image == pytest.approx(sum(map(len, sets)) / 20)
-    assert "rare attributes (fewer than 3 images): bottom_right" in str(report)
+    assert "rare attributes (fewer than 3 images): yellow" in str(report)
     audit = (tmp_path / "audit" / "audit.csv").read_text()
     assert "|" in audit  # labels of a row are written joined
     result = CliRunner().invoke(app, ["data", "check", str(path), "--multilabel", "--rare-below", "3",
                                       "--out", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
-    assert "20 images, 4 attributes" in result.output and "bottom_right" in result.output
-    assert "rare attributes (fewer than 3 images): bottom_right" in result.output
+    assert "20 images, 4 attributes" in result.output and "yellow" in result.output
+    assert "rare attributes (fewer than 3 images): yellow" in result.output

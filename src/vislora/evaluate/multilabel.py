@@ -110,6 +110,7 @@ class MultilabelMetrics:
     rare_below: int | None = None
     rare_map: float = math.nan  # mean AP of the rare attributes that have positives here
     loss: float | None = None
+    skipped: int = 0  # corrupt images left out
 
     def metrics(self) -> dict[str, float]:
         """The headline figures (what the trainer logs and run.best_metric reads)."""
