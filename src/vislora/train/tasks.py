@@ -242,4 +242,5 @@ class MultilabelTask(ClassificationTask):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "attributes": self.attributes.to_dict(),
                 "thresholds": self.thresholds.to_dict() if self.thresholds else None,
-                "train_counts": self.train_counts, "rare_below": self.settings.rare_below}
+                "train_counts": self.train_counts, "rare_below": self.settings.rare_below,
+                "format": {"separator": self.settings.separator, "allow_empty": self.settings.allow_empty}}
