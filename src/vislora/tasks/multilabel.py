@@ -113,3 +113,9 @@ def saved_thresholds(task: Mapping[str, Any], default: float = 0.5) -> torch.Ten
     if tuned is None:
         return torch.full((len(names),), default)
     return torch.tensor(tuned, dtype=torch.float32)
+
+
+def exported_task(task: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What an export (merged folder, ONNX) records of the adapter's task.json so the tags can be read off its
+    logits: the task kind, and for multilabel adapters the attributes and thresholds."""
+    return {k: v for k, v in (task or {}).items() if k in ("task", "attributes", "thresholds")}
