@@ -1,5 +1,6 @@
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -141,3 +142,18 @@ def test_groups_and_unknown_labels_are_checked_against_the_training_attributes(t
                                                     "single_choice": ["warm"]})
     with pytest.raises(DataError, match=r"single-choice group 'warm' needs exactly one of"):
         Trainer(single)
+
+
+def test_the_example_config_trains_on_a_tiny_manifest(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "multilabel_manifest.yaml"
+    train = tag_manifest(tmp_path / "data", n=16, name="train.csv")
+    tiny = tiny_train_config(tmp_path / "run", train)
+    overrides = [f"model={json.dumps(tiny['model'])}", f"data.train={train}", "data.val=null", "data.image_size=32",
+                 "task.multilabel.groups={}", "task.multilabel.single_choice=[]", "optim.max_steps=2",
+                 "optim.batch_size=8", "optim.warmup_steps=0", f"run.output_dir={tmp_path / 'run'}", "run.eval_every=0",
+                 "run.save_every=0", "run.progress=false"]
+    config = TrainConfig.load(example, overrides)
+    assert config.task.multilabel.loss == "asymmetric" and config.run.best_metric == "map"
+    with pytest.warns(VisloraWarning, match=r"no data\.val"):
+        result = Trainer(config).fit()
+    assert json.loads((result.adapter_dir / "task.json").read_text())["task"] == "multilabel"
