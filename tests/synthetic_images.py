@@ -59,3 +59,39 @@ def tiny_train_config(out: Path, train: Path, val: Path | None = None, **section
     for section, values in sections.items():
         config[section] = {**config.get(section, {}), **values}
     return config
+
+
+
+TAGS = ("red", "green", "blue", "yellow")
+TAG_COLORS = {"red": (230, 30, 30), "green": (30, 210, 50), "blue": (40, 50, 230), "yellow": (230, 220, 30)}
+
+
+def tag_image(tags: tuple[str, ...], rng: np.random.Generator, size: int = 32) -> Image.Image:
+    """Gray noise with one quadrant (drawn at random) painted in the colour of each tag (TAGS): multi-label and
+    learnable from pooled features in a few steps."""
+    pixels = 100 + rng.random((size, size, 3)) * 40
+    half = size // 2
+    for tag, quadrant in zip(tags, rng.permutation(4), strict=False):
+        row, col = divmod(int(quadrant), 2)
+        pixels[row * half:(row + 1) * half, col * half:(col + 1) * half] = (
+            np.array(TAG_COLORS[tag]) * 0.8 + rng.random((half, half, 3)) * 50)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def tag_manifest(root: Path, n: int = 24, seed: int = 0, name: str = "tags.csv",
+                 rare: str | None = None, extra: dict | None = None) -> Path:
+    """A CSV multi-label manifest of `n` tag images (1-3 tags each), labels joined by '|'. With `rare`, that tag
+    is on 2 images only."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        pool = [t for t in TAGS if t != rare or i < 2]
+        count = min(int(rng.integers(1, 4)), len(pool))
+        tags = sorted(rng.choice(pool, size=count, replace=False).tolist(), key=TAGS.index)
+        if rare is not None and i < 2 and rare not in tags:
+            tags = [*tags[:2], rare]
+        file = f"{name.split('.')[0]}_{i:03d}.png"
+        tag_image(tuple(tags), rng).save(root / file)
+        rows.append({"path": file, "label": "|".join(tags), **(extra or {})})
+    return csv_manifest(root, rows, name=name)

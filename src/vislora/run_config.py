@@ -85,12 +85,47 @@ TOWER_FIELDS = ("vision_targets", "text_targets", "vision_rank", "vision_alpha",
                 "train_heads", "frozen")
 
 
-class TaskSection(_Section):
-    """What is trained: an image classifier, or a dual encoder (contrastive image-text, few-shot prompt classifier)."""
+class MultilabelSection(_Section):
+    """task.kind multilabel: the attribute vocabulary, the loss, and how per-attribute thresholds are tuned."""
 
-    kind: Literal["classification", "contrastive", "few_shot"] = Field(
-        "classification", description="classification: backbone + head; contrastive: symmetric InfoNCE on image-"
+    attributes: list[str] | None = Field(None, description="Attribute names in output order; default: every label "
+                                         "seen in data.train (and every group member), naturally sorted.")
+    groups: dict[str, list[str]] = Field(default_factory=dict, description="Named groups of attributes, e.g. "
+                                         "{fabric: [cotton, silk], cut: [slim, loose]}; an attribute is in one group "
+                                         "at most.")
+    single_choice: list[str] = Field(default_factory=list, description="Groups with exactly one label per image: "
+                                     "scored by a softmax over the group, trained with cross-entropy.")
+    separator: str = Field("|", min_length=1, description="Separator of the labels in a CSV label cell (a|b|c); "
+                           "a JSONL label cell may also be a JSON list.")
+    allow_empty: bool = Field(False, description="Accept images with an empty label list (negatives for every "
+                              "attribute); by default an empty list is an error naming its line.")
+    loss: Literal["bce", "asymmetric"] = Field("bce", description="bce: binary cross-entropy per attribute; "
+                                               "asymmetric: ASL (Ridnik et al. 2021) for many negatives, rare "
+                                               "positives.")
+    gamma_neg: float = Field(4.0, ge=0, description="asymmetric: focusing exponent of the negatives.")
+    gamma_pos: float = Field(0.0, ge=0, description="asymmetric: focusing exponent of the positives.")
+    clip: float = Field(0.05, ge=0, lt=1, description="asymmetric: probability margin m shifted off the "
+                        "negatives (p_m = max(p - m, 0)).")
+    pos_weight: Literal["none", "auto"] | dict[str, float] = Field(
+        "none", description="Weight of the positive term per attribute: none; auto = negatives / positives in "
+        "data.train; or a mapping attribute -> weight (others 1.0).")
+    thresholds: Literal["max_f1", "precision"] = Field(
+        "max_f1", description="How per-attribute thresholds are tuned on data.val (data.train when there is no "
+        "val): max_f1, or precision = the lowest threshold reaching target_precision (max-F1 where none does).")
+    target_precision: float = Field(0.9, gt=0, le=1, description="thresholds: precision -- the precision to reach.")
+    rare_below: int = Field(10, ge=1, description="Attributes with fewer training positives are rare, reported "
+                            "apart (rare_map).")
+
+
+class TaskSection(_Section):
+    """What is trained: an image classifier (single- or multi-label), or a dual encoder (contrastive image-text,
+    few-shot prompt classifier)."""
+
+    kind: Literal["classification", "multilabel", "contrastive", "few_shot"] = Field(
+        "classification", description="classification: backbone + head; multilabel: backbone + one logit per "
+        "attribute (task.multilabel); contrastive: symmetric InfoNCE on image-"
         "caption pairs; few_shot: CLIP-LoRA, cross-entropy against a text classifier built from prompts.")
+    multilabel: MultilabelSection = Field(default_factory=MultilabelSection)
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1, description=(
         "Prompt templates ('{}' = class name). Prompt classifiers ensemble all (few_shot trains through that "
         "ensemble); contrastive captions made from labels cycle through them."))
@@ -134,8 +169,9 @@ class RunSection(_Section):
     eval_every: int = Field(0, ge=0, description="Evaluate on data.val every N steps (0: only at the end).")
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: never).")
     keep_last: int = Field(2, ge=1, description="Step checkpoints kept on disk.")
-    best_metric: Literal["accuracy", "loss", "recall@1"] = Field(
-        "accuracy", description="recall@1: mean of image->text and text->image recall@1 (contrastive runs).")
+    best_metric: Literal["accuracy", "loss", "recall@1", "map"] = Field(
+        "accuracy", description="recall@1: mean of image->text and text->image recall@1 (contrastive runs); map: "
+        "mean average precision (multilabel runs, whose default it is).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without improving best_metric.")
     early_stopping_min_delta: float = Field(0.0, ge=0)
@@ -199,12 +235,29 @@ class TrainConfig(_Section):
             raise ValueError("run.eval_every is set but data.val is empty; give held-out data or set eval_every: 0")
         if self.run.early_stopping_patience and not self.data.val:
             raise ValueError("run.early_stopping_patience needs data.val to measure improvement")
-        if self.task.kind == "classification" and self.model.text:
+        if self.task.kind in ("classification", "multilabel") and self.model.text:
             raise ValueError("model.text pairs a text tower with the image backbone, which only dual-encoder tasks "
                              "use; set task.kind: contrastive or few_shot, or drop model.text")
+        if self.task.kind != "multilabel" and self.task.multilabel != MultilabelSection():
+            raise ValueError(f"task.multilabel is set but task.kind is {self.task.kind!r}; set task.kind: multilabel "
+                             "or drop task.multilabel")
+        if self.task.kind == "multilabel":
+            self._check_multilabel()
         if self.task.kind == "few_shot" and self.data.label_column is None:
             raise ValueError("task.kind few_shot needs labelled data: set data.label_column")
         return self
+
+    def _check_multilabel(self) -> None:
+        augment = self.data.augment
+        mixing = [name for name, on in (("mixup", augment.mixup > 0), ("cutmix", augment.cutmix > 0),
+                                        ("label_smoothing", augment.label_smoothing > 0)) if on]
+        if mixing:
+            raise ValueError(f"data.augment {', '.join(mixing)} mix single-label class targets; multilabel runs do "
+                             "not support them: set them to 0")
+        if self.data.label_column is None:
+            raise ValueError("task.kind multilabel needs labelled data: set data.label_column")
+        if "best_metric" not in self.run.model_fields_set:
+            self.run.best_metric = "map"
 
     @classmethod
     def parse(cls, data: dict[str, Any]) -> TrainConfig:

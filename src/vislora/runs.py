@@ -2,8 +2,9 @@
 
 A run directory holds config.yaml (the resolved TrainConfig) and adapter folders: RUN/adapter, RUN/best and
 RUN/checkpoints/step-N. Each adapter folder carries task.json: the task, the base model section of the config, the
-classes, the input transform and the run's seed, so the folder works away from its run (a registry copy). From it
-`load_trained` rebuilds a classifier and `load_trained_dual` a dual encoder, with the adapter loaded; evaluation,
+classes, the input transform and the run's seed, so the folder works away from its run (a registry copy); a
+multilabel run's also holds its attributes and tuned thresholds. From it `load_trained` rebuilds a classifier
+(single- or multi-label) and `load_trained_dual` a dual encoder, with the adapter loaded; evaluation,
 reports, export, serving and the CLI open runs this way, never through the trainer.
 """
 
@@ -28,6 +29,7 @@ from vislora.tasks.classification import build_classifier
 TASK_FILE = "task.json"
 CONFIG_FILE = "config.yaml"
 DUAL_TASKS = ("contrastive", "few_shot")
+CLASSIFIER_TASKS = ("classification", "multilabel")
 
 
 def read_task(adapter_dir: str | Path) -> dict[str, Any]:
@@ -103,11 +105,11 @@ def check_rebuildable(task: dict[str, Any], adapter_dir: str | Path,
 
 
 def load_trained(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]:
-    """The classifier of a classification run with its adapter loaded, in eval mode, and the adapter's task.json
-    with the input transform added as `input_spec`."""
+    """The classifier of a classification or multilabel run with its adapter loaded, in eval mode, and the adapter's
+    task.json with the input transform added as `input_spec`."""
     task = read_task(adapter_dir)
     kind = task.get("task", "classification")
-    if kind != "classification":
+    if kind not in CLASSIFIER_TASKS:
         raise AdapterFileError(f"{adapter_dir} is a {kind!r} run, not a classifier; open dual-encoder runs "
                                f"({', '.join(DUAL_TASKS)}) with vislora.runs.load_trained_dual")
     model = task["model"]

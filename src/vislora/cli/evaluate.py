@@ -1,8 +1,10 @@
-"""`vislora eval`: the base model and the adapted model on the same images, side by side."""
+"""`vislora eval`: the base model and the adapted model on the same images, side by side (classifiers and
+multi-label taggers)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
@@ -12,6 +14,8 @@ from rich.table import Table
 
 from vislora.cli.app import app, console
 from vislora.evaluate import Comparison, Delta, compare_adapter, points
+from vislora.evaluate.multilabel_comparison import MultilabelComparison, compare_multilabel_adapter, nan_text
+from vislora.runs import read_task
 
 
 @app.command("eval")
@@ -37,18 +41,31 @@ def evaluate(
     """Base vs adapted on the same DATA: accuracy, top-5, macro-F1, calibration (ECE), per class and per metadata
     group (e.g. a `group` column) with regressions flagged, embedding drift, and latency.
 
+    A multilabel adapter (task.kind multilabel) gets mAP, micro/macro-F1 and the rare attributes' mAP, and per
+    attribute AP and F1 at the thresholds saved with the adapter, base vs adapted; DATA is then a manifest with a
+    list of labels per row, read with the adapter's separator.
+
     Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --limit 2000 --json eval.json
+    Example: vislora eval --adapter runs/tags/best --data data/tags_test.csv --predictions tags.csv
     """
     from rich.progress import track
 
     from vislora.io import atomic_write_text
 
-    comparison = compare_adapter(
-        adapter, data, batch_size=batch_size, limit=limit, label_column=label_column, path_column=path_column,
-        predictions=predictions, base_head=base_head, tolerance=tolerance, latency_images=latency_images,
-        progress=lambda items, total: track(items, total=total, description="base + adapted", console=console,
-                                            transient=True))
-    show_comparison(comparison)
+    def progress(items: Iterable, total: int) -> Iterable:
+        return track(items, total=total, description="base + adapted", console=console, transient=True)
+
+    if read_task(adapter).get("task") == "multilabel":
+        comparison: Comparison | MultilabelComparison = compare_multilabel_adapter(
+            adapter, data, batch_size=batch_size, limit=limit, label_column=label_column, path_column=path_column,
+            predictions=predictions, base_head=base_head, progress=progress)
+        show_multilabel_comparison(comparison)
+    else:
+        comparison = compare_adapter(
+            adapter, data, batch_size=batch_size, limit=limit, label_column=label_column, path_column=path_column,
+            predictions=predictions, base_head=base_head, tolerance=tolerance, latency_images=latency_images,
+            progress=progress)
+        show_comparison(comparison)
     if predictions:
         console.print(f"predictions written to {predictions}")
     if json_out:
@@ -102,3 +119,37 @@ def _delta_table(key: str, deltas: list[Delta], tolerance: float) -> Table:
         table.add_row(escape(d.name), str(d.n), f"{d.base:.4f}", f"{d.adapted:.4f}", f"{d.delta:+.4f}",
                       f"{d.lost}/{d.gained}", f"{d.p_value:.3g}", "[red]regression[/]" if d.regression else "")
     return table
+
+
+def show_multilabel_comparison(comparison: MultilabelComparison) -> None:
+    """mAP, F1 and rare-attribute mAP, then AP and F1 per attribute, base vs adapted, on the console."""
+    base, adapted = comparison.base, comparison.adapted
+    console.print(f"mAP {nan_text(adapted.map)} (base {nan_text(base.map)}, "
+                  f"{100 * (adapted.map - base.map):+.1f} points) on {adapted.n} images"
+                  + (f" ({comparison.skipped} corrupt skipped)" if comparison.skipped else ""))
+    console.print(f"base = {escape(comparison.baseline)}; thresholds {escape(comparison.thresholds)}")
+    table = Table("metric", "base", "adapted", "change", title=escape(comparison.data))
+    figures = [("mAP", "map"), ("micro-F1", "micro_f1"), ("macro-F1", "macro_f1")]
+    if adapted.rare:
+        figures.append((f"rare mAP ({len(adapted.rare)} attributes < {adapted.rare_below} training images)",
+                        "rare_map"))
+    for name, key in figures:
+        before, after = getattr(base, key), getattr(adapted, key)
+        table.add_row(name, nan_text(before), nan_text(after), nan_text(after - before, signed=True))
+    console.print(table)
+    rows = Table("attribute", "pos", "train", "thr", "AP base", "AP", "AP +/-", "F1 base", "F1",
+                 title="per attribute: positives here and in training, threshold, base vs adapted")
+    for d in comparison.per_attribute:
+        rows.add_row(escape(d.name) + ("*" if d.rare else ""), str(d.positives),
+                     "-" if d.train_positives is None else str(d.train_positives), f"{d.threshold:.2f}",
+                     nan_text(d.base_ap, 3), nan_text(d.adapted_ap, 3), nan_text(d.ap_delta, 3, signed=True),
+                     f"{d.base_f1:.3f}", f"{d.adapted_f1:.3f}")
+    console.print(rows)
+    if adapted.rare:
+        console.print(f"* rare: fewer than {adapted.rare_below} training images ({escape(', '.join(adapted.rare))})")
+    if adapted.no_positives:
+        console.print("no positives in this data (left out of mAP): " + escape(", ".join(adapted.no_positives)))
+    if comparison.drift is not None:
+        drift = comparison.drift
+        console.print(f"embedding drift (cosine similarity of base and adapted features per image): mean "
+                      f"{drift.mean:.4f}, median {drift.median:.4f}, p5 {drift.p5:.4f}, min {drift.min:.4f}")

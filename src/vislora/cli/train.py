@@ -67,20 +67,30 @@ def data_check(
     label_column: Annotated[str, typer.Option(help="Manifest column holding the label.")] = "label",
     path_column: Annotated[str, typer.Option(help="Manifest column holding the image path.")] = "path",
     seed: Annotated[int, typer.Option(help="Seed of the audit sample.")] = 0,
+    multilabel: Annotated[bool, typer.Option(
+        help="The label column holds a list of labels per image (CSV `a|b|c`, JSONL a JSON list): count images "
+             "per attribute and list the rare ones.")] = False,
+    separator: Annotated[str, typer.Option(help="Multi-label: separator of the labels in a CSV cell.")] = "|",
+    allow_empty: Annotated[bool, typer.Option(help="Multi-label: accept images with an empty label list.")] = False,
+    rare_below: Annotated[int, typer.Option(
+        help="Multi-label: an attribute held by fewer images than this is reported as rare.")] = 10,
 ) -> None:
     """Audit a dataset: corrupt files, resolutions, class balance, duplicates, metadata coverage.
 
     Never stops at a bad file: every unreadable image is listed. A stratified sample (FRACTION of each
-    class) is written as audit.csv plus contact_sheet.png for manual label review.
+    class) is written as audit.csv plus contact_sheet.png for manual label review. With --multilabel the
+    balance is the number of images per attribute, and attributes below --rare-below images are flagged rare.
 
     Example: vislora data check data/train.csv --out runs/audit
+    Example: vislora data check data/tags.csv --multilabel --separator '|' --rare-below 20
     """
     from rich.progress import track
 
-    from vislora.data import check_dataset, open_dataset
+    from vislora.data import MultiLabelFormat, check_dataset, open_dataset
 
-    dataset = open_dataset(source, label_column=label_column, path_column=path_column)
-    report = check_dataset(dataset, out, fraction=fraction, seed=seed,
+    dataset = open_dataset(source, label_column=label_column, path_column=path_column,
+                           multilabel=MultiLabelFormat(separator, allow_empty) if multilabel else None)
+    report = check_dataset(dataset, out, fraction=fraction, seed=seed, rare_below=rare_below,
                            track=lambda items, total: track(items, total=total, description="checking",
                                                             console=console, transient=True))
     console.print(str(report), markup=False, highlight=False, soft_wrap=True)

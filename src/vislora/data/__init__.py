@@ -1,9 +1,11 @@
 """Datasets, model-driven transforms and the dataset audit."""
 
+from vislora.data.attributes import AttributeSet, rare_attributes
 from vislora.data.check import DataReport, check_dataset
 from vislora.data.datasets import (
     ArrayDataset,
     ImageDataset,
+    MultiLabelFormat,
     Record,
     collate,
     fashion_mnist,
@@ -23,11 +25,13 @@ from vislora.errors import DataError
 
 __all__ = [
     "ArrayDataset",
+    "AttributeSet",
     "AugmentConfig",
     "DataError",
     "DataReport",
     "ImageDataset",
     "InputSpec",
+    "MultiLabelFormat",
     "Record",
     "SampleTransform",
     "build_mixup",
@@ -39,4 +43,5 @@ __all__ = [
     "manifest",
     "model_input_spec",
     "open_dataset",
+    "rare_attributes",
 ]

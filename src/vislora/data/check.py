@@ -1,7 +1,8 @@
 """`vislora data check`: audit a dataset before training, never crash on a bad file.
 
 Reports unreadable files, the resolution histogram, class balance, exact duplicates, metadata coverage,
-and writes a stratified audit sample (CSV + contact-sheet PNG) for manual label review.
+and writes a stratified audit sample (CSV + contact-sheet PNG) for manual label review. For multi-label data the
+balance is the number of images holding each attribute, with the rare ones (fewer than `rare_below`) listed.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from vislora.data.datasets import DECODE_ERRORS, ArrayDataset, ImageDataset
+from vislora.data.attributes import rare_attributes
+from vislora.data.datasets import DECODE_ERRORS, ArrayDataset, ImageDataset, Record
 from vislora.io import atomic_write, atomic_write_text
 
+RARE_BELOW = 10  # an attribute with fewer positive images than this is rare (multi-label data)
 # Metadata a dataset should carry for every image; "licence" is accepted for "license".
 COVERAGE_FIELDS = {"license": ("license", "licence"), "capture_date": ("capture_date",), "location": ("location",)}
 THUMB = 96
@@ -35,7 +38,12 @@ class DataReport:
     n_images: int
     corrupt: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     resolutions: dict[str, int] = field(default_factory=dict)  # "WxH" -> count
-    class_counts: dict[str, int] = field(default_factory=dict)
+    class_counts: dict[str, int] = field(default_factory=dict)  # multi-label: images holding each attribute
+    multilabel: bool = False
+    rare_below: int = RARE_BELOW
+    rare: list[str] = field(default_factory=list)  # multi-label: attributes with fewer than rare_below images
+    labels_per_image: float | None = None  # multi-label: mean number of labels per image
+    empty_label_rows: int = 0  # multi-label: images with no label (allowed by allow_empty)
     duplicates: list[list[str]] = field(default_factory=list)  # groups of byte-identical images
     metadata_coverage: dict[str, float] = field(default_factory=dict)  # column -> % of rows filled
     audit_csv: str | None = None
@@ -51,7 +59,8 @@ class DataReport:
         return {**asdict(self), "imbalance": self.imbalance}
 
     def __str__(self) -> str:
-        lines = [f"{self.source}: {self.n_images} images, {len(self.class_counts)} classes"]
+        kind = "attributes" if self.multilabel else "classes"
+        lines = [f"{self.source}: {self.n_images} images, {len(self.class_counts)} {kind}"]
         lines.append(f"corrupt/unreadable: {len(self.corrupt)}")
         lines += [f"  {file}: {reason}" for file, reason in self.corrupt[:20]]
         if len(self.corrupt) > 20:
@@ -59,8 +68,17 @@ class DataReport:
         lines.append("resolutions: " + ", ".join(f"{k} x{v}" for k, v in self.resolutions.items()))
         if len(self.resolutions) > 1:
             lines.append("  mixed resolutions: training refuses them unless data.allow_mixed_resolution is true")
-        lines.append(f"class balance (largest/smallest = {self.imbalance:.2f}):")
-        lines += [f"  {name:<24} {count:>8}" for name, count in self.class_counts.items()]
+        if self.multilabel:
+            lines.append(f"labels per image: {self.labels_per_image:.2f} on average, {self.empty_label_rows} images "
+                         "with none")
+            lines.append(f"images per attribute (largest/smallest = {self.imbalance:.2f}):")
+            lines += [f"  {name:<24} {count:>8}{'  rare' if name in self.rare else ''}"
+                      for name, count in self.class_counts.items()]
+            lines.append(f"rare attributes (fewer than {self.rare_below} images): "
+                         + (", ".join(self.rare) if self.rare else "none"))
+        else:
+            lines.append(f"class balance (largest/smallest = {self.imbalance:.2f}):")
+            lines += [f"  {name:<24} {count:>8}" for name, count in self.class_counts.items()]
         lines.append(f"exact duplicates: {len(self.duplicates)} groups")
         lines += [f"  {' = '.join(group[:4])}{' ...' if len(group) > 4 else ''}" for group in self.duplicates[:10]]
         lines.append("metadata coverage: " + ", ".join(f"{k} {v:.1f}%" for k, v in self.metadata_coverage.items()))
@@ -70,8 +88,10 @@ class DataReport:
 
 
 def check_dataset(dataset: ImageDataset, out_dir: str | Path | None = None, fraction: float = 0.05,
-                  seed: int = 0, track: Callable[[Iterable, int], Iterable] | None = None) -> DataReport:
-    """Audit every image of `dataset`; with `out_dir`, write report.json, audit.csv and contact_sheet.png there."""
+                  seed: int = 0, track: Callable[[Iterable, int], Iterable] | None = None,
+                  rare_below: int = RARE_BELOW) -> DataReport:
+    """Audit every image of `dataset`; with `out_dir`, write report.json, audit.csv and contact_sheet.png there.
+    Multi-label attributes held by fewer than `rare_below` images are listed as rare."""
     track = track or (lambda items, total: items)
     report = DataReport(source=dataset.name, n_images=len(dataset))
     sizes: Counter = Counter()
@@ -87,8 +107,16 @@ def check_dataset(dataset: ImageDataset, out_dir: str | Path | None = None, frac
         sizes[f"{image.width}x{image.height}"] += 1
         by_hash.setdefault(_digest(dataset, i), []).append(dataset.describe(i))
     report.resolutions = dict(sizes.most_common())
-    labels = Counter(r.label for r in dataset.records if r.label is not None)
-    report.class_counts = {c: labels.get(c, 0) for c in dataset.classes}
+    if dataset.attributes is not None:
+        sets = dataset.label_sets()
+        report.multilabel, report.rare_below = True, rare_below
+        report.class_counts = dataset.attributes.counts(sets)
+        report.rare = rare_attributes(report.class_counts, rare_below)
+        report.labels_per_image = sum(map(len, sets)) / max(1, len(sets))
+        report.empty_label_rows = sum(not labels for labels in sets)
+    else:
+        labels = Counter(r.label for r in dataset.records if r.label is not None)
+        report.class_counts = {c: labels.get(c, 0) for c in dataset.classes}
     report.duplicates = [group for group in by_hash.values() if len(group) > 1]
     report.metadata_coverage = metadata_coverage_of(dataset)
     if out_dir is not None:
@@ -103,11 +131,12 @@ def check_dataset(dataset: ImageDataset, out_dir: str | Path | None = None, frac
 
 
 def audit_sample(dataset: ImageDataset, candidates: list[int], fraction: float, seed: int) -> list[int]:
-    """`fraction` of each class (at least one image per class), drawn with `seed`."""
+    """`fraction` of each class (at least one image per class; multi-label: by first label), drawn with `seed`."""
     rng = random.Random(seed)
     by_class: dict[str | None, list[int]] = {}
+    sets = dataset.label_sets()
     for i in candidates:
-        by_class.setdefault(dataset.records[i].label, []).append(i)
+        by_class.setdefault(sets[i][0] if sets[i] else None, []).append(i)
     picked: list[int] = []
     for members in by_class.values():
         picked += rng.sample(members, max(1, math.ceil(fraction * len(members))))
@@ -142,7 +171,7 @@ def _write_audit_csv(dataset: ImageDataset, sample: list[int], path: Path) -> No
     writer.writeheader()
     for number, i in enumerate(sample, start=1):
         record = dataset.records[i]
-        writer.writerow({"sheet_number": number, "index": i, "image": dataset.describe(i), "label": record.label,
+        writer.writerow({"sheet_number": number, "index": i, "image": dataset.describe(i), "label": _label_text(record),
                          **record.metadata, "reviewed_label": "", "note": ""})
     atomic_write_text(path, buffer.getvalue())
 
@@ -162,5 +191,10 @@ def _write_contact_sheet(dataset: ImageDataset, sample: list[int], path: Path) -
             factor = THUMB / max(thumb.size)
             thumb = thumb.resize((round(thumb.width * factor), round(thumb.height * factor)), Image.NEAREST)
         sheet.paste(thumb, (x, y))
-        draw.text((x, y + THUMB + 2), f"{number + 1}: {dataset.records[i].label}"[:18], fill="black")
+        draw.text((x, y + THUMB + 2), f"{number + 1}: {_label_text(dataset.records[i])}"[:18], fill="black")
     atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+
+
+def _label_text(record: Record) -> str | None:
+    """The label, or a multi-label row's labels joined by '|'."""
+    return "|".join(record.labels) if record.labels is not None else record.label

@@ -4,6 +4,10 @@ Every dataset is an `ImageDataset`: records of (image source, label or caption, 
 A sample is a dict `{"image", "label", "index", "metadata"}` (plus `"caption"` for caption data); a file
 that cannot be decoded gives a `{"index", "skipped": True}` marker (dropped and listed by `collate`) or,
 in strict mode, a DataError.
+
+Multi-label manifests (`multilabel=MultiLabelFormat(...)`) hold a list of labels per row: a CSV cell `a|b|c`
+(separator configurable) or a JSON list in JSONL. Their records carry `labels` (a tuple), the dataset an
+`AttributeSet` (vislora.data.attributes), and a sample's "label" is the multi-hot target [attributes].
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vislora.data.attributes import AttributeSet, natural_key
 from vislora.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -30,15 +35,30 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".we
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-
 @dataclass(frozen=True)
 class Record:
-    """One sample before decoding. `source` is a file path, or an index into in-memory arrays."""
+    """One sample before decoding. `source` is a file path, or an index into in-memory arrays; `labels` holds the
+    labels of a multi-label row (`label` is then None); `line` is the manifest line the row came from."""
 
     source: str | int
     label: str | None = None
     caption: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+    line: int | None = None
+
+
+@dataclass(frozen=True)
+class MultiLabelFormat:
+    """How a manifest's label column holds several labels: CSV cells split on `separator` (a JSONL cell may be a
+    JSON list or a string split the same way); an empty list is an error unless `allow_empty`."""
+
+    separator: str = "|"
+    allow_empty: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.separator:
+            raise DataError("the multi-label separator is empty; use a character such as '|' or ';'")
 
 
 class ImageDataset(torch.utils.data.Dataset):
@@ -49,18 +69,53 @@ class ImageDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: Sequence[Record], classes: Sequence[str] | None = None, name: str = "",
-                 strict: bool = False, transform: Callable[[Image.Image, int], Any] | None = None) -> None:
+                 strict: bool = False, transform: Callable[[Image.Image, int], Any] | None = None,
+                 attributes: AttributeSet | None = None) -> None:
         self.records = list(records)
         self.name = name
         self.strict = strict
         self.transform = transform
+        self.attributes: AttributeSet | None = None
+        if attributes is not None or any(r.labels is not None for r in self.records):
+            self._set_attributes(attributes or AttributeSet.from_labels(self.label_sets(), names=classes))
+            return
         labels = {r.label for r in self.records if r.label is not None}
-        self.classes: list[str] = list(classes) if classes is not None else sorted(labels, key=_natural)
+        self.classes: list[str] = list(classes) if classes is not None else sorted(labels, key=natural_key)
         unknown = labels - set(self.classes)
         if unknown:
             raise DataError(f"{name}: labels {sorted(unknown)[:5]} are not among the training classes "
                             f"{self.classes[:10]}; evaluate on data with the same label set")
         self.class_to_index = {c: i for i, c in enumerate(self.classes)}
+
+    def _set_attributes(self, attributes: AttributeSet) -> None:
+        for i, record in enumerate(self.records):
+            if record.labels is None:
+                raise DataError(f"{self.where(i)} has a single label where a list was expected; open multi-label "
+                                "manifests with multilabel=MultiLabelFormat(...) (task.kind: multilabel)")
+            attributes.check(record.labels, self.where(i))
+        self.attributes = attributes
+        self.classes = list(attributes.names)
+        self.class_to_index = {c: i for i, c in enumerate(self.classes)}
+
+    @property
+    def multilabel(self) -> bool:
+        """True when each record holds a list of labels (an AttributeSet gives their order)."""
+        return self.attributes is not None
+
+    def with_attributes(self, attributes: AttributeSet) -> ImageDataset:
+        """A copy of this multi-label dataset under another vocabulary (e.g. with groups), every row checked
+        against it: DataError naming the manifest line of an unknown label or a broken single-choice group."""
+        if not self.multilabel:
+            raise DataError(f"{self.name} holds one label per image; attributes apply to multi-label manifests "
+                            "(a list of labels per row)")
+        clone = self._select(list(range(len(self))))
+        clone._set_attributes(attributes)
+        return clone
+
+    def label_sets(self) -> list[tuple[str, ...]]:
+        """The labels of each record (a one-label tuple for single-label data, () for unlabelled)."""
+        return [r.labels if r.labels is not None else ((r.label,) if r.label is not None else ())
+                for r in self.records]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -72,6 +127,11 @@ class ImageDataset(torch.utils.data.Dataset):
     def describe(self, index: int) -> str:
         """Where sample `index` comes from, for messages."""
         return str(self.records[index].source)
+
+    def where(self, index: int) -> str:
+        """The manifest line of sample `index` ('train.csv line 7') when known, else `describe(index)`."""
+        line = self.records[index].line
+        return f"{self.name} line {line}" if line is not None else self.describe(index)
 
     def open_image(self, index: int) -> Image.Image:
         """The decoded RGB image of sample `index` (raises on a corrupt file)."""
@@ -95,6 +155,7 @@ class ImageDataset(torch.utils.data.Dataset):
         return counts
 
     def labels(self) -> list[int]:
+        """Class index per record (-1 when unlabelled or multi-label; see `label_sets`)."""
         return [self.class_to_index[r.label] if r.label is not None else -1 for r in self.records]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
@@ -109,7 +170,7 @@ class ImageDataset(torch.utils.data.Dataset):
             return {"index": index, "skipped": True}
         sample: dict[str, Any] = {
             "image": self.transform(image, index) if self.transform else image,
-            "label": self.class_to_index[record.label] if record.label is not None else -1,
+            "label": self._target(record),
             "index": index,
             "metadata": dict(record.metadata),
         }
@@ -117,15 +178,21 @@ class ImageDataset(torch.utils.data.Dataset):
             sample["caption"] = record.caption
         return sample
 
+    def _target(self, record: Record) -> int | torch.Tensor:
+        if self.attributes is not None:
+            return self.attributes.encode(record.labels or ())  # multi-hot [attributes]
+        return self.class_to_index[record.label] if record.label is not None else -1
+
     def subset(self, n: int, seed: int = 0, stratified: bool = True) -> ImageDataset:
-        """A random `n`-sample subset (the same for the same seed); stratified by label when labelled."""
+        """A random `n`-sample subset (the same for the same seed); stratified by label when labelled (by the
+        first label of each multi-label row)."""
         if n >= len(self):
             return self
         rng = random.Random(seed)
-        if stratified and any(r.label is not None for r in self.records):
+        if stratified and any(r.label is not None or r.labels for r in self.records):
             by_class: dict[Any, list[int]] = {}
-            for i, r in enumerate(self.records):
-                by_class.setdefault(r.label, []).append(i)
+            for i, labels in enumerate(self.label_sets()):
+                by_class.setdefault(labels[0] if labels else None, []).append(i)
             picked = []
             for members in by_class.values():
                 picked += rng.sample(members, round(n * len(members) / len(self)))
@@ -167,7 +234,7 @@ def image_folder(root: str | Path, strict: bool = False, classes: Sequence[str] 
     """A folder with one subfolder per class (`root/cat/x.jpg`)."""
     root = Path(root)
     folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                     key=lambda p: _natural(p.name))
+                     key=lambda p: natural_key(p.name))
     records = [Record(str(file), label=folder.name) for folder in folders
                for file in sorted(folder.rglob("*")) if file.suffix.lower() in IMAGE_SUFFIXES]
     if not records:
@@ -178,16 +245,20 @@ def image_folder(root: str | Path, strict: bool = False, classes: Sequence[str] 
 
 def manifest(path: str | Path, label_column: str | None = "label", path_column: str = "path",
              caption_column: str = "caption", strict: bool = False,
-             classes: Sequence[str] | None = None) -> ImageDataset:
+             classes: Sequence[str] | None = None, multilabel: MultiLabelFormat | None = None,
+             attributes: AttributeSet | None = None) -> ImageDataset:
     """A CSV or JSONL manifest: one row per image, paths relative to the manifest's folder.
 
     Columns other than path/label/caption travel with each sample as metadata (e.g. license,
     capture_date, location, group). With `label_column=None` the rows need a caption column instead.
+    With `multilabel`, the label column holds a list of labels per row, checked against `attributes` (default: every
+    label seen, naturally sorted); errors name the manifest line.
     """
     path = Path(path)
-    rows = _read_rows(path)
-    if not rows:
+    numbered = _read_rows(path)
+    if not numbered:
         raise DataError(f"manifest {path} has no rows")
+    rows = [row for _, row in numbered]
     columns = list(dict.fromkeys(k for row in rows for k in row))
     wanted = [path_column] + ([label_column] if label_column else [caption_column])
     for column in wanted:
@@ -196,19 +267,50 @@ def manifest(path: str | Path, label_column: str | None = "label", path_column: 
             raise DataError(f"manifest {path} has no column {column!r} (columns: {', '.join(columns)}); add it, "
                             f"or name the right column with {hint}")
     records = []
-    for number, row in enumerate(rows, start=2 if path.suffix == ".csv" else 1):
+    for number, row in numbered:
         file = str(row.get(path_column) or "")
         label = row.get(label_column) if label_column else None
-        if not file or (label_column and label in (None, "")):
-            raise DataError(f"{path} line {number}: empty {path_column if not file else label_column!r}; "
-                            "every row needs a path and a label")
+        if not file:
+            raise DataError(f"{path} line {number}: empty {path_column!r}; every row needs an image path")
+        labels = None
+        if multilabel is not None and label_column:
+            labels, label = _label_list(label, multilabel, f"{path} line {number}"), None
+        elif label_column and label in (None, ""):
+            raise DataError(f"{path} line {number}: empty {label_column!r}; every row needs a path and a label")
+        elif isinstance(label, list):
+            raise DataError(f"{path} line {number}: {label_column!r} holds a list {label}; a list of labels per "
+                            "image is multi-label data: set task.kind: multilabel (vislora data check --multilabel)")
         full = Path(file) if Path(file).is_absolute() else path.parent / file
         metadata = {k: "" if v is None else str(v) for k, v in row.items()
                     if k not in (path_column, label_column, caption_column)}
         records.append(Record(str(full), label=None if label is None else str(label),
                               caption=None if row.get(caption_column) is None else str(row[caption_column]),
-                              metadata=metadata))
-    return ImageDataset(records, classes=classes, name=str(path), strict=strict)
+                              metadata=metadata, labels=labels, line=number))
+    return ImageDataset(records, classes=classes, name=str(path), strict=strict, attributes=attributes)
+
+
+def _label_list(cell: Any, spec: MultiLabelFormat, where: str) -> tuple[str, ...]:
+    """The labels of one multi-label cell: a JSON list, or a string split on the separator (duplicates dropped)."""
+    if cell is None:
+        items: list[Any] = []
+    elif isinstance(cell, list):
+        items = cell
+    elif isinstance(cell, str):
+        items = [piece.strip() for piece in cell.split(spec.separator)] if cell.strip() else []
+        if "" in items:
+            raise DataError(f"{where}: label list {cell!r} has an empty entry between separators "
+                            f"({spec.separator!r}); remove the stray separator")
+    else:
+        raise DataError(f"{where}: the label cell is a {type(cell).__name__} ({cell!r}); give a JSON list of "
+                        f"labels or a string of labels separated by {spec.separator!r}")
+    bad = [item for item in items if not isinstance(item, str | int) or isinstance(item, bool)]
+    if bad:
+        raise DataError(f"{where}: labels must be strings, found {bad[:3]}")
+    labels = tuple(dict.fromkeys(str(item).strip() for item in items))
+    if not labels and not spec.allow_empty:
+        raise DataError(f"{where}: empty label list; every image needs at least one label, or set "
+                        "task.multilabel.allow_empty: true (data check: --allow-empty) for images with none")
+    return labels
 
 
 def fashion_mnist(split: str = "train", strict: bool = False, download: bool = False) -> ArrayDataset:
@@ -223,13 +325,21 @@ def fashion_mnist(split: str = "train", strict: bool = False, download: bool = F
 
 def open_dataset(source: str | Path, *, label_column: str | None = "label", path_column: str = "path",
                  caption_column: str = "caption", strict: bool = False,
-                 classes: Sequence[str] | None = None) -> ImageDataset:
-    """Open `fashion-mnist[:train|test]`, an image folder, or a .csv/.jsonl manifest."""
+                 classes: Sequence[str] | None = None, multilabel: MultiLabelFormat | None = None,
+                 attributes: AttributeSet | None = None) -> ImageDataset:
+    """Open `fashion-mnist[:train|test]`, an image folder, or a .csv/.jsonl manifest (the only multi-label source:
+    `multilabel`, `attributes` as in `manifest`)."""
     text = str(source)
+    path = Path(text)
+    if multilabel is not None:
+        if path.suffix.lower() in (".csv", ".jsonl") and path.is_file():
+            return manifest(path, label_column, path_column, caption_column, strict=strict, classes=classes,
+                            multilabel=multilabel, attributes=attributes)
+        raise DataError(f"multi-label data must be a .csv/.jsonl manifest with a list of labels per row; "
+                        f"{text!r} is not one (an image folder or fashion-mnist holds one label per image)")
     if text.startswith("fashion-mnist"):
         split = text.partition(":")[2] or "train"
         return fashion_mnist(split, strict=strict)
-    path = Path(text)
     if path.is_dir():
         return image_folder(path, strict=strict, classes=classes)
     if path.suffix.lower() in (".csv", ".jsonl") and path.is_file():
@@ -247,7 +357,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     if not good:
         return batch
     batch["image"] = torch.stack([s["image"] for s in good])
-    batch["label"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
+    labels = [s["label"] for s in good]
+    batch["label"] = torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels, dtype=torch.long)
     batch["index"] = torch.tensor([s["index"] for s in good], dtype=torch.long)
     batch["metadata"] = [s["metadata"] for s in good]
     if "caption" in good[0]:
@@ -255,10 +366,11 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _read_rows(path: Path) -> list[dict[str, Any]]:
+def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of each manifest row; a CSV row whose field count differs from the header's is a
+    DataError naming its line."""
     if path.suffix.lower() == ".csv":
-        with open(path, newline="", encoding="utf-8") as handle:
-            return list(csv.DictReader(handle))
+        return _read_csv(path)
     rows = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
@@ -269,10 +381,27 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path} line {number} is not valid JSON ({exc}); each line must be one object") from None
         if not isinstance(row, dict):
             raise DataError(f"{path} line {number} is a {type(row).__name__}, not a JSON object")
-        rows.append(row)
+        rows.append((number, row))
     return rows
 
 
-def _natural(text: str) -> tuple:
-    """Sort key that puts '2' before '10'."""
-    return (0, int(text), "") if text.isdigit() else (1, 0, text)
+def _read_csv(path: Path) -> list[tuple[int, dict[str, Any]]]:
+    rows = []
+    with open(path, newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle)
+        try:
+            header = next(reader, None)
+            if header is None:
+                return []
+            start = reader.line_num + 1
+            for fields in reader:
+                line, start = start, reader.line_num + 1  # first line of the row (a quoted cell may span lines)
+                if not fields:
+                    continue
+                if len(fields) != len(header):
+                    raise DataError(f"{path} line {line} has {len(fields)} fields but the header has {len(header)} "
+                                    f"({', '.join(header)}); quote cells that contain commas, or fix the row")
+                rows.append((line, dict(zip(header, fields, strict=True))))
+        except csv.Error as exc:
+            raise DataError(f"{path} line {reader.line_num} is not valid CSV ({exc}); fix the quoting") from None
+    return rows

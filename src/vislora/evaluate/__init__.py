@@ -7,6 +7,7 @@
 - collect: runs a classifier with and without its adapters over the same batches
 - classifier: a trained classifier run scored on any data (`vislora eval`)
 - dual: dual encoders (prompt-classifier accuracy, contrastive loss, retrieval recall; `vislora clip eval`)
+- multilabel: per-attribute AP, mAP, precision/recall/F1 at thresholds, rare attributes, threshold tuning
 """
 
 from vislora.evaluate.classifier import compare_adapter, compare_model, evaluate_adapter, write_predictions
@@ -16,8 +17,17 @@ from vislora.evaluate.drift import Drift, embedding_drift
 from vislora.evaluate.dual import DualEvalResult, embed_rows, evaluate_dual, score_rows
 from vislora.evaluate.latency import Latency, measure_latency
 from vislora.evaluate.metrics import Metrics, classification_metrics, expected_calibration_error, macro_f1
+from vislora.evaluate.multilabel import (
+    AttributeScore,
+    MultilabelMetrics,
+    Thresholds,
+    average_precision,
+    multilabel_metrics,
+    tune_thresholds,
+)
 
 __all__ = [
+    "AttributeScore",
     "BaseHead",
     "Collected",
     "Comparison",
@@ -26,7 +36,10 @@ __all__ = [
     "DualEvalResult",
     "Latency",
     "Metrics",
+    "MultilabelMetrics",
     "Outputs",
+    "Thresholds",
+    "average_precision",
     "classification_metrics",
     "classifier_parts",
     "collect",
@@ -41,8 +54,10 @@ __all__ = [
     "macro_f1",
     "mcnemar_p",
     "measure_latency",
+    "multilabel_metrics",
     "points",
     "recording_head",
     "score_rows",
+    "tune_thresholds",
     "write_predictions",
 ]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
 from vislora.data.transforms import SampleTransform, build_transform
+from vislora.errors import ConfigError
 from vislora.evaluate.collect import BaseHead, collect
 from vislora.evaluate.comparison import Comparison, compare
 from vislora.evaluate.latency import measure_latency
@@ -30,6 +31,9 @@ from vislora.tasks.classification import EvalResult, predict_rows, summarize
 def open_eval_data(task: dict[str, Any], data: str | Path, limit: int | None = None, label_column: str = "label",
                    path_column: str = "path", seed: int = 0) -> ImageDataset:
     """`data` with the adapter's classes and evaluation transform; a stratified subset of `limit` images if given."""
+    if task.get("task") == "multilabel":
+        raise ConfigError("this is a multilabel adapter: compare it with vislora.evaluate.multilabel_comparison."
+                          "compare_multilabel_adapter (`vislora eval` picks it by itself)")
     dataset = open_dataset(data, label_column=label_column, path_column=path_column, classes=task["classes"])
     if limit:
         dataset = dataset.subset(limit, seed=seed)

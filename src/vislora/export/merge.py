@@ -37,6 +37,7 @@ from vislora.export.common import (
     tensor_output,
     write_json,
 )
+from vislora.tasks.multilabel import exported_task
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
             "classes": item.classes, "input": {"size": item.spec.size, "mean": list(item.spec.mean),
                                                "std": list(item.spec.std), "interpolation": item.spec.interpolation},
             "pooling": _pooling(plain.model), "max_abs_diff": difference, "reload_max_abs_diff": reload_difference,
-            "load": load})
+            "load": load, "task": exported_task(item.task)})
     return MergeResult(out, layout, difference, reload_difference, load.replace("OUT", str(out)))
 
 

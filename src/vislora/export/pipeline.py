@@ -36,6 +36,7 @@ from vislora.export.common import (
 from vislora.export.merge import MERGE_ATOL
 from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OnnxCheck, check_onnx, export_onnx
 from vislora.export.quantize import QuantizeReport, compare_accuracy, measure_latency, quantize_int8, session
+from vislora.tasks.multilabel import exported_task
 
 logger = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ def write_metadata(folder: Path, item: Exportable, check: OnnxCheck, merge_diffe
             "name": INPUT_NAME, "shape": ["batch", 3, spec.size, spec.size], "dtype": "float32",
             "preprocessing": {"resize_shorter_side": spec.size, "center_crop": spec.size, "mean": list(spec.mean),
                               "std": list(spec.std), "interpolation": spec.interpolation}},
-        "output": {"name": OUTPUT_NAME, "classes": item.classes},
+        "output": {"name": OUTPUT_NAME, "classes": item.classes}, "task": exported_task(item.task),
         "merge_max_abs_diff": merge_difference,
         "onnx_max_abs_diff": {str(k): v for k, v in check.max_abs_diff.items()},
         "onnx_tolerance": {"atol": ONNX_ATOL, "rtol": ONNX_RTOL}})

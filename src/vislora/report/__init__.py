@@ -18,12 +18,14 @@ from pathlib import Path
 from vislora.diagnostics import diagnose
 from vislora.errors import VisloraError
 from vislora.evaluate import Comparison, compare_model
+from vislora.evaluate.multilabel_comparison import MultilabelComparison, compare_multilabel_model
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel
 from vislora.parameters import parameter_report
 from vislora.report import plots
 from vislora.report.card import model_card
 from vislora.report.html import render_html
+from vislora.report.multilabel import multilabel_html, multilabel_markdown
 from vislora.report.run import DataSummary, RunInfo, load_run, summarize_data, training_data
 from vislora.runs import load_trained
 
@@ -48,23 +50,30 @@ def write_report(run_dir: str | Path, data: str | None = None, limit: int | None
     """Report on a finished run; `data` (default: the run's data.val, same limit) is the before/after data."""
     info = load_run(run_dir, adapter)
     kind = info.task.get("task", "classification")
-    if kind != "classification":
-        raise VisloraError(f"{info.adapter_dir} is a {kind!r} run; vislora report covers classification runs. "
+    if kind not in ("classification", "multilabel"):
+        raise VisloraError(f"{info.adapter_dir} is a {kind!r} run; vislora report covers classification and "
+                           "multilabel runs. "
                            f"`vislora inspect {info.adapter_dir}` diagnoses any adapter")
     model, task = load_trained(info.adapter_dir)
     settings = info.config.get("data", {})
     source = data or settings.get("val")
-    comparison = None
-    if source:
+    comparison = tagging = None
+    if source and kind == "multilabel":
+        tagging = compare_multilabel_model(model, task, source, batch_size, limit or (None if data else settings.get(
+            "val_limit")), settings.get("label_column", "label"), settings.get("path_column", "path"),
+            info.config.get("run", {}).get("seed", 0), progress=progress)
+    elif source:
         comparison = compare_model(model, task, source, batch_size, limit or (None if data else settings.get(
             "val_limit")), settings.get("label_column", "label"), settings.get("path_column", "path"),
             info.config.get("run", {}).get("seed", 0), latency_images=latency_images, progress=progress)
-    return build_report(info, model, comparison, training_data(info), out)
+    return build_report(info, model, comparison, training_data(info), out, tagging=tagging)
 
 
 def build_report(info: RunInfo, model: AdaptedModel, comparison: Comparison | None, data: DataSummary | None,
-                 out: str | Path | None = None, adapter: str = "default") -> ReportFiles:
-    """Diagnose `model`'s adapter and write the plots, report.html, MODEL_CARD.md and JSON files into `out`."""
+                 out: str | Path | None = None, adapter: str = "default",
+                 tagging: MultilabelComparison | None = None) -> ReportFiles:
+    """Diagnose `model`'s adapter and write the plots, report.html, MODEL_CARD.md and JSON files into `out`;
+    `tagging` is the before/after of a multilabel run (report/multilabel.py)."""
     folder = Path(out) if out is not None else info.run_dir / "report"
     diagnosis = diagnose(model, adapter)
     params = parameter_report(model)
@@ -85,14 +94,17 @@ def build_report(info: RunInfo, model: AdaptedModel, comparison: Comparison | No
         images["confusion"] = plots.confusion_matrices(comparison, info.task["classes"], folder / "confusion.png")
         if comparison.drift is not None:
             images["drift"] = plots.drift_histogram(comparison.drift, folder / "drift.png")
+    if comparison is not None or tagging is not None:
         evaluation = folder / "evaluation.json"
-        atomic_write_text(evaluation, json.dumps(comparison.to_dict(), indent=2))
+        atomic_write_text(evaluation, json.dumps((comparison or tagging).to_dict(), indent=2))
     drawn = {k: v for k, v in images.items() if v is not None}
     atomic_write_text(folder / "diagnostics.json", json.dumps(diagnosis.to_dict(), indent=2))
     card = folder / "MODEL_CARD.md"
-    atomic_write_text(card, model_card(info, config, diagnosis, comparison, params, data))
+    atomic_write_text(card, model_card(info, config, diagnosis, comparison, params, data,
+                                       evaluation=multilabel_markdown(tagging) if tagging else None))
     links = [p.name for p in (card, folder / "diagnostics.json", evaluation) if p is not None]
     html = folder / "report.html"
-    atomic_write_text(html, render_html(info, config, diagnosis, comparison, params, data, drawn, links))
+    atomic_write_text(html, render_html(info, config, diagnosis, comparison, params, data, drawn, links,
+                                        evaluation=multilabel_html(tagging) if tagging else ()))
     return ReportFiles(folder=folder, html=html, model_card=card, diagnostics=folder / "diagnostics.json",
                        evaluation=evaluation, plots=list(drawn.values()))

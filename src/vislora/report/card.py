@@ -38,18 +38,22 @@ def base_model_id(spec: str) -> str | None:
 
 
 def model_card(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagnosis, comparison: Comparison | None,
-               params: ParameterReport | None, data: DataSummary | None) -> str:
-    """The whole MODEL_CARD.md text."""
+               params: ParameterReport | None, data: DataSummary | None, evaluation: str | None = None) -> str:
+    """The whole MODEL_CARD.md text; `evaluation` replaces the classification evaluation section (another task's,
+    e.g. report/multilabel.py)."""
     spec = info.task["model"]["spec"]
+    n = len(info.task["classes"])
+    job = f"multi-label tagging with {n} attributes" if info.task.get("task") == "multilabel" else (
+        f"{n}-class image classification")
     sections = [
         "---\n" + yaml.safe_dump(_front_matter(info, adapter_config, comparison), sort_keys=False) + "---",
         f"# {info.name}: {method_name(adapter_config)} adapter for {spec}",
         f"A low-rank adapter plus a classification head over `{spec}`, trained with vislora for "
-        f"{len(info.task['classes'])}-class image classification. It loads with vislora and with Hugging Face PEFT "
+        f"{job}. It loads with vislora and with Hugging Face PEFT "
         "(PEFT directory layout, safetensors).",
         _details(info, adapter_config, params),
         _data_section(data),
-        _evaluation(comparison),
+        evaluation or _evaluation(comparison),
         _health(diagnosis),
         _intended_use(info, data),
         _limitations(info, comparison, data),

@@ -32,8 +32,9 @@ img { max-width: 100%; border: 1px solid #eee; margin: .4em 0; }
 
 def render_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagnosis, comparison: Comparison | None,
                 params: ParameterReport | None, data: DataSummary | None, images: dict[str, Path],
-                links: Sequence[str]) -> str:
-    """The report page. `images` maps a plot name to its PNG; `links` are files beside the page."""
+                links: Sequence[str], evaluation: Sequence[str] = ()) -> str:
+    """The report page. `images` maps a plot name to its PNG; `links` are files beside the page; `evaluation` is
+    an HTML before/after section of another task (report/multilabel.py) shown when there is no `comparison`."""
     spec = info.task["model"]["spec"]
     body = [f"<h1>{escape(info.name)}: {escape(method_name(adapter_config))} r="
             f"{adapter_config.get('rank')} on <code>{escape(spec)}</code></h1>",
@@ -52,6 +53,8 @@ def render_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagno
         if not comparison.per_group:
             body.append("<p class='muted'>No metadata column with groups in the evaluation data.</p>")
         body += _drift(comparison, images) + _latency(comparison)
+    elif evaluation:
+        body += list(evaluation)
     else:
         body.append("<h2>Before / after</h2><p>No held-out data: run <code>vislora report RUN --data DIR</code>.</p>")
     body += ["<h2>Adapter diagnostics</h2>", _verdict(diagnosis), _image(images, "rank_utilisation"),

@@ -47,8 +47,9 @@ def training_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     if val:
         axes[0].plot([r["step"] for r in val], [r["loss"] for r in val], "o-", color="#d62728", label="held-out loss")
     if len(val) > 1:
-        axes[1].plot([r["step"] for r in val], [r["accuracy"] for r in val], "o-", color="#2ca02c")
-        axes[1].set_ylabel("held-out accuracy")
+        key = _headline(val[0])
+        axes[1].plot([r["step"] for r in val], [r[key] for r in val], "o-", color="#2ca02c")
+        axes[1].set_ylabel(f"held-out {key}")
     elif val:
         _one_evaluation(axes[1], val[0])
     else:
@@ -73,14 +74,20 @@ def training_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def _headline(row: dict[str, Any]) -> str:
+    """The held-out figure a val row leads with: accuracy, or mAP for multi-label runs."""
+    return "accuracy" if "accuracy" in row else "map"
+
+
 def _one_evaluation(ax: Any, row: dict[str, Any]) -> None:
     """A single held-out evaluation as a labelled bar on a 0-1 scale (one point is no curve)."""
-    accuracy = row["accuracy"]
+    key = _headline(row)
+    accuracy = row[key]
     ax.barh([f"step {row['step']}"], [accuracy], color="#2ca02c", height=0.5)
     ax.text(accuracy / 2, 0, f"{accuracy:.4f}", ha="center", va="center", color="white", fontsize=11,
             fontweight="bold")
     ax.set_xlim(0, 1)
-    ax.set_xlabel("held-out accuracy")
+    ax.set_xlabel(f"held-out {key}")
     n = f" on {row['n']:,} images" if "n" in row else ""
     ax.set_title(f"evaluated once{n}; run.eval_every gives a curve", fontsize=8)
 

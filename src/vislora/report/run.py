@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 from vislora.data.check import COVERAGE_FIELDS, metadata_coverage_of
-from vislora.data.datasets import ImageDataset, open_dataset
+from vislora.data.datasets import ImageDataset, MultiLabelFormat, open_dataset
 from vislora.errors import VisloraError
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,9 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def summarize_data(dataset: ImageDataset) -> DataSummary:
-    """Class counts and metadata coverage of `dataset` (the same coverage figures as `vislora data check`)."""
-    labels = Counter(r.label for r in dataset.records if r.label is not None)
+    """Class counts (images per attribute for multi-label data) and metadata coverage of `dataset` (the same
+    figures as `vislora data check`)."""
+    labels = Counter(label for labels in dataset.label_sets() for label in set(labels))
     return DataSummary(source=dataset.name, n_images=len(dataset),
                        class_counts={c: labels.get(c, 0) for c in dataset.classes},
                        coverage=metadata_coverage_of(dataset))
@@ -93,9 +94,14 @@ def summarize_data(dataset: ImageDataset) -> DataSummary:
 def training_data(info: RunInfo) -> DataSummary | None:
     """The run's training data as it was used (same subset), or None if it cannot be opened here."""
     data = info.config.get("data", {})
+    task = info.config.get("task", {})
+    multilabel = None
+    if task.get("kind") == "multilabel":
+        settings = task.get("multilabel", {})
+        multilabel = MultiLabelFormat(settings.get("separator", "|"), settings.get("allow_empty", False))
     try:
         dataset = open_dataset(data["train"], label_column=data.get("label_column", "label"),
-                               path_column=data.get("path_column", "path"))
+                               path_column=data.get("path_column", "path"), multilabel=multilabel)
     except (VisloraError, KeyError, OSError) as exc:
         logger.warning("training data %s cannot be opened (%s); the report leaves its summary out",
                        data.get("train"), exc)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from vislora.errors import ServeError
-from vislora.serve.records import Embedding, Output, Prediction, top_k
+from vislora.serve.records import Embedding, Output, Prediction, labels_of
 
 if TYPE_CHECKING:
     from vislora.serve.config import BatchingSection
@@ -53,7 +53,7 @@ class BlockingCalls:
                      ) -> list[Prediction]:
         """Top-k labels of many images, each with its own adapter (a batch inference job, no HTTP)."""
         outputs = self._compute(images, adapters, need_classes=True)
-        return [Prediction(o.adapter, o.digest, o.rollout, top_k(o, k)) for o in outputs]
+        return [Prediction(o.adapter, o.digest, o.rollout, labels_of(o, k), o.tagger is not None) for o in outputs]
 
     def embed(self, image: ImageInput, adapter: str | None = None) -> Embedding:
         return self.embed_many([image], [adapter])[0]

@@ -38,7 +38,7 @@ from vislora.serve.config import BaseSection, BatchingSection, LimitsSection, Ro
 from vislora.serve.images import decode_image
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
 from vislora.serve.openmp import release_team
-from vislora.serve.records import LoadedAdapter, Output
+from vislora.serve.records import LoadedAdapter, Output, tagger_of
 from vislora.serve.sources import AdapterSource, check_base_weights, check_fits, open_source
 from vislora.serve.traffic import Assignment, TrafficPolicy, record_shadow
 
@@ -125,7 +125,7 @@ class Engine(BlockingCalls):
                     raise
                 size = self._bytes(name)
             record = LoadedAdapter(name, source.reference, str(source.path), source.digest, classes, size,
-                                   time.time())
+                                   time.time(), tagger_of(source.task))
             self._register(name, record)
         finally:
             with self._state:
@@ -306,7 +306,7 @@ class Engine(BlockingCalls):
             record = records.get(job.adapter)
             classes = (record.classes if record else self.base_classes) if logits[i] is not None else None
             output = Output(logits[i], features[i], job.adapter, record.digest if record else None, job.rollout,
-                            classes, started - job.enqueued)
+                            classes, started - job.enqueued, record.tagger if record else None)
             m.queue_wait.observe(output.queue_wait_s)
             m.samples.labels(job.adapter or NO_ADAPTER, "primary").inc()
             job.future.set_result(output)

@@ -3,10 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from vislora.data.attributes import AttributeSet
 from vislora.errors import ServeError
+from vislora.tasks.multilabel import attribute_scores, saved_attributes, saved_thresholds
+
+
+@dataclass(frozen=True)
+class Tagger:
+    """How a multilabel adapter answers: its attributes and their saved thresholds [attributes]."""
+
+    attributes: AttributeSet
+    thresholds: torch.Tensor
+
+    def tags(self, logits: torch.Tensor) -> tuple[Label, ...]:
+        """The attributes whose score (sigmoid; softmax within single-choice groups) reaches its threshold, highest
+        score first."""
+        scores = attribute_scores(logits.double()[None], self.attributes)[0]  # (attributes,)
+        above = [i for i in torch.argsort(scores, descending=True).tolist() if scores[i] >= self.thresholds[i]]
+        return tuple(Label(self.attributes.names[i], i, float(scores[i]), float(self.thresholds[i])) for i in above)
+
+
+def tagger_of(task: dict[str, Any] | None) -> Tagger | None:
+    """The Tagger of a multilabel adapter's task.json; None for other adapters."""
+    if not task or task.get("task") != "multilabel":
+        return None
+    return Tagger(saved_attributes(task), saved_thresholds(task).double())
 
 
 @dataclass(frozen=True)
@@ -20,6 +45,7 @@ class LoadedAdapter:
     classes: tuple[str, ...]
     bytes: int  # its tensors: low-rank pairs, DoRA magnitudes, its own copies of saved modules (head)
     loaded_at: float  # unix time
+    tagger: Tagger | None = None  # multilabel adapters: predictions are the attributes above their thresholds
 
 
 @dataclass(frozen=True)
@@ -34,13 +60,15 @@ class Output:
     rollout: str | None  # the rollout the request named, if any
     classes: tuple[str, ...] | None  # None: the base head predicts nothing meaningful
     queue_wait_s: float
+    tagger: Tagger | None = None  # set for a multilabel adapter
 
 
 @dataclass(frozen=True)
 class Label:
     label: str
     index: int
-    score: float  # softmax probability
+    score: float  # softmax probability; multilabel: sigmoid (softmax within single-choice groups)
+    threshold: float | None = None  # multilabel: the attribute's saved threshold
 
 
 @dataclass(frozen=True)
@@ -49,6 +77,7 @@ class Prediction:
     digest: str | None
     rollout: str | None  # the rollout the request named, if any
     labels: tuple[Label, ...]  # best first
+    multilabel: bool = False  # labels are the attributes above their thresholds, not the top k classes
 
 
 @dataclass(frozen=True)
@@ -57,6 +86,13 @@ class Embedding:
     digest: str | None
     rollout: str | None  # the rollout the request named, if any
     vector: torch.Tensor  # (width,)
+
+
+def labels_of(output: Output, k: int) -> tuple[Label, ...]:
+    """A multilabel adapter's attributes above their thresholds (every one, whatever `k`), else `top_k`."""
+    if output.tagger is not None and output.logits is not None:
+        return output.tagger.tags(output.logits)
+    return top_k(output, k)
 
 
 def top_k(output: Output, k: int) -> tuple[Label, ...]:

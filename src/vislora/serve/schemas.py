@@ -66,7 +66,9 @@ class SearchJSON(_Body):
 class LabelOut(BaseModel):
     label: str
     index: int
-    score: float = Field(..., description="Softmax probability.")
+    score: float = Field(..., description="Softmax probability; multilabel adapters: sigmoid (softmax within "
+                         "single-choice groups).")
+    threshold: float | None = Field(None, description="Multilabel adapters: the attribute's saved threshold.")
 
 
 class Served(BaseModel):
@@ -76,7 +78,9 @@ class Served(BaseModel):
 
 
 class PredictResponse(Served):
-    labels: list[LabelOut] = Field(..., description="Most probable first.")
+    labels: list[LabelOut] = Field(..., description="Most probable first: the top_k classes, or for a multilabel "
+                                   "adapter every attribute whose score reaches its threshold.")
+    multilabel: bool = Field(False, description="True when the labels are a multilabel adapter's attributes.")
 
 
 class EmbedResponse(Served):

@@ -99,9 +99,9 @@ def base_from_task(task: dict[str, Any]) -> BaseSection:
                           "(DualEngine(AdaptedModel(model), ...))")
         return BaseSection(kind="dual_encoder", text=model.get("text"), embed_dim=model.get("embed_dim", 256),
                            text_pooling=model.get("text_pooling", "mean"), **common)
-    if kind != "classification":
-        raise AdapterFileError(f"this adapter was trained for the {kind!r} task; the server serves classification "
-                               f"and dual-encoder ({', '.join(DUAL_TASKS)}) adapters")
+    if kind not in ("classification", "multilabel"):
+        raise AdapterFileError(f"this adapter was trained for the {kind!r} task; the server serves classification, "
+                               f"multilabel and dual-encoder ({', '.join(DUAL_TASKS)}) adapters")
     return BaseSection(head=model.get("head", "auto"), num_classes=len(task["classes"]), **common)
 
 

@@ -1,4 +1,5 @@
-"""What the trainer trains: a small task interface, so one loop serves classification and dual-encoder tasks.
+"""What the trainer trains: a small task interface, so one loop serves classification (single- and multi-label) and
+dual-encoder tasks.
 
 A task builds the base model and its adapter config, turns a batch into a loss, and evaluates held-out data.
 The trainer picks the task `task.kind` names (vislora.train.trainer.TASKS); the dual-encoder tasks live in
@@ -7,6 +8,8 @@ The trainer picks the task `task.kind` names (vislora.train.trainer.TASKS); the 
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any, Protocol
 
 import torch
@@ -14,12 +17,24 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from vislora.config import AdapterConfig
-from vislora.data.datasets import ImageDataset, collate
+from vislora.data.attributes import AttributeSet
+from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate
 from vislora.data.transforms import build_mixup
-from vislora.errors import ConfigError
+from vislora.errors import ConfigError, DataError, VisloraWarning
+from vislora.evaluate.multilabel import MultilabelMetrics, Thresholds, multilabel_metrics, tune_thresholds
 from vislora.run_config import TrainConfig
-from vislora.tasks.classification import EvalResult, build_classifier, classification_loss, predict_rows, summarize
+from vislora.tasks.classification import (
+    EvalResult,
+    build_classifier,
+    classification_loss,
+    eval_batches,
+    predict_rows,
+    summarize,
+)
+from vislora.tasks.multilabel import MultilabelLoss, attribute_scores, pos_weights
 from vislora.train.view import TrainerView
+
+logger = logging.getLogger(__name__)
 
 
 class Evaluation(Protocol):
@@ -39,6 +54,10 @@ class TrainTask:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.classes: list[str] = []
+
+    def data_format(self) -> MultiLabelFormat | None:
+        """How the label column of a manifest is read: None for one label per image."""
+        return None
 
     def prepare_data(self, dataset: ImageDataset, train: bool) -> ImageDataset:
         """Last look at a dataset before training (sampling, checks); identity by default."""
@@ -73,6 +92,9 @@ class TrainTask:
     def train_metrics(self) -> dict[str, float]:
         """Figures logged with each training row."""
         return {}
+
+    def finish(self, trainer: TrainerView) -> None:
+        """Called once after the last step and evaluation, before the final adapter is saved."""
 
 
 class ClassificationTask(TrainTask):
@@ -112,3 +134,113 @@ class ClassificationTask(TrainTask):
     def info(self) -> dict[str, Any]:
         return {**super().info(), "head": self.head_path}
 
+
+
+class MultilabelTask(ClassificationTask):
+    """A backbone with one logit per attribute (vislora.tasks.multilabel): BCE or asymmetric loss, cross-entropy in
+    single-choice groups; evaluation reports mAP, F1 at 0.5 and rare-attribute mAP, and tunes per-attribute
+    thresholds on the evaluated data, which are saved in task.json with the adapter."""
+
+    kind = "multilabel"
+
+    def __init__(self, config: TrainConfig) -> None:
+        super().__init__(config)
+        self.settings = config.task.multilabel
+        self.attributes: AttributeSet | None = None
+        self.train_counts: dict[str, int] = {}
+        self.n_train = 0
+        self.thresholds: Thresholds | None = None
+
+    def data_format(self) -> MultiLabelFormat:
+        return MultiLabelFormat(self.settings.separator, self.settings.allow_empty)
+
+    def prepare_data(self, dataset: ImageDataset, train: bool) -> ImageDataset:
+        """The training data fixes the attributes (task.multilabel.attributes/groups/single_choice, default every
+        label seen); every row of both datasets is checked against them."""
+        if not dataset.multilabel:
+            raise DataError(f"{dataset.name} holds one label per image; task.kind multilabel needs a .csv/.jsonl "
+                            "manifest whose label column lists each image's labels (a|b|c, or a JSON list)")
+        s = self.settings
+        if train:
+            self.attributes = AttributeSet.from_labels(dataset.label_sets(), s.attributes, s.groups, s.single_choice)
+            dataset = dataset.with_attributes(self.attributes)
+            self.train_counts = self.attributes.counts(dataset.label_sets())
+            self.n_train = len(dataset)
+            return dataset
+        return dataset.with_attributes(self.attributes)
+
+    def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
+        if self.attributes is None or list(classes) != list(self.attributes.names):
+            raise ConfigError("a multilabel run builds its head from the training data's attributes; pass the "
+                              "training data through prepare_data first")
+        base_model, adapter_config = super().build(classes, base)
+        s = self.settings
+        self.loss_fn = MultilabelLoss(self.attributes, s.loss, pos_weights(s.pos_weight, self.attributes,
+                                                                            self.train_counts, self.n_train),
+                                      s.gamma_neg, s.gamma_pos, s.clip)
+        return base_model, adapter_config
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
+        images, targets = batch["image"].to(device), batch["label"].to(device)
+        return self.loss_fn(model(images).float(), targets), len(images)
+
+    def evaluate(self, trainer: TrainerView) -> MultilabelMetrics:
+        """mAP, F1 at threshold 0.5, rare mAP and loss over `val_data`; thresholds tuned on the same scores."""
+        return self.score(trainer, trainer.val_data)
+
+    def score(self, trainer: TrainerView, dataset: ImageDataset) -> MultilabelMetrics:
+        """Metrics of the model on `dataset` (sharded across processes), and `thresholds` tuned on it."""
+        logits, targets, skipped = self._logits(trainer, dataset)
+        if not len(logits):
+            raise ConfigError(f"no readable image in {dataset.name} to evaluate: every image was skipped as corrupt")
+        names = list(self.attributes.names)
+        scores = attribute_scores(logits, self.attributes)
+        result = multilabel_metrics(scores, targets, names, train_counts=self.train_counts,
+                                    rare_below=self.settings.rare_below, loss=self.loss_fn(logits, targets).item())
+        result.skipped = skipped
+        self.thresholds = tune_thresholds(scores, targets, names, self.settings.thresholds,
+                                          self.settings.target_precision,
+                                          tuned_on=f"{dataset.name} at step {trainer.loop.step}")
+        return result
+
+    def _logits(self, trainer: TrainerView, dataset: ImageDataset) -> tuple[torch.Tensor, torch.Tensor, int]:
+        accelerator = trainer.accelerator
+        indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
+                                             batch_size=self.config.optim.batch_size, collate_fn=collate,
+                                             num_workers=self.config.data.num_workers, generator=torch.Generator())
+        rows, skipped = {}, []
+        with torch.no_grad():
+            for batch in eval_batches(trainer.model, loader, skipped):
+                with accelerator.autocast():
+                    logits = trainer.model(batch["image"].to(accelerator.device)).float().cpu()
+                rows.update(zip(batch["index"].tolist(), logits.tolist(), strict=True))
+        merged: dict[int, list[float]] = {}
+        for part in gather_object([rows]):  # DDP may repeat samples
+            merged.update(part)
+        order = sorted(merged)
+        targets = [self.attributes.encode(dataset.records[i].labels or ()) for i in order]
+        logits = torch.tensor([merged[i] for i in order]).reshape(len(order), len(self.attributes))
+        return (logits, torch.stack(targets) if targets else torch.zeros(0, len(self.attributes)),
+                len(set(gather_object(skipped))))
+
+    def finish(self, trainer: TrainerView) -> None:
+        """Without data.val, thresholds are tuned on the training images (evaluation transform), with a warning:
+        they fit the training data and are likely too permissive."""
+        if trainer.val_data is not None:
+            return
+        warnings.warn("no data.val: per-attribute thresholds are tuned on the training images, where the model "
+                      "scores higher than on new images; give data.val for thresholds that hold on new data",
+                      VisloraWarning, stacklevel=2)
+        data = trainer.train_data
+        transform, data.transform = data.transform, trainer.eval_transform
+        try:
+            self.score(trainer, data)
+        finally:
+            data.transform = transform
+
+    def info(self) -> dict[str, Any]:
+        return {**super().info(), "attributes": self.attributes.to_dict(),
+                "thresholds": self.thresholds.to_dict() if self.thresholds else None,
+                "train_counts": self.train_counts, "rare_below": self.settings.rare_below,
+                "format": {"separator": self.settings.separator, "allow_empty": self.settings.allow_empty}}

@@ -34,13 +34,13 @@ from vislora.train.monitor import GradientMonitor
 from vislora.train.rundir import MetricsLog, RunDirectory, TrainResult
 from vislora.train.schedule import build_optimizer, build_scheduler
 from vislora.train.stages import StagePlan, apply_stage
-from vislora.train.tasks import ClassificationTask, Evaluation, TrainTask
+from vislora.train.tasks import ClassificationTask, Evaluation, MultilabelTask, TrainTask
 from vislora.train.vlm import ContrastiveTask, FewShotTask
 
 logger = logging.getLogger(__name__)
 
-TASKS: dict[str, type[TrainTask]] = {"classification": ClassificationTask, "contrastive": ContrastiveTask,
-                                     "few_shot": FewShotTask}  # task.kind -> what the trainer trains
+TASKS: dict[str, type[TrainTask]] = {"classification": ClassificationTask, "multilabel": MultilabelTask,
+                                     "contrastive": ContrastiveTask, "few_shot": FewShotTask}  # task.kind -> task
 
 
 class Trainer(RunDirectory):
@@ -92,7 +92,7 @@ class Trainer(RunDirectory):
     def _open(self, source: str, classes: list[str] | None, limit: int | None) -> ImageDataset:
         data = self.config.data
         dataset = open_dataset(source, label_column=data.label_column, path_column=data.path_column,
-                               strict=data.strict, classes=classes)
+                               strict=data.strict, classes=classes, multilabel=self.task.data_format())
         return dataset.subset(limit, seed=self.config.run.seed) if limit else dataset
 
     def _check_resolutions(self, *datasets: ImageDataset | None) -> None:
@@ -227,6 +227,7 @@ class Trainer(RunDirectory):
         if self.val_data is not None and self._last_eval_step != self.loop.step:
             last_eval = self.evaluate()
             stopped_early = self._after_eval(last_eval) or stopped_early
+        self.task.finish(self)
         return self._finish(last_eval, stopped_early, report, time.perf_counter() - start_time)
 
     def _epoch_batches(self) -> Iterator[dict[str, Any]]:

@@ -6,11 +6,13 @@ not through the Trainer class, so they sit below the trainer module that imports
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from accelerate import Accelerator
+from PIL import Image
 from torch import nn
 
 from vislora.data.datasets import ImageDataset
@@ -28,7 +30,9 @@ class TrainerView(Protocol):
     optimizer: torch.optim.Optimizer
     loop: LoopState
     run_dir: Path
+    train_data: ImageDataset
     val_data: ImageDataset | None
+    eval_transform: Callable[[Image.Image, int], Any]  # the evaluation transform of val_data
 
     @property
     def adapted(self) -> AdaptedModel: ...

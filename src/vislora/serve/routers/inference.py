@@ -15,7 +15,7 @@ from vislora.errors import ServeError, Timeout, UnsupportedMedia
 from vislora.serve.dependencies import EngineDep, require_client
 from vislora.serve.engine import Engine
 from vislora.serve.images import decode_base64
-from vislora.serve.records import Output, top_k
+from vislora.serve.records import Output, labels_of
 from vislora.serve.schemas import EmbedJSON, EmbedResponse, ErrorOut, LabelOut, PredictJSON, PredictResponse
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -38,7 +38,8 @@ def body_doc(schema: type[BaseModel]) -> dict[str, Any]:
 
 @router.post("/predict", response_model=PredictResponse, openapi_extra=body_doc(PredictJSON))
 async def predict(request: Request, engine: EngineDep) -> PredictResponse:
-    """Top-k labels and softmax scores of one image under its adapter (or a rollout's draw)."""
+    """Top-k labels and softmax scores of one image under its adapter (or a rollout's draw); a multilabel adapter
+    answers with every attribute whose score reaches its saved threshold (`multilabel: true`)."""
     data, body = await read_body(request, PredictJSON)
     k = body.top_k or request.app.state.config.top_k
     limit = request.app.state.config.limits.max_top_k
@@ -47,7 +48,8 @@ async def predict(request: Request, engine: EngineDep) -> PredictResponse:
     engine.check_predicts(body.adapter)
     output = await compute(engine, data, body.adapter, request.app.state.config.limits.request_timeout_s)
     return PredictResponse(adapter=output.adapter, digest=output.digest, rollout=output.rollout,
-                           labels=[LabelOut(**asdict(label)) for label in top_k(output, k)])
+                           labels=[LabelOut(**asdict(label)) for label in labels_of(output, k)],
+                           multilabel=output.tagger is not None)
 
 
 @router.post("/embed", response_model=EmbedResponse, openapi_extra=body_doc(EmbedJSON))
