@@ -52,7 +52,9 @@ def merge(
     """Merge an adapter into its base weights and save a standalone model in timm's or transformers' format.
 
     The folder loads without vislora: `timm.create_model("local-dir:OUT", pretrained=True)` for timm models,
-    `AutoModelForImageClassification.from_pretrained("OUT")` for DINOv2 classifiers. Outputs are checked
+    `AutoModelForImageClassification.from_pretrained("OUT")` for DINOv2 classifiers. A contrastive or few-shot run
+    (dual encoder) becomes a CLIP/SigLIP `save_pretrained` folder, or for a vislora pairing vision/ + text/ in their
+    libraries' formats with projections.safetensors (vislora_merge.json says how to pool). Outputs are checked
     against the adapted model before the folder is renamed into place.
 
     Example: vislora merge --adapter runs/demo/adapter --out runs/demo/merged
@@ -87,15 +89,22 @@ def export_onnx(
 
     The INT8 report gives accuracy fp32 vs INT8 on held-out images and latency p50/p95 at batch 1 and
     --batch, measured in the same run. Calibration and evaluation images are checked before any work.
+    A contrastive or few-shot run writes both towers, image.onnx and text.onnx, with its tokenizer and
+    export.json (no --int8 for these yet).
 
     Example: vislora export onnx --adapter runs/demo/adapter --out onnx --int8 --calibration fashion-mnist:train
     """
     from vislora.export import export_onnx_dir
+    from vislora.export.dual import DualOnnxExport
 
     with _progress("exporting ...") as log:
         result = export_onnx_dir(adapter, out, base=base, int8=int8, calibration=calibration, eval_data=eval_data,
                                  calibration_limit=calibration_limit, eval_limit=eval_limit, latency_batch=batch,
                                  threads=threads, overwrite=overwrite, log=log)
+    if isinstance(result, DualOnnxExport):
+        for line in result.lines():
+            console.print(line, markup=False, highlight=False)
+        return
     console.print(f"max |merged - adapted| {result.merge_max_abs_diff:.2e}; wrote {result.model}"
                   + (f" and {result.int8}" if result.int8 else ""), markup=False, highlight=False)
     if result.report:
@@ -122,16 +131,24 @@ def export_triton(
 
     config.pbtxt is checked by parsing it into Triton's ModelConfig protobuf, and every version is run with
     onnxruntime at batch 1 and max_batch_size, before the folder is renamed into the repository.
+    A contrastive or few-shot run becomes two models, NAME_image and NAME_text (its tokenizer in
+    NAME_text/tokenizer/).
 
     Example: vislora export triton --adapter runs/demo/adapter --repo models --name fmnist
     --int8 --calibration fashion-mnist:train
     """
     from vislora.export import export_triton as build
+    from vislora.export.dual_triton import DualTritonExport
 
     with _progress("exporting ...") as log:
         result = build(adapter, repo, name, base=base, int8=int8, calibration=calibration, eval_data=eval_data,
                        calibration_limit=calibration_limit, eval_limit=eval_limit, max_batch_size=max_batch_size,
                        threads=threads, overwrite=overwrite, log=log)
+    if isinstance(result, DualTritonExport):
+        for line in result.lines():
+            console.print(line, markup=False, highlight=False)
+        console.print(f"serve it with: tritonserver --model-repository {repo}", markup=False, highlight=False)
+        return
     versions = ", ".join(f"{v} ({kind})" for v, kind in result.versions.items())
     checked = "parsed as Triton's ModelConfig" if result.validated_with_protobuf else "checked field by field"
     console.print(f"wrote {result.model_dir} with versions {versions}; config.pbtxt {checked}",

@@ -28,7 +28,8 @@ def report(
     the PNG plots, evaluation.json and diagnostics.json.
 
     Plots: training curves, before/after per class, confusion matrices, embedding drift, rank utilisation
-    (layer x module type), parameter efficiency.
+    (layer x module type), parameter efficiency. A contrastive or few-shot run (dual encoder) reports zero-shot
+    accuracy, recall@1/5/10 both ways and image-embedding drift, base vs adapted.
 
     Example: vislora report runs/fashion-mnist-dinov2 --adapter best
     """

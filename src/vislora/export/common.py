@@ -63,6 +63,11 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
         raise ExportError(f"{adapter_dir} is not an adapter folder (no adapter_config.json); give a run's adapter/, "
                           "best/ or checkpoints/step-N/ folder, or a folder written by save_adapter")
     task_file = adapter_dir / "task.json"
+    from vislora.export.dual import is_dual
+
+    if is_dual(adapter_dir):
+        raise ExportError(f"{adapter_dir} is a dual-encoder run (contrastive / few_shot): open it for export with "
+                          "vislora.export.dual.load_dual_exportable")
     if task_file.is_file():
         trained_on = json.loads(task_file.read_text())["model"]["spec"]
         if base is not None and base != trained_on:

@@ -64,7 +64,14 @@ class MergeResult:
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None,
                   overwrite: bool = False) -> MergeResult:
-    """Merge the adapter of `adapter_dir` into its base model and save it to `out` (see the module docstring)."""
+    """Merge the adapter of `adapter_dir` into its base model and save it to `out` (see the module docstring;
+    contrastive and few-shot runs: `vislora.export.dual_merge`)."""
+    from vislora.export.dual import is_dual
+
+    if is_dual(adapter_dir):
+        from vislora.export.dual_merge import merge_dual
+
+        return merge_dual(adapter_dir, out, base, overwrite)
     item = load_exportable(adapter_dir, base)
     plain, difference = plain_merged(item)
     if difference > MERGE_ATOL:

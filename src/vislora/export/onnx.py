@@ -11,6 +11,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -47,15 +48,22 @@ def export_onnx(model: nn.Module, image_size: int, path: str | Path, opset: int 
 
     Input is named "input", output "logits". The file is written to `path` (no external data file).
     """
-    path = Path(path)
     example = torch.zeros(2, 3, image_size, image_size)
     batch = torch.export.Dim("batch", min=1, max=4096)
+    return export_module(model, (example,), [INPUT_NAME], [OUTPUT_NAME], ({0: batch},), path, opset)
+
+
+def export_module(model: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
+                  output_names: list[str], dynamic_shapes: tuple[dict[int, Any], ...], path: str | Path,
+                  opset: int = OPSET) -> Path:
+    """Write `model` called on `example` as one ONNX file (weights inline) with the given dynamic axes."""
+    path = Path(path)
     model.eval()
     with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
         warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
         try:
-            program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                                        dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
+            program = torch.onnx.export(model, example, input_names=input_names, output_names=output_names,
+                                        dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True,
                                         verbose=False, optimize=True)
         except Exception as exc:  # the exporter raises many types; the user needs the model and the cause
             raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {exc}") from exc

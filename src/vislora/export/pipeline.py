@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -37,6 +37,9 @@ from vislora.export.merge import MERGE_ATOL
 from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OnnxCheck, check_onnx, export_onnx
 from vislora.export.quantize import QuantizeReport, compare_accuracy, measure_latency, quantize_int8, session
 from vislora.tasks.multilabel import exported_task
+
+if TYPE_CHECKING:
+    from vislora.export.dual import DualOnnxExport
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +139,14 @@ def write_onnx_pair(item: Exportable, plain: nn.Module, fp32_path: Path, int8_pa
 def export_onnx_dir(adapter_dir: str | Path, out: str | Path, base: str | None = None, int8: bool = False,
                     calibration: str | Path | None = None, eval_data: str | Path | None = None,
                     calibration_limit: int | None = 128, eval_limit: int | None = None, latency_batch: int = 8,
-                    threads: int | None = None, overwrite: bool = False, log: Log = logger.info) -> OnnxExport:
-    """Write OUT/model.onnx (+ model.int8.onnx, int8_report.json), labels.txt and export.json."""
+                    threads: int | None = None, overwrite: bool = False,
+                    log: Log = logger.info) -> OnnxExport | DualOnnxExport:
+    """Write OUT/model.onnx (+ model.int8.onnx, int8_report.json), labels.txt and export.json; for a contrastive or
+    few-shot run, both towers (`vislora.export.dual.export_dual_onnx_dir`)."""
+    from vislora.export.dual import export_dual_onnx_dir, is_dual
+
+    if is_dual(adapter_dir):
+        return export_dual_onnx_dir(adapter_dir, out, base=base, int8=int8, overwrite=overwrite, log=log)
     data = prepare_int8(adapter_dir, calibration, eval_data, calibration_limit, eval_limit) if int8 else None
     item, plain, difference = load_and_merge(adapter_dir, base)
     out = Path(out)

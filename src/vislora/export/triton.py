@@ -12,7 +12,7 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +21,9 @@ from vislora.export.common import INPUT_NAME, OUTPUT_NAME, staged_dir
 from vislora.export.onnx import OnnxCheck
 from vislora.export.pipeline import Log, load_and_merge, prepare_int8, write_metadata, write_onnx_pair
 from vislora.export.quantize import QuantizeReport
+
+if TYPE_CHECKING:
+    from vislora.export.dual_triton import DualTritonExport
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +85,19 @@ instance_group [
 def export_triton(adapter_dir: str | Path, repo: str | Path, name: str, base: str | None = None,
                   int8: bool = False, calibration: str | Path | None = None, eval_data: str | Path | None = None,
                   calibration_limit: int | None = 128, eval_limit: int | None = None, max_batch_size: int = 8,
-                  threads: int | None = None, overwrite: bool = False, log: Log = logger.info) -> TritonExport:
-    """Write REPO/NAME as a Triton model: fp32 ONNX as version 1 and, with `int8`, the INT8 model as version 2."""
+                  threads: int | None = None, overwrite: bool = False,
+                  log: Log = logger.info) -> TritonExport | DualTritonExport:
+    """Write REPO/NAME as a Triton model: fp32 ONNX as version 1 and, with `int8`, the INT8 model as version 2.
+
+    A contrastive or few-shot run becomes two models, REPO/NAME_image and REPO/NAME_text
+    (`vislora.export.dual_triton`)."""
+    from vislora.export.dual import is_dual
+
+    if is_dual(adapter_dir):
+        from vislora.export.dual_triton import export_dual_triton
+
+        return export_dual_triton(adapter_dir, repo, name, base=base, int8=int8, max_batch_size=max_batch_size,
+                                  overwrite=overwrite, log=log)
     if not _NAME.fullmatch(name):
         raise ExportError(f"model name {name!r} is not usable as a Triton model folder; use letters, digits, '_', "
                           "'-' or '.', e.g. fmnist_dinov2")

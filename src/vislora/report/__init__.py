@@ -4,7 +4,8 @@
 base and adapted on the run's held-out data (or `data`), and writes into RUN_DIR/report/:
 report.html, MODEL_CARD.md, evaluation.json, diagnostics.json and the PNGs (training.png, per_class.png,
 confusion.png, drift.png, rank_utilisation.png, parameters.png). `build_report` does the writing for a model and
-comparison already in hand (the demo reuses its own predictions that way).
+comparison already in hand (the demo reuses its own predictions that way). Contrastive and few-shot runs get the
+dual-encoder report of `vislora.report.dual` (recall@K, zero-shot accuracy, embedding drift).
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ from vislora.model import AdaptedModel
 from vislora.parameters import parameter_report
 from vislora.report import plots
 from vislora.report.card import model_card
+from vislora.report.dual import write_dual_report
 from vislora.report.html import render_html
 from vislora.report.multilabel import multilabel_html, multilabel_markdown
 from vislora.report.run import DataSummary, RunInfo, load_run, summarize_data, training_data
-from vislora.runs import load_trained
+from vislora.runs import DUAL_TASKS, load_trained
 
 __all__ = ["ReportFiles", "build_report", "load_run", "summarize_data", "write_report"]
 
@@ -50,9 +52,11 @@ def write_report(run_dir: str | Path, data: str | None = None, limit: int | None
     """Report on a finished run; `data` (default: the run's data.val, same limit) is the before/after data."""
     info = load_run(run_dir, adapter)
     kind = info.task.get("task", "classification")
+    if kind in DUAL_TASKS:  # contrastive / few_shot: recall@K, zero-shot accuracy, drift (vislora.report.dual)
+        return write_dual_report(info, data, limit, out, batch_size, progress)
     if kind not in ("classification", "multilabel"):
-        raise VisloraError(f"{info.adapter_dir} is a {kind!r} run; vislora report covers classification and "
-                           "multilabel runs. "
+        raise VisloraError(f"{info.adapter_dir} is a {kind!r} run; vislora report covers classification, multilabel, "
+                           "contrastive and few_shot runs. "
                            f"`vislora inspect {info.adapter_dir}` diagnoses any adapter")
     model, task = load_trained(info.adapter_dir)
     settings = info.config.get("data", {})
