@@ -3,11 +3,13 @@ task): logits equal a hand computation from the towers, zero-shot thresholds are
 at predict, a tiny run learns, saves its thresholds and reloads; bad input is refused with the fix."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 from dual_fixtures import save_towers, tiny_dual
+from fastapi.testclient import TestClient
 
 from synthetic_images import csv_manifest, tag_image
 from vislora.data import AttributeSet, MultiLabelFormat, manifest
@@ -18,6 +20,7 @@ from vislora.evaluate.prompted import compare_prompted, score_dataset, zero_shot
 from vislora.model import inject
 from vislora.run_config import TrainConfig
 from vislora.runs import load_trained_dual
+from vislora.serve import ServeConfig, build_engine, create_app
 from vislora.tasks.prompted import PromptedHead, add_logit_bias, prompt_names, prompted_head
 from vislora.towers import tower_adapter_config
 from vislora.train.trainer import Trainer
@@ -160,14 +163,20 @@ def prompted_config(tmp_path, towers, train, val=None, **sections):
     return TrainConfig.parse(config)
 
 
-@pytest.mark.slow
-def test_prompted_run_learns_saves_thresholds_and_reloads(tmp_path):
+@pytest.fixture(scope="module")
+def prompted_run(tmp_path_factory):
+    """A tiny prompted run (LoRA on both towers, 60 steps) on colour-tag images, and its validation manifest."""
+    tmp_path = tmp_path_factory.mktemp("prompted")
     towers = save_towers(tmp_path / "towers")
     train = colour_tags(tmp_path / "data", 32, 0, "train.csv")
     val = colour_tags(tmp_path / "data", 16, 1, "val.csv")
     trainer = Trainer(prompted_config(tmp_path, towers, train, val, run={"eval_every": 30}))
-    result = trainer.fit()
+    return trainer, trainer.fit(), val
 
+
+@pytest.mark.slow
+def test_prompted_run_learns_saves_thresholds_and_reloads(prompted_run):
+    trainer, result, val = prompted_run
     losses = [r["loss"] for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
               if r["split"] == "train"]
     assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
@@ -192,3 +201,39 @@ def test_prompted_run_learns_saves_thresholds_and_reloads(tmp_path):
     assert [a.threshold for a in comparison.base.per_attribute] == pytest.approx(
         task["zero_shot_thresholds"]["values"])
     assert comparison.adapted.map > comparison.base.map + 0.1
+
+
+@pytest.mark.slow
+def test_serving_a_prompted_adapter_returns_the_attributes_above_their_thresholds(prompted_run, tmp_path):
+    _, result, val = prompted_run
+    model, task = load_trained_dual(result.adapter_dir)
+    data = dataset(val, model.base_model, AttributeSet.from_dict(task["attributes"]))
+    images = torch.stack([data[i]["image"] for i in range(8)])
+    with torch.no_grad():
+        scores = prompted_head(model.base_model, task).scores(model(images=images)[0])
+    folder = shutil.copytree(result.adapter_dir, tmp_path / "tags")  # thresholds midway between the 4th and 5th
+    task["thresholds"]["values"] = scores.sort(0).values[3:5].mean(0).tolist()  # highest scores: half pass
+    (folder / "task.json").write_text(json.dumps(task))
+    thresholds = torch.tensor(task["thresholds"]["values"])
+    files = [val.parent / data.records[i].source for i in range(8)]
+
+    with build_engine(ServeConfig.parse({"adapters": {"tags": str(folder)}})) as engine:
+        predictions = engine.predict_many([str(f) for f in files], ["tags"] * 8, k=1)
+        counts = set()
+        for prediction, row in zip(predictions, scores, strict=True):
+            want = [(task["attributes"]["names"][a], row[a].item()) for a in row.argsort(descending=True).tolist()
+                    if row[a] >= thresholds[a]]
+            assert prediction.multilabel and prediction.adapter == "tags"
+            assert [(label.label, label.score) for label in prediction.labels] == [
+                (name, pytest.approx(score, abs=1e-5)) for name, score in want]
+            assert [label.threshold for label in prediction.labels] == pytest.approx(
+                [thresholds[label.index].item() for label in prediction.labels])
+            counts.add(len(want))
+        assert len(counts) > 1  # images differ in how many attributes pass: the thresholds are in use
+        with TestClient(create_app(engine, close_engine=False)) as client:
+            response = client.post("/v1/predict", files={"image": ("x.png", files[0].read_bytes(), "image/png")},
+                                   data={"adapter": "tags"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["multilabel"] is True and [label["label"] for label in body["labels"]] == [
+        label.label for label in predictions[0].labels]
