@@ -10,8 +10,10 @@ import pytest
 import torch
 from dual_fixtures import save_towers, tiny_dual
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from synthetic_images import csv_manifest, tag_image
+from vislora.cli import app
 from vislora.data import AttributeSet, MultiLabelFormat, manifest
 from vislora.data.transforms import SampleTransform, build_transform, model_input_spec
 from vislora.errors import ConfigError
@@ -196,11 +198,29 @@ def test_prompted_run_learns_saves_thresholds_and_reloads(prompted_run):
     assert [[n for n, _ in row] for row in reloaded] == [[n for n, _ in row] for row in expected]
     assert prompted_head(model.base_model, saved).bias != 0.0  # the learned bias was saved and loaded
 
-    comparison = compare_prompted(result.adapter_dir, val)
-    assert comparison.adapted.map == pytest.approx(result.final["map"], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_eval_compares_the_adapter_with_the_base_zero_shot_each_at_its_thresholds(prompted_run, tmp_path):
+    _, result, val = prompted_run
+    task = json.loads((result.adapter_dir / "task.json").read_text())
+    comparison = compare_prompted(result.adapter_dir, val, predictions=tmp_path / "p.csv")
+    assert comparison.adapted.map == pytest.approx(result.final["map"], abs=1e-5)  # the final evaluation's data
     assert [a.threshold for a in comparison.base.per_attribute] == pytest.approx(
         task["zero_shot_thresholds"]["values"])
-    assert comparison.adapted.map > comparison.base.map + 0.1
+    assert [a.threshold for a in comparison.adapted.per_attribute] == pytest.approx(task["thresholds"]["values"])
+    assert comparison.adapted.map > comparison.base.map + 0.1 and comparison.drift.mean < 1.0
+    assert [d.ap_delta for d in comparison.per_attribute] == pytest.approx(
+        [a.ap - b.ap for a, b in zip(comparison.adapted.per_attribute, comparison.base.per_attribute, strict=True)])
+    assert len((tmp_path / "p.csv").read_text().splitlines()) == 1 + 16
+
+    out = CliRunner().invoke(app, ["eval", "--adapter", str(result.adapter_dir), "--data", str(val)],
+                             terminal_width=200)
+    assert out.exit_code == 0, out.output
+    printed = " ".join(out.output.split())  # rich wraps long lines
+    for text in ("mAP", "micro-F1", "per attribute", "base = the base dual encoder zero-shot",
+                 "adapted: tuned (max_f1) on", "val.csv at the base model"):
+        assert text in printed
 
 
 @pytest.mark.slow

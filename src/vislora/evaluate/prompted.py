@@ -4,23 +4,24 @@ per-attribute thresholds.
 Zero-shot use is the base dual encoder's prompted scores with thresholds tuned on validation data
 (`zero_shot_attributes`); a trained prompted run saves the thresholds tuned for its adapter and for the base
 (task.json `thresholds`, `zero_shot_thresholds`), and `compare_prompted` (`vislora eval` on such an adapter) scores
-both on new data, per attribute, at those thresholds.
+both on new data, per attribute, at those thresholds, in the shape of a multilabel tagger's comparison
+(vislora.evaluate.multilabel_comparison).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from vislora.data.attributes import AttributeSet
-from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate, open_dataset
-from vislora.data.transforms import SampleTransform, build_transform
+from vislora.data.datasets import ImageDataset, collate
 from vislora.errors import ConfigError
+from vislora.evaluate.drift import embedding_drift
 from vislora.evaluate.dual import embed_rows
 from vislora.evaluate.multilabel import (
     DEFAULT_THRESHOLD,
@@ -30,20 +31,31 @@ from vislora.evaluate.multilabel import (
     multilabel_metrics,
     tune_thresholds,
 )
+from vislora.evaluate.multilabel_comparison import (
+    AttributeDelta,
+    MultilabelComparison,
+    open_multilabel_data,
+    write_multilabel_predictions,
+)
 from vislora.runs import input_spec, load_trained_dual
 from vislora.tasks.clip import DEFAULT_TEMPLATES
 from vislora.tasks.multilabel import attribute_scores, saved_attributes, saved_thresholds
 from vislora.tasks.prompted import PROMPTED_TASK, attribute_prompts, logit_bias, prompt_names, prompted_logits
 
+ZERO_SHOT = ("the base dual encoder zero-shot: the same prompts through both towers without adapters, its own logit "
+             "scale and bias, at the thresholds tuned for it on the run's validation data")
+
 
 @dataclass
 class PromptedScores:
-    """Prompted scores [N, A] and multi-hot targets [N, A] of N images (sorted by dataset index), and how many
-    corrupt images were skipped."""
+    """Prompted scores and logits [N, A], multi-hot targets [N, A] and image embeddings of N images (in `indices`
+    order, dataset indices), and how many corrupt images were skipped."""
 
     scores: torch.Tensor
     targets: torch.Tensor
     logits: torch.Tensor
+    embeddings: torch.Tensor  # [N, dim] the images'
+    indices: list[int]
     skipped: int = 0
 
 
@@ -64,7 +76,8 @@ def prompted_scores(model: Any, rows: Sequence[Mapping[str, Any]], attributes: A
     images = torch.stack([r["image"] for r in rows])  # [N, dim]
     logits = prompted_logits(images, prompts, scale, bias)  # [N, A]
     targets = torch.tensor([r["label"] for r in rows], dtype=torch.float32).reshape(len(rows), len(attributes))
-    return PromptedScores(attribute_scores(logits, attributes), targets, logits, skipped)
+    return PromptedScores(attribute_scores(logits, attributes), targets, logits, images,
+                          [r["index"] for r in rows], skipped)
 
 
 def score_dataset(model: Any, dataset: ImageDataset, attributes: AttributeSet, names: Sequence[str],
@@ -97,68 +110,47 @@ def zero_shot_attributes(model: Any, attributes: AttributeSet, val: ImageDataset
     return thresholds, metrics
 
 
-@dataclass
-class AttributeDelta:
-    """One attribute, zero-shot (base) and adapted: AP and F1 at each model's thresholds."""
-
-    name: str
-    positives: int
-    base_ap: float
-    adapted_ap: float
-    base_f1: float
-    adapted_f1: float
-    rare: bool = False
-
-    @property
-    def ap_delta(self) -> float:
-        return self.adapted_ap - self.base_ap
-
-
-@dataclass
-class PromptedComparison:
-    """Zero-shot (base dual encoder, its own tuned thresholds) vs adapted prompted attributes on the same images."""
-
-    data: str
-    base: MultilabelMetrics
-    adapted: MultilabelMetrics
-    per_attribute: list[AttributeDelta]
-    skipped: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"data": self.data, "skipped": self.skipped, "base": self.base.to_dict(),
-                "adapted": self.adapted.to_dict(),
-                "per_attribute": [{**asdict(d), "ap_delta": d.ap_delta} for d in self.per_attribute]}
-
-
 def compare_prompted(adapter_dir: str | Path, data: str | Path, *, batch_size: int = 64, limit: int | None = None,
-                     label_column: str = "label", path_column: str = "path", seed: int = 0) -> PromptedComparison:
-    """Score a prompted run's adapter and its base dual encoder on multi-label `data` (the run's separator; labels
-    checked against its attributes): mAP, F1, rare mAP and per-attribute AP/F1, each at the thresholds tuned for
-    it in training."""
+                     label_column: str = "label", path_column: str = "path", seed: int = 0,
+                     predictions: str | Path | None = None) -> MultilabelComparison:
+    """A prompted run's adapter vs its base dual encoder zero-shot on multi-label `data` (read as the run's
+    training data was, checked against its attributes): mAP, F1, rare mAP, per-attribute AP/F1, each model at the
+    thresholds tuned for it in training, and the drift of the image embeddings. `predictions` gets one CSV row per
+    image with the adapted model's scores (as for multilabel taggers)."""
     model, task = load_trained_dual(adapter_dir)
     if task.get("task") != PROMPTED_TASK:
         raise ConfigError(f"{adapter_dir} is a {task.get('task')!r} run; compare_prompted scores "
                           f"{PROMPTED_TASK} runs (vislora clip eval scores the other dual-encoder runs)")
     attributes = saved_attributes(task)
-    dataset = open_dataset(data, label_column=label_column, path_column=path_column,
-                           multilabel=MultiLabelFormat(task.get("separator", "|"), task.get("allow_empty", False)),
-                           attributes=attributes)
-    if limit:
-        dataset = dataset.subset(limit, seed=seed)
-    dataset.transform = SampleTransform(build_transform(input_spec(task), train=False), seed)
+    dataset = open_multilabel_data({**task, "input_spec": input_spec(task)}, data, limit, label_column, path_column,
+                                   seed)
     names, templates = list(task.get("class_names") or attributes.names), task.get("templates") or DEFAULT_TEMPLATES
     counts, rare_below = task.get("train_counts"), task.get("rare_below", 10)
-    results = {}
-    for which, base in (("base", True), ("adapted", False)):
-        scored = score_dataset(model, dataset, attributes, names, templates, batch_size, base=base)
-        saved = {**task, "thresholds": task.get("zero_shot_thresholds")} if base else task
-        results[which] = multilabel_metrics(scored.scores, scored.targets, attributes.names,
-                                            saved_thresholds(saved, DEFAULT_THRESHOLD).tolist(), train_counts=counts,
-                                            rare_below=rare_below)
-        results[which].skipped = scored.skipped
-    deltas = [AttributeDelta(b.name, b.positives, b.ap, a.ap, b.f1, a.f1, a.rare)
-              for b, a in zip(results["base"].per_attribute, results["adapted"].per_attribute, strict=True)]
-    return PromptedComparison(str(data), results["base"], results["adapted"], deltas, results["adapted"].skipped)
+    scored, measured = {}, {}
+    for which, thresholds in (("base", task.get("zero_shot_thresholds")), ("adapted", task.get("thresholds"))):
+        scored[which] = score_dataset(model, dataset, attributes, names, templates, batch_size, base=which == "base")
+        cut = saved_thresholds({**task, "thresholds": thresholds}, DEFAULT_THRESHOLD).tolist()
+        measured[which] = multilabel_metrics(scored[which].scores, scored[which].targets, attributes.names, cut,
+                                             counts, rare_below)
+    base, adapted = measured["base"], measured["adapted"]
+    rows = [AttributeDelta(a.name, a.positives, a.train_positives, a.rare, a.threshold, b.ap, a.ap, b.f1, a.f1)
+            for b, a in zip(base.per_attribute, adapted.per_attribute, strict=True)]
+    comparison = MultilabelComparison(
+        data=f"{data} ({adapted.n} images)", base=base, adapted=adapted, per_attribute=rows,
+        drift=embedding_drift(scored["base"].embeddings, scored["adapted"].embeddings),
+        thresholds=f"adapted: {_tuned(task.get('thresholds'))}; base: {_tuned(task.get('zero_shot_thresholds'))}",
+        skipped=scored["adapted"].skipped, baseline=ZERO_SHOT)
+    if predictions is not None:
+        write_multilabel_predictions(dataset, [{"index": i, "metadata": dataset.records[i].metadata}
+                                               for i in scored["adapted"].indices], scored["adapted"].scores,
+                                     saved_thresholds(task), Path(predictions))
+    return comparison
+
+
+def _tuned(thresholds: Mapping[str, Any] | None) -> str:
+    if not thresholds:
+        return "0.5 for every attribute (none were tuned)"
+    return f"tuned ({thresholds.get('mode')}) on {thresholds.get('tuned_on') or 'the validation data'}"
 
 
 @contextlib.contextmanager

@@ -308,8 +308,8 @@ class PromptedMultilabelTask(DualTask):
         return {**super().info(), "attributes": self.attributes.to_dict(),
                 "thresholds": self.thresholds.to_dict() if self.thresholds else None,
                 "zero_shot_thresholds": self.zero_shot.to_dict() if self.zero_shot else None,
-                "train_counts": self.train_counts, "rare_below": s.rare_below, "separator": s.separator,
-                "allow_empty": s.allow_empty}
+                "train_counts": self.train_counts, "rare_below": s.rare_below,
+                "format": {"separator": s.separator, "allow_empty": s.allow_empty}}
 
 
 def drop_missing(dataset: ImageDataset) -> ImageDataset:
