@@ -16,7 +16,7 @@ from synthetic_images import csv_manifest, tag_image
 from vislora.cli import app
 from vislora.data import AttributeSet, MultiLabelFormat, manifest
 from vislora.data.transforms import SampleTransform, build_transform, model_input_spec
-from vislora.errors import ConfigError
+from vislora.errors import ConfigError, DataError
 from vislora.evaluate.multilabel import tune_thresholds
 from vislora.evaluate.prompted import compare_prompted, score_dataset, zero_shot_attributes
 from vislora.model import inject
@@ -26,6 +26,7 @@ from vislora.serve import ServeConfig, build_engine, create_app
 from vislora.tasks.prompted import PromptedHead, add_logit_bias, prompt_names, prompted_head
 from vislora.towers import tower_adapter_config
 from vislora.train.trainer import Trainer
+from vislora.train.vlm import tower_variants
 
 COLOURS = ("red", "green", "blue")
 TEMPLATES = ["a photo of a {}", "a {} picture"]
@@ -257,3 +258,41 @@ def test_serving_a_prompted_adapter_returns_the_attributes_above_their_threshold
     body = response.json()
     assert body["multilabel"] is True and [label["label"] for label in body["labels"]] == [
         label.label for label in predictions[0].labels]
+
+
+def test_bad_prompted_configs_are_refused_with_the_fix(tmp_path):
+    towers = save_towers(tmp_path / "towers")
+    train = colour_tags(tmp_path / "data", 8, 0, "train.csv")
+    classifier = prompted_config(tmp_path, towers, train, model={"spec": "timm:vit_tiny_patch16_224", "text": None})
+    with pytest.raises(ConfigError, match=r"model spec 'timm:vit_tiny_patch16_224' has no text tower; use "
+                                          r"hf:<CLIP/SigLIP>, open_clip:<name>, or set model\.text"):
+        Trainer(classifier)
+    typo = prompted_config(tmp_path, towers, train, task={"class_names": {"gren": "green"}})
+    with pytest.raises(ConfigError, match=r"task\.class_names names \['gren'\], which are not attributes "
+                                          r"\(blue, green, red\)"):
+        Trainer(typo)
+    folder = prompted_config(tmp_path, towers, train, data={"train": str(tmp_path / "data")})
+    with pytest.raises(DataError, match=r"multi-label data must be a \.csv/\.jsonl manifest with a list of labels"):
+        Trainer(folder)
+    single = manifest(csv_manifest(tmp_path / "data", [{"path": "train_000.png", "label": "red"}] * 8, "one.csv"))
+    with pytest.raises(DataError, match=r"one\.csv holds one label per image; task\.kind prompted_multilabel needs "
+                                        r"a \.csv/\.jsonl manifest whose label column lists each image's attributes"):
+        Trainer(prompted_config(tmp_path, towers, train), train_data=single)
+    with pytest.raises(ConfigError, match=r"task\.multilabel is set but task\.kind is 'contrastive'"):
+        prompted_config(tmp_path, towers, train, task={"kind": "contrastive", "multilabel": {"loss": "asymmetric"}})
+
+
+def test_tower_variants_adapt_both_towers_or_only_one(tmp_path):
+    towers = save_towers(tmp_path / "towers")
+    train = colour_tags(tmp_path / "data", 8, 0, "train.csv")
+    variants = tower_variants(prompted_config(tmp_path, towers, train))
+    assert list(variants) == ["both", "vision", "text"]
+    adapted = {}
+    for name, config in variants.items():
+        assert config.run.output_dir == str(tmp_path / "run" / name)
+        model = Trainer(config).adapted
+        adapted[name] = ({path.split(".")[0] for path in model.layers()},
+                         set(model.configs["default"].modules_to_save))
+    assert adapted["both"] == ({"vision", "text"}, {"vision_proj", "text_proj", "logit_scale"})
+    assert adapted["vision"] == ({"vision"}, {"vision_proj", "logit_scale"})
+    assert adapted["text"] == ({"text"}, {"text_proj", "logit_scale"})

@@ -30,7 +30,7 @@ from vislora.evaluate.dual import DualEvalResult, embed_rows, score_rows
 from vislora.evaluate.multilabel import MultilabelMetrics, Thresholds, multilabel_metrics, tune_thresholds
 from vislora.evaluate.prompted import PromptedScores, prompted_scores
 from vislora.formats import load_adapter
-from vislora.run_config import TOWER_FIELDS
+from vislora.run_config import TOWER_FIELDS, TrainConfig
 from vislora.tasks.clip import (
     CLIP_LORA,
     contrastive_loss,
@@ -310,6 +310,28 @@ class PromptedMultilabelTask(DualTask):
                 "zero_shot_thresholds": self.zero_shot.to_dict() if self.zero_shot else None,
                 "train_counts": self.train_counts, "rare_below": s.rare_below,
                 "format": {"separator": s.separator, "allow_empty": s.allow_empty}}
+
+
+
+TOWER_VARIANTS = ("both", "vision", "text")
+
+
+def tower_variants(config: TrainConfig) -> dict[str, TrainConfig]:
+    """One dual-encoder run as three: LoRA on both towers, on the image tower only, on the text tower only (e.g. for
+    the retail benchmark's prompted comparison). Each adapted tower gets the config's own targets there
+    (adapter.vision_targets / text_targets, else adapter.targets, else CLIP-LoRA's q, k, v); the other tower is left
+    as it is (no LoRA, projection frozen). Each variant writes to run.output_dir/<variant>."""
+    a = config.adapter
+    targets = {"vision": a.vision_targets or a.targets or CLIP_LORA["targets"],
+               "text": a.text_targets or a.targets or CLIP_LORA["targets"]}
+    variants = {}
+    for variant in TOWER_VARIANTS:
+        data = config.model_dump(mode="json")
+        data["adapter"].update({f"{tower}_targets": targets[tower] if variant in ("both", tower) else None
+                                for tower in ("vision", "text")})
+        data["run"]["output_dir"] = str(Path(config.run.output_dir) / variant)
+        variants[variant] = TrainConfig.parse(data)
+    return variants
 
 
 def drop_missing(dataset: ImageDataset) -> ImageDataset:
