@@ -4,6 +4,7 @@ at predict, a tiny run learns, saves its thresholds and reloads; bad input is re
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -296,3 +297,20 @@ def test_tower_variants_adapt_both_towers_or_only_one(tmp_path):
     assert adapted["both"] == ({"vision", "text"}, {"vision_proj", "text_proj", "logit_scale"})
     assert adapted["vision"] == ({"vision"}, {"vision_proj", "logit_scale"})
     assert adapted["text"] == ({"text"}, {"text_proj", "logit_scale"})
+
+
+def test_the_example_config_trains_on_a_tiny_manifest(tmp_path):
+    example = Path(__file__).resolve().parents[2] / "examples" / "prompted_attributes.yaml"
+    towers = save_towers(tmp_path / "towers")
+    train = colour_tags(tmp_path / "data", 8, 0, "train.csv")
+    val = colour_tags(tmp_path / "data", 8, 1, "val.csv")
+    overrides = [f"model.spec=hf:{towers[0]}", f"model.text=hf:{towers[1]}", "model.embed_dim=16",
+                 "task.class_names={}", f"data.train={train}", f"data.val={val}", "data.image_size=32",
+                 "optim.max_steps=2", "optim.batch_size=8", "optim.warmup_steps=0",
+                 f"run.output_dir={tmp_path / 'run'}", "run.eval_every=0", "run.save_every=0", "run.progress=false"]
+    config = TrainConfig.load(example, overrides)
+    assert config.task.multilabel.loss == "asymmetric" and config.run.best_metric == "map"
+    result = Trainer(config).fit()
+    task = json.loads((result.adapter_dir / "task.json").read_text())
+    assert task["task"] == "prompted_multilabel" and task["templates"] == config.task.templates
+    assert task["zero_shot_thresholds"] is not None and task["thresholds"] is not None
