@@ -85,6 +85,9 @@ TOWER_FIELDS = ("vision_targets", "text_targets", "vision_rank", "vision_alpha",
                 "train_heads", "frozen")
 
 
+MULTILABEL_KINDS = ("multilabel", "prompted_multilabel")  # task kinds configured by task.multilabel
+
+
 class MultilabelSection(_Section):
     """task.kind multilabel: the attribute vocabulary, the loss, and how per-attribute thresholds are tuned."""
 
@@ -121,10 +124,11 @@ class TaskSection(_Section):
     """What is trained: an image classifier (single- or multi-label), or a dual encoder (contrastive image-text,
     few-shot prompt classifier)."""
 
-    kind: Literal["classification", "multilabel", "contrastive", "few_shot"] = Field(
+    kind: Literal["classification", "multilabel", "contrastive", "few_shot", "prompted_multilabel"] = Field(
         "classification", description="classification: backbone + head; multilabel: backbone + one logit per "
         "attribute (task.multilabel); contrastive: symmetric InfoNCE on image-"
-        "caption pairs; few_shot: CLIP-LoRA, cross-entropy against a text classifier built from prompts.")
+        "caption pairs; few_shot: CLIP-LoRA, cross-entropy against a text classifier built from prompts; "
+        "prompted_multilabel: a dual encoder scores each attribute of task.multilabel by its prompts.")
     multilabel: MultilabelSection = Field(default_factory=MultilabelSection)
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1, description=(
         "Prompt templates ('{}' = class name). Prompt classifiers ensemble all (few_shot trains through that "
@@ -238,10 +242,10 @@ class TrainConfig(_Section):
         if self.task.kind in ("classification", "multilabel") and self.model.text:
             raise ValueError("model.text pairs a text tower with the image backbone, which only dual-encoder tasks "
                              "use; set task.kind: contrastive or few_shot, or drop model.text")
-        if self.task.kind != "multilabel" and self.task.multilabel != MultilabelSection():
+        if self.task.kind not in MULTILABEL_KINDS and self.task.multilabel != MultilabelSection():
             raise ValueError(f"task.multilabel is set but task.kind is {self.task.kind!r}; set task.kind: multilabel "
-                             "or drop task.multilabel")
-        if self.task.kind == "multilabel":
+                             "(or prompted_multilabel) or drop task.multilabel")
+        if self.task.kind in MULTILABEL_KINDS:
             self._check_multilabel()
         if self.task.kind == "few_shot" and self.data.label_column is None:
             raise ValueError("task.kind few_shot needs labelled data: set data.label_column")
@@ -255,7 +259,7 @@ class TrainConfig(_Section):
             raise ValueError(f"data.augment {', '.join(mixing)} mix single-label class targets; multilabel runs do "
                              "not support them: set them to 0")
         if self.data.label_column is None:
-            raise ValueError("task.kind multilabel needs labelled data: set data.label_column")
+            raise ValueError(f"task.kind {self.task.kind} needs labelled data: set data.label_column")
         if "best_metric" not in self.run.model_fields_set:
             self.run.best_metric = "map"
 

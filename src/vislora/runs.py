@@ -25,10 +25,11 @@ from vislora.formats import load_adapter
 from vislora.model import AdaptedModel
 from vislora.run_config import TrainConfig
 from vislora.tasks.classification import build_classifier
+from vislora.tasks.prompted import PROMPTED_TASK, add_logit_bias
 
 TASK_FILE = "task.json"
 CONFIG_FILE = "config.yaml"
-DUAL_TASKS = ("contrastive", "few_shot")
+DUAL_TASKS = ("contrastive", "few_shot", PROMPTED_TASK)
 CLASSIFIER_TASKS = ("classification", "multilabel")
 
 
@@ -132,6 +133,8 @@ def load_trained_dual(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, 
     check_rebuildable(task, adapter_dir)
     with base_random_state(task, adapter_dir):
         base = build_dual_encoder(**dual_encoder_args(task["model"]))
+    if task["task"] == PROMPTED_TASK:
+        add_logit_bias(base)  # as training added it
     frozen = task.get("frozen", {})
     model = load_adapter(base, adapter_dir, "default", activate=False)
     for name, folder in frozen.items():

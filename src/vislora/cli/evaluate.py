@@ -15,7 +15,9 @@ from rich.table import Table
 from vislora.cli.app import app, console
 from vislora.evaluate import Comparison, Delta, compare_adapter, points
 from vislora.evaluate.multilabel_comparison import MultilabelComparison, compare_multilabel_adapter, nan_text
+from vislora.evaluate.prompted import compare_prompted
 from vislora.runs import read_task
+from vislora.tasks.prompted import PROMPTED_TASK
 
 
 @app.command("eval")
@@ -43,7 +45,8 @@ def evaluate(
 
     A multilabel adapter (task.kind multilabel) gets mAP, micro/macro-F1 and the rare attributes' mAP, and per
     attribute AP and F1 at the thresholds saved with the adapter, base vs adapted; DATA is then a manifest with a
-    list of labels per row, read with the adapter's separator.
+    list of labels per row, read with the adapter's separator. A prompted_multilabel adapter (a dual encoder) gets
+    the same, its base being the dual encoder zero-shot at its own saved thresholds.
 
     Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --limit 2000 --json eval.json
     Example: vislora eval --adapter runs/tags/best --data data/tags_test.csv --predictions tags.csv
@@ -55,10 +58,15 @@ def evaluate(
     def progress(items: Iterable, total: int) -> Iterable:
         return track(items, total=total, description="base + adapted", console=console, transient=True)
 
-    if read_task(adapter).get("task") == "multilabel":
+    kind = read_task(adapter).get("task")
+    if kind == "multilabel":
         comparison: Comparison | MultilabelComparison = compare_multilabel_adapter(
             adapter, data, batch_size=batch_size, limit=limit, label_column=label_column, path_column=path_column,
             predictions=predictions, base_head=base_head, progress=progress)
+        show_multilabel_comparison(comparison)
+    elif kind == PROMPTED_TASK:
+        comparison = compare_prompted(adapter, data, batch_size=batch_size, limit=limit, label_column=label_column,
+                                      path_column=path_column, predictions=predictions)
         show_multilabel_comparison(comparison)
     else:
         comparison = compare_adapter(

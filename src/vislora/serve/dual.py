@@ -3,7 +3,9 @@
 Images and texts are embedded into one space, each sample routed to its own adapter; a batch holds one modality.
 Predictions use a prompt classifier per adapter, built once when the adapter loads: its class names filled into
 its templates (from the task.json `vislora train` wrote), embedded through the adapter's own text tower and
-averaged per class, scaled by the adapter's logit scale, as `vislora clip eval` scores it. A run trained over
+averaged per class, scaled by the adapter's logit scale, as `vislora clip eval` scores it. A prompted_multilabel
+adapter's prompts are its attributes and its logits get its learned bias (vislora.tasks.prompted); it answers, as
+a multilabel classifier does, with every attribute whose score reaches its saved threshold. A run trained over
 frozen adapters (task.json `frozen`) is served as their exact sum, one adapter to route.
 
     with build_engine(ServeConfig.parse({"adapters": {"pets": "runs/pets-clip/adapter"}})) as engine:
@@ -24,6 +26,7 @@ import torch.nn.functional as F
 from vislora.adapters.saved import ModulesToSave
 from vislora.arithmetic import combine
 from vislora.data.transforms import InputSpec
+from vislora.dual_encoder import LogitScale
 from vislora.errors import AdapterError, AdapterFileError, ServeError
 from vislora.formats import check_adapter
 from vislora.model import AdaptedModel, AdapterWeights
@@ -31,14 +34,16 @@ from vislora.serve.config import BaseSection
 from vislora.serve.engine import Engine
 from vislora.serve.sources import AdapterSource, frozen_folders
 from vislora.tasks.clip import DEFAULT_TEMPLATES, text_classifier
+from vislora.tasks.prompted import PROMPTED_TASK, add_logit_bias
 
 
 @dataclass(frozen=True)
 class PromptClassifier:
-    """One adapter's zero-/few-shot head: logits = scale * image_embedding @ weights.T."""
+    """One adapter's zero-/few-shot head: logits = scale * image_embedding @ weights.T + bias."""
 
     weights: torch.Tensor  # (classes, dim), rows L2-normalised
     scale: float
+    bias: float = 0.0  # prompted attributes: the adapter's logit bias
 
 
 class DualEngine(Engine):
@@ -96,7 +101,7 @@ class DualEngine(Engine):
                 return [None] * len(inputs), self.model(input_ids=ids, attention_mask=mask, adapters=names)[1]
             embeddings = self.model(images=torch.stack(inputs), adapters=names)[0]  # (N, dim)
         heads = [self._heads.get(name) for name in names]
-        logits = [head.scale * embedding @ head.weights.T if head else None
+        logits = [head.scale * embedding @ head.weights.T + head.bias if head else None
                   for embedding, head in zip(embeddings, heads, strict=True)]
         return logits, embeddings
 
@@ -110,7 +115,11 @@ class DualEngine(Engine):
         return ids, mask
 
     def _read(self, source: AdapterSource) -> list[AdapterWeights]:
-        """The adapter's files, and those of the frozen adapters it was trained over (task.json `frozen`)."""
+        """The adapter's files, and those of the frozen adapters it was trained over (task.json `frozen`). A
+        prompted adapter saved the logit bias it learned: the base gets one (0.0, which no other head reads)."""
+        if (source.task or {}).get("task") == PROMPTED_TASK:
+            with self._model_lock:
+                add_logit_bias(self.model.base_model)
         return [check_adapter(self.model, folder) for folder in (*frozen_folders(source), source.path)]
 
     def _install(self, name: str, checked: list[AdapterWeights]) -> None:
@@ -137,14 +146,16 @@ class DualEngine(Engine):
     def _installed(self, name: str, source: AdapterSource) -> None:
         task = source.task or {}
         names = task.get("class_names") or (None if source.task else self.base.classes)
-        self._heads.update(self._prompt_head(name, names, task.get("templates") or self.base.templates))
+        self._heads.update(self._prompt_head(name, names, task.get("templates") or self.base.templates,
+                                             biased=task.get("task") == PROMPTED_TASK))
 
     def _removed(self, name: str) -> None:
         self._heads.pop(name, None)
 
-    def _prompt_head(self, name: str | None, classes: Sequence[str] | None, templates: Sequence[str]
-                     ) -> dict[str | None, PromptClassifier]:
-        """{name: its prompt classifier} over `classes` (none without classes); the model lock is held."""
+    def _prompt_head(self, name: str | None, classes: Sequence[str] | None, templates: Sequence[str],
+                     biased: bool = False) -> dict[str | None, PromptClassifier]:
+        """{name: its prompt classifier} over `classes` (none without classes), with the adapter's logit bias when
+        `biased`; the model lock is held."""
         if not classes:
             return {}
 
@@ -154,14 +165,16 @@ class DualEngine(Engine):
 
         with torch.inference_mode():
             weights = text_classifier(self.model.base_model, classes, templates or DEFAULT_TEMPLATES, embed=embed)
-        return {name: PromptClassifier(F.normalize(weights, dim=-1), self._logit_scale(name))}
+        scale = self._logit_scale(name)
+        bias = float(scale.bias) if biased and scale.bias is not None else 0.0
+        return {name: PromptClassifier(F.normalize(weights, dim=-1), float(scale()), bias)}
 
-    def _logit_scale(self, name: str | None) -> float:
-        """The adapter's own trained logit scale if it carries one, else the base's."""
+    def _logit_scale(self, name: str | None) -> LogitScale:
+        """The adapter's own trained logit scale (and bias) if it carries one, else the base's."""
         module = self.model.base_model.logit_scale
         if isinstance(module, ModulesToSave):
             module = module.copies[name] if name is not None and name in module.copies else module.original_module
-        return float(module())
+        return module
 
     def _classes(self, source: AdapterSource | None) -> tuple[str, ...]:
         """A dual-encoder adapter's class labels (task.json), else the base's zero-shot classes, else none."""

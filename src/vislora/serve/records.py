@@ -10,6 +10,7 @@ import torch
 from vislora.data.attributes import AttributeSet
 from vislora.errors import ServeError
 from vislora.tasks.multilabel import attribute_scores, saved_attributes, saved_thresholds
+from vislora.tasks.prompted import PROMPTED_TASK
 
 
 @dataclass(frozen=True)
@@ -28,8 +29,8 @@ class Tagger:
 
 
 def tagger_of(task: dict[str, Any] | None) -> Tagger | None:
-    """The Tagger of a multilabel adapter's task.json; None for other adapters."""
-    if not task or task.get("task") != "multilabel":
+    """The Tagger of a multilabel (or prompted_multilabel) adapter's task.json; None for other adapters."""
+    if not task or task.get("task") not in ("multilabel", PROMPTED_TASK):
         return None
     return Tagger(saved_attributes(task), saved_thresholds(task).double())
 

@@ -35,12 +35,13 @@ from vislora.train.rundir import MetricsLog, RunDirectory, TrainResult
 from vislora.train.schedule import build_optimizer, build_scheduler
 from vislora.train.stages import StagePlan, apply_stage
 from vislora.train.tasks import ClassificationTask, Evaluation, MultilabelTask, TrainTask
-from vislora.train.vlm import ContrastiveTask, FewShotTask
+from vislora.train.vlm import ContrastiveTask, FewShotTask, PromptedMultilabelTask
 
 logger = logging.getLogger(__name__)
 
 TASKS: dict[str, type[TrainTask]] = {"classification": ClassificationTask, "multilabel": MultilabelTask,
-                                     "contrastive": ContrastiveTask, "few_shot": FewShotTask}  # task.kind -> task
+                                     "contrastive": ContrastiveTask, "few_shot": FewShotTask,
+                                     "prompted_multilabel": PromptedMultilabelTask}  # task.kind -> task
 
 
 class Trainer(RunDirectory):

@@ -1,4 +1,5 @@
-"""Dual-encoder tasks for the trainer: contrastive image-text fine-tuning and few-shot prompt classification.
+"""Dual-encoder tasks for the trainer: contrastive image-text fine-tuning, few-shot prompt classification and
+prompted multi-label attributes.
 
 Both build a dual encoder (`vislora.dual_encoder`), adapt its towers with one tower-aware AdapterConfig
 (`adapter.vision_targets` / `text_targets`, per-tower rank and alpha), can keep other adapters active and frozen
@@ -8,8 +9,10 @@ underneath (`adapter.frozen`), and evaluate with a text classifier built from pr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,12 +22,15 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from vislora.config import AdapterConfig
-from vislora.data.datasets import ImageDataset, collate
+from vislora.data.attributes import AttributeSet
+from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate
 from vislora.dual_encoder import DualTowerModel, build_dual_encoder
-from vislora.errors import ConfigError, DataError
+from vislora.errors import ConfigError, DataError, VisloraWarning
 from vislora.evaluate.dual import DualEvalResult, embed_rows, score_rows
+from vislora.evaluate.multilabel import MultilabelMetrics, Thresholds, multilabel_metrics, tune_thresholds
+from vislora.evaluate.prompted import PromptedScores, prompted_scores
 from vislora.formats import load_adapter
-from vislora.run_config import TOWER_FIELDS
+from vislora.run_config import TOWER_FIELDS, TrainConfig
 from vislora.tasks.clip import (
     CLIP_LORA,
     contrastive_loss,
@@ -32,6 +38,15 @@ from vislora.tasks.clip import (
     sample_shots,
     sigmoid_loss,
     text_classifier,
+)
+from vislora.tasks.multilabel import MultilabelLoss, pos_weights
+from vislora.tasks.prompted import (
+    PROMPTED_TASK,
+    add_logit_bias,
+    attribute_prompts,
+    logit_bias,
+    prompt_names,
+    prompted_logits,
 )
 from vislora.towers import tower_adapter_config
 from vislora.train.tasks import TrainTask
@@ -107,23 +122,28 @@ class DualTask(TrainTask):
         return [templates[i % len(templates)].format(names[y])
                 for i, y in zip(batch["index"].tolist(), batch["label"].tolist(), strict=True)]
 
-    def evaluate(self, trainer: TrainerView) -> DualEvalResult:
-        """Prompt-classifier accuracy (labelled data), contrastive loss, retrieval recall (captioned data) over
-        `val_data`, sharded across processes and gathered."""
+    def embedded(self, trainer: TrainerView, dataset: ImageDataset) -> tuple[list[dict[str, Any]], int]:
+        """Rows {index, label, image emb[, caption, text emb]} of `dataset` through the model, sharded across
+        processes and gathered (sorted by index), and the number of skipped images."""
         accelerator = trainer.accelerator
-        indices = list(range(accelerator.process_index, len(trainer.val_data), accelerator.num_processes))
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(trainer.val_data, indices),
+        indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, indices),
                                              batch_size=self.config.optim.batch_size, collate_fn=collate,
                                              num_workers=self.config.data.num_workers, generator=torch.Generator())
         rows, skipped = embed_rows(trainer.model, loader, self.base.tokenize, accelerator.device,
                                    accelerator.autocast)
         rows = sorted({r["index"]: r for r in gather_object(rows)}.values(), key=lambda r: r["index"])
-        skipped = set(gather_object(skipped))
+        return rows, len(set(gather_object(skipped)))
+
+    def evaluate(self, trainer: TrainerView) -> DualEvalResult:
+        """Prompt-classifier accuracy (labelled data), contrastive loss, retrieval recall (captioned data) over
+        `val_data`, sharded across processes and gathered."""
+        rows, skipped = self.embedded(trainer, trainer.val_data)
         if not rows:
-            return DualEvalResult(n=0, skipped=len(skipped))
+            return DualEvalResult(n=0, skipped=skipped)
         figures = score_rows(rows, self.base, self.names() if self.classes else [], self.config.task.templates,
-                             accelerator.device)
-        return DualEvalResult(n=len(rows), skipped=len(skipped), figures=figures)
+                             trainer.accelerator.device)
+        return DualEvalResult(n=len(rows), skipped=skipped, figures=figures)
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "class_names": self.names(), "templates": self.config.task.templates,
@@ -177,6 +197,141 @@ class FewShotTask(DualTask):
         classifier = text_classifier(self.base, self.names(), self.config.task.templates, device)
         logits = self.base.logit_scale() * images @ classifier.T  # [batch, classes]
         return F.cross_entropy(logits, batch["label"].to(device)), len(images)
+
+
+
+class PromptedMultilabelTask(DualTask):
+    """Prompted attributes (vislora.tasks.prompted): every attribute of task.multilabel scored by its prompts,
+    scale * cos(image, prompt) + bias, under the multi-label loss (BCE or ASL; cross-entropy in single-choice
+    groups), the prompt embeddings recomputed through the adapted text tower every step. Evaluation reports mAP,
+    F1 and rare mAP and tunes the adapter's per-attribute thresholds; the base model's zero-shot thresholds are tuned
+    once on the same data. Both go into task.json."""
+
+    kind = PROMPTED_TASK
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config)
+        self.settings = config.task.multilabel
+        self.attributes: AttributeSet | None = None
+        self.train_counts: dict[str, int] = {}
+        self.n_train = 0
+        self.thresholds: Thresholds | None = None
+        self.zero_shot: Thresholds | None = None  # the base dual encoder's
+
+    def data_format(self) -> MultiLabelFormat:
+        return MultiLabelFormat(self.settings.separator, self.settings.allow_empty)
+
+    def prepare_data(self, dataset: ImageDataset, train: bool) -> ImageDataset:
+        """The training data fixes the attributes (task.multilabel), every row of both datasets is checked."""
+        dataset = super().prepare_data(dataset, train)
+        if not dataset.multilabel:
+            raise DataError(f"{dataset.name} holds one label per image; task.kind {PROMPTED_TASK} needs a .csv/.jsonl "
+                            "manifest whose label column lists each image's attributes (a|b|c, or a JSON list)")
+        if not train:
+            return dataset.with_attributes(self.attributes)
+        s = self.settings
+        self.attributes = AttributeSet.from_labels(dataset.label_sets(), s.attributes, s.groups, s.single_choice)
+        dataset = dataset.with_attributes(self.attributes)
+        self.train_counts, self.n_train = self.attributes.counts(dataset.label_sets()), len(dataset)
+        return dataset
+
+    def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
+        """The dual encoder, with a logit bias added when it has none (vislora.tasks.prompted)."""
+        if self.attributes is None or list(classes) != list(self.attributes.names):
+            raise ConfigError("a prompted run takes its attributes from the training data; pass the training data "
+                              "through prepare_data first")
+        base, adapter_config = super().build(classes, base)
+        add_logit_bias(base)
+        self.prompt_names = prompt_names(self.classes, self.config.task.class_names)
+        s = self.settings
+        self.loss_fn = MultilabelLoss(self.attributes, s.loss, pos_weights(s.pos_weight, self.attributes,
+                                                                           self.train_counts, self.n_train),
+                                      s.gamma_neg, s.gamma_pos, s.clip)
+        return base, adapter_config
+
+    def names(self) -> list[str]:
+        return self.prompt_names
+
+    def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
+        images, _ = model(images=batch["image"].to(device))  # [batch, dim]
+        prompts = attribute_prompts(self.base, self.names(), self.config.task.templates, device)  # [A, dim]
+        logits = prompted_logits(images, prompts, self.base.logit_scale(), logit_bias(self.base).to(device))
+        return self.loss_fn(logits.float(), batch["label"].to(device)), len(images)
+
+    def evaluate(self, trainer: TrainerView) -> MultilabelMetrics:
+        """mAP, F1 at 0.5, rare mAP and loss on `val_data`; the adapter's thresholds tuned on the same scores (and,
+        at the first evaluation, the base model's)."""
+        if self.zero_shot is None:
+            self.zero_shot = self.tune(trainer, trainer.val_data, base=True)[1]
+        return self.score(trainer, trainer.val_data)
+
+    def score(self, trainer: TrainerView, dataset: ImageDataset) -> MultilabelMetrics:
+        """Metrics of the adapted model on `dataset`; `thresholds` tuned on it."""
+        scored, self.thresholds = self.tune(trainer, dataset)
+        names = list(self.attributes.names)
+        result = multilabel_metrics(scored.scores, scored.targets, names, train_counts=self.train_counts,
+                                    rare_below=self.settings.rare_below,
+                                    loss=self.loss_fn(scored.logits, scored.targets).item())
+        result.skipped = scored.skipped
+        return result
+
+    def tune(self, trainer: TrainerView, dataset: ImageDataset, base: bool = False) -> tuple[PromptedScores,
+                                                                                            Thresholds]:
+        """Scores of the adapted (or `base`) model on `dataset` and per-attribute thresholds tuned on them."""
+        with trainer.adapted.disabled() if base else contextlib.nullcontext():
+            rows, skipped = self.embedded(trainer, dataset)
+            scored = prompted_scores(self.base, rows, self.attributes, self.names(), self.config.task.templates,
+                                     trainer.accelerator.device, skipped)
+        who = "the base model" if base else f"step {trainer.loop.step}"
+        return scored, tune_thresholds(scored.scores, scored.targets, list(self.attributes.names),
+                                       self.settings.thresholds, self.settings.target_precision,
+                                       tuned_on=f"{dataset.name} at {who}")
+
+    def finish(self, trainer: TrainerView) -> None:
+        """Without data.val, both sets of thresholds are tuned on the training images (evaluation transform), with
+        a warning: they fit the training data."""
+        if trainer.val_data is not None:
+            return
+        warnings.warn("no data.val: per-attribute thresholds are tuned on the training images, where the model "
+                      "scores higher than on new images; give data.val for thresholds that hold on new data",
+                      VisloraWarning, stacklevel=2)
+        data = trainer.train_data
+        transform, data.transform = data.transform, trainer.eval_transform
+        try:
+            self.zero_shot = self.tune(trainer, data, base=True)[1]
+            self.score(trainer, data)
+        finally:
+            data.transform = transform
+
+    def info(self) -> dict[str, Any]:
+        s = self.settings
+        return {**super().info(), "attributes": self.attributes.to_dict(),
+                "thresholds": self.thresholds.to_dict() if self.thresholds else None,
+                "zero_shot_thresholds": self.zero_shot.to_dict() if self.zero_shot else None,
+                "train_counts": self.train_counts, "rare_below": s.rare_below,
+                "format": {"separator": s.separator, "allow_empty": s.allow_empty}}
+
+
+
+TOWER_VARIANTS = ("both", "vision", "text")
+
+
+def tower_variants(config: TrainConfig) -> dict[str, TrainConfig]:
+    """One dual-encoder run as three: LoRA on both towers, on the image tower only, on the text tower only (e.g. for
+    the retail benchmark's prompted comparison). Each adapted tower gets the config's own targets there
+    (adapter.vision_targets / text_targets, else adapter.targets, else CLIP-LoRA's q, k, v); the other tower is left
+    as it is (no LoRA, projection frozen). Each variant writes to run.output_dir/<variant>."""
+    a = config.adapter
+    targets = {"vision": a.vision_targets or a.targets or CLIP_LORA["targets"],
+               "text": a.text_targets or a.targets or CLIP_LORA["targets"]}
+    variants = {}
+    for variant in TOWER_VARIANTS:
+        data = config.model_dump(mode="json")
+        data["adapter"].update({f"{tower}_targets": targets[tower] if variant in ("both", tower) else None
+                                for tower in ("vision", "text")})
+        data["run"]["output_dir"] = str(Path(config.run.output_dir) / variant)
+        variants[variant] = TrainConfig.parse(data)
+    return variants
 
 
 def drop_missing(dataset: ImageDataset) -> ImageDataset:
