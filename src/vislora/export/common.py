@@ -27,12 +27,13 @@ from vislora.errors import ConfigError, ExportError
 from vislora.formats import load_adapter
 from vislora.io import fsync
 from vislora.model import AdaptedModel
-from vislora.runs import load_trained
+from vislora.runs import DUAL_TASKS, load_trained
 
 logger = logging.getLogger(__name__)
 
 INPUT_NAME = "input"
 OUTPUT_NAME = "logits"
+MERGE_ATOL = 1e-4
 
 
 
@@ -63,8 +64,6 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
         raise ExportError(f"{adapter_dir} is not an adapter folder (no adapter_config.json); give a run's adapter/, "
                           "best/ or checkpoints/step-N/ folder, or a folder written by save_adapter")
     task_file = adapter_dir / "task.json"
-    from vislora.export.dual import is_dual
-
     if is_dual(adapter_dir):
         raise ExportError(f"{adapter_dir} is a dual-encoder run (contrastive / few_shot): open it for export with "
                           "vislora.export.dual.load_dual_exportable")
@@ -170,3 +169,30 @@ def write_json(path: Path, data: dict[str, Any]) -> None:
     from vislora.io import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+@dataclass
+class MergeResult:
+    """Where the merged model went, in which layout, and how close it is to the adapted model."""
+
+    out: Path
+    layout: str
+    max_abs_diff: float
+    reload_max_abs_diff: float
+    load: str
+
+    def __str__(self) -> str:
+        return (f"merged model ({self.layout}) written to {self.out}; max |merged - adapted| = "
+                f"{self.max_abs_diff:.2e}, reloaded from disk {self.reload_max_abs_diff:.2e} "
+                f"(tolerance {MERGE_ATOL:g}). Load it with: {self.load}")
+
+
+def is_dual(adapter_dir: str | Path) -> bool:
+    """Whether `adapter_dir` holds a task.json of a contrastive or few-shot run."""
+    task_file = Path(adapter_dir) / "task.json"
+    if not task_file.is_file():
+        return False
+    try:
+        return json.loads(task_file.read_text()).get("task") in DUAL_TASKS
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False

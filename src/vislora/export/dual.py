@@ -30,11 +30,11 @@ from vislora.adapters.methods import method_class
 from vislora.data.transforms import InputSpec
 from vislora.dual_encoder import DualTowerModel
 from vislora.errors import ExportError
-from vislora.export.common import INPUT_NAME, staged_dir, write_json
-from vislora.export.merge import MERGE_ATOL
+from vislora.export.common import INPUT_NAME, MERGE_ATOL, staged_dir, write_json
 from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OPSET, export_module
 from vislora.model import AdaptedModel
-from vislora.runs import DUAL_TASKS, input_spec, load_trained_dual
+from vislora.runs import input_spec, load_trained_dual
+from vislora.tasks.clip import DEFAULT_TEMPLATES, text_classifier
 from vislora.tokenize import OpenClipCaptionTokenizer
 
 logger = logging.getLogger(__name__)
@@ -45,17 +45,6 @@ TEXT_INPUTS = ("input_ids", "attention_mask")
 PROBE_TEXTS = ("a photo", "an image of something small on a table", "a picture")
 INT8_REFUSAL = ("INT8 (--int8) is not supported for dual-encoder runs yet (its accuracy report scores a classifier's "
                 "logits, not embeddings); export the fp32 towers without --int8")
-
-
-def is_dual(adapter_dir: str | Path) -> bool:
-    """Whether `adapter_dir` holds a task.json of a contrastive or few-shot run."""
-    task_file = Path(adapter_dir) / "task.json"
-    if not task_file.is_file():
-        return False
-    try:
-        return json.loads(task_file.read_text()).get("task") in DUAL_TASKS
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return False
 
 
 @dataclass
@@ -315,8 +304,6 @@ def logit_figures(model: DualTowerModel) -> dict[str, float | None]:
 
 def zero_shot_classifier(item: DualExportable, model: DualTowerModel) -> np.ndarray | None:
     """The prompt-ensembled class embeddings [classes, dim] of the run's class names and templates, or None."""
-    from vislora.tasks.clip import DEFAULT_TEMPLATES, text_classifier
-
     names = item.task.get("class_names") or []
     if not names:
         return None

@@ -37,7 +37,7 @@ from torch import nn
 
 from vislora.dual_encoder import DualEncoder, DualTowerModel, HFDualEncoder
 from vislora.errors import ExportError
-from vislora.export.common import staged_dir, write_json
+from vislora.export.common import MERGE_ATOL, MergeResult, staged_dir, write_json
 from vislora.export.dual import (
     DualExportable,
     load_dual_exportable,
@@ -46,7 +46,6 @@ from vislora.export.dual import (
     plain_dual,
     save_tokenizer,
 )
-from vislora.export.merge import MERGE_ATOL, MergeResult
 
 logger = logging.getLogger(__name__)
 

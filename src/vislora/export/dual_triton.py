@@ -30,7 +30,7 @@ from vislora.export.dual import (
     write_dual_metadata,
     write_towers,
 )
-from vislora.export.triton import _NAME, parse_config
+from vislora.export.triton_config import MODEL_NAME, parse_config
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def export_dual_triton(adapter_dir: str | Path, repo: str | Path, name: str, bas
                        log: Any = logger.info) -> DualTritonExport:
     """Write REPO/NAME_image and REPO/NAME_text (see the module docstring)."""
     names = {"image": f"{name}_image", "text": f"{name}_text"}
-    if not all(_NAME.fullmatch(n) for n in names.values()):
+    if not all(MODEL_NAME.fullmatch(n) for n in names.values()):
         raise ExportError(f"model name {name!r} is not usable as a Triton model folder; use letters, digits, '_', "
                           "'-' or '.', e.g. clip_dinov2")
     if max_batch_size < 1:

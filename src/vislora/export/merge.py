@@ -19,7 +19,6 @@ adapted model's.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,48 +28,31 @@ from torch import nn
 
 from vislora.errors import ExportError
 from vislora.export.common import (
+    MERGE_ATOL,
     Exportable,
+    MergeResult,
     TensorOutput,
+    is_dual,
     load_exportable,
     plain_merged,
     staged_dir,
     tensor_output,
     write_json,
 )
+from vislora.export.dual_merge import merge_dual
 from vislora.tasks.multilabel import exported_task
 
 logger = logging.getLogger(__name__)
 
 # fp32: W + scale * B @ A changes the summation order of every adapted matmul; 1e-4 is far below any
 # adapter's effect and far above the rounding seen (~1e-6 on DINOv2-S logits).
-MERGE_ATOL = 1e-4
-
-
-@dataclass
-class MergeResult:
-    """Where the merged model went, in which layout, and how close it is to the adapted model."""
-
-    out: Path
-    layout: str
-    max_abs_diff: float
-    reload_max_abs_diff: float
-    load: str
-
-    def __str__(self) -> str:
-        return (f"merged model ({self.layout}) written to {self.out}; max |merged - adapted| = "
-                f"{self.max_abs_diff:.2e}, reloaded from disk {self.reload_max_abs_diff:.2e} "
-                f"(tolerance {MERGE_ATOL:g}). Load it with: {self.load}")
 
 
 def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = None,
                   overwrite: bool = False) -> MergeResult:
     """Merge the adapter of `adapter_dir` into its base model and save it to `out` (see the module docstring;
     contrastive and few-shot runs: `vislora.export.dual_merge`)."""
-    from vislora.export.dual import is_dual
-
     if is_dual(adapter_dir):
-        from vislora.export.dual_merge import merge_dual
-
         return merge_dual(adapter_dir, out, base, overwrite)
     item = load_exportable(adapter_dir, base)
     plain, difference = plain_merged(item)

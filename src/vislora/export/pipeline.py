@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
@@ -26,20 +26,19 @@ from vislora.export.calibration import (
 )
 from vislora.export.common import (
     INPUT_NAME,
+    MERGE_ATOL,
     OUTPUT_NAME,
     Exportable,
+    is_dual,
     load_exportable,
     plain_merged,
     staged_dir,
     write_json,
 )
-from vislora.export.merge import MERGE_ATOL
+from vislora.export.dual import DualOnnxExport, export_dual_onnx_dir
 from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OnnxCheck, check_onnx, export_onnx
 from vislora.export.quantize import QuantizeReport, compare_accuracy, measure_latency, quantize_int8, session
 from vislora.tasks.multilabel import exported_task
-
-if TYPE_CHECKING:
-    from vislora.export.dual import DualOnnxExport
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +142,6 @@ def export_onnx_dir(adapter_dir: str | Path, out: str | Path, base: str | None =
                     log: Log = logger.info) -> OnnxExport | DualOnnxExport:
     """Write OUT/model.onnx (+ model.int8.onnx, int8_report.json), labels.txt and export.json; for a contrastive or
     few-shot run, both towers (`vislora.export.dual.export_dual_onnx_dir`)."""
-    from vislora.export.dual import export_dual_onnx_dir, is_dual
-
     if is_dual(adapter_dir):
         return export_dual_onnx_dir(adapter_dir, out, base=base, int8=int8, overwrite=overwrite, log=log)
     data = prepare_int8(adapter_dir, calibration, eval_data, calibration_limit, eval_limit) if int8 else None

@@ -9,25 +9,22 @@ version with onnxruntime at batch 1 and at max_batch_size.
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from vislora.errors import ExportError
-from vislora.export.common import INPUT_NAME, OUTPUT_NAME, staged_dir
+from vislora.export.common import INPUT_NAME, OUTPUT_NAME, is_dual, staged_dir
+from vislora.export.dual_triton import DualTritonExport, export_dual_triton
 from vislora.export.onnx import OnnxCheck
 from vislora.export.pipeline import Log, load_and_merge, prepare_int8, write_metadata, write_onnx_pair
 from vislora.export.quantize import QuantizeReport
-
-if TYPE_CHECKING:
-    from vislora.export.dual_triton import DualTritonExport
+from vislora.export.triton_config import MODEL_NAME, parse_config
 
 logger = logging.getLogger(__name__)
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 VERSIONS = {1: "fp32", 2: "INT8"}
 
 
@@ -91,14 +88,10 @@ def export_triton(adapter_dir: str | Path, repo: str | Path, name: str, base: st
 
     A contrastive or few-shot run becomes two models, REPO/NAME_image and REPO/NAME_text
     (`vislora.export.dual_triton`)."""
-    from vislora.export.dual import is_dual
-
     if is_dual(adapter_dir):
-        from vislora.export.dual_triton import export_dual_triton
-
         return export_dual_triton(adapter_dir, repo, name, base=base, int8=int8, max_batch_size=max_batch_size,
                                   overwrite=overwrite, log=log)
-    if not _NAME.fullmatch(name):
+    if not MODEL_NAME.fullmatch(name):
         raise ExportError(f"model name {name!r} is not usable as a Triton model folder; use letters, digits, '_', "
                           "'-' or '.', e.g. fmnist_dinov2")
     if max_batch_size < 1:
@@ -126,26 +119,6 @@ def output_dims(path: Path) -> list[int]:
     output = next(o for o in graph.output if o.name == OUTPUT_NAME)
     dims = output.type.tensor_type.shape.dim[1:]
     return [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
-
-
-def parse_config(path: Path) -> tuple[Any, bool]:
-    """(config.pbtxt parsed into Triton's ModelConfig protobuf, True) or (a dict of its top fields, False)."""
-    try:
-        from google.protobuf import text_format
-        from tritonclient.grpc import model_config_pb2
-    except ImportError:
-        logger.info("tritonclient[grpc] is not installed: config.pbtxt is checked field by field, not by protobuf")
-        return _fields(path.read_text()), False
-    try:
-        return text_format.Parse(path.read_text(), model_config_pb2.ModelConfig()), True
-    except text_format.ParseError as exc:
-        raise ExportError(f"{path} is not a valid Triton ModelConfig: {exc}") from None
-
-
-def _fields(text: str) -> dict[str, Any]:
-    values = dict(re.findall(r'^(name|platform|max_batch_size): "?([^"\n]+)"?$', text, re.M))
-    return {"name": values.get("name"), "platform": values.get("platform"),
-            "max_batch_size": int(values.get("max_batch_size", 0))}
 
 
 def check_model_dir(model_dir: str | Path, name: str | None = None) -> bool:
