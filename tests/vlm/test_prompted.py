@@ -19,8 +19,10 @@ from vislora.data import AttributeSet, MultiLabelFormat, manifest
 from vislora.data.transforms import SampleTransform, build_transform, model_input_spec
 from vislora.errors import ConfigError, DataError
 from vislora.evaluate.multilabel import tune_thresholds
+from vislora.evaluate.multilabel_comparison import nan_text
 from vislora.evaluate.prompted import compare_prompted, score_dataset, zero_shot_attributes
 from vislora.model import inject
+from vislora.report import write_report
 from vislora.run_config import TrainConfig
 from vislora.runs import load_trained_dual
 from vislora.serve import ServeConfig, build_engine, create_app
@@ -223,6 +225,21 @@ def test_eval_compares_the_adapter_with_the_base_zero_shot_each_at_its_threshold
     for text in ("mAP", "micro-F1", "per attribute", "base = the base dual encoder zero-shot",
                  "adapted: tuned (max_f1) on", "val.csv at the base model"):
         assert text in printed
+
+
+@pytest.mark.slow
+def test_report_on_a_prompted_run_has_the_multilabel_section_against_zero_shot(prompted_run):
+    _, result, val = prompted_run
+    files = write_report(result.adapter_dir.parent, data=str(val))
+    comparison = compare_prompted(result.adapter_dir, val)
+    saved = json.loads(files.evaluation.read_text())
+    assert saved["task"] == "prompted_multilabel"
+    assert saved["adapted"]["map"] == pytest.approx(comparison.adapted.map)
+    assert saved["base"]["map"] == pytest.approx(comparison.base.map)
+    html, card = files.html.read_text(), files.model_card.read_text()
+    for page in (html, card):
+        assert nan_text(comparison.adapted.map) in page and nan_text(comparison.base.map) in page
+    assert "zero-shot" in html
 
 
 @pytest.mark.slow

@@ -64,6 +64,7 @@ class MultilabelComparison:
     thresholds: str  # where the thresholds come from
     skipped: int = 0
     baseline: str = BASELINES["trained"]
+    task: str = "multilabel"  # the run's task.kind (prompted_multilabel for prompted attributes)
 
     @property
     def rare(self) -> list[AttributeDelta]:
@@ -71,7 +72,7 @@ class MultilabelComparison:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able data (non-finite floats become None); every attribute row also carries `ap_delta`."""
-        return json_safe({**asdict(self), "task": "multilabel",
+        return json_safe({**asdict(self),
                           "per_attribute": [{**asdict(d), "ap_delta": d.ap_delta} for d in self.per_attribute]})
 
 

@@ -139,7 +139,7 @@ def compare_prompted(adapter_dir: str | Path, data: str | Path, *, batch_size: i
         data=f"{data} ({adapted.n} images)", base=base, adapted=adapted, per_attribute=rows,
         drift=embedding_drift(scored["base"].embeddings, scored["adapted"].embeddings),
         thresholds=f"adapted: {_tuned(task.get('thresholds'))}; base: {_tuned(task.get('zero_shot_thresholds'))}",
-        skipped=scored["adapted"].skipped, baseline=ZERO_SHOT)
+        skipped=scored["adapted"].skipped, baseline=ZERO_SHOT, task=PROMPTED_TASK)
     if predictions is not None:
         write_multilabel_predictions(dataset, [{"index": i, "metadata": dataset.records[i].metadata}
                                                for i in scored["adapted"].indices], scored["adapted"].scores,

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 from collections import Counter
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from vislora.diagnostics import diagnose
 from vislora.errors import VisloraError
 from vislora.evaluate import Comparison, compare_model
 from vislora.evaluate.multilabel_comparison import MultilabelComparison, compare_multilabel_model
+from vislora.evaluate.prompted import compare_prompted
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel
 from vislora.parameters import parameter_report
@@ -28,22 +28,10 @@ from vislora.report.card import model_card
 from vislora.report.dual import write_dual_report
 from vislora.report.html import render_html
 from vislora.report.multilabel import multilabel_html, multilabel_markdown
-from vislora.report.run import DataSummary, RunInfo, load_run, summarize_data, training_data
-from vislora.runs import DUAL_TASKS, load_trained
+from vislora.report.run import DataSummary, ReportFiles, RunInfo, load_run, summarize_data, training_data
+from vislora.runs import DUAL_TASKS, PROMPTED_TASK, load_trained, load_trained_dual
 
 __all__ = ["ReportFiles", "build_report", "load_run", "summarize_data", "write_report"]
-
-
-@dataclass
-class ReportFiles:
-    """Where the report went."""
-
-    folder: Path
-    html: Path
-    model_card: Path
-    diagnostics: Path
-    evaluation: Path | None
-    plots: list[Path]
 
 
 def write_report(run_dir: str | Path, data: str | None = None, limit: int | None = None, adapter: str = "adapter",
@@ -52,15 +40,21 @@ def write_report(run_dir: str | Path, data: str | None = None, limit: int | None
     """Report on a finished run; `data` (default: the run's data.val, same limit) is the before/after data."""
     info = load_run(run_dir, adapter)
     kind = info.task.get("task", "classification")
+    settings = info.config.get("data", {})
+    source = data or settings.get("val")
+    if kind == PROMPTED_TASK:  # prompted attributes: the multi-label section, base = the dual encoder zero-shot
+        model, _ = load_trained_dual(info.adapter_dir)
+        tagging = compare_prompted(info.adapter_dir, source, batch_size=batch_size, limit=limit or (
+            None if data else settings.get("val_limit")), label_column=settings.get("label_column", "label"),
+            path_column=settings.get("path_column", "path")) if source else None
+        return build_report(info, model, None, training_data(info), out, tagging=tagging)
     if kind in DUAL_TASKS:  # contrastive / few_shot: recall@K, zero-shot accuracy, drift (vislora.report.dual)
         return write_dual_report(info, data, limit, out, batch_size, progress)
     if kind not in ("classification", "multilabel"):
         raise VisloraError(f"{info.adapter_dir} is a {kind!r} run; vislora report covers classification, multilabel, "
-                           "contrastive and few_shot runs. "
+                           f"contrastive, few_shot and {PROMPTED_TASK} runs. "
                            f"`vislora inspect {info.adapter_dir}` diagnoses any adapter")
     model, task = load_trained(info.adapter_dir)
-    settings = info.config.get("data", {})
-    source = data or settings.get("val")
     comparison = tagging = None
     if source and kind == "multilabel":
         tagging = compare_multilabel_model(model, task, source, batch_size, limit or (None if data else settings.get(

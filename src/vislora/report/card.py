@@ -51,10 +51,10 @@ def model_card(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagnos
         f"A low-rank adapter plus a classification head over `{spec}`, trained with vislora for "
         f"{job}. It loads with vislora and with Hugging Face PEFT "
         "(PEFT directory layout, safetensors).",
-        _details(info, adapter_config, params),
-        _data_section(data),
+        details_markdown(info, adapter_config, params),
+        data_markdown(data),
         evaluation or _evaluation(comparison),
-        _health(diagnosis),
+        health_markdown(diagnosis),
         _intended_use(info, data),
         _limitations(info, comparison, data),
         _usage(info),
@@ -82,7 +82,7 @@ def _front_matter(info: RunInfo, adapter_config: dict[str, Any], comparison: Com
     return front
 
 
-def _details(info: RunInfo, adapter_config: dict[str, Any], params: ParameterReport | None) -> str:
+def details_markdown(info: RunInfo, adapter_config: dict[str, Any], params: ParameterReport | None) -> str:
     rows = [("base model", f"`{info.task['model']['spec']}`"),
             ("method", method_name(adapter_config)),
             ("rank / alpha", f"{adapter_config.get('rank')} / {adapter_config.get('alpha')}"),
@@ -93,17 +93,17 @@ def _details(info: RunInfo, adapter_config: dict[str, Any], params: ParameterRep
     if params is not None:
         rows.append(("trainable parameters", f"{params.trainable:,} ({100 * params.trainable / params.base:.2f}% of "
                                              f"the {params.base:,} that full fine-tuning trains)"))
-    return "## Model details\n\n" + _table(("", ""), rows)
+    return "## Model details\n\n" + md_table(("", ""), rows)
 
 
-def _data_section(data: DataSummary | None) -> str:
+def data_markdown(data: DataSummary | None) -> str:
     if data is None:
         return "## Training data\n\nThe training data could not be opened when this card was written."
     balance = [n for n in data.class_counts.values() if n]
     text = (f"## Training data\n\n`{data.source}`: {data.n_images:,} images, {len(data.class_counts)} classes "
             f"(largest/smallest class {max(balance) / min(balance):.2f}).\n\n**Metadata coverage** "
             "(share of images with a non-empty value):\n\n")
-    text += _table(("field", "coverage"), [(k, f"{v:.1f}%") for k, v in data.coverage.items()])
+    text += md_table(("field", "coverage"), [(k, f"{v:.1f}%") for k, v in data.coverage.items()])
     if data.missing_provenance:
         text += (f"\n\nProvenance is incomplete: some or all images lack "
                  f"{', '.join(data.missing_provenance)}.")
@@ -119,14 +119,14 @@ def _evaluation(comparison: Comparison | None) -> str:
             for name, key in (("accuracy", "accuracy"), ("top-5 accuracy", "top5"), ("macro-F1", "macro_f1"),
                               ("expected calibration error", "ece"), ("cross-entropy loss", "loss"))]
     text = (f"## Evaluation\n\nOn `{comparison.data}`. *Base* is {comparison.baseline}; *adapted* is the model with "
-            "the adapter.\n\n" + _table(("metric", "base", "adapted", "change"), rows))
+            "the adapter.\n\n" + md_table(("metric", "base", "adapted", "change"), rows))
     if comparison.drift is not None:
         d = comparison.drift
         text += (f"\n\nEmbedding drift: cosine similarity between base and adapted embeddings of the same image has "
                  f"mean {d.mean:.4f}, 5th percentile {d.p5:.4f}, minimum {d.min:.4f}.")
     text += "\n\n### Per-group results and regressions\n\n"
     for column, deltas in comparison.per_group.items():
-        text += f"**{column}**\n\n" + _table((column, "images", "base", "adapted", "change", "p (McNemar)"), [
+        text += f"**{column}**\n\n" + md_table((column, "images", "base", "adapted", "change", "p (McNemar)"), [
             (d.name, str(d.n), f"{d.base:.4f}", f"{d.adapted:.4f}",
              f"{d.delta:+.4f}" + (" (regression)" if d.regression else ""), f"{d.p_value:.3g}") for d in deltas])
         text += "\n\n"
@@ -139,7 +139,7 @@ def _evaluation(comparison: Comparison | None) -> str:
     return text
 
 
-def _health(diagnosis: Diagnosis) -> str:
+def health_markdown(diagnosis: Diagnosis) -> str:
     v = diagnosis.verdict
     lines = [f"## Adapter health\n\nVerdict: **{v.status}** ({len(diagnosis.layers)} low-rank pairs; "
              f"`vislora inspect` gives the per-layer figures).\n"]
@@ -188,7 +188,7 @@ def _usage(info: RunInfo) -> str:
             "model.merge()           # fold the adapter into the weights: base-model speed\n```")
 
 
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+def md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
     return "\n".join(lines)

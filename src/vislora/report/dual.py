@@ -38,10 +38,9 @@ from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel
 from vislora.parameters import ParameterReport, parameter_report
 from vislora.report import plots
-from vislora.report.card import _data_section, _details, _health, base_model_id, method_name
-from vislora.report.card import _table as md_table
-from vislora.report.html import STYLE, _data, _group_table, _image, _run_table, _table, _verdict
-from vislora.report.run import DataSummary, RunInfo, training_data
+from vislora.report.card import base_model_id, data_markdown, details_markdown, health_markdown, md_table, method_name
+from vislora.report.html import STYLE, data_html, group_table, html_table, image_tag, run_table, verdict_html
+from vislora.report.run import DataSummary, ReportFiles, RunInfo, training_data
 from vislora.runs import input_spec, load_trained_dual
 
 Progress = Callable[[Iterable, int], Iterable]
@@ -125,8 +124,6 @@ def compare_dual(model: AdaptedModel, task: dict[str, Any], source: str, batch_s
 def write_dual_report(info: RunInfo, data: str | None = None, limit: int | None = None, out: str | Path | None = None,
                       batch_size: int = 64, progress: Progress | None = None) -> Any:
     """The report of a contrastive / few-shot run (`vislora.report.write_report` sends them here)."""
-    from vislora.report import ReportFiles
-
     if info.task.get("prepared_base"):
         raise VisloraError(f"{info.adapter_dir} is a {info.task['task']} run trained on a dual encoder prepared in "
                            "Python (task.json prepared_base), which task.json cannot rebuild: vislora report does "
@@ -191,12 +188,12 @@ def render_dual_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: D
             f"{datetime.datetime.now().isoformat(timespec='seconds')} · files: "
             + ", ".join(f"<a href='{escape(name)}'>{escape(name)}</a>" for name in links) + "</p>",
             _cards(diagnosis, comparison, params),
-            "<h2>Training</h2>", _image(images, "training"), _run_table(info)]
+            "<h2>Training</h2>", image_tag(images, "training"), run_table(info)]
     if comparison is not None:
         body += ["<h2>Before / after</h2>",
                  f"<p>On {escape(comparison.data)}: {comparison.n:,} images ({comparison.skipped} skipped). Base = "
                  f"{escape(comparison.baseline)}.</p>",
-                 _table(("metric", "base", "adapted", "change"),
+                 html_table(("metric", "base", "adapted", "change"),
                         [(label, f"{b:.4f}", f"{a:.4f}", f"{c:+.4f}") for label, b, a, c in comparison.rows()])]
         body += [f"<p class='muted'>{escape(note)}</p>" for note in comparison.notes]
         if comparison.drift is not None:
@@ -204,15 +201,15 @@ def render_dual_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: D
             body += ["<h3>Embedding drift</h3>",
                      f"<p>Cosine similarity between the base and adapted image embeddings (after the projection, "
                      f"L2-normalised) of each image: mean {d.mean:.4f}, median {d.median:.4f}, p5 {d.p5:.4f}, "
-                     f"min {d.min:.4f}.</p>", _image(images, "drift")]
+                     f"min {d.min:.4f}.</p>", image_tag(images, "drift")]
     else:
         body.append("<h2>Before / after</h2><p>No held-out data: run <code>vislora report RUN --data DIR</code>.</p>")
-    body += ["<h2>Adapter diagnostics</h2>", _verdict(diagnosis), _image(images, "rank_utilisation"),
-             _group_table(diagnosis)]
+    body += ["<h2>Adapter diagnostics</h2>", verdict_html(diagnosis), image_tag(images, "rank_utilisation"),
+             group_table(diagnosis)]
     if params is not None:
-        body += ["<h2>Parameter efficiency</h2>", _image(images, "parameters"), f"<pre>{escape(str(params))}</pre>"]
+        body += ["<h2>Parameter efficiency</h2>", image_tag(images, "parameters"), f"<pre>{escape(str(params))}</pre>"]
     if data is not None:
-        body += ["<h2>Training data</h2>", _data(data)]
+        body += ["<h2>Training data</h2>", data_html(data)]
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{escape(info.name)} · vislora "
             f"report</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
@@ -253,10 +250,10 @@ def dual_model_card(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Di
         f"Low-rank adapters on the image and text towers of `{_models(info)}`, trained with vislora for {what}. "
         "They load with vislora (`vislora.runs.load_trained_dual`) and with Hugging Face PEFT (PEFT directory "
         "layout, safetensors).",
-        _details(info, adapter_config, params),
-        _data_section(data) if data is not None and any(data.class_counts.values()) else _caption_data(data),
+        details_markdown(info, adapter_config, params),
+        data_markdown(data) if data is not None and any(data.class_counts.values()) else _caption_data(data),
         _evaluation(comparison),
-        _health(diagnosis),
+        health_markdown(diagnosis),
         _intended_use(info),
         _limitations(comparison, data),
         _usage(info),

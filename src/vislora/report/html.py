@@ -42,11 +42,11 @@ def render_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagno
             f"{datetime.datetime.now().isoformat(timespec='seconds')} · files: "
             + ", ".join(f"<a href='{escape(name)}'>{escape(name)}</a>" for name in links) + "</p>",
             _cards(diagnosis, comparison, params),
-            "<h2>Training</h2>", _image(images, "training"), _run_table(info)]
+            "<h2>Training</h2>", image_tag(images, "training"), run_table(info)]
     if comparison is not None:
         body += ["<h2>Before / after</h2>", f"<p>On {escape(comparison.data)}. Base = {escape(comparison.baseline)}."
                  "</p>", _metrics_table(comparison),
-                 _image(images, "per_class"), _image(images, "confusion"), "<h3>Per class</h3>",
+                 image_tag(images, "per_class"), image_tag(images, "confusion"), "<h3>Per class</h3>",
                  _delta_table("class", comparison.per_class)]
         for column, deltas in comparison.per_group.items():
             body += [f"<h3>Per {escape(column)}</h3>", _delta_table(column, deltas)]
@@ -57,17 +57,17 @@ def render_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagno
         body += list(evaluation)
     else:
         body.append("<h2>Before / after</h2><p>No held-out data: run <code>vislora report RUN --data DIR</code>.</p>")
-    body += ["<h2>Adapter diagnostics</h2>", _verdict(diagnosis), _image(images, "rank_utilisation"),
-             _group_table(diagnosis)]
+    body += ["<h2>Adapter diagnostics</h2>", verdict_html(diagnosis), image_tag(images, "rank_utilisation"),
+             group_table(diagnosis)]
     if params is not None:
-        body += ["<h2>Parameter efficiency</h2>", _image(images, "parameters"), f"<pre>{escape(str(params))}</pre>"]
+        body += ["<h2>Parameter efficiency</h2>", image_tag(images, "parameters"), f"<pre>{escape(str(params))}</pre>"]
     if data is not None:
-        body += ["<h2>Training data</h2>", _data(data)]
+        body += ["<h2>Training data</h2>", data_html(data)]
     return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{escape(info.name)} · vislora "
             f"report</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def _image(images: dict[str, Path], name: str) -> str:
+def image_tag(images: dict[str, Path], name: str) -> str:
     path = images.get(name)
     if path is None:
         return ""
@@ -95,14 +95,14 @@ def _cards(diagnosis: Diagnosis, comparison: Comparison | None, params: Paramete
         for title, value, note in cards) + "</div>"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[str] = ()) -> str:
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], classes: Sequence[str] = ()) -> str:
     head = "".join(f"<th>{escape(h)}</th>" for h in header)
     body = "".join(f"<tr class='{escape(cls)}'>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>"
                    for row, cls in zip(rows, [*classes, *[""] * (len(rows) - len(classes))], strict=True))
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _run_table(info: RunInfo) -> str:
+def run_table(info: RunInfo) -> str:
     summary = info.summary or {}
     rows = [("steps", summary.get("steps", info.task.get("step", "-"))),
             ("wall time", f"{summary['seconds']:.0f} s" if "seconds" in summary else "-"),
@@ -110,7 +110,7 @@ def _run_table(info: RunInfo) -> str:
             ("corrupt images skipped", summary.get("skipped_images", "-")),
             ("best", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                for k, v in (summary.get("best") or {}).items()) or "-")]
-    return _table(("run", ""), [(k, str(v)) for k, v in rows])
+    return html_table(("run", ""), [(k, str(v)) for k, v in rows])
 
 
 def _metrics_table(comparison: Comparison) -> str:
@@ -118,13 +118,13 @@ def _metrics_table(comparison: Comparison) -> str:
              f"{getattr(comparison.adapted, key) - getattr(comparison.base, key):+.4f}")
             for name, key in (("accuracy", "accuracy"), ("top-5", "top5"), ("macro-F1", "macro_f1"),
                               ("ECE", "ece"), ("loss", "loss"))]
-    return _table(("metric", "base", "adapted", "change"), rows)
+    return html_table(("metric", "base", "adapted", "change"), rows)
 
 
 def _delta_table(key: str, deltas: Sequence[Delta]) -> str:
     rows = [(d.name, str(d.n), f"{d.base:.4f}", f"{d.adapted:.4f}", f"{d.delta:+.4f}", f"{d.lost}/{d.gained}",
              f"{d.p_value:.3g}", "regression" if d.regression else "") for d in deltas]
-    return _table((key, "images", "base", "adapted", "change", "lost/gained", "p (McNemar)", ""), rows,
+    return html_table((key, "images", "base", "adapted", "change", "lost/gained", "p (McNemar)", ""), rows,
                   ["regression" if d.regression else "" for d in deltas])
 
 
@@ -134,7 +134,7 @@ def _drift(comparison: Comparison, images: dict[str, Path]) -> list[str]:
         return []
     return ["<h3>Embedding drift</h3>", f"<p>Cosine similarity between the base and adapted embeddings (pooled "
             f"features before the head) of each image: mean {d.mean:.4f}, median {d.median:.4f}, p5 {d.p5:.4f}, "
-            f"min {d.min:.4f}.</p>", _image(images, "drift")]
+            f"min {d.min:.4f}.</p>", image_tag(images, "drift")]
 
 
 def _latency(comparison: Comparison) -> list[str]:
@@ -146,10 +146,10 @@ def _latency(comparison: Comparison) -> list[str]:
     check = (f"merged vs unmerged outputs differ by at most {lat.merged_max_abs_diff:.1e}" if lat.merged is not None
              else "the adapter cannot be merged (its change depends on the input)")
     return ["<h3>Latency</h3>", f"<p>Median of {lat.repeats} runs, batch of {lat.batch_size} images; {check}.</p>",
-            _table(("model", "ms / batch", "images / s"), rows)]
+            html_table(("model", "ms / batch", "images / s"), rows)]
 
 
-def _verdict(diagnosis: Diagnosis) -> str:
+def verdict_html(diagnosis: Diagnosis) -> str:
     v = diagnosis.verdict
     items = [escape(r) for r in v.reasons] + [f"<i>recommendation:</i> {escape(r)}" for r in v.recommendations]
     return (f"<p>Verdict: <b class='{escape(v.status)}'>{escape(v.status)}</b> over {len(diagnosis.layers)} low-rank "
@@ -157,17 +157,17 @@ def _verdict(diagnosis: Diagnosis) -> str:
             + "".join(f"<li>{i}</li>" for i in items) + "</ul>")
 
 
-def _group_table(diagnosis: Diagnosis) -> str:
+def group_table(diagnosis: Diagnosis) -> str:
     rows = []
     for name, group in diagnosis.by_module.items():
         u, e, r = group.utilisation, group.effective_rank, group.relative_norm
         rows.append((name, str(group.layers), f"{u.mean:.2f} ± {u.std:.2f}" if u else "-",
                      f"{u.min:.2f}-{u.max:.2f}" if u else "-", f"{e.mean:.2f}" if e else "-",
                      f"{r.mean:.3g}" if r else "-"))
-    return _table(("module type", "layers", "utilisation", "range", "effective rank", "||dW||/||W||"), rows)
+    return html_table(("module type", "layers", "utilisation", "range", "effective rank", "||dW||/||W||"), rows)
 
 
-def _data(data: DataSummary) -> str:
+def data_html(data: DataSummary) -> str:
     classes = ", ".join(f"{c} {n}" for c, n in data.class_counts.items())
     return (f"<p><code>{escape(data.source)}</code>: {data.n_images:,} images. Classes: {escape(classes)}.</p>"
-            + _table(("metadata field", "coverage"), [(k, f"{v:.1f}%") for k, v in data.coverage.items()]))
+            + html_table(("metadata field", "coverage"), [(k, f"{v:.1f}%") for k, v in data.coverage.items()]))

@@ -6,6 +6,8 @@ from __future__ import annotations
 from html import escape
 
 from vislora.evaluate.multilabel_comparison import AttributeDelta, MultilabelComparison, nan_text
+from vislora.report.card import md_table
+from vislora.report.html import html_table
 
 
 def _summary_rows(comparison: MultilabelComparison) -> list[tuple[str, str, str, str]]:
@@ -36,11 +38,11 @@ def multilabel_html(comparison: MultilabelComparison) -> list[str]:
     """The report's multi-label section: HTML blocks."""
     common = [d for d in comparison.per_attribute if not d.rare]
     blocks = ["<h2>Multi-label tagging: before / after</h2>", f"<p>{escape(_intro(comparison))}</p>",
-              _html_table(("metric", "base", "adapted", "change"), _summary_rows(comparison)),
-              "<h3>Per attribute</h3>", _html_table(ATTRIBUTE_HEADER, _attribute_rows(common))]
+              html_table(("metric", "base", "adapted", "change"), _summary_rows(comparison)),
+              "<h3>Per attribute</h3>", html_table(ATTRIBUTE_HEADER, _attribute_rows(common))]
     if comparison.rare:
         blocks += [f"<h3>Rare attributes (fewer than {comparison.adapted.rare_below} training images)</h3>",
-                   _html_table(ATTRIBUTE_HEADER, _attribute_rows(comparison.rare))]
+                   html_table(ATTRIBUTE_HEADER, _attribute_rows(comparison.rare))]
     if comparison.adapted.no_positives:
         blocks.append("<p class='muted'>No positives in this data, left out of mAP: "
                       + escape(", ".join(comparison.adapted.no_positives)) + "</p>")
@@ -55,23 +57,11 @@ def multilabel_markdown(comparison: MultilabelComparison) -> str:
     """The model card's evaluation section for a multi-label tagger."""
     common = [d for d in comparison.per_attribute if not d.rare]
     text = ("## Evaluation\n\n" + _intro(comparison).replace(comparison.data, f"`{comparison.data}`") + "\n\n"
-            + _md_table(("metric", "base", "adapted", "change"), _summary_rows(comparison))
-            + "\n\n### Per attribute\n\n" + _md_table(ATTRIBUTE_HEADER, _attribute_rows(common)))
+            + md_table(("metric", "base", "adapted", "change"), _summary_rows(comparison))
+            + "\n\n### Per attribute\n\n" + md_table(ATTRIBUTE_HEADER, _attribute_rows(common)))
     if comparison.rare:
         text += (f"\n\n### Rare attributes (fewer than {comparison.adapted.rare_below} training images)\n\n"
-                 + _md_table(ATTRIBUTE_HEADER, _attribute_rows(comparison.rare)))
+                 + md_table(ATTRIBUTE_HEADER, _attribute_rows(comparison.rare)))
     if comparison.adapted.no_positives:
         text += "\n\nNo positives in this data, left out of mAP: " + ", ".join(comparison.adapted.no_positives) + "."
     return text
-
-
-def _html_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    head = "".join(f"<th>{escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
-
-
-def _md_table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
-    return "\n".join(lines)

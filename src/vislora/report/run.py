@@ -109,3 +109,15 @@ def training_data(info: RunInfo) -> DataSummary | None:
     if data.get("train_limit"):
         dataset = dataset.subset(data["train_limit"], seed=info.config.get("run", {}).get("seed", 0))
     return summarize_data(dataset)
+
+
+@dataclass
+class ReportFiles:
+    """Where the report went."""
+
+    folder: Path
+    html: Path
+    model_card: Path
+    diagnostics: Path
+    evaluation: Path | None
+    plots: list[Path]
