@@ -85,7 +85,10 @@ def _row(dataset: ImageDataset, index: int) -> dict[str, Any]:
     if record.caption is not None:
         metadata.setdefault("caption", record.caption)
     path = str(Path(record.source).absolute()) if isinstance(record.source, str) else dataset.describe(index)
-    return {"path": path, "label": record.label, "metadata": metadata}
+    row = {"path": path, "label": record.label, "metadata": metadata}
+    if record.labels is not None:  # multi-label data: every label of the image
+        row["labels"] = list(record.labels)
+    return row
 
 
 def _source_text(source: str) -> str:
@@ -214,9 +217,9 @@ def text_recall(index: Index | str | Path, texts: Sequence[str], relevant: Seque
 
 
 def rows_with(index: Index, label: str | None = None, **metadata: str) -> list[int]:
-    """Rows whose label is `label` (when given) and whose metadata has every `key=value` given: relevant rows for
-    `text_recall` (e.g. every image of one product)."""
+    """Rows whose label is `label` (or, for multi-label data, whose labels include it; when given) and whose metadata
+    has every `key=value` given: relevant rows for `text_recall` (e.g. every image of one product)."""
     return [i for i, row in enumerate(index.rows)
-            if (label is None or row.get("label") == label)
+            if (label is None or row.get("label") == label or label in row.get("labels", ()))
             and all((row.get("metadata") or {}).get(key) == value for key, value in metadata.items())]
 

@@ -25,6 +25,7 @@ from PIL import Image
 
 from vislora.data.transforms import InputSpec, build_transform
 from vislora.errors import ConfigError, SearchError
+from vislora.evaluate.collect import classifier_parts
 from vislora.model import AdaptedModel
 from vislora.registry import Registry, file_hashes
 from vislora.runs import DUAL_TASKS, input_spec, load_trained, load_trained_dual, read_task
@@ -133,8 +134,6 @@ class Embedder:
             if self.kind == "joint":
                 out = self.model(images=pixels)[0]
             else:
-                from vislora.evaluate.collect import classifier_parts
-
                 out = classifier_parts(self.model.base_model)[0](pixels)
         return F.normalize(out.float(), dim=-1).cpu()
 
