@@ -123,8 +123,8 @@ def load_trained(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]
 
 
 def load_trained_dual(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]:
-    """The dual encoder of a contrastive, few-shot or prompted-attributes run with its adapter (and the frozen adapters it was trained
-    over, task.json `frozen`) loaded and active, in eval mode; and the adapter's task.json."""
+    """The dual encoder of a contrastive, few-shot or prompted-attributes run with its adapter (and the frozen
+    adapters it was trained over, task.json `frozen`) loaded and active, in eval mode; and the adapter's task.json."""
     task = read_task(adapter_dir)
     if task.get("task") not in DUAL_TASKS:
         raise AdapterFileError(f"{adapter_dir} is not a dual-encoder adapter of `vislora train` (task.json says "

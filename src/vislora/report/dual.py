@@ -39,7 +39,7 @@ from vislora.model import AdaptedModel
 from vislora.parameters import ParameterReport, parameter_report
 from vislora.report import plots
 from vislora.report.card import base_model_id, data_markdown, details_markdown, health_markdown, md_table, method_name
-from vislora.report.html import STYLE, data_html, group_table, html_table, image_tag, run_table, verdict_html
+from vislora.report.html import cards_html, html_table, image_tag, page, run_table
 from vislora.report.run import DataSummary, ReportFiles, RunInfo, training_data
 from vislora.runs import input_spec, load_trained_dual
 
@@ -204,14 +204,7 @@ def render_dual_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: D
                      f"min {d.min:.4f}.</p>", image_tag(images, "drift")]
     else:
         body.append("<h2>Before / after</h2><p>No held-out data: run <code>vislora report RUN --data DIR</code>.</p>")
-    body += ["<h2>Adapter diagnostics</h2>", verdict_html(diagnosis), image_tag(images, "rank_utilisation"),
-             group_table(diagnosis)]
-    if params is not None:
-        body += ["<h2>Parameter efficiency</h2>", image_tag(images, "parameters"), f"<pre>{escape(str(params))}</pre>"]
-    if data is not None:
-        body += ["<h2>Training data</h2>", data_html(data)]
-    return (f"<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'><title>{escape(info.name)} · vislora "
-            f"report</title><style>{STYLE}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return page(info, body, diagnosis, images, params, data)
 
 
 def _cards(diagnosis: Diagnosis, comparison: DualComparison | None, params: ParameterReport | None) -> str:
@@ -226,14 +219,7 @@ def _cards(diagnosis: Diagnosis, comparison: DualComparison | None, params: Para
             cards.append(("recall@1 (mean of both ways)", f"{adapted['recall@1']:.3f}", f"base {base['recall@1']:.3f}"))
         if comparison.drift is not None:
             cards.append(("embedding drift", f"{comparison.drift.mean:.3f}", "mean cosine similarity"))
-    if params is not None:
-        cards.append(("trained", f"{100 * params.trainable / params.base:.2f}%",
-                      f"{params.trainable:,} of full fine-tuning's {params.base:,}"))
-    status = diagnosis.verdict.status
-    cards.append(("adapter health", f"<span class='{status}'>{status}</span>", f"{len(diagnosis.layers)} pairs"))
-    return "<div class='cards'>" + "".join(
-        f"<div class='card'>{escape(title)}<b>{value}</b><span class='muted'>{escape(note)}</span></div>"
-        for title, value, note in cards) + "</div>"
+    return cards_html(cards, diagnosis, params)
 
 
 # ---------------------------------------------------------------------------------------------- model card

@@ -57,8 +57,15 @@ def render_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagno
         body += list(evaluation)
     else:
         body.append("<h2>Before / after</h2><p>No held-out data: run <code>vislora report RUN --data DIR</code>.</p>")
-    body += ["<h2>Adapter diagnostics</h2>", verdict_html(diagnosis), image_tag(images, "rank_utilisation"),
-             group_table(diagnosis)]
+    return page(info, body, diagnosis, images, params, data)
+
+
+def page(info: RunInfo, body: list[str], diagnosis: Diagnosis, images: dict[str, Path],
+         params: ParameterReport | None, data: DataSummary | None) -> str:
+    """The whole report page: `body` (the sections before), then the adapter diagnostics, parameter efficiency
+    and training data sections every report ends with."""
+    body = [*body, "<h2>Adapter diagnostics</h2>", verdict_html(diagnosis), image_tag(images, "rank_utilisation"),
+            group_table(diagnosis)]
     if params is not None:
         body += ["<h2>Parameter efficiency</h2>", image_tag(images, "parameters"), f"<pre>{escape(str(params))}</pre>"]
     if data is not None:
@@ -85,6 +92,12 @@ def _cards(diagnosis: Diagnosis, comparison: Comparison | None, params: Paramete
                   ("regressions", str(len(comparison.regressions)), "classes and groups")]
         if comparison.drift is not None:
             cards.append(("embedding drift", f"{comparison.drift.mean:.3f}", "mean cosine similarity"))
+    return cards_html(cards, diagnosis, params)
+
+
+def cards_html(cards: list[tuple[str, str, str]], diagnosis: Diagnosis, params: ParameterReport | None) -> str:
+    """The summary cards (title, value as HTML, note): `cards` first, then the trained share and adapter health."""
+    cards = list(cards)
     if params is not None:
         cards.append(("trained", f"{100 * params.trainable / params.base:.2f}%",
                       f"{params.trainable:,} of full fine-tuning's {params.base:,}"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -227,20 +228,25 @@ class MultilabelTask(ClassificationTask):
     def finish(self, trainer: TrainerView) -> None:
         """Without data.val, thresholds are tuned on the training images (evaluation transform), with a warning:
         they fit the training data and are likely too permissive."""
-        if trainer.val_data is not None:
-            return
-        warnings.warn("no data.val: per-attribute thresholds are tuned on the training images, where the model "
-                      "scores higher than on new images; give data.val for thresholds that hold on new data",
-                      VisloraWarning, stacklevel=2)
-        data = trainer.train_data
-        transform, data.transform = data.transform, trainer.eval_transform
-        try:
-            self.score(trainer, data)
-        finally:
-            data.transform = transform
+        if trainer.val_data is None:
+            on_training_images(trainer, lambda data: self.score(trainer, data))
 
     def info(self) -> dict[str, Any]:
         return {**super().info(), "attributes": self.attributes.to_dict(),
                 "thresholds": self.thresholds.to_dict() if self.thresholds else None,
                 "train_counts": self.train_counts, "rare_below": self.settings.rare_below,
                 "format": {"separator": self.settings.separator, "allow_empty": self.settings.allow_empty}}
+
+
+def on_training_images(trainer: TrainerView, tune: Callable[[ImageDataset], object]) -> None:
+    """For a run without data.val: warn that thresholds are tuned on the training images, then call `tune` on them
+    under the evaluation transform (put back after)."""
+    warnings.warn("no data.val: per-attribute thresholds are tuned on the training images, where the model "
+                  "scores higher than on new images; give data.val for thresholds that hold on new data",
+                  VisloraWarning, stacklevel=3)
+    data = trainer.train_data
+    transform, data.transform = data.transform, trainer.eval_transform
+    try:
+        tune(data)
+    finally:
+        data.transform = transform

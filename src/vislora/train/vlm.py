@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from vislora.config import AdapterConfig
 from vislora.data.attributes import AttributeSet
 from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate
 from vislora.dual_encoder import DualTowerModel, build_dual_encoder
-from vislora.errors import ConfigError, DataError, VisloraWarning
+from vislora.errors import ConfigError, DataError
 from vislora.evaluate.dual import DualEvalResult, embed_rows, score_rows
 from vislora.evaluate.multilabel import MultilabelMetrics, Thresholds, multilabel_metrics, tune_thresholds
 from vislora.evaluate.prompted import PromptedScores, prompted_scores
@@ -49,7 +48,7 @@ from vislora.tasks.prompted import (
     prompted_logits,
 )
 from vislora.towers import tower_adapter_config
-from vislora.train.tasks import TrainTask
+from vislora.train.tasks import TrainTask, on_training_images
 from vislora.train.view import TrainerView
 
 logger = logging.getLogger(__name__)
@@ -290,18 +289,12 @@ class PromptedMultilabelTask(DualTask):
     def finish(self, trainer: TrainerView) -> None:
         """Without data.val, both sets of thresholds are tuned on the training images (evaluation transform), with
         a warning: they fit the training data."""
-        if trainer.val_data is not None:
-            return
-        warnings.warn("no data.val: per-attribute thresholds are tuned on the training images, where the model "
-                      "scores higher than on new images; give data.val for thresholds that hold on new data",
-                      VisloraWarning, stacklevel=2)
-        data = trainer.train_data
-        transform, data.transform = data.transform, trainer.eval_transform
-        try:
-            self.zero_shot = self.tune(trainer, data, base=True)[1]
-            self.score(trainer, data)
-        finally:
-            data.transform = transform
+        if trainer.val_data is None:
+            on_training_images(trainer, lambda data: self._tune_both(trainer, data))
+
+    def _tune_both(self, trainer: TrainerView, data: ImageDataset) -> None:
+        self.zero_shot = self.tune(trainer, data, base=True)[1]
+        self.score(trainer, data)
 
     def info(self) -> dict[str, Any]:
         s = self.settings
