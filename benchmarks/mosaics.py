@@ -46,15 +46,17 @@ def coarse_labels(classes: set[str]) -> list[str]:
 
 
 def mosaics(images: np.ndarray, labels: np.ndarray, count: int, *, grid: int = 2, rare: tuple[str, ...] = (),
-            rare_share: float = 0.02, seed: int = 0) -> tuple[np.ndarray, list[list[str]]]:
+            rare_share: float = 0.02, max_items: int | None = None, seed: int = 0
+            ) -> tuple[np.ndarray, list[list[str]]]:
     """`count` mosaics [count, grid*28, grid*28] (uint8) from the items (`images` [N, 28, 28], `labels` [N]), and
-    each mosaic's labels (classes present, then coarse attributes). Each item is used at most once. Each `rare`
-    class appears in exactly floor(rare_share * count) mosaics, one item each; the other items never are rare."""
+    each mosaic's labels (classes present, then coarse attributes). Each holds 1 to `max_items` (default grid²)
+    items, each item used at most once. Each `rare` class appears in exactly floor(rare_share * count) mosaics, one
+    item each; the other items never are rare."""
     rng = np.random.default_rng(seed)
     names = np.array(FASHION_MNIST_CLASSES)[labels]
     common_pool = list(rng.permutation(np.flatnonzero(~np.isin(names, rare))))
     rare_pools = {name: list(rng.permutation(np.flatnonzero(names == name))) for name in rare}
-    sizes = rng.integers(1, grid * grid + 1, size=count)
+    sizes = rng.integers(1, (max_items or grid * grid) + 1, size=count)
     if sum(sizes) > len(labels):
         raise ValueError(f"{count} mosaics need up to {sum(sizes)} items but the split has {len(labels)}")
     rare_slots = {name: set(rng.choice(count, size=int(rare_share * count), replace=False).tolist())

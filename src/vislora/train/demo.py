@@ -161,9 +161,11 @@ def linear_probe(trainer: Trainer, train: ImageDataset, test: ImageDataset) -> P
     return Probe(accuracy, weight, bias, x_test, y_test)
 
 
-def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = PROBE_L2,
-                 iterations: int = 300) -> tuple[torch.Tensor, torch.Tensor]:
-    """Multinomial logistic regression by full-batch L-BFGS: min CE(xW^T + b, y) + l2 * ||W||^2."""
+def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = PROBE_L2, iterations: int = 300,
+                 loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logistic regression by full-batch L-BFGS: min loss_fn(xW^T + b, y) + l2 * ||W||^2 — multinomial with the
+    default cross-entropy; one per attribute with F.binary_cross_entropy_with_logits and multi-hot `y`."""
     weight = torch.zeros(num_classes, x.shape[1], requires_grad=True)
     bias = torch.zeros(num_classes, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1, max_iter=iterations, history_size=20,
@@ -171,7 +173,7 @@ def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float =
 
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
-        loss = F.cross_entropy(x @ weight.T + bias, y) + l2 * weight.pow(2).sum()
+        loss = loss_fn(x @ weight.T + bias, y) + l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
