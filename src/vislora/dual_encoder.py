@@ -239,6 +239,8 @@ def build_dual_encoder(spec: str, text: str | None = None, *, pretrained: bool =
                           f"asset:{next(iter(MODELS['text']))}")
     path = text_spec.partition(":")[2]
     text_model = load_base_model(text_spec, config=_without_dropout(path))
+    if getattr(text_model, "pooler", None) is not None:  # unused (mean or token-0 pooling); a checkpoint without it
+        text_model.pooler = None                         # would get a random one each load, and a new fingerprint
     return DualEncoder(vision, text_model, hf_tokenizer(path, max_length), embed_dim, vision_pooling, text_pooling)
 
 

@@ -34,7 +34,9 @@ from filelock import FileLock
 from torch import nn
 
 from vislora.errors import RegistryError
+from vislora.export.common import is_dual, load_exportable
 from vislora.io import atomic_write_text
+from vislora.runs import load_trained_dual
 
 logger = logging.getLogger(__name__)
 
@@ -74,20 +76,24 @@ def fingerprint(model: nn.Module, exclude: tuple[str, ...] = ()) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if any(name == p or name.startswith(p + ".") for p in exclude):
             continue
-        data = tensor.detach().cpu().contiguous()
+        data = tensor.detach().cpu().contiguous()  # reshape(-1) below: a 0-d tensor (logit scale) as 1 element
         digest.update(f"{name}|{tuple(data.shape)}|{data.dtype}\n".encode())
-        digest.update(hashlib.sha256(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"").digest())
+        digest.update(hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"").digest())
     return digest.hexdigest()
 
 
 def base_fingerprint(adapter_dir: Path, base: str | None = None) -> tuple[str | None, str]:
-    """(base model spec, fingerprint of the base weights the adapter applies to, heads it trains excluded)."""
-    from vislora.export.common import load_exportable
-
-    item = load_exportable(adapter_dir, base)
-    saved = tuple(item.adapted.plans["default"].modules_to_save)
-    model = item.adapted.unload(merge=False)
-    return item.base, fingerprint(model, exclude=saved)
+    """(base model spec, fingerprint of the base weights the adapter applies to, heads it trains excluded); a
+    dual-encoder run's base is both towers with their projections."""
+    if is_dual(adapter_dir):
+        adapted, task = load_trained_dual(adapter_dir)
+        spec = task["model"]["spec"]
+    else:
+        item = load_exportable(adapter_dir, base)
+        adapted, spec = item.adapted, item.base
+    saved = tuple(name for adapter in adapted.plans.values() for name in adapter.modules_to_save)
+    model = adapted.unload(merge=False)
+    return spec, fingerprint(model, exclude=saved)
 
 
 def sha256_file(path: Path) -> str:

@@ -19,6 +19,7 @@ from vislora.errors import ExportError
 from vislora.export import MERGE_ATOL, ONNX_ATOL, export_onnx_dir, export_triton, load_exportable, merge_adapter
 from vislora.export.dual import load_dual_exportable
 from vislora.export.dual_merge import _writer
+from vislora.registry import Registry
 from vislora.runs import load_trained_dual
 from vislora.tasks.clip import text_classifier
 
@@ -235,3 +236,15 @@ def test_open_clip_models_are_refused_by_merge_with_the_way_out():
 def test_base_must_match_the_run(tmp_path):
     with pytest.raises(ExportError, match=r"was trained on 'hf:.*' \(task.json\) but --base is 'hf:other'"):
         load_dual_exportable(pair_run(), base="hf:other")
+
+
+def test_the_registry_keeps_dual_encoder_runs_with_the_fingerprint_of_their_base(tmp_path):
+    registry = Registry(tmp_path / "registry")
+    first = registry.add("pair", pair_run())
+    other_seed = registry.add("pair", train_dual("pair-seed-1", run={"seed": 1}))
+    other_base = registry.add("few", timm_few_shot_run())
+    assert (first.version, other_seed.version) == (1, 2)
+    assert first.base_fingerprint == other_seed.base_fingerprint  # another adapter on the same towers
+    assert first.base_fingerprint != other_base.base_fingerprint  # another image tower
+    model, _ = load_trained_dual(registry.resolve("pair", 2))
+    assert model.eval()(images=torch.zeros(1, 3, 32, 32))[0].shape == (1, 16)
