@@ -76,9 +76,10 @@ def fingerprint(model: nn.Module, exclude: tuple[str, ...] = ()) -> str:
     for name, tensor in sorted(model.state_dict().items()):
         if any(name == p or name.startswith(p + ".") for p in exclude):
             continue
-        data = tensor.detach().cpu().contiguous()  # reshape(-1) below: a 0-d tensor (logit scale) as 1 element
+        data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tuple(data.shape)}|{data.dtype}\n".encode())
-        digest.update(hashlib.sha256(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"").digest())
+        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""  # a 0-d tensor too
+        digest.update(hashlib.sha256(raw).digest())
     return digest.hexdigest()
 
 

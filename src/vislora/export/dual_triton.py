@@ -30,7 +30,7 @@ from vislora.export.dual import (
     write_dual_metadata,
     write_towers,
 )
-from vislora.export.triton_config import MODEL_NAME, parse_config
+from vislora.export.triton_config import MODEL_NAME, batching, parse_config
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,6 @@ def tower_config(name: str, path: Path, max_batch_size: int, note: str) -> str:
                           f"    dims: [ {dims} ]\n  }}")
         return ",\n".join(blocks)
 
-    preferred = sorted({b for b in (max_batch_size // 2, max_batch_size) if b >= 1})
     return f"""# written by vislora export triton; {note}
 name: "{name}"
 platform: "onnxruntime_onnx"
@@ -86,17 +85,7 @@ input [
 output [
 {tensors(session.get_outputs(), False)}
 ]
-dynamic_batching {{
-  preferred_batch_size: [ {", ".join(map(str, preferred))} ]
-  max_queue_delay_microseconds: 500
-}}
-instance_group [
-  {{
-    count: 1
-    kind: KIND_CPU
-  }}
-]
-"""
+{batching(max_batch_size)}"""
 
 
 def check_tower_dir(model_dir: Path, name: str) -> bool:

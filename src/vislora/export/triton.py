@@ -21,7 +21,7 @@ from vislora.export.dual_triton import DualTritonExport, export_dual_triton
 from vislora.export.onnx import OnnxCheck
 from vislora.export.pipeline import Log, load_and_merge, prepare_int8, write_metadata, write_onnx_pair
 from vislora.export.quantize import QuantizeReport
-from vislora.export.triton_config import MODEL_NAME, parse_config
+from vislora.export.triton_config import MODEL_NAME, batching, parse_config
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,6 @@ def config_pbtxt(name: str, image_size: int, output_dims: list[int], max_batch_s
     """config.pbtxt for the onnxruntime backend: dynamic batching, CPU instances, all versions served."""
     label = '\n    label_filename: "labels.txt"' if labels else ""
     policy = "version_policy: { all { } }\n" if len(versions) > 1 else ""
-    preferred = sorted({b for b in (max_batch_size // 2, max_batch_size) if b >= 1})
     notes = ", ".join(f"{v} = {VERSIONS[v]}" for v in versions)
     return f"""# written by vislora export triton; versions: {notes}
 name: "{name}"
@@ -66,17 +65,7 @@ output [
     dims: [ {", ".join(map(str, output_dims))} ]{label}
   }}
 ]
-dynamic_batching {{
-  preferred_batch_size: [ {", ".join(map(str, preferred))} ]
-  max_queue_delay_microseconds: 500
-}}
-instance_group [
-  {{
-    count: 1
-    kind: KIND_CPU
-  }}
-]
-"""
+{batching(max_batch_size)}"""
 
 
 def export_triton(adapter_dir: str | Path, repo: str | Path, name: str, base: str | None = None,

@@ -15,6 +15,23 @@ logger = logging.getLogger(__name__)
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
 
 
+def batching(max_batch_size: int) -> str:
+    """The end of every config.pbtxt we write: dynamic batching (preferred: half the maximum and the maximum) and
+    one CPU instance."""
+    preferred = sorted({b for b in (max_batch_size // 2, max_batch_size) if b >= 1})
+    return f"""dynamic_batching {{
+  preferred_batch_size: [ {", ".join(map(str, preferred))} ]
+  max_queue_delay_microseconds: 500
+}}
+instance_group [
+  {{
+    count: 1
+    kind: KIND_CPU
+  }}
+]
+"""
+
+
 def parse_config(path: Path) -> tuple[Any, bool]:
     """(config.pbtxt parsed into Triton's ModelConfig protobuf, True) or (a dict of its top fields, False)."""
     try:

@@ -15,7 +15,6 @@ drift, rank utilisation, parameters) into RUN/report/, reusing the classifier re
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 from collections import Counter
@@ -39,7 +38,7 @@ from vislora.model import AdaptedModel
 from vislora.parameters import ParameterReport, parameter_report
 from vislora.report import plots
 from vislora.report.card import base_model_id, data_markdown, details_markdown, health_markdown, md_table, method_name
-from vislora.report.html import cards_html, html_table, image_tag, page, run_table
+from vislora.report.html import cards_html, head, html_table, image_tag, page
 from vislora.report.run import DataSummary, ReportFiles, RunInfo, training_data
 from vislora.runs import input_spec, load_trained_dual
 
@@ -182,13 +181,8 @@ def render_dual_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: D
                      comparison: DualComparison | None, params: ParameterReport | None, data: DataSummary | None,
                      images: dict[str, Path], links: Sequence[str]) -> str:
     """The report page of a dual-encoder run (the classifier page's sections where they apply)."""
-    body = [f"<h1>{escape(info.name)}: {escape(method_name(adapter_config))} r={adapter_config.get('rank')} on "
-            f"<code>{escape(_models(info))}</code> ({escape(info.task['task'])})</h1>",
-            f"<p class='muted'>{escape(str(info.run_dir))} · adapter {escape(info.adapter_dir.name)} · written "
-            f"{datetime.datetime.now().isoformat(timespec='seconds')} · files: "
-            + ", ".join(f"<a href='{escape(name)}'>{escape(name)}</a>" for name in links) + "</p>",
-            _cards(diagnosis, comparison, params),
-            "<h2>Training</h2>", image_tag(images, "training"), run_table(info)]
+    body = head(info, adapter_config, f"{_models(info)} ({info.task['task']})", links,
+                _cards(diagnosis, comparison, params), images)
     if comparison is not None:
         body += ["<h2>Before / after</h2>",
                  f"<p>On {escape(comparison.data)}: {comparison.n:,} images ({comparison.skipped} skipped). Base = "

@@ -35,14 +35,7 @@ def render_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagno
                 links: Sequence[str], evaluation: Sequence[str] = ()) -> str:
     """The report page. `images` maps a plot name to its PNG; `links` are files beside the page; `evaluation` is
     an HTML before/after section of another task (report/multilabel.py) shown when there is no `comparison`."""
-    spec = info.task["model"]["spec"]
-    body = [f"<h1>{escape(info.name)}: {escape(method_name(adapter_config))} r="
-            f"{adapter_config.get('rank')} on <code>{escape(spec)}</code></h1>",
-            f"<p class='muted'>{escape(str(info.run_dir))} · adapter {escape(info.adapter_dir.name)} · written "
-            f"{datetime.datetime.now().isoformat(timespec='seconds')} · files: "
-            + ", ".join(f"<a href='{escape(name)}'>{escape(name)}</a>" for name in links) + "</p>",
-            _cards(diagnosis, comparison, params),
-            "<h2>Training</h2>", image_tag(images, "training"), run_table(info)]
+    body = head(info, adapter_config, info.task["model"]["spec"], links, _cards(diagnosis, comparison, params), images)
     if comparison is not None:
         body += ["<h2>Before / after</h2>", f"<p>On {escape(comparison.data)}. Base = {escape(comparison.baseline)}."
                  "</p>", _metrics_table(comparison),
@@ -58,6 +51,18 @@ def render_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagno
     else:
         body.append("<h2>Before / after</h2><p>No held-out data: run <code>vislora report RUN --data DIR</code>.</p>")
     return page(info, body, diagnosis, images, params, data)
+
+
+def head(info: RunInfo, adapter_config: dict[str, Any], models: str, links: Sequence[str], cards: str,
+         images: dict[str, Path]) -> list[str]:
+    """The sections every report starts with: the title (method, rank, `models`), where the run is and the files
+    beside the page, the summary `cards`, and the training curves and run settings."""
+    return [f"<h1>{escape(info.name)}: {escape(method_name(adapter_config))} r={adapter_config.get('rank')} on "
+            f"<code>{escape(models)}</code></h1>",
+            f"<p class='muted'>{escape(str(info.run_dir))} · adapter {escape(info.adapter_dir.name)} · written "
+            f"{datetime.datetime.now().isoformat(timespec='seconds')} · files: "
+            + ", ".join(f"<a href='{escape(name)}'>{escape(name)}</a>" for name in links) + "</p>",
+            cards, "<h2>Training</h2>", image_tag(images, "training"), run_table(info)]
 
 
 def page(info: RunInfo, body: list[str], diagnosis: Diagnosis, images: dict[str, Path],
