@@ -9,7 +9,9 @@ from PIL import Image
 from search_fixtures import build_runs
 from typer.testing import CliRunner
 
+from multilabel_run import train_tiny_multilabel
 from vislora.cli import app
+from vislora.data import MultiLabelFormat, manifest
 from vislora.errors import SearchError, StaleIndex
 from vislora.evaluate.collect import classifier_parts
 from vislora.registry import Registry
@@ -168,3 +170,17 @@ def test_cli_builds_queries_and_describes_an_index(runs, tmp_path):
     assert result.exit_code == 0 and "base model" in result.output
     result = runner.invoke(app, ["index", "query", str(base), "--text", "red"])
     assert "text queries need a dual encoder" in str(result.exception)
+
+
+def test_a_multilabel_run_indexes_its_manifests_with_every_label(tmp_path):
+    result, val = train_tiny_multilabel(tmp_path)
+    report = build_index(val, result.adapter_dir, tmp_path / "tags.index")
+    index = load_index(report.path)
+    dataset = manifest(val, multilabel=MultiLabelFormat())
+    assert index.count == len(dataset) == 16
+    assert [row["labels"] for row in index.rows] == [list(r.labels) for r in dataset.records]
+    for tag in ("red", "green"):
+        assert rows_with(index, label=tag) == [i for i, r in enumerate(dataset.records) if tag in r.labels]
+    hit = query(index, image=dataset.records[3].source, k=1, adapter=result.adapter_dir)[0]
+    assert (hit.row, hit.labels, hit.describe_labels()) == (3, list(dataset.records[3].labels),
+                                                           "|".join(dataset.records[3].labels))

@@ -94,7 +94,7 @@ def index_query(
         return
     table = Table("rank", "score", "path", "label", title=escape(loaded.describe()))
     for hit in hits:
-        table.add_row(str(hit.rank), f"{hit.score:.4f}", escape(hit.path), escape(hit.label or ""))
+        table.add_row(str(hit.rank), f"{hit.score:.4f}", escape(hit.path), escape(hit.describe_labels() or ""))
     console.print(table)
 
 

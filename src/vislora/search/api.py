@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vislora.data.datasets import ImageDataset, collate, open_dataset
+from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate, open_dataset
 from vislora.data.transforms import SampleTransform
 from vislora.errors import ConfigError, SearchError, StaleIndex
 from vislora.search.embed import AdapterIdentity, Embedder, no_text_reason
@@ -51,7 +51,10 @@ def build_index(data: str | Path | ImageDataset, adapter: str | Path | Embedder,
     if isinstance(data, ImageDataset):
         dataset, source = data, data.name
     else:
-        dataset, source = open_dataset(data, label_column=label_column or None, path_column=path_column), str(data)
+        fmt = embedder.task.get("format")  # a multi-label run: its manifests list the labels of each image
+        multilabel = MultiLabelFormat(fmt.get("separator", "|"), allow_empty=True) if fmt else None
+        dataset = open_dataset(data, label_column=label_column or None, path_column=path_column, multilabel=multilabel)
+        source = str(data)
     if limit:
         dataset = dataset.subset(limit, seed=seed)
     dataset.transform = SampleTransform(embedder.transform, seed)

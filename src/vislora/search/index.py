@@ -68,10 +68,15 @@ class Hit:
     path: str
     label: str | None
     metadata: dict[str, Any]
+    labels: list[str] | None = None  # multi-label data: every label of the image
 
     def to_dict(self) -> dict[str, Any]:
         return {"rank": self.rank, "row": self.row, "score": self.score, "path": self.path, "label": self.label,
-                "metadata": self.metadata}
+                "labels": self.labels, "metadata": self.metadata}
+
+    def describe_labels(self) -> str:
+        """The label, or the labels joined by '|', for display."""
+        return self.label if self.labels is None else "|".join(self.labels)
 
 
 class Index:
@@ -154,7 +159,7 @@ class Index:
 
     def hit(self, rank: int, row: int, score: float) -> Hit:
         data = self.rows[row]
-        return Hit(rank, row, score, data["path"], data.get("label"), data.get("metadata") or {})
+        return Hit(rank, row, score, data["path"], data.get("label"), data.get("metadata") or {}, data.get("labels"))
 
 
 def _pick_backend(backend: str) -> str:

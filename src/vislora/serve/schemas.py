@@ -96,6 +96,7 @@ class HitOut(BaseModel):
     score: float = Field(..., description="Cosine similarity of the query and the image.")
     path: str
     label: str | None
+    labels: list[str] | None = Field(None, description="Multi-label data: every label of the image.")
     metadata: dict[str, Any]
 
 
