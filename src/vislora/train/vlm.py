@@ -68,15 +68,36 @@ class DualTask(TrainTask):
     def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
         m = self.config.model
         self.classes = list(classes)
-        self.prepared = base is not None
+        given = base is not None
         if base is None:
             base = build_dual_encoder(m.spec, m.text, pretrained=m.pretrained, embed_dim=m.embed_dim,
                                       vision_pooling=m.pooling, text_pooling=m.text_pooling, **m.kwargs)
         elif not isinstance(base, DualTowerModel):
             raise ConfigError(f"a {self.kind} run needs a dual encoder, got a {type(base).__name__}; build one with "
                               "vislora.dual_encoder.build_dual_encoder")
+        config = self.adapter_config(base)
+        self.prepared = given and not self.rebuilds(base, config.modules_to_save)
         self.base = base
-        return base, self.adapter_config(base)
+        return base, config
+
+    def rebuilds(self, base: nn.Module, saved: list[str]) -> bool:
+        """Whether a base model prepared in Python (e.g. pre-aligned projections) equals the one model.* describes
+        (built as `vislora.runs` rebuilds it) in every weight the adapter does not save: then task.json and the
+        adapter rebuild the trained model, and the run can be evaluated, reported, merged and exported from its
+        folder. Otherwise task.json marks it `prepared_base`."""
+        m = self.config.model
+        with torch.random.fork_rng(devices=[]):
+            if not m.pretrained:
+                torch.manual_seed(self.config.run.seed)
+            built = build_dual_encoder(m.spec, m.text, pretrained=m.pretrained, embed_dim=m.embed_dim,
+                                       vision_pooling=m.pooling, text_pooling=m.text_pooling, **m.kwargs).state_dict()
+        given = base.state_dict()
+        kept = [k for k in given if not any(k == p or k.startswith(p + ".") for p in saved)]
+        if set(given) == set(built) and all(torch.equal(given[k], built[k]) for k in kept):
+            return True
+        logger.info("the prepared base model differs from model.* in weights the adapter does not save: task.json "
+                    "marks it prepared_base (its folder cannot rebuild it)")
+        return False
 
     def adapter_config(self, base: DualTowerModel) -> AdapterConfig:
         """adapter.vision_targets / text_targets (or adapter.targets in both towers), per-tower rank/alpha; the
