@@ -137,12 +137,11 @@ class ClassificationTask(TrainTask):
 
 
 
-class MultilabelTask(ClassificationTask):
-    """A backbone with one logit per attribute (vislora.tasks.multilabel): BCE or asymmetric loss, cross-entropy in
-    single-choice groups; evaluation reports mAP, F1 at 0.5 and rare-attribute mAP, and tunes per-attribute
-    thresholds on the evaluated data, which are saved in task.json with the adapter."""
-
-    kind = "multilabel"
+class AttributeTask(TrainTask):
+    """What the two multi-label tasks share (MultilabelTask below, PromptedMultilabelTask in vislora.train.vlm): the
+    task.multilabel settings, the attributes the training data fixes (task.multilabel.attributes/groups/
+    single_choice, default every label seen) with their training counts, the loss, and what task.json records.
+    Put it first among the bases: its methods extend the other base's."""
 
     def __init__(self, config: TrainConfig) -> None:
         super().__init__(config)
@@ -156,30 +155,46 @@ class MultilabelTask(ClassificationTask):
         return MultiLabelFormat(self.settings.separator, self.settings.allow_empty)
 
     def prepare_data(self, dataset: ImageDataset, train: bool) -> ImageDataset:
-        """The training data fixes the attributes (task.multilabel.attributes/groups/single_choice, default every
-        label seen); every row of both datasets is checked against them."""
+        """The training data fixes the attributes; every row of both datasets is checked against them."""
+        dataset = super().prepare_data(dataset, train)
         if not dataset.multilabel:
-            raise DataError(f"{dataset.name} holds one label per image; task.kind multilabel needs a .csv/.jsonl "
-                            "manifest whose label column lists each image's labels (a|b|c, or a JSON list)")
+            raise DataError(f"{dataset.name} holds one label per image; task.kind {self.kind} needs a .csv/.jsonl "
+                            "manifest whose label column lists each image's attributes (a|b|c, or a JSON list)")
+        if not train:
+            return dataset.with_attributes(self.attributes)
         s = self.settings
-        if train:
-            self.attributes = AttributeSet.from_labels(dataset.label_sets(), s.attributes, s.groups, s.single_choice)
-            dataset = dataset.with_attributes(self.attributes)
-            self.train_counts = self.attributes.counts(dataset.label_sets())
-            self.n_train = len(dataset)
-            return dataset
-        return dataset.with_attributes(self.attributes)
+        self.attributes = AttributeSet.from_labels(dataset.label_sets(), s.attributes, s.groups, s.single_choice)
+        dataset = dataset.with_attributes(self.attributes)
+        self.train_counts, self.n_train = self.attributes.counts(dataset.label_sets()), len(dataset)
+        return dataset
+
+    def attribute_loss(self, classes: list[str]) -> MultilabelLoss:
+        """The multi-label loss over the attributes `prepare_data` fixed (`classes` must be them)."""
+        if self.attributes is None or list(classes) != list(self.attributes.names):
+            raise ConfigError(f"a {self.kind} run takes its attributes from the training data; pass the training "
+                              "data through prepare_data first")
+        s = self.settings
+        return MultilabelLoss(self.attributes, s.loss, pos_weights(s.pos_weight, self.attributes, self.train_counts,
+                                                                   self.n_train), s.gamma_neg, s.gamma_pos, s.clip)
+
+    def info(self) -> dict[str, Any]:
+        s = self.settings
+        return {**super().info(), "attributes": self.attributes.to_dict(),
+                "thresholds": self.thresholds.to_dict() if self.thresholds else None,
+                "train_counts": self.train_counts, "rare_below": s.rare_below,
+                "format": {"separator": s.separator, "allow_empty": s.allow_empty}}
+
+
+class MultilabelTask(AttributeTask, ClassificationTask):
+    """A backbone with one logit per attribute (vislora.tasks.multilabel): BCE or asymmetric loss, cross-entropy in
+    single-choice groups; evaluation reports mAP, F1 at 0.5 and rare-attribute mAP, and tunes per-attribute
+    thresholds on the evaluated data, which are saved in task.json with the adapter."""
+
+    kind = "multilabel"
 
     def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
-        if self.attributes is None or list(classes) != list(self.attributes.names):
-            raise ConfigError("a multilabel run builds its head from the training data's attributes; pass the "
-                              "training data through prepare_data first")
-        base_model, adapter_config = super().build(classes, base)
-        s = self.settings
-        self.loss_fn = MultilabelLoss(self.attributes, s.loss, pos_weights(s.pos_weight, self.attributes,
-                                                                            self.train_counts, self.n_train),
-                                      s.gamma_neg, s.gamma_pos, s.clip)
-        return base_model, adapter_config
+        self.loss_fn = self.attribute_loss(classes)
+        return super().build(classes, base)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
         images, targets = batch["image"].to(device), batch["label"].to(device)
@@ -230,12 +245,6 @@ class MultilabelTask(ClassificationTask):
         they fit the training data and are likely too permissive."""
         if trainer.val_data is None:
             on_training_images(trainer, lambda data: self.score(trainer, data))
-
-    def info(self) -> dict[str, Any]:
-        return {**super().info(), "attributes": self.attributes.to_dict(),
-                "thresholds": self.thresholds.to_dict() if self.thresholds else None,
-                "train_counts": self.train_counts, "rare_below": self.settings.rare_below,
-                "format": {"separator": self.settings.separator, "allow_empty": self.settings.allow_empty}}
 
 
 def on_training_images(trainer: TrainerView, tune: Callable[[ImageDataset], object]) -> None:

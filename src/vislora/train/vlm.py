@@ -21,8 +21,7 @@ from accelerate.utils import gather_object
 from torch import nn
 
 from vislora.config import AdapterConfig
-from vislora.data.attributes import AttributeSet
-from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate
+from vislora.data.datasets import ImageDataset, collate
 from vislora.dual_encoder import DualTowerModel, build_dual_encoder
 from vislora.errors import ConfigError, DataError
 from vislora.evaluate.dual import DualEvalResult, embed_rows, score_rows
@@ -30,6 +29,7 @@ from vislora.evaluate.multilabel import MultilabelMetrics, Thresholds, multilabe
 from vislora.evaluate.prompted import PromptedScores, prompted_scores
 from vislora.formats import load_adapter
 from vislora.run_config import TOWER_FIELDS, TrainConfig
+from vislora.runs import dual_encoder_args
 from vislora.tasks.clip import (
     CLIP_LORA,
     contrastive_loss,
@@ -38,7 +38,6 @@ from vislora.tasks.clip import (
     sigmoid_loss,
     text_classifier,
 )
-from vislora.tasks.multilabel import MultilabelLoss, pos_weights
 from vislora.tasks.prompted import (
     PROMPTED_TASK,
     add_logit_bias,
@@ -48,7 +47,7 @@ from vislora.tasks.prompted import (
     prompted_logits,
 )
 from vislora.towers import tower_adapter_config
-from vislora.train.tasks import TrainTask, on_training_images
+from vislora.train.tasks import AttributeTask, TrainTask, on_training_images
 from vislora.train.view import TrainerView
 
 logger = logging.getLogger(__name__)
@@ -66,12 +65,10 @@ class DualTask(TrainTask):
         return drop_missing(dataset)
 
     def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
-        m = self.config.model
         self.classes = list(classes)
         given = base is not None
         if base is None:
-            base = build_dual_encoder(m.spec, m.text, pretrained=m.pretrained, embed_dim=m.embed_dim,
-                                      vision_pooling=m.pooling, text_pooling=m.text_pooling, **m.kwargs)
+            base = self.described_model()
         elif not isinstance(base, DualTowerModel):
             raise ConfigError(f"a {self.kind} run needs a dual encoder, got a {type(base).__name__}; build one with "
                               "vislora.dual_encoder.build_dual_encoder")
@@ -80,17 +77,19 @@ class DualTask(TrainTask):
         self.base = base
         return base, config
 
+    def described_model(self) -> DualTowerModel:
+        """The dual encoder model.* describes, built with the arguments `vislora.runs` rebuilds runs with."""
+        return build_dual_encoder(**dual_encoder_args(self.config.model.model_dump(mode="json")))
+
     def rebuilds(self, base: nn.Module, saved: list[str]) -> bool:
         """Whether a base model prepared in Python (e.g. pre-aligned projections) equals the one model.* describes
         (built as `vislora.runs` rebuilds it) in every weight the adapter does not save: then task.json and the
         adapter rebuild the trained model, and the run can be evaluated, reported, merged and exported from its
         folder. Otherwise task.json marks it `prepared_base`."""
-        m = self.config.model
         with torch.random.fork_rng(devices=[]):
-            if not m.pretrained:
+            if not self.config.model.pretrained:
                 torch.manual_seed(self.config.run.seed)
-            built = build_dual_encoder(m.spec, m.text, pretrained=m.pretrained, embed_dim=m.embed_dim,
-                                       vision_pooling=m.pooling, text_pooling=m.text_pooling, **m.kwargs).state_dict()
+            built = self.described_model().state_dict()
         given = base.state_dict()
         kept = [k for k in given if not any(k == p or k.startswith(p + ".") for p in saved)]
         if set(given) == set(built) and all(torch.equal(given[k], built[k]) for k in kept):
@@ -220,7 +219,7 @@ class FewShotTask(DualTask):
 
 
 
-class PromptedMultilabelTask(DualTask):
+class PromptedMultilabelTask(AttributeTask, DualTask):
     """Prompted attributes (vislora.tasks.prompted): every attribute of task.multilabel scored by its prompts,
     scale * cos(image, prompt) + bias, under the multi-label loss (BCE or ASL; cross-entropy in single-choice
     groups), the prompt embeddings recomputed through the adapted text tower every step. Evaluation reports mAP,
@@ -231,42 +230,14 @@ class PromptedMultilabelTask(DualTask):
 
     def __init__(self, config: Any) -> None:
         super().__init__(config)
-        self.settings = config.task.multilabel
-        self.attributes: AttributeSet | None = None
-        self.train_counts: dict[str, int] = {}
-        self.n_train = 0
-        self.thresholds: Thresholds | None = None
         self.zero_shot: Thresholds | None = None  # the base dual encoder's
-
-    def data_format(self) -> MultiLabelFormat:
-        return MultiLabelFormat(self.settings.separator, self.settings.allow_empty)
-
-    def prepare_data(self, dataset: ImageDataset, train: bool) -> ImageDataset:
-        """The training data fixes the attributes (task.multilabel), every row of both datasets is checked."""
-        dataset = super().prepare_data(dataset, train)
-        if not dataset.multilabel:
-            raise DataError(f"{dataset.name} holds one label per image; task.kind {PROMPTED_TASK} needs a .csv/.jsonl "
-                            "manifest whose label column lists each image's attributes (a|b|c, or a JSON list)")
-        if not train:
-            return dataset.with_attributes(self.attributes)
-        s = self.settings
-        self.attributes = AttributeSet.from_labels(dataset.label_sets(), s.attributes, s.groups, s.single_choice)
-        dataset = dataset.with_attributes(self.attributes)
-        self.train_counts, self.n_train = self.attributes.counts(dataset.label_sets()), len(dataset)
-        return dataset
 
     def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
         """The dual encoder, with a logit bias added when it has none (vislora.tasks.prompted)."""
-        if self.attributes is None or list(classes) != list(self.attributes.names):
-            raise ConfigError("a prompted run takes its attributes from the training data; pass the training data "
-                              "through prepare_data first")
+        self.loss_fn = self.attribute_loss(classes)
         base, adapter_config = super().build(classes, base)
         add_logit_bias(base)
         self.prompt_names = prompt_names(self.classes, self.config.task.class_names)
-        s = self.settings
-        self.loss_fn = MultilabelLoss(self.attributes, s.loss, pos_weights(s.pos_weight, self.attributes,
-                                                                           self.train_counts, self.n_train),
-                                      s.gamma_neg, s.gamma_pos, s.clip)
         return base, adapter_config
 
     def names(self) -> list[str]:
@@ -318,12 +289,7 @@ class PromptedMultilabelTask(DualTask):
         self.score(trainer, data)
 
     def info(self) -> dict[str, Any]:
-        s = self.settings
-        return {**super().info(), "attributes": self.attributes.to_dict(),
-                "thresholds": self.thresholds.to_dict() if self.thresholds else None,
-                "zero_shot_thresholds": self.zero_shot.to_dict() if self.zero_shot else None,
-                "train_counts": self.train_counts, "rare_below": s.rare_below,
-                "format": {"separator": s.separator, "allow_empty": s.allow_empty}}
+        return {**super().info(), "zero_shot_thresholds": self.zero_shot.to_dict() if self.zero_shot else None}
 
 
 
