@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -90,13 +90,21 @@ def compare_multilabel(base_logits: torch.Tensor, adapted_logits: torch.Tensor, 
         return multilabel_metrics(scores, targets, names, thresholds.tolist(), counts, rare_below)
 
     base, adapted = measure(base_logits), measure(adapted_logits)
-    rows = [AttributeDelta(a.name, a.positives, a.train_positives, a.rare, a.threshold, b.ap, a.ap, b.f1, a.f1)
+    return MultilabelComparison(data=data, base=base, adapted=adapted, per_attribute=attribute_deltas(base, adapted),
+                                drift=drift, thresholds=thresholds_source(task.get("thresholds")))
+
+
+def attribute_deltas(base: MultilabelMetrics, adapted: MultilabelMetrics) -> list[AttributeDelta]:
+    """Each attribute's AP and F1 before and after, at the adapted model's threshold, in attribute order."""
+    return [AttributeDelta(a.name, a.positives, a.train_positives, a.rare, a.threshold, b.ap, a.ap, b.f1, a.f1)
             for b, a in zip(base.per_attribute, adapted.per_attribute, strict=True)]
-    tuned = task.get("thresholds") or {}
-    source = (f"tuned ({tuned.get('mode')}) on {tuned.get('tuned_on') or 'the validation data'}" if tuned
-              else "0.5 for every attribute (none were tuned)")
-    return MultilabelComparison(data=data, base=base, adapted=adapted, per_attribute=rows, drift=drift,
-                                thresholds=source)
+
+
+def thresholds_source(tuned: Mapping[str, Any] | None) -> str:
+    """Where saved thresholds (task.json `thresholds`, a `Thresholds.to_dict()`) come from, for messages."""
+    if not tuned:
+        return "0.5 for every attribute (none were tuned)"
+    return f"tuned ({tuned.get('mode')}) on {tuned.get('tuned_on') or 'the validation data'}"
 
 
 def open_multilabel_data(task: dict[str, Any], data: str | Path, limit: int | None = None,

@@ -32,11 +32,13 @@ from vislora.evaluate.multilabel import (
     tune_thresholds,
 )
 from vislora.evaluate.multilabel_comparison import (
-    AttributeDelta,
     MultilabelComparison,
+    attribute_deltas,
     open_multilabel_data,
+    thresholds_source,
     write_multilabel_predictions,
 )
+from vislora.model import AdaptedModel
 from vislora.runs import input_spec, load_trained_dual
 from vislora.tasks.clip import DEFAULT_TEMPLATES
 from vislora.tasks.multilabel import attribute_scores, saved_attributes, saved_thresholds
@@ -121,6 +123,14 @@ def compare_prompted(adapter_dir: str | Path, data: str | Path, *, batch_size: i
     if task.get("task") != PROMPTED_TASK:
         raise ConfigError(f"{adapter_dir} is a {task.get('task')!r} run; compare_prompted scores "
                           f"{PROMPTED_TASK} runs (vislora clip eval scores the other dual-encoder runs)")
+    return compare_prompted_model(model, task, data, batch_size=batch_size, limit=limit, label_column=label_column,
+                                  path_column=path_column, seed=seed, predictions=predictions)
+
+
+def compare_prompted_model(model: AdaptedModel, task: dict[str, Any], data: str | Path, *, batch_size: int = 64,
+                           limit: int | None = None, label_column: str = "label", path_column: str = "path",
+                           seed: int = 0, predictions: str | Path | None = None) -> MultilabelComparison:
+    """compare_prompted for a prompted run already opened with `load_trained_dual` (its model and task.json)."""
     attributes = saved_attributes(task)
     dataset = open_multilabel_data({**task, "input_spec": input_spec(task)}, data, limit, label_column, path_column,
                                    seed)
@@ -133,24 +143,17 @@ def compare_prompted(adapter_dir: str | Path, data: str | Path, *, batch_size: i
         measured[which] = multilabel_metrics(scored[which].scores, scored[which].targets, attributes.names, cut,
                                              counts, rare_below)
     base, adapted = measured["base"], measured["adapted"]
-    rows = [AttributeDelta(a.name, a.positives, a.train_positives, a.rare, a.threshold, b.ap, a.ap, b.f1, a.f1)
-            for b, a in zip(base.per_attribute, adapted.per_attribute, strict=True)]
     comparison = MultilabelComparison(
-        data=f"{data} ({adapted.n} images)", base=base, adapted=adapted, per_attribute=rows,
+        data=f"{data} ({adapted.n} images)", base=base, adapted=adapted, per_attribute=attribute_deltas(base, adapted),
         drift=embedding_drift(scored["base"].embeddings, scored["adapted"].embeddings),
-        thresholds=f"adapted: {_tuned(task.get('thresholds'))}; base: {_tuned(task.get('zero_shot_thresholds'))}",
+        thresholds=f"adapted: {thresholds_source(task.get('thresholds'))}; base: "
+                   f"{thresholds_source(task.get('zero_shot_thresholds'))}",
         skipped=scored["adapted"].skipped, baseline=ZERO_SHOT, task=PROMPTED_TASK)
     if predictions is not None:
         write_multilabel_predictions(dataset, [{"index": i, "metadata": dataset.records[i].metadata}
                                                for i in scored["adapted"].indices], scored["adapted"].scores,
                                      saved_thresholds(task), Path(predictions))
     return comparison
-
-
-def _tuned(thresholds: Mapping[str, Any] | None) -> str:
-    if not thresholds:
-        return "0.5 for every attribute (none were tuned)"
-    return f"tuned ({thresholds.get('mode')}) on {thresholds.get('tuned_on') or 'the validation data'}"
 
 
 @contextlib.contextmanager

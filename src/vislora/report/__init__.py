@@ -19,7 +19,7 @@ from vislora.diagnostics import diagnose
 from vislora.errors import VisloraError
 from vislora.evaluate import Comparison, compare_model
 from vislora.evaluate.multilabel_comparison import MultilabelComparison, compare_multilabel_model
-from vislora.evaluate.prompted import compare_prompted
+from vislora.evaluate.prompted import compare_prompted_model
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel
 from vislora.parameters import parameter_report
@@ -43,8 +43,8 @@ def write_report(run_dir: str | Path, data: str | None = None, limit: int | None
     settings = info.config.get("data", {})
     source = data or settings.get("val")
     if kind == PROMPTED_TASK:  # prompted attributes: the multi-label section, base = the dual encoder zero-shot
-        model, _ = load_trained_dual(info.adapter_dir)
-        tagging = compare_prompted(info.adapter_dir, source, batch_size=batch_size, limit=limit or (
+        model, task = load_trained_dual(info.adapter_dir)
+        tagging = compare_prompted_model(model, task, source, batch_size=batch_size, limit=limit or (
             None if data else settings.get("val_limit")), label_column=settings.get("label_column", "label"),
             path_column=settings.get("path_column", "path")) if source else None
         return build_report(info, model, None, training_data(info), out, tagging=tagging)
