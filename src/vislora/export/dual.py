@@ -31,7 +31,7 @@ from vislora.data.transforms import InputSpec
 from vislora.dual_encoder import DualTowerModel
 from vislora.errors import ExportError
 from vislora.export.common import INPUT_NAME, MERGE_ATOL, staged_dir, write_json
-from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OPSET, export_module
+from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OPSET, check_onnx, compare_outputs, export_module
 from vislora.model import AdaptedModel
 from vislora.runs import input_spec, load_trained_dual
 from vislora.tasks.clip import DEFAULT_TEMPLATES, text_classifier
@@ -215,16 +215,8 @@ def check_towers(model: DualTowerModel, item: DualExportable, image_path: Path, 
     """Run both ONNX towers with onnxruntime and PyTorch on the same inputs; raise if they disagree."""
     import onnxruntime as ort
 
-    differences: dict[str, dict[str, float]] = {"image": {}, "text": {}}
-    image = ort.InferenceSession(str(image_path), providers=["CPUExecutionProvider"])
-    generator = torch.Generator().manual_seed(seed)
-    size = item.spec.size
-    for batch in (1, 3):
-        x = torch.randn(batch, 3, size, size, generator=generator)
-        with torch.inference_mode():
-            expected = model.encode_image(x).numpy()
-        got = image.run([IMAGE_OUTPUT], {INPUT_NAME: x.numpy()})[0]
-        differences["image"][f"batch {batch}"] = _compare(got, expected, image_path, f"batch {batch}")
+    image = check_onnx(ImageTower(model), image_path, item.spec.size, seed=seed, output=IMAGE_OUTPUT)
+    differences = {"image": {f"batch {b}": d for b, d in image.max_abs_diff.items()}, "text": {}}
     text = ort.InferenceSession(str(text_path), providers=["CPUExecutionProvider"])
     names = {i.name for i in text.get_inputs()}
     texts = item.texts()
@@ -234,19 +226,8 @@ def check_towers(model: DualTowerModel, item: DualExportable, image_path: Path, 
             expected = model.encode_text(tokens["input_ids"], tokens["attention_mask"]).numpy()
         got = text.run([TEXT_OUTPUT], {k: v.numpy() for k, v in tokens.items() if k in names})[0]
         label = f"{len(probe)}x{tokens['input_ids'].shape[1]} tokens"
-        differences["text"][label] = _compare(got, expected, text_path, label)
+        differences["text"][label] = compare_outputs(got, expected, text_path, label)
     return TowerCheck(differences)
-
-
-def _compare(got: np.ndarray, expected: np.ndarray, path: Path, label: str) -> float:
-    if got.shape != expected.shape:
-        raise ExportError(f"{path}: onnxruntime returned shape {got.shape} for {label}, PyTorch {expected.shape}; "
-                          "a dynamic axis did not export as dynamic")
-    difference = float(np.abs(got - expected).max())
-    if not np.allclose(got, expected, rtol=ONNX_RTOL, atol=ONNX_ATOL):
-        raise ExportError(f"{path}: onnxruntime's embeddings differ from PyTorch's by up to {difference:.3g} at "
-                          f"{label} (tolerance {ONNX_ATOL:g} + {ONNX_RTOL:g}·|x|); the export is wrong")
-    return difference
 
 
 # ---------------------------------------------------------------------------------------------- export onnx

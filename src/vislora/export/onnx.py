@@ -72,8 +72,9 @@ def export_module(model: nn.Module, example: tuple[torch.Tensor, ...], input_nam
 
 
 def check_onnx(model: nn.Module, path: str | Path, image_size: int, batches: tuple[int, ...] = (1, 3),
-               seed: int = 0) -> OnnxCheck:
-    """Run the ONNX file with onnxruntime and PyTorch on the same random batches; raise if they disagree."""
+               seed: int = 0, output: str = OUTPUT_NAME) -> OnnxCheck:
+    """Run the ONNX file (images -> `output`) with onnxruntime and PyTorch on the same random batches; raise if they
+    disagree."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -83,12 +84,19 @@ def check_onnx(model: nn.Module, path: str | Path, image_size: int, batches: tup
         x = torch.randn(batch, 3, image_size, image_size, generator=generator)
         with torch.inference_mode():
             expected = model(x).float().numpy()
-        got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
-        if got.shape != expected.shape:
-            raise ExportError(f"{path}: onnxruntime returned shape {got.shape} for batch {batch}, PyTorch "
-                              f"{expected.shape}; the batch axis did not export as dynamic")
-        differences[batch] = float(np.abs(got - expected).max())
-        if not np.allclose(got, expected, rtol=ONNX_RTOL, atol=ONNX_ATOL):
-            raise ExportError(f"{path}: onnxruntime's outputs differ from PyTorch's by up to {differences[batch]:.3g} "
-                              f"at batch {batch} (tolerance {ONNX_ATOL:g} + {ONNX_RTOL:g}·|x|); the export is wrong")
+        got = session.run([output], {INPUT_NAME: x.numpy()})[0]
+        differences[batch] = compare_outputs(got, expected, path, f"batch {batch}")
     return OnnxCheck(differences)
+
+
+def compare_outputs(got: np.ndarray, expected: np.ndarray, path: str | Path, label: str) -> float:
+    """max |onnxruntime - PyTorch| for one probe (`label`, e.g. "batch 3"); ExportError when the shapes differ (a
+    dynamic axis did not export as dynamic) or an element is off by more than ONNX_ATOL + ONNX_RTOL·|torch|."""
+    if got.shape != expected.shape:
+        raise ExportError(f"{path}: onnxruntime returned shape {got.shape} for {label}, PyTorch {expected.shape}; "
+                          "a dynamic axis did not export as dynamic")
+    difference = float(np.abs(got - expected).max())
+    if not np.allclose(got, expected, rtol=ONNX_RTOL, atol=ONNX_ATOL):
+        raise ExportError(f"{path}: onnxruntime's outputs differ from PyTorch's by up to {difference:.3g} at {label} "
+                          f"(tolerance {ONNX_ATOL:g} + {ONNX_RTOL:g}·|x|); the export is wrong")
+    return difference
