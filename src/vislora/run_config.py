@@ -191,6 +191,19 @@ class RunSection(_Section):
                                     "metrics.jsonl and warn when they vanish or explode (vislora.train.monitor).")
 
 
+class EvalSection(_Section):
+    """Clinical metrics of a classifier's evaluations (`vislora eval`, `vislora report`; vislora.evaluate.clinical):
+    one-vs-rest AUROC, sensitivity at `specificity`, specificity at `sensitivity`, bootstrap intervals."""
+
+    specificity: float = Field(0.95, gt=0, lt=1, description="Sensitivity is reported at this specificity.")
+    sensitivity: float = Field(0.95, gt=0, lt=1, description="Specificity is reported at this sensitivity.")
+    bootstrap: int = Field(1000, ge=0, description="Bootstrap resamples for the confidence intervals (0: none).")
+    ci: float = Field(0.95, gt=0, lt=1, description="Confidence level of the intervals (percentile bootstrap).")
+    seed: int = Field(0, description="Seed of the resamples: the same seed gives the same intervals.")
+    stratified: bool = Field(True, description="Resample within each class (class counts kept); false: resample "
+                             "all images, skipping (and counting) resamples where a class has no positive.")
+
+
 class StageSection(_Section):
     """One stage of a multi-stage run (vislora.train.stages): how many optimizer steps, which towers train, the
     learning-rate factor, and the adapter's rank."""
@@ -217,6 +230,7 @@ class TrainConfig(_Section):
     run: RunSection
     stages: list[StageSection] = Field(default_factory=list, description="Multi-stage schedule, e.g. text tower "
                                        "only, then vision only, then both at lr_scale 0.1; see docs/vlm.md.")
+    eval: EvalSection = Field(default_factory=EvalSection)
 
     @model_validator(mode="before")
     @classmethod

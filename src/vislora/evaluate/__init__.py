@@ -8,9 +8,19 @@
 - classifier: a trained classifier run scored on any data (`vislora eval`)
 - dual: dual encoders (prompt-classifier accuracy, contrastive loss, retrieval recall; `vislora clip eval`)
 - multilabel: per-attribute AP, mAP, precision/recall/F1 at thresholds, rare attributes, threshold tuning
+- clinical: one-vs-rest AUROC, sensitivity at a specificity and the reverse, bootstrap confidence intervals
 """
 
 from vislora.evaluate.classifier import compare_adapter, compare_model, evaluate_adapter, write_predictions
+from vislora.evaluate.clinical import (
+    ClinicalComparison,
+    ClinicalMetrics,
+    auroc,
+    clinical_metrics,
+    compare_clinical,
+    sensitivity_at_specificity,
+    specificity_at_sensitivity,
+)
 from vislora.evaluate.collect import BaseHead, Collected, classifier_parts, collect, recording_head
 from vislora.evaluate.comparison import Comparison, Delta, Outputs, compare, mcnemar_p, points
 from vislora.evaluate.drift import Drift, embedding_drift
@@ -29,6 +39,8 @@ from vislora.evaluate.multilabel import (
 __all__ = [
     "AttributeScore",
     "BaseHead",
+    "ClinicalComparison",
+    "ClinicalMetrics",
     "Collected",
     "Comparison",
     "Delta",
@@ -39,12 +51,15 @@ __all__ = [
     "MultilabelMetrics",
     "Outputs",
     "Thresholds",
+    "auroc",
     "average_precision",
     "classification_metrics",
     "classifier_parts",
+    "clinical_metrics",
     "collect",
     "compare",
     "compare_adapter",
+    "compare_clinical",
     "compare_model",
     "embed_rows",
     "embedding_drift",
@@ -58,6 +73,8 @@ __all__ = [
     "points",
     "recording_head",
     "score_rows",
+    "sensitivity_at_specificity",
+    "specificity_at_sensitivity",
     "tune_thresholds",
     "write_predictions",
 ]

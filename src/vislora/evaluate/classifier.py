@@ -19,11 +19,13 @@ import torch.nn.functional as F
 from vislora.data.datasets import ImageDataset, collate, open_dataset
 from vislora.data.transforms import SampleTransform, build_transform
 from vislora.errors import ConfigError
+from vislora.evaluate.clinical import clinical_metrics, compare_clinical
 from vislora.evaluate.collect import BaseHead, collect
 from vislora.evaluate.comparison import Comparison, compare
 from vislora.evaluate.latency import measure_latency
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel
+from vislora.run_config import EvalSection
 from vislora.runs import load_trained
 from vislora.tasks.classification import EvalResult, predict_rows, summarize
 
@@ -43,12 +45,15 @@ def open_eval_data(task: dict[str, Any], data: str | Path, limit: int | None = N
 
 def evaluate_adapter(adapter_dir: str | Path, data: str | Path, batch_size: int = 64, limit: int | None = None,
                      label_column: str = "label", path_column: str = "path", seed: int = 0,
-                     predictions: str | Path | None = None) -> EvalResult:
-    """Accuracy, loss, per-class and per-metadata-group accuracy of a trained adapter on `data`."""
+                     predictions: str | Path | None = None, clinical: EvalSection | None = None) -> EvalResult:
+    """Accuracy, loss, per-class and per-metadata-group accuracy of a trained adapter on `data`; with `clinical`
+    settings also AUROC and sensitivity/specificity with intervals (`result.clinical`, ClinicalMetrics.to_dict())."""
     model, task = load_trained(adapter_dir)
     dataset = open_eval_data(task, data, limit, label_column, path_column, seed)
     rows, skipped = predict_rows(model, _loader(dataset, batch_size))
     result = summarize(rows, task["classes"], skipped=len(skipped))
+    if clinical is not None and result.n:
+        result.clinical = clinical_metrics(*result.probabilities(), task["classes"], **clinical.model_dump()).to_dict()
     if predictions is not None:
         write_predictions(result, dataset, Path(predictions))
     return result
@@ -58,19 +63,19 @@ def compare_adapter(adapter_dir: str | Path, data: str | Path, batch_size: int =
                     label_column: str = "label", path_column: str = "path", seed: int = 0,
                     predictions: str | Path | None = None, base_head: BaseHead = "trained", tolerance: float = 0.01,
                     latency_images: int = 8, progress: Callable[[Iterable, int], Iterable] | None = None,
-                    ) -> Comparison:
+                    clinical: EvalSection | None = None) -> Comparison:
     """Base vs adapted on the same images of `data` (see vislora.evaluate.comparison), plus latency on
-    `latency_images`."""
+    `latency_images`, and clinical metrics with `clinical` settings."""
     model, task = load_trained(adapter_dir)
     return compare_model(model, task, data, batch_size, limit, label_column, path_column, seed, predictions,
-                         base_head, tolerance, latency_images, progress)
+                         base_head, tolerance, latency_images, progress, clinical)
 
 
 def compare_model(model: AdaptedModel, task: dict[str, Any], data: str | Path, batch_size: int = 64,
                   limit: int | None = None, label_column: str = "label", path_column: str = "path", seed: int = 0,
                   predictions: str | Path | None = None, base_head: BaseHead = "trained", tolerance: float = 0.01,
                   latency_images: int = 8, progress: Callable[[Iterable, int], Iterable] | None = None,
-                  ) -> Comparison:
+                  clinical: EvalSection | None = None) -> Comparison:
     """compare_adapter for a classifier already loaded with `load_trained`."""
     dataset = open_eval_data(task, data, limit, label_column, path_column, seed)
     loader = _loader(dataset, batch_size)
@@ -80,6 +85,10 @@ def compare_model(model: AdaptedModel, task: dict[str, Any], data: str | Path, b
     comparison = compare(run.base, adapted, labels, task["classes"], [r["metadata"] for r in rows], tolerance,
                          data=f"{data} ({len(rows)} images)")
     comparison.skipped = len(run.skipped)
+    if clinical is not None:
+        comparison.clinical = compare_clinical(F.softmax(run.base.logits.double(), dim=-1),
+                                               F.softmax(adapted.logits.double(), dim=-1), labels, task["classes"],
+                                               **clinical.model_dump())
     if latency_images:
         first = collate([dataset[r["index"]] for r in rows[:latency_images]])
         comparison.latency = measure_latency(model, first["image"])

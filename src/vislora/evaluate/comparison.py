@@ -3,7 +3,7 @@
 Metrics of both (vislora.evaluate.metrics), then per class and per metadata group the accuracy before and after,
 with a regression flagged where the adapted model loses more than `tolerance`, and McNemar's exact test on the
 images one model got right and the other wrong (is the change more than noise?); embedding drift when both
-models' features are known, and latency when measured.
+models' features are known, latency when measured, and clinical metrics (vislora.evaluate.clinical) when asked.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from vislora.diagnostics.records import json_safe
+from vislora.evaluate.clinical import ClinicalComparison
 from vislora.evaluate.drift import Drift, embedding_drift
 from vislora.evaluate.latency import Latency
 from vislora.evaluate.metrics import Metrics, classification_metrics
@@ -65,6 +66,7 @@ class Comparison:
     latency: Latency | None = None
     skipped: int = 0  # corrupt images left out
     baseline: str = "the backbone without its adapters, with the trained head"
+    clinical: ClinicalComparison | None = None  # AUROC, sensitivity/specificity with intervals, when asked
 
     @property
     def regressions(self) -> list[Delta]:

@@ -122,7 +122,9 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoot
 
 @dataclass
 class EvalResult:
-    """Held-out metrics; `groups[column][value]` is the accuracy of the samples whose metadata has that value."""
+    """Held-out metrics; `groups[column][value]` is the accuracy of the samples whose metadata has that value;
+    `clinical` holds AUROC and sensitivity/specificity with intervals when asked (vislora.evaluate.clinical's
+    ClinicalMetrics.to_dict(), filled by vislora.evaluate.evaluate_adapter)."""
 
     accuracy: float
     loss: float
@@ -131,13 +133,20 @@ class EvalResult:
     per_class: dict[str, float] = field(default_factory=dict)
     groups: dict[str, dict[str, float]] = field(default_factory=dict)
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    clinical: dict[str, Any] | None = None
 
     def metrics(self) -> dict[str, float]:
         return {"accuracy": self.accuracy, "loss": self.loss}
 
+    def probabilities(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class probabilities [n, C] and labels [n] of the predictions (rows of `predict_rows` carry `probs`)."""
+        return (torch.stack([r["probs"] for r in self.predictions]),
+                torch.tensor([r["label"] for r in self.predictions]))
+
 
 def summarize(rows: Sequence[dict[str, Any]], classes: Sequence[str], skipped: int = 0) -> EvalResult:
-    """Aggregate per-sample rows `{"index", "label", "pred", "loss", "metadata"}` into an EvalResult."""
+    """Aggregate per-sample rows `{"index", "label", "pred", "loss", "metadata"}` (and `probs`, kept in the
+    predictions) into an EvalResult."""
     rows = sorted({r["index"]: r for r in rows}.values(), key=lambda r: r["index"])  # DDP may repeat samples
     n = len(rows)
     if n == 0:
@@ -179,14 +188,16 @@ def eval_batches(model: nn.Module, batches: Iterable[dict[str, Any]], skipped: l
 @torch.no_grad()
 def predict_rows(model: nn.Module, batches: Iterable[dict[str, Any]], device: torch.device | str = "cpu",
                  autocast: Any = None) -> tuple[list[dict[str, Any]], list[int]]:
-    """Per-sample rows for `summarize`, and the indices of skipped (corrupt) samples."""
+    """Per-sample rows for `summarize`, and the indices of skipped (corrupt) samples; `probs` is the row's
+    softmax [C] (float32, on the CPU)."""
     rows, skipped = [], []
     for batch in eval_batches(model, batches, skipped):
         with autocast() if autocast else contextlib.nullcontext():
             logits = model(batch["image"].to(device)).float()
         labels = batch["label"].to(device)
         losses = F.cross_entropy(logits, labels, reduction="none")
-        for i, label, pred, loss, meta in zip(batch["index"].tolist(), labels.tolist(), logits.argmax(-1).tolist(),
-                                              losses.tolist(), batch["metadata"], strict=True):
-            rows.append({"index": i, "label": label, "pred": pred, "loss": loss, "metadata": meta})
+        probs = F.softmax(logits, dim=-1).cpu()  # [B, C]
+        for i, label, pred, loss, meta, p in zip(batch["index"].tolist(), labels.tolist(), logits.argmax(-1).tolist(),
+                                                 losses.tolist(), batch["metadata"], probs, strict=True):
+            rows.append({"index": i, "label": label, "pred": pred, "loss": loss, "metadata": meta, "probs": p})
     return rows, skipped

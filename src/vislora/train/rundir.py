@@ -19,7 +19,7 @@ from vislora.errors import TrainingError
 from vislora.formats import load_adapter_weights, save_adapter
 from vislora.io import atomic_write_text
 from vislora.model import AdaptedModel
-from vislora.run_config import TrainConfig
+from vislora.run_config import EvalSection, TrainConfig
 from vislora.train import checkpoint as ckpt
 from vislora.train.tasks import Evaluation, TrainTask
 
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 # config keys a resumed run may change
 RESUME_FREE_KEYS = {"run.resume", "run.progress", "run.output_dir", "data.num_workers", "run.log_every",
-                    "run.monitor_gradients"}
+                    "run.monitor_gradients", *(f"eval.{key}" for key in EvalSection.model_fields)}
 
 
 @dataclass
