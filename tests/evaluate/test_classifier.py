@@ -7,8 +7,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from conftest import require_module
 from synthetic_images import class_image, csv_manifest, tiny_train_config
 from vislora.cli import app
+from vislora.evaluate import ClinicalMetrics, evaluate_adapter
+from vislora.run_config import EvalSection
 
 runner = CliRunner()
 
@@ -35,3 +38,23 @@ def test_eval_command_compares_and_writes_json(tmp_path):
     assert data["latency"]["batch_size"] == 4 and data["latency"]["merged_max_abs_diff"] < 1e-4
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert data["adapted"]["accuracy"] == pytest.approx(summary["final"]["accuracy"])  # the trainer's own figure
+
+    for text in ("clinical metrics, one class against the rest", "macro AUROC", "AUROC per class",
+                 "sensitivity at specificity 0.95"):
+        assert text in result.output
+    clinical = data["clinical"]
+    assert [c["name"] for c in clinical["adapted"]["classes"]] == ["c0", "c1", "c2"]
+    assert clinical["adapted"]["classes"][0]["positives"] == 8 and clinical["adapted"]["bootstrap"] == 1000
+    # the same figures from evaluate_adapter's rows (softmax probabilities per image), checked against sklearn
+    metrics = require_module("sklearn.metrics")
+    alone = evaluate_adapter(tmp_path / "run" / "adapter", manifest, clinical=EvalSection(bootstrap=0))
+    probs, labels = alone.probabilities()
+    expected = metrics.roc_auc_score(labels.numpy(), probs.double().numpy(), multi_class="ovr")
+    assert alone.clinical["macro_auroc"]["value"] == pytest.approx(expected, abs=1e-6)
+    assert clinical["adapted"]["macro_auroc"]["value"] == pytest.approx(expected, abs=1e-6)
+    assert ClinicalMetrics.from_dict(alone.clinical).macro_auroc.low is None
+
+    result = runner.invoke(app, ["eval", "--adapter", str(tmp_path / "run" / "adapter"), "--data", str(manifest),
+                                 "--specificity", "1.5"])
+    assert result.exit_code != 0
+    assert "--specificity: Input should be less than 1 (got 1.5)" in str(result.exception)

@@ -57,7 +57,8 @@ def run(tmp_path_factory):
     manifest = csv_manifest(root, rows)
     config = root / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_train_config(root / "run", manifest, manifest, optim={"max_steps": 8},
-                                                       run={"eval_every": 4, "monitor_gradients": True})))
+                                                       run={"eval_every": 4, "monitor_gradients": True},
+                                                       eval={"specificity": 0.9, "bootstrap": 200})))
     result = runner.invoke(app, ["train", str(config)])
     assert result.exit_code == 0, result.output
     return root / "run"
@@ -81,7 +82,8 @@ def test_report_renders_html_pngs_and_model_card(run):
     for image in page.images:  # embedded, so the page stands alone
         assert base64.b64decode(image["src"].removeprefix("data:image/png;base64,")).startswith(PNG)
     for heading in ("Training", "Before / after", "Per group", "Embedding drift", "Latency", "Adapter diagnostics",
-                    "Parameter efficiency", "Training data"):
+                    "Parameter efficiency", "Training data", "Clinical metrics", "AUROC per class",
+                    "Operating points per class"):
         assert heading in page.headings, heading
 
     evaluation = json.loads((folder / "evaluation.json").read_text())
@@ -95,6 +97,11 @@ def test_report_renders_html_pngs_and_model_card(run):
     metrics = {m["name"]: m["value"] for m in front["model-index"][0]["results"][0]["metrics"]}
     assert metrics["accuracy (adapted)"] == round(evaluation["adapted"]["accuracy"], 4)
     assert metrics["accuracy (base)"] == round(evaluation["base"]["accuracy"], 4)
+    clinical = evaluation["clinical"]["adapted"]  # measured with the run's eval section
+    assert (clinical["specificity"], clinical["bootstrap"], clinical["n"]) == (0.9, 200, 30)
+    assert metrics["macro AUROC, one-vs-rest (adapted)"] == round(clinical["macro_auroc"]["value"], 4)
+    assert "## Clinical metrics" in card and "sensitivity @ specificity 0.9: base" in card
+    assert "95% percentile intervals from 200 bootstrap resamples stratified by class (seed 0)" in card
     assert "| license | 50.0% |" in card and "| capture_date | 0.0% |" in card and "| location | 0.0% |" in card
     assert "Provenance is incomplete: some or all images lack license, capture_date, location" in card
     for section in ("## Model details", "## Training data", "## Evaluation", "### Per-group results and regressions",

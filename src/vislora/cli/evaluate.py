@@ -9,13 +9,16 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 from rich.markup import escape
 from rich.table import Table
 
 from vislora.cli.app import app, console
-from vislora.evaluate import Comparison, Delta, compare_adapter, points
+from vislora.errors import ConfigError
+from vislora.evaluate import ClinicalComparison, Comparison, Delta, compare_adapter, points
 from vislora.evaluate.multilabel_comparison import MultilabelComparison, compare_multilabel_adapter, nan_text
 from vislora.evaluate.prompted import compare_prompted
+from vislora.run_config import EvalSection
 from vislora.runs import read_task
 from vislora.tasks.prompted import PROMPTED_TASK
 
@@ -39,6 +42,14 @@ def evaluate(
         help="Batch size of the latency test (base, unmerged, merged); 0 skips it.")] = 8,
     json_out: Annotated[Path | None, typer.Option("--json", help="Also write the whole comparison as JSON here.")
                         ] = None,
+    specificity: Annotated[float, typer.Option(
+        help="Classifiers: report each class's sensitivity at this specificity (one-vs-rest).")] = 0.95,
+    sensitivity: Annotated[float, typer.Option(
+        help="Classifiers: report each class's specificity at this sensitivity.")] = 0.95,
+    bootstrap: Annotated[int, typer.Option(
+        help="Classifiers: bootstrap resamples (stratified by class) for the confidence intervals of AUROC, "
+             "sensitivity and specificity; 0: no intervals.")] = 1000,
+    ci: Annotated[float, typer.Option(help="Confidence level of the intervals.")] = 0.95,
 ) -> None:
     """Base vs adapted on the same DATA: accuracy, top-5, macro-F1, calibration (ECE), per class and per metadata
     group (e.g. a `group` column) with regressions flagged, embedding drift, and latency.
@@ -48,7 +59,11 @@ def evaluate(
     list of labels per row, read with the adapter's separator. A prompted_multilabel adapter (a dual encoder) gets
     the same, its base being the dual encoder zero-shot at its own saved thresholds.
 
+    A classifier also gets clinical metrics, base vs adapted: one-vs-rest AUROC per class and macro, sensitivity at
+    --specificity and specificity at --sensitivity, with percentile bootstrap intervals (paired for the change).
+
     Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --limit 2000 --json eval.json
+    Example: vislora eval --adapter runs/xray/best --data data/xray_test.csv --specificity 0.9 --bootstrap 2000
     Example: vislora eval --adapter runs/tags/best --data data/tags_test.csv --predictions tags.csv
     """
     from rich.progress import track
@@ -72,13 +87,21 @@ def evaluate(
         comparison = compare_adapter(
             adapter, data, batch_size=batch_size, limit=limit, label_column=label_column, path_column=path_column,
             predictions=predictions, base_head=base_head, tolerance=tolerance, latency_images=latency_images,
-            progress=progress)
+            progress=progress, clinical=_clinical_settings(specificity, sensitivity, bootstrap, ci))
         show_comparison(comparison)
     if predictions:
         console.print(f"predictions written to {predictions}")
     if json_out:
         atomic_write_text(json_out, json.dumps(comparison.to_dict(), indent=2))
         console.print(f"comparison written to {json_out}")
+
+
+def _clinical_settings(specificity: float, sensitivity: float, bootstrap: int, ci: float) -> EvalSection:
+    try:
+        return EvalSection(specificity=specificity, sensitivity=sensitivity, bootstrap=bootstrap, ci=ci)
+    except ValidationError as exc:
+        raise ConfigError("; ".join(f"--{err['loc'][0]}: {err['msg']} (got {err['input']!r})"
+                                    for err in exc.errors())) from None
 
 
 def show_comparison(comparison: Comparison) -> None:
@@ -118,6 +141,31 @@ def show_comparison(comparison: Comparison) -> None:
         console.print(table)
         if latency.merged is not None:
             console.print(f"merged vs unmerged outputs: max |difference| {latency.merged_max_abs_diff:.2e}")
+    if comparison.clinical is not None:
+        show_clinical(comparison.clinical)
+
+
+def show_clinical(clinical: ClinicalComparison) -> None:
+    """Macro AUROC, then per class AUROC and the operating points, base vs adapted, with intervals."""
+    base, adapted = clinical.base, clinical.adapted
+    console.print(f"clinical metrics, one class against the rest; {escape(adapted.describe_intervals())}")
+    console.print(f"macro AUROC {adapted.macro_auroc.text()} (base {base.macro_auroc.text()}, change "
+                  f"{clinical.macro_change.text(signed=True)})")
+    table = Table("class", "pos/neg", "AUROC base", "AUROC adapted", "change", title="AUROC per class")
+    for b, a in zip(base.classes, adapted.classes, strict=True):
+        table.add_row(escape(a.name), f"{a.positives}/{a.negatives}", b.auroc.text(), a.auroc.text(),
+                      clinical.auroc_change[a.name].text(signed=True))
+    console.print(table)
+    table = Table("class", "sens base", "sens adapted", "thr", "spec base", "spec adapted", "thr",
+                  title=f"sensitivity at specificity {adapted.specificity:g}, specificity at sensitivity "
+                        f"{adapted.sensitivity:g} (thr: the adapted model's threshold)")
+    for b, a in zip(base.classes, adapted.classes, strict=True):
+        table.add_row(escape(a.name), b.sensitivity.text(), a.sensitivity.text(), a.at_specificity.threshold_text(),
+                      b.specificity.text(), a.specificity.text(), a.at_sensitivity.threshold_text())
+    console.print(table)
+    if adapted.undefined:
+        console.print("AUROC undefined (no positive or no negative image here): "
+                      + escape(", ".join(adapted.undefined)))
 
 
 def _delta_table(key: str, deltas: list[Delta], tolerance: float) -> Table:

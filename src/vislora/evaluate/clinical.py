@@ -43,17 +43,12 @@ class Interval:
     low: float | None = None
     high: float | None = None
 
-    def text(self, digits: int = 3) -> str:
-        """'0.912 [0.871, 0.947]', or '0.912' without an interval."""
+    def text(self, digits: int = 3, signed: bool = False) -> str:
+        """'0.912 [0.871, 0.947]', or '0.912' without an interval; `signed` writes a difference (+0.031)."""
+        form = f"{'+' if signed else ''}.{digits}f"
         if self.low is None or self.high is None:
-            return f"{self.value:.{digits}f}"
-        return f"{self.value:.{digits}f} [{self.low:.{digits}f}, {self.high:.{digits}f}]"
-
-    def signed(self, digits: int = 3) -> str:
-        """As `text`, with signs: a difference."""
-        if self.low is None or self.high is None:
-            return f"{self.value:+.{digits}f}"
-        return f"{self.value:+.{digits}f} [{self.low:+.{digits}f}, {self.high:+.{digits}f}]"
+            return f"{self.value:{form}}"
+        return f"{self.value:{form}} [{self.low:{form}}, {self.high:{form}}]"
 
 
 @dataclass
@@ -63,6 +58,10 @@ class OperatingPoint:
     threshold: float
     sensitivity: float
     specificity: float
+
+    def threshold_text(self, digits: int = 3) -> str:
+        """The threshold, or 'never' when no threshold reaches the target (sensitivity 0)."""
+        return "never" if math.isinf(self.threshold) else f"{self.threshold:.{digits}f}"
 
 
 @dataclass
@@ -97,6 +96,16 @@ class ClinicalMetrics:
     classes: list[ClassClinical]
     undefined: list[str] = field(default_factory=list)
     skipped: int = 0
+
+    def describe_intervals(self) -> str:
+        """How the intervals were made, in words (and how many resamples the macro AUROC skipped)."""
+        if not self.bootstrap:
+            return "no confidence intervals (bootstrap 0)"
+        kind = "stratified by class" if self.stratified else "over all images"
+        text = f"{self.ci:.0%} percentile intervals from {self.bootstrap} bootstrap resamples {kind} (seed {self.seed})"
+        if self.skipped:
+            text += f"; {self.skipped} resamples lacked a positive or negative of some class and were skipped"
+        return text
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able data; a threshold of inf (never predict the class) becomes None."""
@@ -245,11 +254,8 @@ def _unweighted(scores: np.ndarray, positives: np.ndarray) -> tuple[np.ndarray, 
 def resample_counts(labels: np.ndarray, bootstrap: int, seed: int = 0, stratified: bool = True
                     ) -> Iterator[np.ndarray]:
     """Bootstrap resamples of the images as chunks of counts [rows, n] (how often each image is drawn), at most
-    CHUNK_ELEMENTS counts per chunk.
-
-    With the images grouped by class (ascending; one group when not stratified), resample b is
-    `rng.integers(0, sizes)`: for every position a uniform pick among the images of that position's group. The
-    generator's stream does not depend on how the resamples are chunked."""
+    CHUNK_ELEMENTS counts per chunk; drawn as the module docstring says, the groups' draws of a chunk in one call
+    (the same stream, however the resamples are chunked)."""
     rng = np.random.default_rng(seed)
     n = len(labels)
     groups = [np.flatnonzero(labels == k) for k in np.unique(labels)] if stratified else [np.arange(n)]

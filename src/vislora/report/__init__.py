@@ -25,10 +25,12 @@ from vislora.model import AdaptedModel
 from vislora.parameters import parameter_report
 from vislora.report import plots
 from vislora.report.card import model_card
+from vislora.report.clinical import clinical_html, clinical_markdown
 from vislora.report.dual import write_dual_report
 from vislora.report.html import render_html
 from vislora.report.multilabel import multilabel_html, multilabel_markdown
 from vislora.report.run import DataSummary, ReportFiles, RunInfo, load_run, summarize_data, training_data
+from vislora.run_config import EvalSection
 from vislora.runs import DUAL_TASKS, PROMPTED_TASK, load_trained, load_trained_dual
 
 __all__ = ["ReportFiles", "build_report", "load_run", "summarize_data", "write_report"]
@@ -63,7 +65,8 @@ def write_report(run_dir: str | Path, data: str | None = None, limit: int | None
     elif source:
         comparison = compare_model(model, task, source, batch_size, limit or (None if data else settings.get(
             "val_limit")), settings.get("label_column", "label"), settings.get("path_column", "path"),
-            info.config.get("run", {}).get("seed", 0), latency_images=latency_images, progress=progress)
+            info.config.get("run", {}).get("seed", 0), latency_images=latency_images, progress=progress,
+            clinical=EvalSection.model_validate(info.config.get("eval") or {}))
     return build_report(info, model, comparison, training_data(info), out, tagging=tagging)
 
 
@@ -98,11 +101,14 @@ def build_report(info: RunInfo, model: AdaptedModel, comparison: Comparison | No
     drawn = {k: v for k, v in images.items() if v is not None}
     atomic_write_text(folder / "diagnostics.json", json.dumps(diagnosis.to_dict(), indent=2))
     card = folder / "MODEL_CARD.md"
+    clinical = comparison.clinical if comparison is not None else None
     atomic_write_text(card, model_card(info, config, diagnosis, comparison, params, data,
-                                       evaluation=multilabel_markdown(tagging) if tagging else None))
+                                       evaluation=multilabel_markdown(tagging) if tagging else None,
+                                       clinical=clinical_markdown(clinical) if clinical else None))
     links = [p.name for p in (card, folder / "diagnostics.json", evaluation) if p is not None]
     html = folder / "report.html"
     atomic_write_text(html, render_html(info, config, diagnosis, comparison, params, data, drawn, links,
-                                        evaluation=multilabel_html(tagging) if tagging else ()))
+                                        evaluation=multilabel_html(tagging) if tagging else (),
+                                        clinical=clinical_html(clinical) if clinical else ()))
     return ReportFiles(folder=folder, html=html, model_card=card, diagnostics=folder / "diagnostics.json",
                        evaluation=evaluation, plots=list(drawn.values()))

@@ -38,9 +38,10 @@ def base_model_id(spec: str) -> str | None:
 
 
 def model_card(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagnosis, comparison: Comparison | None,
-               params: ParameterReport | None, data: DataSummary | None, evaluation: str | None = None) -> str:
+               params: ParameterReport | None, data: DataSummary | None, evaluation: str | None = None,
+               clinical: str | None = None) -> str:
     """The whole MODEL_CARD.md text; `evaluation` replaces the classification evaluation section (another task's,
-    e.g. report/multilabel.py)."""
+    e.g. report/multilabel.py); `clinical` is the clinical-metrics section (report/clinical.py), after it."""
     spec = info.task["model"]["spec"]
     n = len(info.task["classes"])
     job = f"multi-label tagging with {n} attributes" if info.task.get("task") == "multilabel" else (
@@ -54,6 +55,7 @@ def model_card(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagnos
         details_markdown(info, adapter_config, params),
         data_markdown(data),
         evaluation or _evaluation(comparison),
+        clinical,
         health_markdown(diagnosis),
         _intended_use(info, data),
         _limitations(info, comparison, data),
@@ -70,11 +72,14 @@ def _front_matter(info: RunInfo, adapter_config: dict[str, Any], comparison: Com
     front.update({"pipeline_tag": "image-classification",
                   "tags": list(dict.fromkeys(["vislora", "lora", adapter_config.get("method", "lora"),
                                               "image-classification"])),  # method "lora" is named once
-                  "metrics": ["accuracy", "f1"]})
+                  "metrics": ["accuracy", "f1"] + (["roc_auc"] if comparison and comparison.clinical else [])})
     if comparison is not None:
         metrics = [{"type": "accuracy", "value": round(comparison.adapted.accuracy, 4), "name": "accuracy (adapted)"},
                    {"type": "accuracy", "value": round(comparison.base.accuracy, 4), "name": "accuracy (base)"},
                    {"type": "f1", "value": round(comparison.adapted.macro_f1, 4), "name": "macro-F1 (adapted)"}]
+        if comparison.clinical is not None:
+            metrics.append({"type": "roc_auc", "value": round(comparison.clinical.adapted.macro_auroc.value, 4),
+                            "name": "macro AUROC, one-vs-rest (adapted)"})
         front["model-index"] = [{"name": info.name, "results": [{
             "task": {"type": "image-classification", "name": "Image Classification"},
             "dataset": {"name": comparison.data, "type": comparison.data.split(" ")[0]},

@@ -32,9 +32,10 @@ img { max-width: 100%; border: 1px solid #eee; margin: .4em 0; }
 
 def render_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagnosis, comparison: Comparison | None,
                 params: ParameterReport | None, data: DataSummary | None, images: dict[str, Path],
-                links: Sequence[str], evaluation: Sequence[str] = ()) -> str:
+                links: Sequence[str], evaluation: Sequence[str] = (), clinical: Sequence[str] = ()) -> str:
     """The report page. `images` maps a plot name to its PNG; `links` are files beside the page; `evaluation` is
-    an HTML before/after section of another task (report/multilabel.py) shown when there is no `comparison`."""
+    an HTML before/after section of another task (report/multilabel.py) shown when there is no `comparison`;
+    `clinical` is the clinical-metrics section (report/clinical.py), shown after the comparison."""
     body = head(info, adapter_config, info.task["model"]["spec"], links, _cards(diagnosis, comparison, params), images)
     if comparison is not None:
         body += ["<h2>Before / after</h2>", f"<p>On {escape(comparison.data)}. Base = {escape(comparison.baseline)}."
@@ -45,7 +46,7 @@ def render_html(info: RunInfo, adapter_config: dict[str, Any], diagnosis: Diagno
             body += [f"<h3>Per {escape(column)}</h3>", _delta_table(column, deltas)]
         if not comparison.per_group:
             body.append("<p class='muted'>No metadata column with groups in the evaluation data.</p>")
-        body += _drift(comparison, images) + _latency(comparison)
+        body += _drift(comparison, images) + _latency(comparison) + list(clinical)
     elif evaluation:
         body += list(evaluation)
     else:
