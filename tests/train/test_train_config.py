@@ -7,6 +7,7 @@ from synthetic_images import tiny_train_config
 from vislora import ConfigError
 from vislora.io import apply_overrides
 from vislora.run_config import TrainConfig
+from vislora.train.rundir import RESUME_FREE_KEYS, changed_keys
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
@@ -33,6 +34,19 @@ def test_bad_value_and_missing_field_are_named(tmp_path):
     del config["model"]["spec"]
     with pytest.raises(ConfigError, match=r"model\.spec: Field required"):
         TrainConfig.parse(config)
+
+
+def test_eval_section_is_validated_and_free_to_change_on_resume(tmp_path):
+    config = TrainConfig.parse(tiny_train_config(tmp_path, tmp_path))
+    assert (config.eval.specificity, config.eval.bootstrap, config.eval.stratified) == (0.95, 1000, True)
+    with pytest.raises(ConfigError, match=r"eval\.specificity: Input should be less than 1 \(got 1\.5\)"):
+        TrainConfig.parse(tiny_train_config(tmp_path, tmp_path, eval={"specificity": 1.5}))
+    with pytest.raises(ConfigError, match=r"'eval\.bootstrapp': did you mean 'eval\.bootstrap'"):
+        TrainConfig.parse(tiny_train_config(tmp_path, tmp_path, eval={"bootstrapp": 10}))
+    changed = TrainConfig.parse(tiny_train_config(tmp_path, tmp_path, eval={"specificity": 0.9, "bootstrap": 0},
+                                                  optim={"max_steps": 7}))
+    assert changed_keys(config.model_dump(mode="json"), changed.model_dump(mode="json"), RESUME_FREE_KEYS) == [
+        "optim.max_steps"]  # what is measured after training never blocks a resume
 
 
 def test_eval_every_needs_validation_data(tmp_path):
