@@ -158,7 +158,7 @@ class SampleTransform:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
+    def __call__(self, image: Image.Image | torch.Tensor, index: int) -> torch.Tensor:
         epoch = self.epoch if self.random_per_epoch else 0
         seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         state = random.getstate()
