@@ -27,7 +27,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vislora.data.attributes import AttributeSet, natural_key
-from vislora.data.images import LoadedImage, Window, check_window, image_header, load_image
+from vislora.data.images import LoadedImage, Window, image_header, load_image
 from vislora.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -73,12 +73,12 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def __init__(self, records: Sequence[Record], classes: Sequence[str] | None = None, name: str = "",
                  strict: bool = False, transform: Callable[[LoadedImage, int], Any] | None = None,
-                 attributes: AttributeSet | None = None, window: Window = "auto") -> None:
+                 attributes: AttributeSet | None = None) -> None:
         self.records = list(records)
         self.name = name
         self.strict = strict
         self.transform = transform
-        self.window = check_window(window)
+        self.window: Window = "auto"
         self.attributes: AttributeSet | None = None
         if attributes is not None or any(r.labels is not None for r in self.records):
             self._set_attributes(attributes or AttributeSet.from_labels(self.label_sets(), names=classes))
