@@ -36,9 +36,10 @@ def hand_values(path: Path) -> np.ndarray:
 
 
 def hand_linear(x: np.ndarray, center: float, width: float) -> np.ndarray:
-    """DICOM PS3.3 C.11.2.1.2.1 written out: 0 below, 1 above, linear in between."""
+    """DICOM PS3.3 C.11.2.1.2.1 written out: 0 below, 1 above, linear in between (width 1: a step)."""
     low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
-    middle = ((x - (center - 0.5)) / (width - 1) + 0.5)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        middle = ((x - (center - 0.5)) / (width - 1) + 0.5)
     return np.where(x <= low, 0.0, np.where(x > high, 1.0, middle))
 
 
@@ -105,7 +106,7 @@ def test_ct_without_a_window_falls_back_to_min_max():
 
 @pytest.mark.parametrize(("window", "center", "width"), [("lung", -600, 1500), ("soft_tissue", 40, 400),
                                                          ("bone", 400, 1800), ("brain", 40, 80),
-                                                         ((100.0, 301.0), 100, 301)])
+                                                         ((100.0, 301.0), 100, 301), ((100, 1), 100, 1)])
 def test_ct_presets_and_explicit_windows_equal_the_hand_computation(window, center, width):
     expected = hand_linear(hand_values(CT), center, width)
     assert np.allclose(as_gray(load_image(CT, window=window)), expected, atol=1e-6, rtol=0)

@@ -94,7 +94,8 @@ def read_dicom(source: str | Path | bytes, name: str, window: Window = "auto",
         width, height = pixel_count(read_header(source, name), name)
         check_pixels(width, height, max_pixels, name)
     ds = _dcmread(source, name)  # the pixel data is read as bytes, not decoded
-    import pydicom.pixels as dicom_pixels
+    import pydicom.pixels as dicom_pixels  # pydicom is there: _dcmread said so
+
     if not any(tag in ds for tag in PIXEL_TAGS):
         raise _no_pixels(ds, name)
     frames = int(ds.get("NumberOfFrames") or 1)
