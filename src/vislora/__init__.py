@@ -2,6 +2,7 @@
 
 from vislora.arithmetic import CombineReport, combine
 from vislora.config import PRESETS, AdapterConfig
+from vislora.data.images import load_image
 from vislora.diagnostics import diagnose
 from vislora.errors import (
     AdapterError,
@@ -58,6 +59,7 @@ __all__ = [
     "inject",
     "load_adapter",
     "load_adapter_weights",
+    "load_image",
     "parameter_report",
     "resolve_targets",
     "save_adapter",

@@ -93,7 +93,8 @@ class Timeout(ServeError):
 
 
 class TooLarge(ServeError):
-    """A request body above limits.max_upload_bytes."""
+    """A request body above limits.max_upload_bytes, or an image above a pixel limit (limits.max_image_pixels,
+    load_image's max_pixels)."""
 
     status = 413
     kind = "too_large"

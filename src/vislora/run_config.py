@@ -11,9 +11,10 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vislora.config import AdapterConfig
+from vislora.data.images import check_window
 from vislora.data.transforms import AugmentConfig
 from vislora.errors import ConfigError
 from vislora.io import apply_overrides, atomic_write_text, read_mapping
@@ -153,6 +154,14 @@ class DataSection(_Section):
     allow_mixed_resolution: bool = Field(False, description="Accept images of different sizes (all are resized).")
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    window: str | tuple[float, float] = Field(
+        "auto", description="DICOM window: auto (the file's WindowCenter/Width, else min/max), none (min/max), a "
+        "preset (lung, soft_tissue, bone, brain) or [center, width]; saved with the adapter for eval and serving.")
+
+    @field_validator("window")
+    @classmethod
+    def _known_window(cls, window: str | tuple[float, float]) -> str | tuple[float, float]:
+        return check_window(window)
 
 
 class OptimSection(_Section):

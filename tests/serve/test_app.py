@@ -2,17 +2,22 @@
 
 import base64
 import math
+from pathlib import Path
 
+import pydicom
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from serving import build_served, make_engine, serve_config
+from serving import build_served, make_engine, offline, serve_config
 
+from vislora.data import build_transform, load_image
 from vislora.errors import AdapterFileError, ConfigError, ServeError
+from vislora.runs import input_spec
 from vislora.serve import build_engine, create_app
 from vislora.serve.sources import base_from_task
 
 ADMIN = {"Authorization": "Bearer admin-secret"}
+CT = Path(pydicom.__file__).parent / "data" / "test_files" / "CT_small.dcm"  # bundled with pydicom
 
 
 @pytest.fixture
@@ -111,12 +116,31 @@ def test_truncated_image_and_bad_base64_get_400(client, served):
     assert response.status_code == 400 and "not valid base64" in response.json()["detail"]
 
 
-def test_oversized_image_in_pixels_gets_400(served):
+def test_oversized_image_in_pixels_gets_413_naming_the_limit(served):
     engine = make_engine(served, limits={"max_image_pixels": 100})
     with TestClient(create_app(engine)) as client:
         response = client.post("/v1/predict", files=upload(served), data={"adapter": "a0"})
-    assert response.status_code == 400
-    assert "40x40 = 1,600 pixels, above the limit of 100" in response.json()["detail"]
+        dicom = client.post("/v1/predict", files={"image": ("ct.dcm", CT.read_bytes(), "application/dicom")},
+                            data={"adapter": "a0"})
+    assert response.status_code == 413 and response.json()["kind"] == "too_large"
+    assert "40x40 = 1,600 pixels, above the limit of 100 pixels" in response.json()["detail"]
+    assert "(limits.max_image_pixels)" in response.json()["detail"]
+    assert dicom.status_code == 413 and "128x128 = 16,384 pixels" in dicom.json()["detail"]
+
+
+def test_dicom_upload_is_read_as_training_reads_it(client, served):
+    pixels = build_transform(input_spec(served["task"]), train=False)(load_image(CT))[None]
+    expected = torch.softmax(offline(served["dirs"]["a1"], pixels, served["trained"]).logits[0].double(), dim=-1)
+    response = client.post("/v1/predict", files={"image": ("ct.dcm", CT.read_bytes(), "application/dicom")},
+                           data={"adapter": "a1", "top_k": 3})
+    assert response.status_code == 200, response.text
+    for label in response.json()["labels"]:
+        assert math.isclose(label["score"], expected[label["index"]].item(), abs_tol=1e-5)
+    jpeg_ls = CT.parent / "MR_small_jpeg_ls_lossless.dcm"  # no decoder installed for it
+    response = client.post("/v1/predict", files={"image": ("mr.dcm", jpeg_ls.read_bytes(), "application/dicom")},
+                           data={"adapter": "a1"})
+    assert response.status_code == 400 and response.json()["kind"] == "bad_image"
+    assert "JPEG-LS Lossless" in response.json()["detail"] and "pip install" in response.json()["detail"]
 
 
 def test_unknown_adapter_gets_404_naming_the_loaded_ones(client, served):

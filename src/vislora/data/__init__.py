@@ -1,4 +1,4 @@
-"""Datasets, model-driven transforms and the dataset audit."""
+"""Datasets, the image reader (8-bit, 16-bit, DICOM), model-driven transforms and the dataset audit."""
 
 from vislora.data.attributes import AttributeSet, rare_attributes
 from vislora.data.check import DataReport, check_dataset
@@ -13,6 +13,7 @@ from vislora.data.datasets import (
     manifest,
     open_dataset,
 )
+from vislora.data.images import WINDOW_PRESETS, ImageHeader, image_header, load_image
 from vislora.data.transforms import (
     AugmentConfig,
     InputSpec,
@@ -24,12 +25,14 @@ from vislora.data.transforms import (
 from vislora.errors import DataError
 
 __all__ = [
+    "WINDOW_PRESETS",
     "ArrayDataset",
     "AttributeSet",
     "AugmentConfig",
     "DataError",
     "DataReport",
     "ImageDataset",
+    "ImageHeader",
     "InputSpec",
     "MultiLabelFormat",
     "Record",
@@ -40,6 +43,8 @@ __all__ = [
     "collate",
     "fashion_mnist",
     "image_folder",
+    "image_header",
+    "load_image",
     "manifest",
     "model_input_spec",
     "open_dataset",

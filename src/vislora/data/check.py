@@ -1,8 +1,10 @@
 """`vislora data check`: audit a dataset before training, never crash on a bad file.
 
-Reports unreadable files, the resolution histogram, class balance, exact duplicates, metadata coverage,
-and writes a stratified audit sample (CSV + contact-sheet PNG) for manual label review. For multi-label data the
-balance is the number of images holding each attribute, with the rare ones (fewer than `rare_below`) listed.
+Reports unreadable files, the resolution histogram, bit depths, modalities (a DICOM file's Modality tag, else
+'photo'), DICOM windowing coverage (how many grayscale DICOM files carry their own WindowCenter/WindowWidth, and how
+many fall back to min/max under window "auto"), class balance, exact duplicates, metadata coverage, and writes a
+stratified audit sample (CSV + contact-sheet PNG) for manual label review. For multi-label data the balance is the
+number of images holding each attribute, with the rare ones (fewer than `rare_below`) listed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from PIL import Image, ImageDraw
 
 from vislora.data.attributes import rare_attributes
 from vislora.data.datasets import DECODE_ERRORS, ArrayDataset, ImageDataset, Record
+from vislora.data.images import ImageHeader, image_header, preview
 from vislora.io import atomic_write, atomic_write_text
 
 RARE_BELOW = 10  # an attribute with fewer positive images than this is rare (multi-label data)
@@ -38,6 +41,9 @@ class DataReport:
     n_images: int
     corrupt: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
     resolutions: dict[str, int] = field(default_factory=dict)  # "WxH" -> count
+    bit_depths: dict[str, int] = field(default_factory=dict)  # bits per sample ("8", "16") -> count
+    modalities: dict[str, int] = field(default_factory=dict)  # "photo", or a DICOM Modality ("CT", "MR") -> count
+    dicom_windows: dict[str, int] = field(default_factory=dict)  # grayscale DICOM: "file" window / "fallback" min/max
     class_counts: dict[str, int] = field(default_factory=dict)  # multi-label: images holding each attribute
     multilabel: bool = False
     rare_below: int = RARE_BELOW
@@ -68,6 +74,12 @@ class DataReport:
         lines.append("resolutions: " + ", ".join(f"{k} x{v}" for k, v in self.resolutions.items()))
         if len(self.resolutions) > 1:
             lines.append("  mixed resolutions: training refuses them unless data.allow_mixed_resolution is true")
+        lines.append("bit depth: " + ", ".join(f"{k}-bit x{v}" for k, v in self.bit_depths.items()))
+        lines.append("modality: " + ", ".join(f"{k} x{v}" for k, v in self.modalities.items()))
+        if self.dicom_windows:
+            own, fallback = self.dicom_windows.get("file", 0), self.dicom_windows.get("fallback", 0)
+            lines.append(f"DICOM windowing: {own} of {own + fallback} grayscale files carry WindowCenter/WindowWidth, "
+                         f"{fallback} fall back to their min/max under data.window: auto")
         if self.multilabel:
             lines.append(f"labels per image: {self.labels_per_image:.2f} on average, {self.empty_label_rows} images "
                          "with none")
@@ -94,19 +106,20 @@ def check_dataset(dataset: ImageDataset, out_dir: str | Path | None = None, frac
     Multi-label attributes held by fewer than `rare_below` images are listed as rare."""
     track = track or (lambda items, total: items)
     report = DataReport(source=dataset.name, n_images=len(dataset))
-    sizes: Counter = Counter()
+    headers: list[ImageHeader] = []
     by_hash: dict[str, list[str]] = {}
     readable: list[int] = []
     for i in track(range(len(dataset)), len(dataset)):
         try:
-            image = dataset.open_image(i)
+            dataset.open_image(i)
+            header = _header(dataset, i)
         except DECODE_ERRORS as exc:
             report.corrupt.append((dataset.describe(i), f"{type(exc).__name__}: {exc}"))
             continue
         readable.append(i)
-        sizes[f"{image.width}x{image.height}"] += 1
+        headers.append(header)
         by_hash.setdefault(_digest(dataset, i), []).append(dataset.describe(i))
-    report.resolutions = dict(sizes.most_common())
+    _summarize_headers(report, headers)
     if dataset.attributes is not None:
         sets = dataset.label_sets()
         report.multilabel, report.rare_below = True, rare_below
@@ -141,6 +154,23 @@ def audit_sample(dataset: ImageDataset, candidates: list[int], fraction: float, 
     for members in by_class.values():
         picked += rng.sample(members, max(1, math.ceil(fraction * len(members))))
     return sorted(picked)
+
+
+def _header(dataset: ImageDataset, index: int) -> ImageHeader:
+    if isinstance(dataset, ArrayDataset):
+        return ImageHeader(*dataset.image_size(index), bits=8)
+    return image_header(dataset.records[index].source)
+
+
+def _summarize_headers(report: DataReport, headers: list[ImageHeader]) -> None:
+    """Resolutions, bit depths, modalities and DICOM window coverage of the readable images."""
+    report.resolutions = dict(Counter(f"{h.width}x{h.height}" for h in headers).most_common())
+    report.bit_depths = {str(bits): n for bits, n in sorted(Counter(h.bits for h in headers).items())}
+    report.modalities = dict(Counter(h.modality for h in headers).most_common())
+    gray = [h for h in headers if h.dicom and str(h.photometric).startswith("MONOCHROME")]
+    if gray:
+        own = sum(h.window is not None for h in gray)
+        report.dicom_windows = {"file": own, "fallback": len(gray) - own}
 
 
 def _digest(dataset: ImageDataset, index: int) -> str:
@@ -185,7 +215,7 @@ def _write_contact_sheet(dataset: ImageDataset, sample: list[int], path: Path) -
     draw = ImageDraw.Draw(sheet)
     for number, i in enumerate(sample):
         x, y = (number % columns) * cell_w + 4, (number // columns) * cell_h + 4
-        thumb = dataset.open_image(i)
+        thumb = preview(dataset.open_image(i))
         thumb.thumbnail((THUMB, THUMB))
         if thumb.width < THUMB and thumb.height < THUMB:  # tiny images (28 px) are enlarged to be seen
             factor = THUMB / max(thumb.size)

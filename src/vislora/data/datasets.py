@@ -27,11 +27,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from vislora.data.attributes import AttributeSet, natural_key
+from vislora.data.images import LoadedImage, Window, image_header, load_image
 from vislora.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".dcm", ".dicom")
 DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -64,17 +65,20 @@ class MultiLabelFormat:
 class ImageDataset(torch.utils.data.Dataset):
     """Labelled (or captioned) images with metadata, decoded on access.
 
-    `transform(image, index)` turns a PIL image into a tensor; see `vislora.data.transforms.SampleTransform`,
-    which seeds augmentation per (seed, epoch, index) so results do not depend on worker count or resume.
+    `transform(image, index)` turns a loaded image (PIL, or a float tensor for 16-bit and DICOM files) into a
+    tensor; see `vislora.data.transforms.SampleTransform`, which seeds augmentation per (seed, epoch, index) so
+    results do not depend on worker count or resume. `window` is the DICOM window of `load_image` (set it to the
+    run's `data.window` / InputSpec.window, as the trainer and evaluation do).
     """
 
     def __init__(self, records: Sequence[Record], classes: Sequence[str] | None = None, name: str = "",
-                 strict: bool = False, transform: Callable[[Image.Image, int], Any] | None = None,
+                 strict: bool = False, transform: Callable[[LoadedImage, int], Any] | None = None,
                  attributes: AttributeSet | None = None) -> None:
         self.records = list(records)
         self.name = name
         self.strict = strict
         self.transform = transform
+        self.window: Window = "auto"
         self.attributes: AttributeSet | None = None
         if attributes is not None or any(r.labels is not None for r in self.records):
             self._set_attributes(attributes or AttributeSet.from_labels(self.label_sets(), names=classes))
@@ -133,16 +137,14 @@ class ImageDataset(torch.utils.data.Dataset):
         line = self.records[index].line
         return f"{self.name} line {line}" if line is not None else self.describe(index)
 
-    def open_image(self, index: int) -> Image.Image:
-        """The decoded RGB image of sample `index` (raises on a corrupt file)."""
-        with Image.open(self.records[index].source) as image:
-            image.load()
-            return image.convert("RGB")
+    def open_image(self, index: int) -> LoadedImage:
+        """The decoded image of sample `index` through `load_image` with this dataset's DICOM `window`: a PIL RGB
+        image for 8-bit files, a float tensor [3, H, W] for 16-bit and DICOM files (raises on a corrupt file)."""
+        return load_image(self.records[index].source, window=self.window)
 
     def image_size(self, index: int) -> tuple[int, int]:
         """(width, height) read from the file header only."""
-        with Image.open(self.records[index].source) as image:
-            return image.size
+        return image_header(self.records[index].source).size
 
     def resolutions(self) -> Counter:
         """How many images have each (width, height); unreadable headers count under None."""

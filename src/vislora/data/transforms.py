@@ -18,7 +18,8 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from vislora.errors import ConfigError, VisloraWarning
+from vislora.data.images import Window, check_window
+from vislora.errors import ConfigError, DataError, VisloraWarning
 
 logger = logging.getLogger(__name__)
 
@@ -28,12 +29,17 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model expects: square side in pixels, normalisation, resize interpolation."""
+    """What the model expects: square side in pixels, normalisation, resize interpolation; and the DICOM `window`
+    images are read with (vislora.data.images.load_image), so evaluation and serving read DICOM as training did."""
 
     size: int
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bicubic"
+    window: Window = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "window", check_window(self.window))  # a JSON list becomes a (center, width) tuple
 
 
 class AugmentConfig(BaseModel):
@@ -111,8 +117,20 @@ def build_transform(spec: InputSpec, train: bool, augment: AugmentConfig | None 
               "interpolation": spec.interpolation}
     if not train or not augment.enabled:
         return create_transform(**common, is_training=False, crop_pct=1.0)
-    return create_transform(**common, is_training=True, scale=augment.scale, hflip=augment.hflip,
-                            color_jitter=augment.color_jitter, auto_augment=augment.auto_augment, re_prob=0.0)
+    transform = create_transform(**common, is_training=True, scale=augment.scale, hflip=augment.hflip,
+                                 color_jitter=augment.color_jitter, auto_augment=augment.auto_augment, re_prob=0.0)
+    if augment.auto_augment:
+        transform.transforms.insert(0, pil_only)  # a torchvision Compose
+    return transform
+
+
+def pil_only(image: Image.Image | torch.Tensor) -> Image.Image:
+    """`image` if it is a PIL image; DataError for the float tensors of 16-bit and DICOM files, which timm's
+    AutoAugment (PIL operations only) cannot take."""
+    if isinstance(image, Image.Image):
+        return image
+    raise DataError("data.augment.auto_augment works on 8-bit images only, and this image is 16-bit or DICOM (read as "
+                    "a float tensor to keep its precision); turn auto_augment off for such data")
 
 
 def build_mixup(augment: AugmentConfig, num_classes: int) -> Any | None:
@@ -140,7 +158,7 @@ class SampleTransform:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def __call__(self, image: Image.Image, index: int) -> torch.Tensor:
+    def __call__(self, image: Image.Image | torch.Tensor, index: int) -> torch.Tensor:
         epoch = self.epoch if self.random_per_epoch else 0
         seed = int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0])
         state = random.getstate()

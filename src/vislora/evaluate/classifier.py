@@ -40,6 +40,7 @@ def open_eval_data(task: dict[str, Any], data: str | Path, limit: int | None = N
     if limit:
         dataset = dataset.subset(limit, seed=seed)
     dataset.transform = SampleTransform(build_transform(task["input_spec"], train=False), seed)
+    dataset.window = task["input_spec"].window
     return dataset
 
 

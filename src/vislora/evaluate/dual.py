@@ -109,6 +109,7 @@ def evaluate_dual(adapter_dir: str | Path, data: str | Path, *, batch_size: int 
     if limit:
         dataset = dataset.subset(limit, seed=seed)
     dataset.transform = SampleTransform(build_transform(input_spec(task), train=False), seed)
+    dataset.window = input_spec(task).window
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          generator=torch.Generator())
     rows, skipped = embed_rows(model, loader, model.base_model.tokenize)

@@ -135,6 +135,7 @@ def preprocessed(dataset: ImageDataset | torch.utils.data.Subset, spec: InputSpe
     """Batches of `dataset` through the evaluation transform of training (`build_transform(spec, train=False)`)."""
     images = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
     images.transform = SampleTransform(build_transform(spec, train=False))
+    images.window = spec.window
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          generator=torch.Generator())
     for batch in loader:

@@ -90,6 +90,7 @@ def compare_dual(model: AdaptedModel, task: dict[str, Any], source: str, batch_s
     if limit:
         dataset = dataset.subset(limit, seed=seed)
     dataset.transform = SampleTransform(build_transform(input_spec(task), train=False), seed)
+    dataset.window = input_spec(task).window
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          generator=torch.Generator())
     tokenize = model.base_model.tokenize

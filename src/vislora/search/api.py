@@ -58,6 +58,7 @@ def build_index(data: str | Path | ImageDataset, adapter: str | Path | Embedder,
     if limit:
         dataset = dataset.subset(limit, seed=seed)
     dataset.transform = SampleTransform(embedder.transform, seed)
+    dataset.window = embedder.input_spec.window
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
                                          generator=torch.Generator())
     batches: Iterable[dict[str, Any]] = progress(loader, len(loader)) if progress else loader

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from vislora.data.images import load_image
 from vislora.data.transforms import InputSpec, build_transform
 from vislora.errors import ConfigError, SearchError
 from vislora.evaluate.collect import classifier_parts
@@ -138,13 +139,15 @@ class Embedder:
         return F.normalize(out.float(), dim=-1).cpu()
 
     def image_files(self, images: Sequence[str | Path | Image.Image]) -> torch.Tensor:
-        """`images` for files or PIL images, with the run's evaluation transform."""
+        """`images` for files (read by load_image with the run's DICOM window) or PIL images, with the run's
+        evaluation transform."""
         pixels = []
         for image in images:
-            if not isinstance(image, Image.Image):
-                with Image.open(image) as opened:
-                    image = opened.convert("RGB")
-            pixels.append(self.transform(image.convert("RGB")))
+            if isinstance(image, Image.Image):
+                image = image.convert("RGB")
+            else:
+                image = load_image(image, window=self.input_spec.window)
+            pixels.append(self.transform(image))
         return self.images(torch.stack(pixels))
 
     def texts(self, texts: Sequence[str]) -> torch.Tensor:

@@ -20,7 +20,7 @@ from vislora.serve.records import Embedding, Output, Prediction, labels_of
 if TYPE_CHECKING:
     from vislora.serve.config import BatchingSection
 
-ImageInput = Image.Image | bytes | str | Path
+ImageInput = Image.Image | torch.Tensor | bytes | str | Path  # a tensor: [3, H, W] from vislora.data.load_image
 
 
 class BlockingCalls:

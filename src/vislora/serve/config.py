@@ -66,8 +66,8 @@ class BatchingSection(_Section):
 
 class LimitsSection(_Section):
     max_upload_bytes: int = Field(10 * 2**20, ge=1024, description="Larger request bodies get 413.")
-    max_image_pixels: int = Field(40_000_000, ge=1, description="Larger decoded images get 400 (decompression "
-                                  "bombs).")
+    max_image_pixels: int = Field(40_000_000, ge=1, description="Larger images get 413, refused from their header "
+                                  "before decoding (decompression bombs).")
     max_text_chars: int = Field(10_000, ge=1, description="Longer texts get 400 (dual encoders truncate to their "
                                 "text tower's token limit anyway).")
     max_top_k: int = Field(100, ge=1)

@@ -178,14 +178,18 @@ class Engine(BlockingCalls):
 
     # ------------------------------------------------------------ requests
     def preprocess(self, image: ImageInput) -> torch.Tensor:
-        """Pixels (3, size, size) exactly as training evaluated: the timm eval transform of the base model."""
+        """Pixels (3, size, size) exactly as training evaluated: files and bytes read by load_image with the run's
+        DICOM window, then the timm eval transform of the base model."""
         if isinstance(image, str | Path):
             image = Path(image).read_bytes()
         if isinstance(image, bytes):
-            image = decode_image(image, self.limits.max_image_pixels)
-        if not isinstance(image, Image.Image):
-            raise BadImage(f"expected a PIL image, bytes or a path, got {type(image).__name__}")
-        pixels = self.transform(image.convert("RGB"))
+            image = decode_image(image, self.limits.max_image_pixels, self.input_spec.window)
+        if isinstance(image, Image.Image):
+            image = image.convert("RGB")
+        elif not (torch.is_tensor(image) and image.dim() == 3 and image.shape[0] == 3 and image.is_floating_point()):
+            raise BadImage(f"expected a PIL image, a float tensor [3, H, W] from vislora.data.load_image, bytes or a "
+                           f"path, got {type(image).__name__}")
+        pixels = self.transform(image)
         release_team()  # this request thread's OpenMP team would slow the batch worker's (+8% images/s)
         return pixels
 

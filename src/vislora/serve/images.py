@@ -1,39 +1,40 @@
-"""Decode uploaded bytes into RGB images safely (size checked before pixels are decoded)."""
+"""Decode uploaded bytes with vislora.data.load_image, the reader training used (size checked before pixels are
+decoded): 8-bit images as PIL RGB, 16-bit grayscale PNG/TIFF and DICOM as float tensors [3, H, W]."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from vislora.errors import BadImage
+from vislora.data.images import LoadedImage, Window, load_image
+from vislora.errors import BadImage, DataError, TooLarge
 
-FORMATS_HINT = "send PNG, JPEG, WebP, BMP or GIF bytes"
+FORMATS_HINT = "send PNG, JPEG, WebP, BMP, GIF, 16-bit grayscale PNG/TIFF or DICOM bytes"
+LIMIT = "limits.max_image_pixels"
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """The RGB image in `data`; BadImage naming the problem if it is empty, not an image, truncated or too big."""
+def decode_image(data: bytes, max_pixels: int, window: Window = "auto") -> LoadedImage:
+    """The image in `data` read as training read it (`window`: the run's DICOM window); BadImage naming the problem
+    if it is empty, not an image, truncated or a DICOM the server cannot decode, TooLarge (413) above `max_pixels`."""
     if not data:
         raise BadImage(f"the image is empty (0 bytes); {FORMATS_HINT}")
+    what = f"could not decode the upload ({len(data):,} bytes starting {data[:8]!r})"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size  # read from the header: nothing decoded yet
-            if width * height > max_pixels:
-                raise BadImage(f"the image is {width}x{height} = {width * height:,} pixels, above the limit of "
-                               f"{max_pixels:,} (limits.max_image_pixels); resize it before sending")
-            image.load()
-            return image.convert("RGB")
-    except BadImage:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:
-        raise BadImage(f"could not decode the upload ({len(data):,} bytes starting {data[:8]!r}) as an image: "
-                       f"{exc}; {FORMATS_HINT}") from None
+            return load_image(data, window=window, max_pixels=max_pixels)
+    except TooLarge as exc:
+        raise TooLarge(f"{exc} ({LIMIT})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TooLarge(f"{what}: {exc}; the server refuses images above {max_pixels:,} pixels ({LIMIT}) and above "
+                       "Pillow's decompression-bomb limit") from None
+    except DataError as exc:  # its message names the fix
+        raise BadImage(f"{what}: {exc}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(f"{what} as an image: {exc}; {FORMATS_HINT}") from None
 
 
 def decode_base64(text: str) -> bytes:

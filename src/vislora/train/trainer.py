@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -75,12 +76,12 @@ class Trainer(RunDirectory):
             self.val_data = self.task.prepare_data(self.val_data, train=False)
         self._check_resolutions(self.train_data, self.val_data)
         self.model = self._build_model(classes, base_model)
-        self.spec = model_input_spec(self._base_model(), config.data.image_size)
+        self.spec = replace(model_input_spec(self._base_model(), config.data.image_size), window=config.data.window)
         self.train_transform = SampleTransform(build_transform(self.spec, True, config.data.augment), config.run.seed)
         self.eval_transform = SampleTransform(build_transform(self.spec, False), config.run.seed)
-        self.train_data.transform = self.train_transform
+        self.train_data.transform, self.train_data.window = self.train_transform, self.spec.window
         if self.val_data is not None:
-            self.val_data.transform = self.eval_transform
+            self.val_data.transform, self.val_data.window = self.eval_transform, self.spec.window
         self.optimizer = build_optimizer(self.model, config.optim)
         self.scheduler = build_scheduler(self.optimizer, config.optim)
         self.model, self.optimizer = self.accelerator.prepare(self.model, self.optimizer)
