@@ -28,9 +28,10 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model expects: square side in pixels, normalisation, resize interpolation."""
+    """What the model expects: square side in pixels (None: any size, images keep theirs, as a tiled model takes
+    them), normalisation, resize interpolation."""
 
-    size: int
+    size: int | None
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bicubic"
@@ -103,16 +104,31 @@ def _hf_normalisation(config: Any) -> tuple[tuple[float, ...], tuple[float, ...]
 
 
 def build_transform(spec: InputSpec, train: bool, augment: AugmentConfig | None = None) -> nn.Module:
-    """A timm transform: resize to `spec.size` (eval), or RandomResizedCrop + flip + jitter (train)."""
+    """A timm transform: resize to `spec.size` (eval), or RandomResizedCrop + flip + jitter (train); with no
+    `spec.size`, images keep their size (flip + jitter only when training)."""
     from timm.data import create_transform
 
     augment = augment or AugmentConfig()
+    if spec.size is None:
+        return _keep_size(spec, train and augment.enabled, augment)
     common = {"input_size": (3, spec.size, spec.size), "mean": spec.mean, "std": spec.std,
               "interpolation": spec.interpolation}
     if not train or not augment.enabled:
         return create_transform(**common, is_training=False, crop_pct=1.0)
     return create_transform(**common, is_training=True, scale=augment.scale, hflip=augment.hflip,
                             color_jitter=augment.color_jitter, auto_augment=augment.auto_augment, re_prob=0.0)
+
+
+def _keep_size(spec: InputSpec, train: bool, augment: AugmentConfig) -> nn.Module:
+    """To a normalised tensor at the image's own size; flip and colour jitter first when training."""
+    from torchvision import transforms
+
+    steps = [transforms.ToTensor(), transforms.Normalize(spec.mean, spec.std)]
+    if train:
+        jitter = augment.color_jitter
+        steps = [transforms.RandomHorizontalFlip(augment.hflip), transforms.ColorJitter(jitter, jitter, jitter),
+                 *steps]
+    return transforms.Compose(steps)
 
 
 def build_mixup(augment: AugmentConfig, num_classes: int) -> Any | None:
