@@ -12,7 +12,9 @@ from synthetic_images import class_image, image_folder, tag_manifest, tiny_train
 from vislora import ConfigError
 from vislora.data import DataError, collate
 from vislora.data.transforms import build_transform
+from vislora.errors import ExportError
 from vislora.evaluate.classifier import evaluate_adapter
+from vislora.export.common import load_exportable
 from vislora.report import write_report
 from vislora.run_config import TrainConfig
 from vislora.runs import load_trained
@@ -82,6 +84,8 @@ def test_tiled_multilabel_run(tmp_path):
     image = build_transform(task["input_spec"], train=False)(Image.open(next(train.parent.glob("*.png"))))
     assert image.shape == (3, 32, 32)  # the tag images' own size; 16-px tiles resized to the model's 32
     assert model(image[None]).shape == (1, len(task["attributes"]["names"]))
+    with pytest.raises(ExportError, match="tiled classifier"):
+        load_exportable(result.adapter_dir)  # merged and ONNX forms would drop the tiling
 
 
 @pytest.mark.parametrize(("change", "message"), [
