@@ -1,4 +1,4 @@
-"""Datasets, model-driven transforms and the dataset audit."""
+"""Datasets, model-driven transforms, tiling of large images and the dataset audit."""
 
 from vislora.data.attributes import AttributeSet, rare_attributes
 from vislora.data.check import DataReport, check_dataset
@@ -13,6 +13,7 @@ from vislora.data.datasets import (
     manifest,
     open_dataset,
 )
+from vislora.data.tiling import TilingConfig, tile, tile_grid
 from vislora.data.transforms import (
     AugmentConfig,
     InputSpec,
@@ -34,6 +35,7 @@ __all__ = [
     "MultiLabelFormat",
     "Record",
     "SampleTransform",
+    "TilingConfig",
     "build_mixup",
     "build_transform",
     "check_dataset",
@@ -44,4 +46,6 @@ __all__ = [
     "model_input_spec",
     "open_dataset",
     "rare_attributes",
+    "tile",
+    "tile_grid",
 ]
