@@ -70,14 +70,27 @@ class AdaptedModel(nn.Module):
     def forward(self, *args: Any, adapters: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
         """The base model's forward with the active adapters; or, given `adapters` (one name or None per sample),
         every sample with its own adapter (None = the base model) in one batched pass, whatever is active.
+
+        A base model whose forward turns each sample into several (vislora.tasks.tiled: an image into tiles) routes
+        its parts itself: it has `forward_routed(routing, adapters, *args, **kwargs)` and gets this model's `routing`.
         """
         if adapters is None:
             return self.base_model(*args, **kwargs)
+        forward_routed = getattr(self.base_model, "forward_routed", None)
+        if forward_routed is not None:
+            return forward_routed(self.routing, adapters, *args, **kwargs)
+        with self.routing(adapters, (*args, *kwargs.values())):
+            return self.base_model(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def routing(self, adapters: Sequence[str | None], inputs: Sequence[Any]) -> Iterator[None]:
+        """Inside the block every adapter layer and saved module computes sample i of its batch with adapters[i]
+        (None = the base model), whatever is active; `inputs` hold the batch the names are checked against."""
         loaded = {name: method_class(config) for name, config in self.configs.items()}
-        route = Route.for_call(adapters, (*args, *kwargs.values()), loaded, self._active if self._merged else None)
+        route = Route.for_call(adapters, inputs, loaded, self._active if self._merged else None)
         self._set_route(route)
         try:
-            return self.base_model(*args, **kwargs)
+            yield
         finally:
             self._set_route(None)
 

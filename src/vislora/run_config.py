@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vislora.config import AdapterConfig
 from vislora.data.images import check_window
+from vislora.data.tiling import TilingConfig
 from vislora.data.transforms import AugmentConfig
 from vislora.errors import ConfigError
 from vislora.io import apply_overrides, atomic_write_text, read_mapping
@@ -73,10 +74,11 @@ class AdapterSection(_Section):
                                    "these names, kept active and frozen while this one trains (e.g. a shared "
                                    "vision adapter under a per-language text adapter).")
 
-    def build(self, head: str) -> AdapterConfig:
-        """The AdapterConfig for a model whose classifier lives at `head`."""
+    def build(self, *trained: str) -> AdapterConfig:
+        """The AdapterConfig for a model whose classifier (head, and a tiled model's attention pooling) lives at the
+        `trained` module paths."""
         fields = self.model_dump(exclude={"preset", *TOWER_FIELDS}, exclude_none=True)
-        fields["modules_to_save"] = list(dict.fromkeys([*fields.get("modules_to_save", []), head]))
+        fields["modules_to_save"] = list(dict.fromkeys([*fields.get("modules_to_save", []), *trained]))
         if self.preset:
             return AdapterConfig.from_preset(self.preset, **fields)
         return AdapterConfig.parse(fields)
@@ -162,6 +164,9 @@ class DataSection(_Section):
     @classmethod
     def _known_window(cls, window: str | tuple[float, float]) -> str | tuple[float, float]:
         return check_window(window)
+    tiling: TilingConfig | None = Field(None, description="Large images: a classifier sees each image as tiles whose "
+                                        "features are pooled per image (data.image_size is then the tiles' side "
+                                        "at the model's input); null: whole images resized to the model's input.")
 
 
 class OptimSection(_Section):
@@ -272,7 +277,21 @@ class TrainConfig(_Section):
             self._check_multilabel()
         if self.task.kind == "few_shot" and self.data.label_column is None:
             raise ValueError("task.kind few_shot needs labelled data: set data.label_column")
+        if self.data.tiling is not None:
+            self._check_tiling()
         return self
+
+    def _check_tiling(self) -> None:
+        if self.task.kind not in ("classification", "multilabel"):
+            raise ValueError(f"data.tiling tiles images for classifiers; task.kind is {self.task.kind!r}: set "
+                             "task.kind: classification or multilabel, or drop data.tiling")
+        if self.adapter.method == "molora":
+            raise ValueError("data.tiling recomputes tile features in the backward pass, which MoLoRA's per-forward "
+                             "balance loss cannot follow; use another adapter.method or drop data.tiling")
+        if self.data.tiling.image_size is None and self.data.allow_mixed_resolution and self.optim.batch_size > 1:
+            raise ValueError(f"data.tiling.image_size is null, so images keep their sizes, and "
+                             f"data.allow_mixed_resolution lets them differ: a batch of {self.optim.batch_size} "
+                             "cannot be stacked; set data.tiling.image_size or optim.batch_size: 1")
 
     def _check_multilabel(self) -> None:
         augment = self.data.augment

@@ -3,9 +3,10 @@
 A run directory holds config.yaml (the resolved TrainConfig) and adapter folders: RUN/adapter, RUN/best and
 RUN/checkpoints/step-N. Each adapter folder carries task.json: the task, the base model section of the config, the
 classes, the input transform and the run's seed, so the folder works away from its run (a registry copy); a
-multilabel run's also holds its attributes and tuned thresholds. From it `load_trained` rebuilds a classifier
-(single- or multi-label) and `load_trained_dual` a dual encoder, with the adapter loaded; evaluation,
-reports, export, serving and the CLI open runs this way, never through the trainer.
+multilabel run's also holds its attributes and tuned thresholds, a tiled run's its `tiling`. From it `load_trained`
+rebuilds a classifier (single- or multi-label; tiled: vislora.tasks.tiled) and `load_trained_dual` a dual encoder,
+with the adapter loaded; evaluation, reports, export, serving and the CLI open runs this way, never through the
+trainer.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from vislora.data.tiling import TilingConfig, image_spec
 from vislora.data.transforms import InputSpec
 from vislora.dual_encoder import build_dual_encoder
 from vislora.errors import AdapterFileError
@@ -26,6 +28,7 @@ from vislora.model import AdaptedModel
 from vislora.run_config import TrainConfig
 from vislora.tasks.classification import build_classifier
 from vislora.tasks.prompted import PROMPTED_TASK, add_logit_bias
+from vislora.tasks.tiled import build_tiled_classifier
 
 TASK_FILE = "task.json"
 CONFIG_FILE = "config.yaml"
@@ -46,9 +49,20 @@ def read_task(adapter_dir: str | Path) -> dict[str, Any]:
 
 
 def input_spec(task: dict[str, Any]) -> InputSpec:
-    """The input transform (size, normalisation, interpolation) a task.json records."""
+    """The input transform (size, normalisation, interpolation) of the images the model takes: task.json's `input`,
+    or for a tiled model (task.json `tiling`) whole images at tiling.image_size (None: their own size)."""
+    return image_spec(model_spec(task), tiling_of(task))
+
+
+def model_spec(task: dict[str, Any]) -> InputSpec:
+    """The model's own input (a tiled model's: each tile's) that a task.json records."""
     spec = task["input"]
     return InputSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+
+
+def tiling_of(task: dict[str, Any]) -> TilingConfig | None:
+    """How a task.json's model tiles its images (None: it takes whole images)."""
+    return TilingConfig.model_validate(task["tiling"]) if task.get("tiling") else None
 
 
 def run_dir(adapter_dir: str | Path) -> Path | None:
@@ -113,13 +127,14 @@ def load_trained(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]
     if kind not in CLASSIFIER_TASKS:
         raise AdapterFileError(f"{adapter_dir} is a {kind!r} run, not a classifier; open dual-encoder runs "
                                f"({', '.join(DUAL_TASKS)}) with vislora.runs.load_trained_dual")
-    model = task["model"]
-    spec = input_spec(task)
+    model, tiling = task["model"], tiling_of(task)
+    spec, classes = model["spec"], len(task["classes"])
+    options = {"pretrained": model.get("pretrained", True), "head": model.get("head", "auto"),
+               "pooling": model.get("pooling", "cls"), "image_size": model_spec(task).size, **model.get("kwargs", {})}
     with base_random_state(task, adapter_dir):
-        base, _ = build_classifier(model["spec"], len(task["classes"]), model.get("pretrained", True),
-                                   model.get("head", "auto"), model.get("pooling", "cls"), spec.size,
-                                   **model.get("kwargs", {}))
-    return load_adapter(base, adapter_dir).eval(), {**task, "input_spec": spec}
+        base = (build_classifier(spec, classes, **options)[0] if tiling is None
+                else build_tiled_classifier(spec, classes, tiling, **options))
+    return load_adapter(base, adapter_dir).eval(), {**task, "input_spec": input_spec(task)}
 
 
 def load_trained_dual(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]:

@@ -55,8 +55,9 @@ def serve(
     cfg = build_config(config, adapter or [], base, num_classes, image_size, random_init, host, port, set_ or [],
                        registry, text=text, dual_encoder=dual_encoder)
     engine = build_engine(cfg)
+    size = f"{engine.input_spec.size} px" if engine.input_spec.size else "images of any size, tiled"
     console.print(f"serving {len(engine.adapters())} adapters over {engine.base.spec} "
-                  f"({engine.input_spec.size} px): {', '.join(a.name for a in engine.adapters()) or 'none yet'}")
+                  f"({size}): {', '.join(a.name for a in engine.adapters()) or 'none yet'}")
     console.print(f"dashboard http://{cfg.host}:{cfg.port}/dashboard  ·  API http://{cfg.host}:{cfg.port}/docs")
     if cfg.auth.admin() is None:
         console.print(f"[yellow]admin endpoints are off[/]: set {cfg.auth.admin_token_env} to load/unload adapters "

@@ -1,4 +1,5 @@
-"""Datasets, the image reader (8-bit, 16-bit, DICOM), model-driven transforms and the dataset audit."""
+"""Datasets, the image reader (8-bit, 16-bit, DICOM), model-driven transforms, tiling of large images and the
+dataset audit."""
 
 from vislora.data.attributes import AttributeSet, rare_attributes
 from vislora.data.check import DataReport, check_dataset
@@ -14,6 +15,7 @@ from vislora.data.datasets import (
     open_dataset,
 )
 from vislora.data.images import WINDOW_PRESETS, ImageHeader, image_header, load_image
+from vislora.data.tiling import TilingConfig, tile, tile_grid
 from vislora.data.transforms import (
     AugmentConfig,
     InputSpec,
@@ -37,6 +39,7 @@ __all__ = [
     "MultiLabelFormat",
     "Record",
     "SampleTransform",
+    "TilingConfig",
     "build_mixup",
     "build_transform",
     "check_dataset",
@@ -49,4 +52,6 @@ __all__ = [
     "model_input_spec",
     "open_dataset",
     "rare_attributes",
+    "tile",
+    "tile_grid",
 ]

@@ -358,6 +358,11 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"skipped": [s["index"] for s in samples if s.get("skipped")]}
     if not good:
         return batch
+    shapes = sorted({tuple(s["image"].shape) for s in good})
+    if len(shapes) > 1:
+        raise DataError(f"one batch holds images of {len(shapes)} shapes ({', '.join(map(str, shapes[:3]))}), which "
+                        "cannot be stacked: resize them to one size (a tiled run: data.tiling.image_size) or take "
+                        "one image per batch")
     batch["image"] = torch.stack([s["image"] for s in good])
     labels = [s["label"] for s in good]
     batch["label"] = torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels, dtype=torch.long)

@@ -29,10 +29,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What the model expects: square side in pixels, normalisation, resize interpolation; and the DICOM `window`
-    images are read with (vislora.data.images.load_image), so evaluation and serving read DICOM as training did."""
+    """What the model expects: square side in pixels (None: any size, images keep theirs, as a tiled model takes
+    them), normalisation, resize interpolation; and the DICOM `window` images are read with
+    (vislora.data.images.load_image), so evaluation and serving read DICOM as training did."""
 
-    size: int
+    size: int | None
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bicubic"
@@ -109,10 +110,13 @@ def _hf_normalisation(config: Any) -> tuple[tuple[float, ...], tuple[float, ...]
 
 
 def build_transform(spec: InputSpec, train: bool, augment: AugmentConfig | None = None) -> nn.Module:
-    """A timm transform: resize to `spec.size` (eval), or RandomResizedCrop + flip + jitter (train)."""
+    """A timm transform: resize to `spec.size` (eval), or RandomResizedCrop + flip + jitter (train); with no
+    `spec.size`, images keep their size (flip + jitter only when training)."""
     from timm.data import create_transform
 
     augment = augment or AugmentConfig()
+    if spec.size is None:
+        return _keep_size(spec, train and augment.enabled, augment)
     common = {"input_size": (3, spec.size, spec.size), "mean": spec.mean, "std": spec.std,
               "interpolation": spec.interpolation}
     if not train or not augment.enabled:
@@ -131,6 +135,19 @@ def pil_only(image: Image.Image | torch.Tensor) -> Image.Image:
         return image
     raise DataError("data.augment.auto_augment works on 8-bit images only, and this image is 16-bit or DICOM (read as "
                     "a float tensor to keep its precision); turn auto_augment off for such data")
+
+
+def _keep_size(spec: InputSpec, train: bool, augment: AugmentConfig) -> nn.Module:
+    """To a normalised tensor at the image's own size; flip and colour jitter first when training."""
+    from timm.data.transforms import MaybeToTensor  # float tensors of 16-bit and DICOM files pass through
+    from torchvision import transforms
+
+    steps = [MaybeToTensor(), transforms.Normalize(spec.mean, spec.std)]
+    if train:
+        jitter = augment.color_jitter
+        steps = [transforms.RandomHorizontalFlip(augment.hflip), transforms.ColorJitter(jitter, jitter, jitter),
+                 *steps]
+    return transforms.Compose(steps)
 
 
 def build_mixup(augment: AugmentConfig, num_classes: int) -> Any | None:

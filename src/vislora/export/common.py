@@ -73,6 +73,10 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
             raise ExportError(f"{adapter_dir} was trained on {trained_on!r} (task.json) but --base is {base!r}; "
                               "drop --base: a trained adapter folder names its own base model")
         adapted, task = load_trained(adapter_dir)
+        if task.get("tiling"):
+            raise ExportError(f"{adapter_dir} is a tiled classifier (task.json `tiling`): its tiling and tile pooling "
+                              "have no merged or ONNX form yet, and the backbone alone would answer differently; "
+                              "serve it with `vislora serve`, or load it with vislora.runs.load_trained")
         return Exportable(adapted, task["input_spec"], trained_on, adapter_dir, task)
     if base is None:
         raise ExportError(f"{adapter_dir} has no task.json, so the base model is unknown; pass the spec it was "

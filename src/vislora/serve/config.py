@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from vislora.data.tiling import TilingConfig
 from vislora.errors import ConfigError
 from vislora.io import apply_overrides, read_mapping
 
@@ -35,6 +36,9 @@ class BaseSection(_Section):
     num_classes: int | None = Field(None, ge=1, description="Width of the classification head every adapter "
                                     "shares (classifiers only; required for them).")
     image_size: int | None = Field(None, ge=8, description="Square input side; default: the model's native size.")
+    tiling: TilingConfig | None = Field(None, description="Classifiers trained with data.tiling: each request's image "
+                                        "is cut into tiles whose features are pooled (as the train config's "
+                                        "data.tiling; read from task.json when the base comes from an adapter).")
     classes: list[str] | None = Field(
         None, description="Names of the base head's outputs (dual encoders: the class names its zero-shot prompt "
         "classifier predicts). Only then does predict without an adapter answer; a head freshly built for the "
@@ -52,6 +56,9 @@ class BaseSection(_Section):
             raise ValueError("a classifier base needs num_classes (the head width every adapter shares)")
         if self.kind == "classifier" and self.text is not None:
             raise ValueError("text pairs a text encoder with the image backbone: set kind: dual_encoder too")
+        if self.kind == "dual_encoder" and self.tiling is not None:
+            raise ValueError("tiling pools the tiles of an image for a classifier; a dual_encoder base is not tiled: "
+                             "drop base.tiling")
         if self.num_classes is not None and self.classes is not None and len(self.classes) != self.num_classes:
             raise ValueError(f"base.classes has {len(self.classes)} names but base.num_classes is {self.num_classes}")
         return self

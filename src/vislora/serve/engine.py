@@ -41,6 +41,7 @@ from vislora.serve.openmp import release_team
 from vislora.serve.records import LoadedAdapter, Output, tagger_of
 from vislora.serve.sources import AdapterSource, check_base_weights, check_fits, open_source
 from vislora.serve.traffic import Assignment, TrafficPolicy, record_shadow
+from vislora.tasks.tiled import TiledClassifier
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,9 @@ class Engine(BlockingCalls):
         self.model = model.eval()
         self.head_path = head_path
         self.input_spec = input_spec
-        self.base = base.model_copy(update={"image_size": input_spec.size})
+        tiled = model.base_model if isinstance(model.base_model, TiledClassifier) else None
+        self.base = base.model_copy(update={"image_size": tiled.input_size, "tiling": tiled.tiling} if tiled else
+                                    {"image_size": input_spec.size})
         self.batching = batching or BatchingSection()
         self.limits = limits or LimitsSection()
         self.metrics = metrics or ServeMetrics()
@@ -195,9 +198,10 @@ class Engine(BlockingCalls):
 
     def submit(self, pixels: torch.Tensor, adapter: str | None = None) -> Future[Output]:
         """Queue one preprocessed sample for `adapter` (an adapter, a rollout, or None = the base model)."""
-        expected = (3, self.input_spec.size, self.input_spec.size)
-        if tuple(pixels.shape) != expected:
-            raise BadImage(f"pixels have shape {tuple(pixels.shape)}, expected {expected}; use engine.preprocess()")
+        size, shape = self.input_spec.size, tuple(pixels.shape)  # size None: a tiled base takes any size
+        if len(shape) != 3 or shape[0] != 3 or (size is not None and shape[1:] != (size, size)):
+            expected = f"(3, {size}, {size})" if size else "(3, H, W)"
+            raise BadImage(f"pixels have shape {shape}, expected {expected}; use engine.preprocess()")
         return self._enqueue(pixels, adapter, "image")
 
     def preprocess_text(self, text: str) -> torch.Tensor:
@@ -319,7 +323,8 @@ class Engine(BlockingCalls):
                  ) -> tuple[Sequence[torch.Tensor | None], torch.Tensor]:
         """(logits of each sample, pooled features (N, width)) of one routed forward over `inputs` (pixels of the
         classifier); the features are captured at the head's input."""
-        pixels = torch.stack(inputs)  # (N, 3, H, W)
+        same = len({tuple(t.shape) for t in inputs}) == 1
+        pixels = torch.stack(inputs) if same else inputs  # (N, 3, H, W), or images of their own sizes (tiled bases)
         captured: list[torch.Tensor] = []
         head = self.model.base_model.get_submodule(self.head_path)
         handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))

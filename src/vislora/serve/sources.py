@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vislora.data.tiling import image_spec
 from vislora.data.transforms import InputSpec, model_input_spec
 from vislora.dual_encoder import build_dual_encoder
 from vislora.errors import AdapterFileError, ConfigError
@@ -24,6 +25,7 @@ from vislora.formats import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from vislora.runs import DUAL_TASKS, TASK_FILE, check_rebuildable, input_spec, run_seed
 from vislora.serve.config import BaseSection
 from vislora.tasks.classification import build_classifier
+from vislora.tasks.tiled import build_tiled_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,8 @@ def base_from_task(task: dict[str, Any]) -> BaseSection:
     if kind not in ("classification", "multilabel"):
         raise AdapterFileError(f"this adapter was trained for the {kind!r} task; the server serves classification, "
                                f"multilabel and dual-encoder ({', '.join(DUAL_TASKS)}) adapters")
-    return BaseSection(head=model.get("head", "auto"), num_classes=len(task["classes"]), **common)
+    return BaseSection(head=model.get("head", "auto"), num_classes=len(task["classes"]), tiling=task.get("tiling"),
+                       **common)
 
 
 def frozen_folders(source: AdapterSource) -> list[Path]:
@@ -129,14 +132,22 @@ def build_base(section: BaseSection, trained: AdapterSource | None = None) -> tu
         if section.kind == "dual_encoder":
             model, head = _dual_encoder(section), None
         else:
-            model, head = build_classifier(section.spec, section.num_classes, section.pretrained, section.head,
-                                           section.pooling, section.image_size, **section.kwargs)
+            model, head = _classifier(section)
     if trained and trained.task:
         spec = input_spec(trained.task)
     else:
         backbone = model.vision_tower if head is None else getattr(model, "backbone", model)
-        spec = model_input_spec(backbone, section.image_size)
+        spec = image_spec(model_input_spec(backbone, section.image_size), section.tiling)
     return model.eval(), head, spec
+
+
+def _classifier(section: BaseSection) -> tuple[nn.Module, str]:
+    if section.tiling is None:
+        return build_classifier(section.spec, section.num_classes, section.pretrained, section.head, section.pooling,
+                                section.image_size, **section.kwargs)
+    model = build_tiled_classifier(section.spec, section.num_classes, section.tiling, section.pretrained,
+                                   section.head, section.pooling, section.image_size, **section.kwargs)
+    return model, model.head_path
 
 
 def _dual_encoder(section: BaseSection) -> nn.Module:
@@ -170,7 +181,7 @@ def check_fits(name: str, source: AdapterSource, base: BaseSection, spec: InputS
                                f"task) but this server's base is a {base.kind}; serve it from a server built on its "
                                "base")
     fields = ("kind", "spec", "pretrained", "pooling", "kwargs", "image_size", *(
-        ("text", "embed_dim", "text_pooling") if base.kind == "dual_encoder" else ("head", "num_classes")))
+        ("text", "embed_dim", "text_pooling") if base.kind == "dual_encoder" else ("head", "num_classes", "tiling")))
     differ = {f: (getattr(theirs, f), getattr(base, f)) for f in fields if getattr(theirs, f) != getattr(base, f)}
     if input_spec(source.task) != spec:
         differ["input transform"] = (input_spec(source.task), spec)

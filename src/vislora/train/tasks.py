@@ -33,6 +33,7 @@ from vislora.tasks.classification import (
     summarize,
 )
 from vislora.tasks.multilabel import MultilabelLoss, attribute_scores, pos_weights
+from vislora.tasks.tiled import build_tiled_classifier
 from vislora.train.view import TrainerView
 
 logger = logging.getLogger(__name__)
@@ -108,10 +109,17 @@ class ClassificationTask(TrainTask):
         if base is not None:
             raise ConfigError("a prepared base model is for dual-encoder tasks; a classifier is built from model.spec")
         self.classes = list(classes)
-        base, self.head_path = build_classifier(cfg.model.spec, len(classes), cfg.model.pretrained, cfg.model.head,
-                                                cfg.model.pooling, cfg.data.image_size, **cfg.model.kwargs)
+        model = cfg.model
+        if cfg.data.tiling is not None:
+            base = build_tiled_classifier(model.spec, len(classes), cfg.data.tiling, model.pretrained, model.head,
+                                          model.pooling, cfg.data.image_size, **model.kwargs)
+            self.head_path, self.tiling, trained = base.head_path, base.tiling, base.trained_modules()
+        else:
+            base, self.head_path = build_classifier(model.spec, len(classes), model.pretrained, model.head,
+                                                    model.pooling, cfg.data.image_size, **model.kwargs)
+            self.tiling, trained = None, [self.head_path]
         self.mixup = build_mixup(cfg.data.augment, len(classes))
-        return base, cfg.adapter.build(self.head_path)
+        return base, cfg.adapter.build(*trained)
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
         images, targets = batch["image"].to(device), batch["label"].to(device)
@@ -133,7 +141,8 @@ class ClassificationTask(TrainTask):
         return summarize(rows, trainer.val_data.classes, skipped=len(set(skipped)))
 
     def info(self) -> dict[str, Any]:
-        return {**super().info(), "head": self.head_path}
+        tiling = {"tiling": self.tiling.model_dump(mode="json")} if self.tiling is not None else {}
+        return {**super().info(), "head": self.head_path, **tiling}
 
 
 

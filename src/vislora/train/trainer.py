@@ -23,6 +23,7 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
+from vislora.data.tiling import image_spec
 from vislora.data.transforms import SampleTransform, build_transform, model_input_spec
 from vislora.errors import ConfigError, TrainingError
 from vislora.model import AdaptedModel, inject
@@ -77,8 +78,9 @@ class Trainer(RunDirectory):
         self._check_resolutions(self.train_data, self.val_data)
         self.model = self._build_model(classes, base_model)
         self.spec = replace(model_input_spec(self._base_model(), config.data.image_size), window=config.data.window)
-        self.train_transform = SampleTransform(build_transform(self.spec, True, config.data.augment), config.run.seed)
-        self.eval_transform = SampleTransform(build_transform(self.spec, False), config.run.seed)
+        images = image_spec(self.spec, config.data.tiling)  # a tiled model takes whole images, not its input side
+        self.train_transform = SampleTransform(build_transform(images, True, config.data.augment), config.run.seed)
+        self.eval_transform = SampleTransform(build_transform(images, False), config.run.seed)
         self.train_data.transform, self.train_data.window = self.train_transform, self.spec.window
         if self.val_data is not None:
             self.val_data.transform, self.val_data.window = self.eval_transform, self.spec.window
