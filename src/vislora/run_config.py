@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -147,6 +147,9 @@ class DataSection(_Section):
     label_column: str | None = Field("label", description="Manifest label column; null for caption-only data.")
     path_column: str = "path"
     image_size: int | None = Field(None, ge=8, description="Square input side; default: the model's native size.")
+    image_sizes: list[Annotated[int, Field(ge=8)]] | None = Field(
+        None, min_length=1, description="Mixed-resolution training: each step resizes its batch to one of these sides "
+        "(drawn from run.seed and the step); evaluation stays at image_size. Multiples of the ViT patch size.")
     train_limit: int | None = Field(None, ge=1, description="Use a stratified random subset of this many images.")
     val_limit: int | None = Field(None, ge=1)
     strict: bool = Field(False, description="Fail on a corrupt image instead of skipping and counting it.")

@@ -109,7 +109,8 @@ class ClassificationTask(TrainTask):
             raise ConfigError("a prepared base model is for dual-encoder tasks; a classifier is built from model.spec")
         self.classes = list(classes)
         base, self.head_path = build_classifier(cfg.model.spec, len(classes), cfg.model.pretrained, cfg.model.head,
-                                                cfg.model.pooling, cfg.data.image_size, **cfg.model.kwargs)
+                                                cfg.model.pooling, cfg.data.image_size,
+                                                dynamic_size=bool(cfg.data.image_sizes), **cfg.model.kwargs)
         self.mixup = build_mixup(cfg.data.augment, len(classes))
         return base, cfg.adapter.build(self.head_path)
 

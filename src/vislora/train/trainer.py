@@ -12,6 +12,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +23,9 @@ from accelerate.utils import set_seed
 from torch import nn
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
-from vislora.data.transforms import SampleTransform, build_transform, model_input_spec
+from vislora.data.transforms import SampleTransform, build_transform
 from vislora.errors import ConfigError, TrainingError
+from vislora.input_size import fit_input_size, run_input_spec, sized_batch
 from vislora.model import AdaptedModel, inject
 from vislora.parameters import parameter_report
 from vislora.run_config import TrainConfig
@@ -75,8 +77,9 @@ class Trainer(RunDirectory):
             self.val_data = self.task.prepare_data(self.val_data, train=False)
         self._check_resolutions(self.train_data, self.val_data)
         self.model = self._build_model(classes, base_model)
-        self.spec = model_input_spec(self._base_model(), config.data.image_size)
-        self.train_transform = SampleTransform(build_transform(self.spec, True, config.data.augment), config.run.seed)
+        self.spec = run_input_spec(self._base_model(), config.data.image_size, config.data.image_sizes)
+        train_spec = replace(self.spec, size=max(self.spec.train_sizes)) if self.spec.train_sizes else self.spec
+        self.train_transform = SampleTransform(build_transform(train_spec, True, config.data.augment), config.run.seed)
         self.eval_transform = SampleTransform(build_transform(self.spec, False), config.run.seed)
         self.train_data.transform = self.train_transform
         if self.val_data is not None:
@@ -111,6 +114,7 @@ class Trainer(RunDirectory):
     def _build_model(self, classes: list[str], base_model: nn.Module | None) -> AdaptedModel:
         cfg = self.config
         base, adapter_config = self.task.build(classes, base_model)
+        fit_input_size(self.task.image_model(base), cfg.data.image_size)  # a dual encoder's image tower too
         if cfg.run.gradient_checkpointing:
             for backbone in self.task.backbones(base):
                 _enable_gradient_checkpointing(backbone)
@@ -262,6 +266,7 @@ class Trainer(RunDirectory):
                 accelerator.backward(loss)
                 return 0.0, 0
             with accelerator.autocast():
+                batch = sized_batch(batch, self.spec, self.config.run.seed, self.loop.step)  # data.image_sizes
                 loss, n_images = self.task.loss(self.model, batch, accelerator.device)
                 loss = loss + self._extra_loss()
             accelerator.backward(loss / self.config.optim.grad_accum)
