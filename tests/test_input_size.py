@@ -10,8 +10,9 @@ import transformers
 from open_clip.model import resize_pos_embed
 from timm.models.vision_transformer import checkpoint_filter_fn
 
-from conftest import TINY_TIMM
+from conftest import TINY_TIMM, tiny_hf_clip
 from vislora.data.transforms import InputSpec, model_input_spec
+from vislora.dual_encoder import HFDualEncoder
 from vislora.errors import ConfigError
 from vislora.input_size import (
     build_timm,
@@ -38,6 +39,11 @@ def images(side, n=2, seed=0):
 def tiny_timm(**kwargs):
     torch.manual_seed(0)
     return timm.create_model(ARCH, pretrained=False, **{**TINY_TIMM, **kwargs}).eval()
+
+
+def pooled(output):
+    """A get_image_features result as a tensor (transformers 5 returns an output object)."""
+    return output if torch.is_tensor(output) else output.pooler_output
 
 
 def tiny_hf_vit():
@@ -161,3 +167,14 @@ def test_an_old_task_json_reads_without_the_size_record():
                                 "native_size": 224, "position_embeddings": "timm-resample", "train_sizes": [16, 32]}})
     assert new.train_sizes == (16, 32) and new.preprocessing() == spec.preprocessing()
     assert new.preprocessing() == {"mean": (0.5,) * 3, "std": (0.2,) * 3, "interpolation": "bicubic"}
+
+
+@torch.no_grad()
+def test_a_clip_dual_encoder_image_tower_interpolates_at_another_side():
+    clip = tiny_hf_clip()
+    model = HFDualEncoder(clip, tokenizer=None)
+    record = fit_input_size(model.vision_tower, 64)
+    assert (record.native_size, record.position_embeddings) == (32, "hf-interpolate")
+    expected = pooled(clip.get_image_features(pixel_values=images(64), interpolate_pos_encoding=True))
+    assert torch.equal(model.image_features(images(64)), expected)
+    assert torch.equal(model.image_features(images(32)), pooled(clip.get_image_features(pixel_values=images(32))))
