@@ -152,6 +152,7 @@ def _fit_timm(model: nn.Module, size: int | None, native: int | None) -> InputSi
             raise ConfigError(f"{type(model).__name__} was built for {built} px and cannot be resized to {size} px "
                               f"after building; build it with img_size={size} (vislora.input_size.build_timm)")
         model.set_input_size(img_size=(size, size))
+        logger.info("%s: position embeddings resampled from %d to %d px", type(model).__name__, built, size)
     return _timm_record(model, size, native or built)
 
 
@@ -243,6 +244,7 @@ def _fit_open_clip(backbone: nn.Module, size: int | None) -> InputSize:
     resize_pos_embed(state, SimpleNamespace(visual=visual))  # it reads the new grid from model.visual
     visual.positional_embedding = nn.Parameter(state["visual.positional_embedding"].to(old.dtype),
                                                requires_grad=old.requires_grad)
+    logger.info("open_clip image tower: position embeddings resized from %d to %d px", native, size)
     return InputSize(size, native, "open_clip-resize", patch)
 
 
@@ -268,24 +270,22 @@ def stored_side(backbone: nn.Module) -> int | None:
     family = family_of(backbone)
     if family == "hf":
         return _side(_hf_vision_config(backbone).image_size)
-    if family == "open_clip":
-        return _side(_open_clip_visual(backbone).image_size)
     return _timm_built_side(backbone) if family == "timm" else None
 
 
-def check_sides(backbone: nn.Module, sides: Sequence[int], what: str = "data.image_sizes") -> None:
+def check_sides(backbone: nn.Module, sides: Sequence[int]) -> None:
     """Refuse sides the backbone cannot take in one build: under MIN_SIDE, not a multiple of its patch, or several
     sides for a model fixed to one."""
     patch = input_size_of(backbone).patch_size
     bad = [side for side in sides if side < MIN_SIDE or (patch and side % patch)]
     if bad:
-        raise ConfigError(f"{what} {list(sides)} holds {bad}: every side must be at least {MIN_SIDE} px"
+        raise ConfigError(f"data.image_sizes {list(sides)} holds {bad}: every side must be at least {MIN_SIDE} px"
                           + (f" and a multiple of the patch size {patch} (e.g. {_multiples(patch, bad[0])})"
                              if patch else ""))
     if len(set(sides)) > 1 and not runs_at_any_size(backbone):
-        raise ConfigError(f"{what} {list(sides)}: a {type(backbone).__name__} runs at one side per build (its "
-                          "position embeddings are resized once); train at one data.image_size, or use a timm ViT "
-                          "or a Hugging Face model")
+        raise ConfigError(f"data.image_sizes {list(sides)}: a {type(backbone).__name__} runs at one side per build "
+                          "(its position embeddings are resized once); train at one data.image_size, or use a timm "
+                          "ViT or a Hugging Face model")
 
 
 def _multiples(patch: int, side: int) -> str:
