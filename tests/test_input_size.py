@@ -120,6 +120,7 @@ def test_open_clip_resized_equals_open_clips_own_loading_at_that_side():
     record = fit_input_size(model, 64)
     assert torch.equal(model.encode_image(images(64)), reference.encode_image(images(64)))
     assert (record.native_size, record.position_embeddings) == (32, "open_clip-resize")
+    assert fit_input_size(model, 64) == record  # fitting again (the trainer does) keeps what was done
     assert model.visual.image_size == (64, 64) and model_input_spec(model).size == 64  # what transforms read
     with pytest.raises(ConfigError, match="runs at one side per build"):
         check_sides(model, [32, 64])

@@ -103,7 +103,7 @@ def fit_input_size(backbone: nn.Module, size: int | None, native_size: int | Non
     if family == "timm":
         record = _fit_timm(backbone, size, native_size)
     elif family == "open_clip":
-        record = _fit_open_clip(backbone, size)
+        record = _fit_open_clip(backbone, size, native_size)
     elif family == "hf":
         record = _hf_record(backbone, size)
         if record.position_embeddings == "hf-interpolate" and not _hf_interpolates(backbone):
@@ -224,15 +224,19 @@ def _open_clip_visual(backbone: nn.Module) -> nn.Module | None:
     return backbone if is_tower else None
 
 
-def _fit_open_clip(backbone: nn.Module, size: int | None) -> InputSize:
+def _fit_open_clip(backbone: nn.Module, size: int | None, native: int | None = None) -> InputSize:
     """Resize the image tower's position embeddings to `size` with open_clip's own `resize_pos_embed` (bicubic,
-    antialiased, class token kept), as `open_clip.create_model(force_image_size=size)` does to a checkpoint."""
+    antialiased, class token kept), as `open_clip.create_model(force_image_size=size)` does to a checkpoint.
+    `native`: the side they were made for, when an earlier fit resized them."""
     visual = _open_clip_visual(backbone)
-    native = _side(visual.image_size)
+    current = _side(visual.image_size)
+    native = native or current
     patch = _open_clip_patch(visual)
-    if size is None or size == native:
-        return InputSize(native, native, "native", patch)
-    if hasattr(visual, "set_input_size"):  # a timm trunk
+    trunk = hasattr(visual, "set_input_size")  # a timm trunk
+    if size is None or size == current:
+        return InputSize(current, native, "native" if current == native else
+                         "timm-resample" if trunk else "open_clip-resize", patch)
+    if trunk:
         visual.set_input_size(size)
         return InputSize(size, native, "timm-resample", patch)
     from open_clip.model import resize_pos_embed
@@ -244,7 +248,7 @@ def _fit_open_clip(backbone: nn.Module, size: int | None) -> InputSize:
     resize_pos_embed(state, SimpleNamespace(visual=visual))  # it reads the new grid from model.visual
     visual.positional_embedding = nn.Parameter(state["visual.positional_embedding"].to(old.dtype),
                                                requires_grad=old.requires_grad)
-    logger.info("open_clip image tower: position embeddings resized from %d to %d px", native, size)
+    logger.info("open_clip image tower: position embeddings resized from %d to %d px", current, size)
     return InputSize(size, native, "open_clip-resize", patch)
 
 
