@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vislora.errors import ConfigError
+from vislora.input_size import hf_image_kwargs
 from vislora.tokenize import CaptionTokenizer, HFCaptionTokenizer, OpenClipCaptionTokenizer
 
 ImagePooling = Literal["cls", "mean", "cls_mean"]
@@ -137,7 +138,8 @@ class HFDualEncoder(DualTowerModel):
                                       float(bias.detach().reshape(())) if bias is not None else None)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return _pooled(self.model.get_image_features(pixel_values=images))
+        get_features = self.model.get_image_features
+        return _pooled(get_features(pixel_values=images, **hf_image_kwargs(get_features)))  # any side
 
     def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if type(self.model).__name__.startswith("Siglip"):  # trained without an attention mask
@@ -181,7 +183,7 @@ def pool_image(backbone: nn.Module, images: torch.Tensor, pooling: ImagePooling 
         return backbone.forward_head(backbone.forward_features(images), pre_logits=True)
     if getattr(backbone, "config", None) is None:
         return backbone(images)
-    out = backbone(pixel_values=images)
+    out = backbone(pixel_values=images, **hf_image_kwargs(backbone))  # any side (vislora.input_size)
     tokens = out.last_hidden_state  # [batch, tokens, width]; token 0 is CLS
     cls = out.pooler_output if getattr(out, "pooler_output", None) is not None else tokens[:, 0]
     if pooling == "cls":

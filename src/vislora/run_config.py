@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -150,6 +150,9 @@ class DataSection(_Section):
     label_column: str | None = Field("label", description="Manifest label column; null for caption-only data.")
     path_column: str = "path"
     image_size: int | None = Field(None, ge=8, description="Square input side; default: the model's native size.")
+    image_sizes: list[Annotated[int, Field(ge=8)]] | None = Field(
+        None, min_length=1, description="Mixed-resolution training: each step resizes its batch to one of these sides "
+        "(drawn from run.seed and the step); evaluation stays at image_size. Multiples of the ViT patch size.")
     train_limit: int | None = Field(None, ge=1, description="Use a stratified random subset of this many images.")
     val_limit: int | None = Field(None, ge=1)
     strict: bool = Field(False, description="Fail on a corrupt image instead of skipping and counting it.")
@@ -159,14 +162,14 @@ class DataSection(_Section):
     window: str | tuple[float, float] = Field(
         "auto", description="DICOM window: auto (the file's WindowCenter/Width, else min/max), none (min/max), a "
         "preset (lung, soft_tissue, bone, brain) or [center, width]; saved with the adapter for eval and serving.")
+    tiling: TilingConfig | None = Field(None, description="Large images: a classifier sees each image as tiles whose "
+                                        "features are pooled per image (data.image_size is then the tiles' side "
+                                        "at the model's input); null: whole images resized to the model's input.")
 
     @field_validator("window")
     @classmethod
     def _known_window(cls, window: str | tuple[float, float]) -> str | tuple[float, float]:
         return check_window(window)
-    tiling: TilingConfig | None = Field(None, description="Large images: a classifier sees each image as tiles whose "
-                                        "features are pooled per image (data.image_size is then the tiles' side "
-                                        "at the model's input); null: whole images resized to the model's input.")
 
 
 class OptimSection(_Section):
@@ -288,6 +291,10 @@ class TrainConfig(_Section):
         if self.adapter.method == "molora":
             raise ValueError("data.tiling recomputes tile features in the backward pass, which MoLoRA's per-forward "
                              "balance loss cannot follow; use another adapter.method or drop data.tiling")
+        if self.data.image_sizes:
+            raise ValueError(f"data.image_sizes {self.data.image_sizes} resizes whole batches, but with data.tiling "
+                             "the batches hold whole images that are cut into tiles; drop one of the two (tiles are "
+                             "resized to data.image_size)")
         if self.data.tiling.image_size is None and self.data.allow_mixed_resolution and self.optim.batch_size > 1:
             raise ValueError(f"data.tiling.image_size is null, so images keep their sizes, and "
                              f"data.allow_mixed_resolution lets them differ: a batch of {self.optim.batch_size} "

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from collections.abc import Iterator
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,9 @@ import torch
 from vislora.data.tiling import TilingConfig, image_spec
 from vislora.data.transforms import InputSpec
 from vislora.dual_encoder import build_dual_encoder
-from vislora.errors import AdapterFileError
+from vislora.errors import AdapterFileError, VisloraWarning
 from vislora.formats import load_adapter
+from vislora.input_size import fit_input_size, spec_with_size
 from vislora.model import AdaptedModel
 from vislora.run_config import TrainConfig
 from vislora.tasks.classification import build_classifier
@@ -55,9 +58,22 @@ def input_spec(task: dict[str, Any]) -> InputSpec:
 
 
 def model_spec(task: dict[str, Any]) -> InputSpec:
-    """The model's own input (a tiled model's: each tile's) that a task.json records."""
+    """The model's own input (a tiled model's: each tile's) that a task.json records, with how the backbone runs at
+    that size; fields an older task.json lacks keep their defaults."""
     spec = task["input"]
-    return InputSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"])})
+    sizes = spec.get("train_sizes")
+    return InputSpec(**{**spec, "mean": tuple(spec["mean"]), "std": tuple(spec["std"]),
+                        "train_sizes": tuple(sizes) if sizes else None})
+
+
+def resized_spec(spec: InputSpec, image_size: int | None, what: str) -> InputSpec:
+    """`spec` at `image_size` (None: as recorded), with a VisloraWarning naming both sizes when they differ."""
+    if image_size is None or image_size == spec.size:
+        return spec
+    warnings.warn(f"{what} was trained at {spec.size} px and runs at {image_size} px: its base model's position "
+                  "embeddings are adapted to the new size (vislora.input_size), so results may differ from those "
+                  f"at {spec.size} px; check them on held-out data", VisloraWarning, stacklevel=3)
+    return replace(spec, size=image_size)
 
 
 def tiling_of(task: dict[str, Any]) -> TilingConfig | None:
@@ -119,27 +135,37 @@ def check_rebuildable(task: dict[str, Any], adapter_dir: str | Path,
                                f"projections), which task.json cannot rebuild; {fix}")
 
 
-def load_trained(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]:
+def load_trained(adapter_dir: str | Path, image_size: int | None = None,
+                 dynamic_size: bool = False) -> tuple[AdaptedModel, dict[str, Any]]:
     """The classifier of a classification or multilabel run with its adapter loaded, in eval mode, and the adapter's
-    task.json with the input transform added as `input_spec`."""
+    task.json with the input transform added as `input_spec`.
+
+    `image_size` runs it at another side than it was trained at (a VisloraWarning says so; `input_spec` and
+    task.json `input` then describe the new side); `dynamic_size` builds a timm ViT that takes any side per forward
+    (for an ONNX export with dynamic height and width)."""
     task = read_task(adapter_dir)
     kind = task.get("task", "classification")
     if kind not in CLASSIFIER_TASKS:
         raise AdapterFileError(f"{adapter_dir} is a {kind!r} run, not a classifier; open dual-encoder runs "
                                f"({', '.join(DUAL_TASKS)}) with vislora.runs.load_trained_dual")
     model, tiling = task["model"], tiling_of(task)
-    spec, classes = model["spec"], len(task["classes"])
+    trained = model_spec(task)
+    spec = resized_spec(trained, image_size, f"adapter {adapter_dir}")
     options = {"pretrained": model.get("pretrained", True), "head": model.get("head", "auto"),
-               "pooling": model.get("pooling", "cls"), "image_size": model_spec(task).size, **model.get("kwargs", {})}
+               "pooling": model.get("pooling", "cls"), "image_size": spec.size, "native_size": trained.native_size,
+               **model.get("kwargs", {})}
     with base_random_state(task, adapter_dir):
-        base = (build_classifier(spec, classes, **options)[0] if tiling is None
-                else build_tiled_classifier(spec, classes, tiling, **options))
-    return load_adapter(base, adapter_dir).eval(), {**task, "input_spec": input_spec(task)}
+        base = (build_classifier(model["spec"], len(task["classes"]), dynamic_size=dynamic_size, **options)[0]
+                if tiling is None else build_tiled_classifier(model["spec"], len(task["classes"]), tiling, **options))
+    spec = spec_with_size(spec, getattr(base, "backbone", base))
+    return load_adapter(base, adapter_dir).eval(), {**task, "input": asdict(spec),
+                                                    "input_spec": image_spec(spec, tiling)}
 
 
-def load_trained_dual(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, Any]]:
+def load_trained_dual(adapter_dir: str | Path, image_size: int | None = None) -> tuple[AdaptedModel, dict[str, Any]]:
     """The dual encoder of a contrastive, few-shot or prompted-attributes run with its adapter (and the frozen
-    adapters it was trained over, task.json `frozen`) loaded and active, in eval mode; and the adapter's task.json."""
+    adapters it was trained over, task.json `frozen`) loaded and active, in eval mode; and the adapter's task.json.
+    `image_size` runs the image tower at another side, as `load_trained` does."""
     task = read_task(adapter_dir)
     if task.get("task") not in DUAL_TASKS:
         raise AdapterFileError(f"{adapter_dir} is not a dual-encoder adapter of `vislora train` (task.json says "
@@ -147,8 +173,10 @@ def load_trained_dual(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, 
                                f"{PROMPTED_TASK} run's adapter/ or best/ folder, "
                                "or open classifiers with vislora.runs.load_trained")
     check_rebuildable(task, adapter_dir)
+    spec = resized_spec(input_spec(task), image_size, f"adapter {adapter_dir}")
     with base_random_state(task, adapter_dir):
         base = build_dual_encoder(**dual_encoder_args(task["model"]))
+    fit_input_size(base.vision_tower, spec.size)
     if task["task"] == PROMPTED_TASK:
         add_logit_bias(base)  # as training added it
     frozen = task.get("frozen", {})
@@ -156,4 +184,4 @@ def load_trained_dual(adapter_dir: str | Path) -> tuple[AdaptedModel, dict[str, 
     for name, folder in frozen.items():
         load_adapter(model, folder, name, activate=False)
     model.set_active([*frozen, "default"])
-    return model.eval(), task
+    return model.eval(), {**task, "input": asdict(spec_with_size(spec, base.vision_tower))}

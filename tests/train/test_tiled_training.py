@@ -94,6 +94,7 @@ def test_tiled_multilabel_run(tmp_path):
     ({"data": {"tiling": {"tiles_per_stp": 4}}}, r"did you mean 'data\.tiling\.tiles_per_step'"),
     ({"data": {"tiling": {"size": 16, "overlap": 16}}}, "overlap=16 with size=16"),
     ({"data": {"tiling": {"aggregate": "median"}}}, "aggregate"),
+    ({"data": {"tiling": {}, "image_sizes": [32, 64]}}, "drop one of the two"),
 ])
 def test_tiling_config_errors(tmp_path, change, message):
     config = tiny_train_config(tmp_path / "run", tmp_path, data={"tiling": {}})

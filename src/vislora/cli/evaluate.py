@@ -15,11 +15,12 @@ from rich.table import Table
 
 from vislora.cli.app import app, console
 from vislora.errors import ConfigError
-from vislora.evaluate import ClinicalComparison, Comparison, Delta, compare_adapter, points
-from vislora.evaluate.multilabel_comparison import MultilabelComparison, compare_multilabel_adapter, nan_text
-from vislora.evaluate.prompted import compare_prompted
+from vislora.evaluate import ClinicalComparison, Comparison, Delta, points
+from vislora.evaluate.classifier import compare_model
+from vislora.evaluate.multilabel_comparison import MultilabelComparison, compare_multilabel_model, nan_text
+from vislora.evaluate.prompted import compare_prompted_model
 from vislora.run_config import EvalSection
-from vislora.runs import read_task
+from vislora.runs import load_trained, load_trained_dual, read_task
 from vislora.tasks.prompted import PROMPTED_TASK
 
 
@@ -50,6 +51,9 @@ def evaluate(
         help="Classifiers: bootstrap resamples (stratified by class) for the confidence intervals of AUROC, "
              "sensitivity and specificity; 0: no intervals.")] = 1000,
     ci: Annotated[float, typer.Option(help="Confidence level of the intervals.")] = 0.95,
+    image_size: Annotated[int | None, typer.Option(
+        help="Run the adapter at this input side instead of the one it was trained at (a warning names both; "
+             "position embeddings are adapted, vislora.input_size).")] = None,
 ) -> None:
     """Base vs adapted on the same DATA: accuracy, top-5, macro-F1, calibration (ECE), per class and per metadata
     group (e.g. a `group` column) with regressions flagged, embedding drift, and latency.
@@ -65,6 +69,7 @@ def evaluate(
     Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --limit 2000 --json eval.json
     Example: vislora eval --adapter runs/xray/best --data data/xray_test.csv --specificity 0.9 --bootstrap 2000
     Example: vislora eval --adapter runs/tags/best --data data/tags_test.csv --predictions tags.csv
+    Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --image-size 112
     """
     from rich.progress import track
 
@@ -75,19 +80,21 @@ def evaluate(
 
     kind = read_task(adapter).get("task")
     if kind == "multilabel":
-        comparison: Comparison | MultilabelComparison = compare_multilabel_adapter(
-            adapter, data, batch_size=batch_size, limit=limit, label_column=label_column, path_column=path_column,
-            predictions=predictions, base_head=base_head, progress=progress)
+        comparison: Comparison | MultilabelComparison = compare_multilabel_model(
+            *load_trained(adapter, image_size), data, batch_size=batch_size, limit=limit, label_column=label_column,
+            path_column=path_column, predictions=predictions, base_head=base_head, progress=progress)
         show_multilabel_comparison(comparison)
     elif kind == PROMPTED_TASK:
-        comparison = compare_prompted(adapter, data, batch_size=batch_size, limit=limit, label_column=label_column,
-                                      path_column=path_column, predictions=predictions)
+        comparison = compare_prompted_model(*load_trained_dual(adapter, image_size), data, batch_size=batch_size,
+                                            limit=limit, label_column=label_column, path_column=path_column,
+                                            predictions=predictions)
         show_multilabel_comparison(comparison)
     else:
-        comparison = compare_adapter(
-            adapter, data, batch_size=batch_size, limit=limit, label_column=label_column, path_column=path_column,
-            predictions=predictions, base_head=base_head, tolerance=tolerance, latency_images=latency_images,
-            progress=progress, clinical=_clinical_settings(specificity, sensitivity, bootstrap, ci))
+        comparison = compare_model(
+            *load_trained(adapter, image_size), data, batch_size=batch_size, limit=limit, label_column=label_column,
+            path_column=path_column, predictions=predictions, base_head=base_head, tolerance=tolerance,
+            latency_images=latency_images, progress=progress,
+            clinical=_clinical_settings(specificity, sensitivity, bootstrap, ci))
         show_comparison(comparison)
     if predictions:
         console.print(f"predictions written to {predictions}")

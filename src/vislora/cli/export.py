@@ -84,6 +84,9 @@ def export_onnx(
     batch: Annotated[int, typer.Option(help="The larger batch size timed in the INT8 report.")] = 8,
     threads: Threads = None,
     overwrite: Overwrite = False,
+    dynamic_size: Annotated[bool, typer.Option(
+        "--dynamic-size", help="Also make height and width dynamic (multiples of the patch), checked at the trained "
+                               "size and twice it; for timm ViTs and Hugging Face ViT/DINOv2/CLIP/SigLIP.")] = False,
 ) -> None:
     """Merge, export ONNX with a dynamic batch axis, check it against PyTorch; with --int8, quantize and report.
 
@@ -100,7 +103,7 @@ def export_onnx(
     with _progress("exporting ...") as log:
         result = export_onnx_dir(adapter, out, base=base, int8=int8, calibration=calibration, eval_data=eval_data,
                                  calibration_limit=calibration_limit, eval_limit=eval_limit, latency_batch=batch,
-                                 threads=threads, overwrite=overwrite, log=log)
+                                 threads=threads, overwrite=overwrite, dynamic_size=dynamic_size, log=log)
     if isinstance(result, DualOnnxExport):
         for line in result.lines():
             console.print(line, markup=False, highlight=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -27,20 +27,32 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+SIZE_FIELDS = ("size", "native_size", "position_embeddings", "train_sizes")
+
+
 @dataclass(frozen=True)
 class InputSpec:
     """What the model expects: square side in pixels (None: any size, images keep theirs, as a tiled model takes
-    them), normalisation, resize interpolation; and the DICOM `window` images are read with
-    (vislora.data.images.load_image), so evaluation and serving read DICOM as training did."""
+    them), normalisation, resize interpolation; the DICOM `window` images are read with
+    (vislora.data.images.load_image), so evaluation and serving read DICOM as training did; and how the backbone runs
+    at that side (vislora.input_size): the side its position embeddings were made for and what was done to them, and
+    the sides a mixed-resolution run trained at. None where unknown (runs that predate the record)."""
 
     size: int | None
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     interpolation: str = "bicubic"
     window: Window = "auto"
+    native_size: int | None = None
+    position_embeddings: str | None = None
+    train_sizes: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "window", check_window(self.window))  # a JSON list becomes a (center, width) tuple
+
+    def preprocessing(self) -> dict[str, Any]:
+        """Every field but the sizes: what must match for an adapter to run on another side of the same model."""
+        return {name: value for name, value in asdict(self).items() if name not in SIZE_FIELDS}
 
 
 class AugmentConfig(BaseModel):

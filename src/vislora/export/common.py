@@ -57,8 +57,9 @@ class Exportable:
         return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exportable:
-    """The model of a trained adapter folder (task.json), or of a bare adapter over the `base` spec, in eval mode."""
+def load_exportable(adapter_dir: str | Path, base: str | None = None, dynamic_size: bool = False) -> Exportable:
+    """The model of a trained adapter folder (task.json), or of a bare adapter over the `base` spec, in eval mode;
+    `dynamic_size` rebuilds a timm ViT to take any side per forward (`load_trained`)."""
     adapter_dir = Path(adapter_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ExportError(f"{adapter_dir} is not an adapter folder (no adapter_config.json); give a run's adapter/, "
@@ -72,12 +73,16 @@ def load_exportable(adapter_dir: str | Path, base: str | None = None) -> Exporta
         if base is not None and base != trained_on:
             raise ExportError(f"{adapter_dir} was trained on {trained_on!r} (task.json) but --base is {base!r}; "
                               "drop --base: a trained adapter folder names its own base model")
-        adapted, task = load_trained(adapter_dir)
+        adapted, task = load_trained(adapter_dir, dynamic_size=dynamic_size)
         if task.get("tiling"):
             raise ExportError(f"{adapter_dir} is a tiled classifier (task.json `tiling`): its tiling and tile pooling "
                               "have no merged or ONNX form yet, and the backbone alone would answer differently; "
                               "serve it with `vislora serve`, or load it with vislora.runs.load_trained")
         return Exportable(adapted, task["input_spec"], trained_on, adapter_dir, task)
+    if dynamic_size:
+        raise ExportError(f"{adapter_dir} has no task.json: dynamic sizes are exported for trained adapter folders "
+                          "(task.json records the base and its input size); export at the base's size without "
+                          "--dynamic-size")
     if base is None:
         raise ExportError(f"{adapter_dir} has no task.json, so the base model is unknown; pass the spec it was "
                           "trained on, e.g. --base hf:facebook/dinov2-small or --base timm:vit_base_patch16_224")

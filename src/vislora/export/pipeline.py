@@ -36,7 +36,7 @@ from vislora.export.common import (
     write_json,
 )
 from vislora.export.dual import DualOnnxExport, export_dual_onnx_dir
-from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OnnxCheck, check_onnx, export_onnx
+from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OnnxCheck, SizeAxes, check_onnx, export_onnx, size_axes
 from vislora.export.quantize import QuantizeReport, compare_accuracy, measure_latency, quantize_int8, session
 from vislora.tasks.multilabel import exported_task
 
@@ -67,6 +67,7 @@ class OnnxExport:
     report: QuantizeReport | None
     classes: list[str] | None
     image_size: int
+    axes: SizeAxes | None = None  # dynamic height and width, when exported with them
 
 
 def prepare_int8(adapter_dir: str | Path, calibration: str | Path | None, eval_data: str | Path | None = None,
@@ -98,9 +99,10 @@ def prepare_int8(adapter_dir: str | Path, calibration: str | Path | None, eval_d
     return Int8Data(cal, str(calibration), evaluation, str(eval_data))
 
 
-def load_and_merge(adapter_dir: str | Path, base: str | None = None) -> tuple[Exportable, nn.Module, float]:
+def load_and_merge(adapter_dir: str | Path, base: str | None = None,
+                   dynamic_size: bool = False) -> tuple[Exportable, nn.Module, float]:
     """(the adapter's Exportable, its merged plain module, max |merged - adapted|), raising if they differ."""
-    item = load_exportable(adapter_dir, base)
+    item = load_exportable(adapter_dir, base, dynamic_size)
     plain, difference = plain_merged(item)
     if difference > MERGE_ATOL:
         raise ExportError(f"the merged model differs from the adapted one by {difference:.3g} (> {MERGE_ATOL:g})")
@@ -109,13 +111,14 @@ def load_and_merge(adapter_dir: str | Path, base: str | None = None) -> tuple[Ex
 
 def write_onnx_pair(item: Exportable, plain: nn.Module, fp32_path: Path, int8_path: Path | None,
                     data: Int8Data | None, latency_batch: int = 8, threads: int | None = None,
-                    log: Log = logger.info) -> tuple[OnnxCheck, QuantizeReport | None]:
-    """Write the fp32 ONNX file (checked against PyTorch) and, given `int8_path`, the INT8 file and its report."""
+                    log: Log = logger.info, axes: SizeAxes | None = None) -> tuple[OnnxCheck, QuantizeReport | None]:
+    """Write the fp32 ONNX file (checked against PyTorch; with dynamic height and width `axes`, at twice the size
+    too) and, given `int8_path`, the INT8 file and its report."""
     size = item.spec.size
     fp32_path.parent.mkdir(parents=True, exist_ok=True)
-    log(f"exporting ONNX ({size} px, dynamic batch) ...")
-    export_onnx(plain, size, fp32_path)
-    check = check_onnx(plain, fp32_path, size)
+    log(f"exporting ONNX ({size} px, dynamic batch" + (", height and width) ..." if axes else ") ..."))
+    export_onnx(plain, size, fp32_path, axes=axes)
+    check = check_onnx(plain, fp32_path, size, sides=(2 * size,) if axes else ())
     log(str(check))
     if int8_path is None or data is None:
         return check, None
@@ -138,35 +141,49 @@ def write_onnx_pair(item: Exportable, plain: nn.Module, fp32_path: Path, int8_pa
 def export_onnx_dir(adapter_dir: str | Path, out: str | Path, base: str | None = None, int8: bool = False,
                     calibration: str | Path | None = None, eval_data: str | Path | None = None,
                     calibration_limit: int | None = 128, eval_limit: int | None = None, latency_batch: int = 8,
-                    threads: int | None = None, overwrite: bool = False,
+                    threads: int | None = None, overwrite: bool = False, dynamic_size: bool = False,
                     log: Log = logger.info) -> OnnxExport | DualOnnxExport:
     """Write OUT/model.onnx (+ model.int8.onnx, int8_report.json), labels.txt and export.json; for a contrastive or
-    few-shot run, both towers (`vislora.export.dual.export_dual_onnx_dir`)."""
+    few-shot run, both towers (`vislora.export.dual.export_dual_onnx_dir`). `dynamic_size` exports dynamic height and
+    width too (vislora.export.onnx.SizeAxes), where the backbone supports them."""
     if is_dual(adapter_dir):
+        if dynamic_size:
+            raise ExportError(f"{adapter_dir} is a dual-encoder run: its towers are exported at the trained size; "
+                              "drop --dynamic-size")
         return export_dual_onnx_dir(adapter_dir, out, base=base, int8=int8, overwrite=overwrite, log=log)
     data = prepare_int8(adapter_dir, calibration, eval_data, calibration_limit, eval_limit) if int8 else None
-    item, plain, difference = load_and_merge(adapter_dir, base)
+    item, plain, difference = load_and_merge(adapter_dir, base, dynamic_size)
+    axes = size_axes(_backbone(plain), item.spec.size) if dynamic_size else None
     out = Path(out)
     with staged_dir(out, overwrite) as tmp:
         check, report = write_onnx_pair(item, plain, tmp / "model.onnx", tmp / "model.int8.onnx" if int8 else None,
-                                        data, latency_batch, threads, log)
-        write_metadata(tmp, item, check, difference, report)
+                                        data, latency_batch, threads, log, axes)
+        write_metadata(tmp, item, check, difference, report, axes)
     return OnnxExport(out, out / "model.onnx", out / "model.int8.onnx" if int8 else None, check, difference, report,
-                      item.classes, item.spec.size)
+                      item.classes, item.spec.size, axes)
+
+
+def _backbone(plain: nn.Module) -> nn.Module:
+    """The backbone inside a merged plain module (vislora.export.common.TensorOutput around a classifier)."""
+    model = getattr(plain, "model", plain)
+    return getattr(model, "backbone", model)
 
 
 def write_metadata(folder: Path, item: Exportable, check: OnnxCheck, merge_difference: float,
-                   report: QuantizeReport | None) -> None:
+                   report: QuantizeReport | None, axes: SizeAxes | None = None) -> None:
     """export.json (inputs, outputs, preprocessing, measured differences), labels.txt, int8_report.json."""
     spec = item.spec
+    side: list[Any] = ["height", "width"] if axes else [spec.size, spec.size]
     write_json(folder / "export.json", {
         "base": item.base, "adapter": str(item.adapter_dir.resolve()), "input": {
-            "name": INPUT_NAME, "shape": ["batch", 3, spec.size, spec.size], "dtype": "float32",
+            "name": INPUT_NAME, "shape": ["batch", 3, *side], "dtype": "float32",
+            **({"sides": axes.to_dict()} if axes else {}),
             "preprocessing": {"resize_shorter_side": spec.size, "center_crop": spec.size, "mean": list(spec.mean),
                               "std": list(spec.std), "interpolation": spec.interpolation}},
         "output": {"name": OUTPUT_NAME, "classes": item.classes}, "task": exported_task(item.task),
         "merge_max_abs_diff": merge_difference,
         "onnx_max_abs_diff": {str(k): v for k, v in check.max_abs_diff.items()},
+        **({"onnx_max_abs_diff_by_side": {str(k): v for k, v in check.sides.items()}} if axes else {}),
         "onnx_tolerance": {"atol": ONNX_ATOL, "rtol": ONNX_RTOL}})
     if item.classes:
         (folder / "labels.txt").write_text("".join(f"{c}\n" for c in item.classes))

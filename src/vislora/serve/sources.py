@@ -22,7 +22,8 @@ from vislora.data.transforms import InputSpec, model_input_spec
 from vislora.dual_encoder import build_dual_encoder
 from vislora.errors import AdapterFileError, ConfigError
 from vislora.formats import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
-from vislora.runs import DUAL_TASKS, TASK_FILE, check_rebuildable, input_spec, run_seed
+from vislora.input_size import fit_input_size, spec_with_size
+from vislora.runs import DUAL_TASKS, TASK_FILE, check_rebuildable, input_spec, model_spec, resized_spec, run_seed
 from vislora.serve.config import BaseSection
 from vislora.tasks.classification import build_classifier
 from vislora.tasks.tiled import build_tiled_classifier
@@ -123,6 +124,7 @@ def build_base(section: BaseSection, trained: AdapterSource | None = None) -> tu
     """(model in eval mode, path of its classification head (None for a dual encoder), input transform spec) for
     the base section. Read from a `trained` adapter, the spec is its task.json's (serving preprocesses exactly as
     evaluation did) and a randomly initialised base is rebuilt from its run's seed, as `vislora eval` does."""
+    recorded = model_spec(trained.task) if trained and trained.task else None
     with torch.random.fork_rng(devices=[]):
         if trained is not None and not section.pretrained:
             torch.manual_seed(run_seed(trained.path))
@@ -132,21 +134,21 @@ def build_base(section: BaseSection, trained: AdapterSource | None = None) -> tu
         if section.kind == "dual_encoder":
             model, head = _dual_encoder(section), None
         else:
-            model, head = _classifier(section)
-    if trained and trained.task:
-        spec = input_spec(trained.task)
-    else:
-        backbone = model.vision_tower if head is None else getattr(model, "backbone", model)
-        spec = image_spec(model_input_spec(backbone, section.image_size), section.tiling)
-    return model.eval(), head, spec
+            model, head = _classifier(section, recorded.native_size if recorded else None)
+    backbone = model.vision_tower if head is None else getattr(model, "backbone", model)
+    if head is None:
+        fit_input_size(backbone, section.image_size)
+    spec = spec_with_size(recorded or model_input_spec(backbone, section.image_size), backbone)
+    return model.eval(), head, image_spec(spec, section.tiling)  # a tiled base takes whole images
 
 
-def _classifier(section: BaseSection) -> tuple[nn.Module, str]:
+def _classifier(section: BaseSection, native_size: int | None) -> tuple[nn.Module, str]:
     if section.tiling is None:
         return build_classifier(section.spec, section.num_classes, section.pretrained, section.head, section.pooling,
-                                section.image_size, **section.kwargs)
+                                section.image_size, native_size=native_size, **section.kwargs)
     model = build_tiled_classifier(section.spec, section.num_classes, section.tiling, section.pretrained,
-                                   section.head, section.pooling, section.image_size, **section.kwargs)
+                                   section.head, section.pooling, section.image_size, native_size=native_size,
+                                   **section.kwargs)
     return model, model.head_path
 
 
@@ -172,7 +174,8 @@ def check_base_weights(name: str, source: AdapterSource, base_print: str | None,
 
 
 def check_fits(name: str, source: AdapterSource, base: BaseSection, spec: InputSpec) -> None:
-    """Refuse an adapter trained on another base model, with another head width or another input transform."""
+    """Refuse an adapter trained on another base model, with another head width or another input transform; one
+    trained at another input size runs at the server's, with a VisloraWarning naming both sizes."""
     if source.task is None:
         return  # a bare PEFT/vislora directory: load_adapter checks its shapes against the model
     theirs = base_from_task(source.task)
@@ -183,9 +186,11 @@ def check_fits(name: str, source: AdapterSource, base: BaseSection, spec: InputS
     fields = ("kind", "spec", "pretrained", "pooling", "kwargs", "image_size", *(
         ("text", "embed_dim", "text_pooling") if base.kind == "dual_encoder" else ("head", "num_classes", "tiling")))
     differ = {f: (getattr(theirs, f), getattr(base, f)) for f in fields if getattr(theirs, f) != getattr(base, f)}
-    if input_spec(source.task) != spec:
-        differ["input transform"] = (input_spec(source.task), spec)
+    trained = input_spec(source.task)
+    if trained.preprocessing() != spec.preprocessing():
+        differ["input transform"] = (trained.preprocessing(), spec.preprocessing())
     if differ:
         listed = "; ".join(f"{f}: adapter {a!r}, server {b!r}" for f, (a, b) in differ.items())
         raise AdapterFileError(f"adapter {name!r} ({source.path}) was trained for another base model than this "
                                f"server's ({listed}); serve it from a server built on its base")
+    resized_spec(trained, spec.size, f"adapter {name!r} ({source.path})")

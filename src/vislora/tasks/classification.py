@@ -7,6 +7,7 @@ loss, per-class and per-group accuracy (any metadata column) and per-sample pred
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -17,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vislora.assets import resolve_model_spec
+from vislora.backbones import load_base_model
 from vislora.errors import ConfigError
+from vislora.input_size import build_timm, fit_input_size, hf_image_kwargs
 
 Head = Literal["auto", "own", "linear"]
 Pooling = Literal["cls", "mean", "cls_mean"]
@@ -37,7 +40,7 @@ class LinearProbeClassifier(nn.Module):
         """Pooled features [batch, width] that the head reads."""
         if hasattr(self.backbone, "encode_image"):  # open_clip
             return self.backbone.encode_image(images)
-        out = self.backbone(pixel_values=images)
+        out = self.backbone(pixel_values=images, **hf_image_kwargs(self.backbone))  # any side (vislora.input_size)
         tokens = out.last_hidden_state  # [batch, tokens, width]; token 0 is CLS
         cls = out.pooler_output if getattr(out, "pooler_output", None) is not None else tokens[:, 0]
         if self.pooling == "cls":
@@ -50,13 +53,15 @@ class LinearProbeClassifier(nn.Module):
 
 
 def build_classifier(spec: str, num_classes: int, pretrained: bool = True, head: Head = "auto",
-                     pooling: Pooling = "cls", image_size: int | None = None,
-                     **kwargs: Any) -> tuple[nn.Module, str]:
+                     pooling: Pooling = "cls", image_size: int | None = None, native_size: int | None = None,
+                     dynamic_size: bool = False, **kwargs: Any) -> tuple[nn.Module, str]:
     """(model returning logits, path of its head module) for a timm/HF/open_clip spec or `asset:<name>`.
 
     head="auto" keeps a timm model's own classifier (re-sized to `num_classes`) and puts a linear head on
     pooled features of other families; "linear" forces the pooled-feature head for timm too. `kwargs` go
-    to the model factory; a timm ViT is built for `image_size` (its position embeddings resized).
+    to the model factory. The backbone runs at `image_size` (default: its native side), its position embeddings
+    adapted as vislora.input_size says; `native_size` is the side a run recorded for a timm base (see
+    `build_timm`), `dynamic_size` builds a timm ViT that takes any side per forward (mixed-resolution training).
     """
     spec = resolve_model_spec(spec)
     family = spec.partition(":")[0] if ":" in spec else "timm"
@@ -65,27 +70,16 @@ def build_classifier(spec: str, num_classes: int, pretrained: bool = True, head:
                           "use head: linear")
     if family == "timm":
         kwargs["num_classes"] = num_classes if head in ("auto", "own") else 0
-        backbone = _timm_model(spec, pretrained, image_size, kwargs)
+        backbone = build_timm(functools.partial(load_base_model, spec, pretrained=pretrained), image_size, kwargs,
+                              pretrained, native_size, dynamic_size)
         if head in ("auto", "own"):
             return backbone, backbone.pretrained_cfg.get("classifier", "head")
     else:
-        from vislora.backbones import load_base_model
-
         backbone = load_base_model(spec, pretrained=pretrained, **kwargs)
+        fit_input_size(backbone, image_size)
     if family == "timm":
         return _TimmPooled(backbone, num_classes), "head"
     return LinearProbeClassifier(backbone, _width(backbone), num_classes, pooling), "head"
-
-
-def _timm_model(spec: str, pretrained: bool, image_size: int | None, kwargs: dict[str, Any]) -> nn.Module:
-    from vislora.backbones import load_base_model
-
-    if image_size is None or "img_size" in kwargs:
-        return load_base_model(spec, pretrained=pretrained, **kwargs)
-    try:  # transformers in timm take img_size and resize their position embeddings; CNNs take any size
-        return load_base_model(spec, pretrained=pretrained, img_size=image_size, **kwargs)
-    except TypeError:
-        return load_base_model(spec, pretrained=pretrained, **kwargs)
 
 
 class _TimmPooled(nn.Module):

@@ -116,7 +116,8 @@ class ClassificationTask(TrainTask):
             self.head_path, self.tiling, trained = base.head_path, base.tiling, base.trained_modules()
         else:
             base, self.head_path = build_classifier(model.spec, len(classes), model.pretrained, model.head,
-                                                    model.pooling, cfg.data.image_size, **model.kwargs)
+                                                    model.pooling, cfg.data.image_size,
+                                                    dynamic_size=bool(cfg.data.image_sizes), **model.kwargs)
             self.tiling, trained = None, [self.head_path]
         self.mixup = build_mixup(cfg.data.augment, len(classes))
         return base, cfg.adapter.build(*trained)

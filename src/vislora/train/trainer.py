@@ -24,8 +24,9 @@ from torch import nn
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
 from vislora.data.tiling import image_spec
-from vislora.data.transforms import SampleTransform, build_transform, model_input_spec
+from vislora.data.transforms import SampleTransform, build_transform
 from vislora.errors import ConfigError, TrainingError
+from vislora.input_size import fit_input_size, run_input_spec, sized_batch
 from vislora.model import AdaptedModel, inject
 from vislora.parameters import parameter_report
 from vislora.run_config import TrainConfig
@@ -77,9 +78,12 @@ class Trainer(RunDirectory):
             self.val_data = self.task.prepare_data(self.val_data, train=False)
         self._check_resolutions(self.train_data, self.val_data)
         self.model = self._build_model(classes, base_model)
-        self.spec = replace(model_input_spec(self._base_model(), config.data.image_size), window=config.data.window)
+        self.spec = replace(run_input_spec(self._base_model(), config.data.image_size, config.data.image_sizes),
+                            window=config.data.window)
+        train_spec = replace(self.spec, size=max(self.spec.train_sizes)) if self.spec.train_sizes else self.spec
         images = image_spec(self.spec, config.data.tiling)  # a tiled model takes whole images, not its input side
-        self.train_transform = SampleTransform(build_transform(images, True, config.data.augment), config.run.seed)
+        self.train_transform = SampleTransform(build_transform(image_spec(train_spec, config.data.tiling), True,
+                                                               config.data.augment), config.run.seed)
         self.eval_transform = SampleTransform(build_transform(images, False), config.run.seed)
         self.train_data.transform, self.train_data.window = self.train_transform, self.spec.window
         if self.val_data is not None:
@@ -114,6 +118,7 @@ class Trainer(RunDirectory):
     def _build_model(self, classes: list[str], base_model: nn.Module | None) -> AdaptedModel:
         cfg = self.config
         base, adapter_config = self.task.build(classes, base_model)
+        fit_input_size(self.task.image_model(base), cfg.data.image_size)  # a dual encoder's image tower too
         if cfg.run.gradient_checkpointing:
             for backbone in self.task.backbones(base):
                 _enable_gradient_checkpointing(backbone)
@@ -265,6 +270,7 @@ class Trainer(RunDirectory):
                 accelerator.backward(loss)
                 return 0.0, 0
             with accelerator.autocast():
+                batch = sized_batch(batch, self.spec, self.config.run.seed, self.loop.step)  # data.image_sizes
                 loss, n_images = self.task.loss(self.model, batch, accelerator.device)
                 loss = loss + self._extra_loss()
             accelerator.backward(loss / self.config.optim.grad_accum)
