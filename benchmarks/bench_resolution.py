@@ -70,15 +70,16 @@ CANVAS = MOSAIC_GRID * 28 * MOSAIC_SCALE
 TILE = CANVAS // MOSAIC_GRID
 FULL = {"train_images": 1000, "test_images": 500, "batch_size": 32, "steps": "56:120,112:60,224:16",
         "mosaics": "600,200,400", "tagger_steps": 40, "tagger_batch": 16, "memory_sizes": "448,896,1792"}
-QUICK = {"train_images": 64, "test_images": 64, "batch_size": 8, "steps": "56:4,112:3,224:2",
-         "mosaics": "32,16,16", "tagger_steps": 2, "tagger_batch": 8, "memory_sizes": "448,896"}
+QUICK = {"train_images": 32, "test_images": 32, "batch_size": 4, "steps": "56:3,112:2,224:2",
+         "mosaics": "16,8,8", "tagger_steps": 2, "tagger_batch": 4, "memory_sizes": "448,896"}
 
 
 # ------------------------------------------------------------------------------------------ in the child process
-def peak_memory() -> dict[str, float | None]:
-    """This process's peak resident memory so far (MiB) and, on a GPU, its CUDA peak allocated (MiB)."""
+def peak_memory(loaded: float) -> dict[str, float | None]:
+    """This process's peak resident memory so far, the resident memory `loaded` it had once its model and data were
+    loaded, and on a GPU its CUDA peak allocated (all MiB)."""
     cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    return {"peak_rss_mib": proc_status("VmHWM"), "cuda_peak_mib": cuda}
+    return {"peak_rss_mib": proc_status("VmHWM"), "loaded_rss_mib": loaded, "cuda_peak_mib": cuda}
 
 
 def proc_status(field: str) -> float:
@@ -133,19 +134,21 @@ def tagger_config(job: dict[str, Any]) -> TrainConfig:
 def probe_job(job: dict[str, Any]) -> dict[str, Any]:
     """The linear probe at one size; its head is saved for the LoRA runs that start from it."""
     trainer = Trainer(classifier_config(job))
+    loaded = proc_status("VmRSS")
     started = time.perf_counter()
     probe = linear_probe(trainer, trainer.train_data, trainer.val_data)
     seconds = time.perf_counter() - started
     save_file({"weight": probe.weight, "bias": probe.bias}, str(Path(job["dir"]) / "probe.safetensors"))
     images = len(trainer.train_data) + len(trainer.val_data)
     return {"accuracy": probe.accuracy, "seconds": seconds, "step_s": seconds * job["batch_size"] / images,
-            "train_images": len(trainer.train_data), "test_images": len(trainer.val_data), **peak_memory()}
+            "train_images": len(trainer.train_data), "test_images": len(trainer.val_data), **peak_memory(loaded)}
 
 
 def lora_job(job: dict[str, Any]) -> dict[str, Any]:
     """LoRA from the probe's head (LP-FT), trained and scored on the test images by the trainer."""
     timer = StepTimer()
     trainer = Trainer(classifier_config(job), callbacks=[timer])
+    loaded = proc_status("VmRSS")
     probe = load_file(job["probe"])
     _, head = parameter_groups(trainer.adapted)
     with torch.no_grad():
@@ -153,7 +156,7 @@ def lora_job(job: dict[str, Any]) -> dict[str, Any]:
         head[1].copy_(probe["bias"])
     result = trainer.fit()
     return {"accuracy": result.final["accuracy"], "step_s": timer.median(), "train_s": result.seconds,
-            "steps": result.steps, "adapter_dir": str(result.adapter_dir), **peak_memory()}
+            "steps": result.steps, "adapter_dir": str(result.adapter_dir), **peak_memory(loaded)}
 
 
 def accuracy_job(job: dict[str, Any]) -> dict[str, Any]:
@@ -198,9 +201,11 @@ def tagger_job(job: dict[str, Any]) -> dict[str, Any]:
     """A multilabel run on the mosaics (resized or tiled), then its test figures at the thresholds it tuned on the
     validation mosaics."""
     timer = StepTimer()
-    result = Trainer(tagger_config(job), callbacks=[timer]).fit()
+    trainer = Trainer(tagger_config(job), callbacks=[timer])
+    loaded = proc_status("VmRSS")
+    result = trainer.fit()
     figures = {"step_s": timer.median(), "train_s": result.seconds, "steps": result.steps,
-               "adapter_dir": str(result.adapter_dir), **peak_memory()}
+               "adapter_dir": str(result.adapter_dir), **peak_memory(loaded)}
     model, spec, task = open_tagger(figures["adapter_dir"], bool(job.get("tiling")), job["eval_size"])
     dataset = open_multilabel_data(task, job["manifests"]["test"])
     dataset.transform = SampleTransform(build_transform(spec, train=False), job["seed"])
@@ -229,7 +234,7 @@ def memory_job(job: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     with torch.inference_mode():
         model(pixels)
-    return {"loaded_rss_mib": loaded, "seconds": time.perf_counter() - started, **peak_memory()}
+    return {"seconds": time.perf_counter() - started, **peak_memory(loaded)}
 
 
 JOBS = {"probe": probe_job, "lora": lora_job, "accuracy": accuracy_job, "tagger": tagger_job, "memory": memory_job}
@@ -274,24 +279,31 @@ def probed_lora(args: argparse.Namespace, work: Path, size: int) -> tuple[dict[s
 def part_a(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     runs = {size: probed_lora(args, work, size) for size in SIZES}
     probe = runs[SIZES[0]][0]
+    cuda = probe["cuda_peak_mib"] is not None
     print(f"\nA. input size: DINOv2 ViT-S/14 on Fashion-MNIST, {probe['train_images']} training and "
-          f"{probe['test_images']} test images at each size, batch {args.batch_size}; ratios to {SIZES[0]} px")
+          f"{probe['test_images']} test images at each size, batch {args.batch_size}; x: ratio to {SIZES[0]} px")
     print(f"{'method':<9} {'px':>4} {'steps':>6} {'accuracy':>9} {'step s':>8} {'x':>6} {'peak RSS MiB':>13} "
-          f"{'x':>6}" + ("  CUDA peak MiB" if probe["cuda_peak_mib"] is not None else ""))
+          f"{'x':>5} {'over loaded':>12} {'x':>5}" + ("  CUDA peak MiB" if cuda else ""))
     figures = {}
     for index, method in enumerate(("probe", "LoRA r=8")):
         base = runs[SIZES[0]][index]
         for size in SIZES:
             run = runs[size][index]
-            steps = str(run["steps"]) if "steps" in run else "-"
-            cuda = f"  {run['cuda_peak_mib']:>13.0f}" if run["cuda_peak_mib"] is not None else ""
-            print(f"{method:<9} {size:>4} {steps:>6} {run['accuracy']:>9.4f} {run['step_s']:>8.3f} "
-                  f"{run['step_s'] / base['step_s']:>6.2f} {run['peak_rss_mib']:>13.0f} "
-                  f"{run['peak_rss_mib'] / base['peak_rss_mib']:>6.2f}{cuda}")
-            figures[f"{method} {size}"] = {**run, "step_ratio": run["step_s"] / base["step_s"],
-                                           "memory_ratio": run["peak_rss_mib"] / base["peak_rss_mib"]}
-    print("probe step: its frozen forward passes plus the fit, per batch of images; LoRA step: median optimizer step")
+            ratios = {"step": run["step_s"] / base["step_s"], "peak": run["peak_rss_mib"] / base["peak_rss_mib"],
+                      "working": working(run) / working(base)}
+            print(f"{method:<9} {size:>4} {run.get('steps', '-'):>6} {run['accuracy']:>9.4f} {run['step_s']:>8.3f} "
+                  f"{ratios['step']:>6.2f} {run['peak_rss_mib']:>13.0f} {ratios['peak']:>5.2f} "
+                  f"{working(run):>12.0f} {ratios['working']:>5.2f}"
+                  + (f"  {run['cuda_peak_mib']:>13.0f}" if cuda else ""))
+            figures[f"{method} {size}"] = {**run, "ratios": ratios}
+    print("probe step: its frozen forward passes plus the fit, per batch of images; LoRA step: median optimizer step\n"
+          "over loaded: peak minus the resident memory once model and data were loaded")
     return figures
+
+
+def working(run: dict[str, Any]) -> float:
+    """MiB a run's peak resident memory rose above what it held once its model and data were loaded."""
+    return run["peak_rss_mib"] - run["loaded_rss_mib"]
 
 
 def part_b(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -334,7 +346,7 @@ def part_c(args: argparse.Namespace, work: Path) -> dict[str, Any]:
           f"{args.tile_input} px input, {args.tiles_per_step} per backbone call; MiB over the loaded model in ()")
     print(f"{'px':>5} {'whole: peak RSS':>16} {'(+)':>8} {'s':>7} {'tiled: peak RSS':>16} {'(+)':>8} {'s':>7}")
     for size in args.memory_sizes:
-        cells = [(m["peak_rss_mib"], m["peak_rss_mib"] - m["loaded_rss_mib"], m["seconds"])
+        cells = [(m["peak_rss_mib"], working(m), m["seconds"])
                  for m in (memory[f"whole {size}"], memory[f"tiled {size}"])]
         print(f"{size:>5} " + " ".join(f"{p:>16.0f} {f'(+{d:.0f})':>8} {s:>7.2f}" for p, d, s in cells))
     return {"runs": runs, "tiling": tiling, "memory": memory}
@@ -351,8 +363,10 @@ def print_tagging(args: argparse.Namespace, runs: dict[str, dict[str, Any]], cou
     for name in FASHION_MNIST_CLASSES:
         a, b = resized["f1"][name], tiled["f1"][name]
         print(f"F1 {name:<11} {a:>9.4f} {b:>9.4f} {100 * (b - a):>+7.1f}")
-    for key, label, digits in (("step_s", "step s", 3), ("peak_rss_mib", "train peak MiB", 0)):
-        print(f"{label:<14} {resized[key]:>9.{digits}f} {tiled[key]:>9.{digits}f} {tiled[key] / resized[key]:>6.2f}x")
+    for label, a, b, digits in (("step s", resized["step_s"], tiled["step_s"], 3),
+                                ("train peak MiB", resized["peak_rss_mib"], tiled["peak_rss_mib"], 0),
+                                ("  over loaded", working(resized), working(tiled), 0)):
+        print(f"{label:<14} {a:>9.{digits}f} {b:>9.{digits}f} {b / a:>6.2f}x")
 
 
 def check_ready(args: argparse.Namespace, work: Path) -> None:
