@@ -8,7 +8,8 @@ A. The demo setup (vislora.train.demo.demo_config: LoRA r=8 on q and v plus the 
    linear probe, LP-FT) at 56, 112 and 224 px: linear probe and LoRA test accuracy, seconds per step, peak memory,
    with ratios to 56 px. LoRA's step is the median wall time between the ends of consecutive optimizer steps; the
    probe's "step" is its frozen forward passes plus the fit, per batch of images. Every size trains on the same
-   images; a 224 px step costs ~16x a 56 px one, so the steps shrink with the size (printed).
+   images; a step costs more the more tokens it has (16x as many at 224 px as at 56), so the steps shrink with the
+   size (printed).
 B. Mixing resolutions: LoRA trained at 112 px only (A's 112 px run) vs on a mix of 56, 112 and 224 px
    (data.image_sizes: each step's batch at one of them), the same steps from the same probe, both evaluated on the
    test images at 56, 112 and 224 px (vislora.runs.load_trained(..., image_size=N)).
@@ -18,7 +19,7 @@ C. Tiling: 4x4 Fashion-MNIST mosaics at 448 px (112 px cells; benchmarks/mosaics
    thresholds each run tuned on the validation mosaics. Then one mosaic's inference at 448, 896 and 1792 px: the
    whole image through the interpolating backbone vs tiled (tiles_per_step fixed), peak memory and seconds.
 
-    python benchmarks/bench_resolution.py --out resolution.json     # ~20 min on 2 quiet cores
+    python benchmarks/bench_resolution.py --out resolution.json     # sized for ~20 min on 2 quiet cores
     python benchmarks/bench_resolution.py --quick --parts A         # a smoke test of the script, < 2 min
     python benchmarks/bench_resolution.py --work runs/res           # keep the runs; a rerun reuses finished jobs
 """
@@ -61,15 +62,15 @@ from vislora.train.trainer import Trainer
 from vislora.train.view import TrainerView
 
 sys.path.insert(0, str(Path(__file__).parent))
-from mosaics import make_mosaics
+from mosaics import CELL, make_mosaics
 
 SIZES = (56, 112, 224)
 NATIVE = 112  # part B's single-resolution run
 MOSAIC_GRID, MOSAIC_SCALE = 4, 4  # 4x4 mosaics of 28 px items, enlarged 4x: 448 px canvases of 112 px cells
-CANVAS = MOSAIC_GRID * 28 * MOSAIC_SCALE
+CANVAS = MOSAIC_GRID * CELL * MOSAIC_SCALE
 TILE = CANVAS // MOSAIC_GRID
-FULL = {"train_images": 1000, "test_images": 500, "batch_size": 32, "steps": "56:120,112:60,224:16",
-        "mosaics": "600,200,400", "tagger_steps": 40, "tagger_batch": 16, "memory_sizes": "448,896,1792"}
+FULL = {"train_images": 800, "test_images": 400, "batch_size": 32, "steps": "56:100,112:50,224:15",
+        "mosaics": "400,120,240", "tagger_steps": 30, "tagger_batch": 16, "memory_sizes": "448,896,1792"}
 QUICK = {"train_images": 32, "test_images": 32, "batch_size": 4, "steps": "56:3,112:2,224:2",
          "mosaics": "16,8,8", "tagger_steps": 2, "tagger_batch": 4, "memory_sizes": "448,896"}
 
