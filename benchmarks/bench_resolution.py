@@ -69,8 +69,8 @@ NATIVE = 112  # part B's single-resolution run
 MOSAIC_GRID, MOSAIC_SCALE = 4, 4  # 4x4 mosaics of 28 px items, enlarged 4x: 448 px canvases of 112 px cells
 CANVAS = MOSAIC_GRID * CELL * MOSAIC_SCALE
 TILE = CANVAS // MOSAIC_GRID
-FULL = {"train_images": 800, "test_images": 400, "batch_size": 32, "steps": "56:100,112:50,224:15",
-        "mosaics": "400,120,240", "tagger_steps": 30, "tagger_batch": 16, "memory_sizes": "448,896,1792"}
+FULL = {"train_images": 600, "test_images": 300, "batch_size": 32, "steps": "56:100,112:50,224:15",
+        "mosaics": "320,100,200", "tagger_steps": 24, "tagger_batch": 16, "memory_sizes": "448,896,1792"}
 QUICK = {"train_images": 32, "test_images": 32, "batch_size": 4, "steps": "56:3,112:2,224:2",
          "mosaics": "16,8,8", "tagger_steps": 2, "tagger_batch": 4, "memory_sizes": "448,896"}
 
