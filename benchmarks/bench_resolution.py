@@ -391,7 +391,7 @@ def check_ready(args: argparse.Namespace, work: Path) -> None:
     if "C" in args.parts and importlib.util.find_spec("vislora.tasks.tiled") is None:
         missing.append("vislora.tasks.tiled.TiledClassifier")
     if missing:
-        raise SystemExit(f"parts {','.join(args.parts)} need what this vislora does not have yet (issue #16's "
+        raise SystemExit(f"--parts {','.join(args.parts)} needs what this vislora does not have yet (issue #16's "
                          "resolution and tiling work):\n  - " + "\n  - ".join(missing)
                          + "\nrun --parts A, or merge that work first")
 
