@@ -12,7 +12,8 @@ seen twice across splits. Labels are the item classes present plus coarse attrib
 The `rare` classes are kept to at most `rare_share` of the training mosaics (2% by default), as rare
 attributes are in a real catalogue; validation and test mosaics draw every class alike, so the rare ones can be
 scored. `write_split` saves the mosaics as PNG files with a JSONL manifest (`{"path", "label": [...]}`), the
-format `task.kind: multilabel` reads.
+format `task.kind: multilabel` reads; with `scale` each mosaic is enlarged (bicubic) to `scale` times its side, as
+high-resolution pictures of the same items (4x4 mosaics at scale 4: 448 px canvases of 112 px cells).
 
     python benchmarks/mosaics.py OUT --train 2000 --val 500 --test 1000   # writes OUT/{train,val,test}.jsonl
 """
@@ -46,12 +47,12 @@ def coarse_labels(classes: set[str]) -> list[str]:
 
 
 def mosaics(images: np.ndarray, labels: np.ndarray, count: int, *, grid: int = 2, rare: tuple[str, ...] = (),
-            rare_share: float = 0.02, max_items: int | None = None, seed: int = 0
+            rare_share: float = 0.02, max_items: int | None = None, coarse: bool = True, seed: int = 0
             ) -> tuple[np.ndarray, list[list[str]]]:
     """`count` mosaics [count, grid*28, grid*28] (uint8) from the items (`images` [N, 28, 28], `labels` [N]), and
-    each mosaic's labels (classes present, then coarse attributes). Each holds 1 to `max_items` (default grid²)
-    items, each item used at most once. Each `rare` class appears in exactly floor(rare_share * count) mosaics, one
-    item each; the other items never are rare."""
+    each mosaic's labels (classes present, then, with `coarse`, the coarse attributes). Each holds 1 to `max_items`
+    (default grid²) items, each item used at most once. Each `rare` class appears in exactly
+    floor(rare_share * count) mosaics, one item each; the other items never are rare."""
     rng = np.random.default_rng(seed)
     names = np.array(FASHION_MNIST_CLASSES)[labels]
     common_pool = list(rng.permutation(np.flatnonzero(~np.isin(names, rare))))
@@ -71,17 +72,22 @@ def mosaics(images: np.ndarray, labels: np.ndarray, count: int, *, grid: int = 2
             row, col = divmod(int(cell), grid)
             out[i, row * CELL:(row + 1) * CELL, col * CELL:(col + 1) * CELL] = images[item]
         present = {str(names[item]) for item in items}
-        all_labels.append([c for c in FASHION_MNIST_CLASSES if c in present] + coarse_labels(present))
+        all_labels.append([c for c in FASHION_MNIST_CLASSES if c in present]
+                          + (coarse_labels(present) if coarse else []))
     return out, all_labels
 
 
-def write_split(folder: Path, split: str, pictures: np.ndarray, labels: list[list[str]]) -> Path:
-    """PNG files under folder/split/ and the manifest folder/split.jsonl; returns the manifest's path."""
+def write_split(folder: Path, split: str, pictures: np.ndarray, labels: list[list[str]], scale: int = 1) -> Path:
+    """PNG files under folder/split/ (each side times `scale`, bicubic) and the manifest folder/split.jsonl; returns
+    the manifest's path."""
     (folder / split).mkdir(parents=True, exist_ok=True)
     lines = []
     for i, (picture, names) in enumerate(zip(pictures, labels, strict=True)):
         relative = f"{split}/{i:05d}.png"
-        Image.fromarray(picture).save(folder / relative)
+        image = Image.fromarray(picture)
+        if scale != 1:
+            image = image.resize((image.width * scale, image.height * scale), Image.Resampling.BICUBIC)
+        image.save(folder / relative)
         lines.append(json.dumps({"path": relative, "label": names}))
     manifest = folder / f"{split}.jsonl"
     manifest.write_text("\n".join(lines) + "\n")
@@ -89,18 +95,21 @@ def write_split(folder: Path, split: str, pictures: np.ndarray, labels: list[lis
 
 
 def make_mosaics(folder: str | Path, train: int = 2000, val: int = 500, test: int = 1000, grid: int = 2,
-                 rare: tuple[str, ...] = RARE, rare_share: float = 0.02, seed: int = 0) -> dict[str, Path]:
-    """Write the three splits (see the module text) and return their manifests by split name."""
+                 rare: tuple[str, ...] = RARE, rare_share: float = 0.02, seed: int = 0, coarse: bool = True,
+                 scale: int = 1) -> dict[str, Path]:
+    """Write the three splits (see the module text; `coarse` and `scale` as in `mosaics` and `write_split`) and
+    return their manifests by split name."""
     folder = Path(folder)
     train_x, train_y = read_fashion_mnist("train", fashion_mnist_dir())
     test_x, test_y = read_fashion_mnist("test", fashion_mnist_dir())
     half = len(test_y) // 2
     splits = {
-        "train": mosaics(train_x, train_y, train, grid=grid, rare=rare, rare_share=rare_share, seed=seed),
-        "val": mosaics(test_x[:half], test_y[:half], val, grid=grid, seed=seed + 1),
-        "test": mosaics(test_x[half:], test_y[half:], test, grid=grid, seed=seed + 2),
+        "train": mosaics(train_x, train_y, train, grid=grid, rare=rare, rare_share=rare_share, coarse=coarse,
+                         seed=seed),
+        "val": mosaics(test_x[:half], test_y[:half], val, grid=grid, coarse=coarse, seed=seed + 1),
+        "test": mosaics(test_x[half:], test_y[half:], test, grid=grid, coarse=coarse, seed=seed + 2),
     }
-    return {name: write_split(folder, name, *split) for name, split in splits.items()}
+    return {name: write_split(folder, name, *split, scale=scale) for name, split in splits.items()}
 
 
 def positives(labels: list[list[str]]) -> Counter:
