@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import inspect
 import json
 import statistics
 import subprocess
@@ -46,7 +44,6 @@ from safetensors.torch import load_file, save_file
 from vislora.assets import FASHION_MNIST_CLASSES
 from vislora.data.datasets import collate
 from vislora.data.transforms import InputSpec, SampleTransform, build_transform
-from vislora.errors import ConfigError
 from vislora.evaluate.classifier import open_eval_data
 from vislora.evaluate.multilabel import multilabel_metrics
 from vislora.evaluate.multilabel_comparison import open_multilabel_data
@@ -55,6 +52,7 @@ from vislora.run_config import TrainConfig
 from vislora.runs import load_trained
 from vislora.tasks.classification import predict_rows, summarize
 from vislora.tasks.multilabel import attribute_scores, saved_attributes, saved_thresholds
+from vislora.tasks.tiled import TiledClassifier
 from vislora.train.callbacks import TrainerCallback
 from vislora.train.demo import demo_config, linear_probe
 from vislora.train.schedule import parameter_groups
@@ -189,8 +187,6 @@ def open_tagger(adapter_dir: str, tiled: bool, size: int) -> tuple[AdaptedModel,
         model, task = load_trained(adapter_dir, image_size=size)
         check_size(task["input_spec"], size)
         return model, task["input_spec"], task
-    from vislora.tasks.tiled import TiledClassifier
-
     model, task = load_trained(adapter_dir)
     if not any(isinstance(module, TiledClassifier) for module in model.modules()):
         raise RuntimeError(f"load_trained({adapter_dir}) did not rebuild a TiledClassifier for a tiled run; the tiled "
@@ -370,32 +366,6 @@ def print_tagging(args: argparse.Namespace, runs: dict[str, dict[str, Any]], cou
         print(f"{label:<14} {a:>9.{digits}f} {b:>9.{digits}f} {b / a:>6.2f}x")
 
 
-def check_ready(args: argparse.Namespace, work: Path) -> None:
-    """Stop before any work when this vislora lacks what parts B and C run on (issue #16's other pieces)."""
-    missing = []
-    needs_sizes = {"B", "C"} & set(args.parts)
-    if needs_sizes and "image_size" not in inspect.signature(load_trained).parameters:
-        missing.append("vislora.runs.load_trained(..., image_size=N)")
-    probes = {"B": lambda: classifier_config(classifier_job(args, "lora", NATIVE, dir=str(work),
-                                                             data={"image_sizes": list(SIZES)})),
-              "C": lambda: tagger_config({"manifests": dict.fromkeys(("train", "val"), "m.jsonl"), "size": 56,
-                                          "steps": 1, "batch_size": 1, "seed": 0, "dir": str(work),
-                                          "tiling": {"size": TILE, "overlap": 0, "aggregate": args.aggregate,
-                                                     "tiles_per_step": args.tiles_per_step, "image_size": CANVAS}})}
-    keys = {"B": "data.image_sizes (mixed-resolution training)", "C": "data.tiling (tiled training)"}
-    for part in sorted(set(probes) & set(args.parts)):
-        try:
-            probes[part]()
-        except ConfigError as exc:
-            missing.append(f"{keys[part]}, which TrainConfig refuses: {exc}")
-    if "C" in args.parts and importlib.util.find_spec("vislora.tasks.tiled") is None:
-        missing.append("vislora.tasks.tiled.TiledClassifier")
-    if missing:
-        raise SystemExit(f"--parts {','.join(args.parts)} needs what this vislora does not have yet (issue #16's "
-                         "resolution and tiling work):\n  - " + "\n  - ".join(missing)
-                         + "\nrun --parts A, or merge that work first")
-
-
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", default="A,B,C", help="comma-separated parts to run (A, B, C)")
@@ -443,7 +413,6 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        check_ready(args, work)
         print(f"steps per size: {', '.join(f'{s} px {n}' for s, n in args.steps.items())} (batch {args.batch_size})")
         figures = {part: parts[part](args, work) for part in args.parts}
     wall = time.perf_counter() - started
