@@ -167,7 +167,8 @@ def test_an_old_task_json_reads_without_the_size_record():
     new = input_spec({"input": {"size": 32, "mean": [0.5] * 3, "std": [0.2] * 3, "interpolation": "bicubic",
                                 "native_size": 224, "position_embeddings": "timm-resample", "train_sizes": [16, 32]}})
     assert new.train_sizes == (16, 32) and new.preprocessing() == spec.preprocessing()
-    assert new.preprocessing() == {"mean": (0.5,) * 3, "std": (0.2,) * 3, "interpolation": "bicubic"}
+    assert new.preprocessing() == {"mean": (0.5,) * 3, "std": (0.2,) * 3, "interpolation": "bicubic",
+                                   "window": "auto"}
 
 
 @torch.no_grad()

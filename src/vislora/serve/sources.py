@@ -183,7 +183,7 @@ def check_fits(name: str, source: AdapterSource, base: BaseSection, spec: InputS
         raise AdapterFileError(f"adapter {name!r} ({source.path}) is a {theirs.kind} adapter ({source.task['task']!r} "
                                f"task) but this server's base is a {base.kind}; serve it from a server built on its "
                                "base")
-    fields = ("kind", "spec", "pretrained", "pooling", "kwargs", "image_size", *(
+    fields = ("kind", "spec", "pretrained", "pooling", "kwargs", *(
         ("text", "embed_dim", "text_pooling") if base.kind == "dual_encoder" else ("head", "num_classes", "tiling")))
     differ = {f: (getattr(theirs, f), getattr(base, f)) for f in fields if getattr(theirs, f) != getattr(base, f)}
     trained = input_spec(source.task)
