@@ -1,6 +1,7 @@
 """load_image: 8-bit files as before, 16-bit without clipping, DICOM windowing against numpy hand computations on
 pydicom's own bundled test files, and clear errors on bad input."""
 
+import json
 import shutil
 import struct
 import sys
@@ -19,6 +20,7 @@ from vislora.data import InputSpec, build_transform, check_dataset, collate, ima
 from vislora.data.transforms import AugmentConfig
 from vislora.errors import ConfigError, DataError, TooLarge
 from vislora.evaluate.classifier import open_eval_data
+from vislora.export import merge_adapter
 from vislora.run_config import DataSection, TrainConfig
 from vislora.runs import input_spec, load_trained, read_task
 from vislora.serve import ServeConfig, build_engine
@@ -300,3 +302,5 @@ def test_a_run_trained_with_a_window_is_evaluated_and_served_with_it(tmp_path):
     served = engine.preprocess(CT.read_bytes())
     assert torch.equal(served, transform(load_image(CT, window="lung")))
     assert not torch.allclose(served, transform(load_image(CT)), atol=0.1)
+    merged = merge_adapter(adapter, tmp_path / "merged").out  # deployments outside vislora learn the window too
+    assert json.loads((merged / "vislora_merge.json").read_text())["input"]["dicom_window"] == "lung"

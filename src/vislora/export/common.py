@@ -173,6 +173,14 @@ def staged_dir(dest: str | Path, overwrite: bool = False, staging_parent: Path |
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def preprocessing(spec: InputSpec) -> dict[str, Any]:
+    """How an exported model's images are prepared, for manifests: normalisation, resize interpolation and the DICOM
+    window DICOM files are read with (vislora.data.load_image; a [center, width] pair or a name)."""
+    window = list(spec.window) if isinstance(spec.window, tuple) else spec.window
+    return {"mean": list(spec.mean), "std": list(spec.std), "interpolation": spec.interpolation,
+            "dicom_window": window}
+
+
 def write_json(path: Path, data: dict[str, Any]) -> None:
     """Write `data` as indented JSON (atomically)."""
     from vislora.io import atomic_write_text

@@ -30,7 +30,7 @@ from vislora.adapters.methods import method_class
 from vislora.data.transforms import InputSpec
 from vislora.dual_encoder import DualTowerModel
 from vislora.errors import ExportError
-from vislora.export.common import INPUT_NAME, MERGE_ATOL, staged_dir, write_json
+from vislora.export.common import INPUT_NAME, MERGE_ATOL, preprocessing, staged_dir, write_json
 from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OPSET, check_onnx, compare_outputs, export_module
 from vislora.model import AdaptedModel
 from vislora.runs import input_spec, load_trained_dual
@@ -308,8 +308,7 @@ def write_dual_metadata(folder: Path, item: DualExportable, plain: DualTowerMode
         "adapter": str(item.adapter_dir.resolve()),
         "image": {"file": files["image"], "input": {
             "name": INPUT_NAME, "shape": ["batch", 3, spec.size, spec.size], "dtype": "float32",
-            "preprocessing": {"resize_shorter_side": spec.size, "center_crop": spec.size, "mean": list(spec.mean),
-                              "std": list(spec.std), "interpolation": spec.interpolation}},
+            "preprocessing": {"resize_shorter_side": spec.size, "center_crop": spec.size, **preprocessing(spec)}},
                   "output": {"name": IMAGE_OUTPUT, "shape": ["batch", dim], "l2_normalised": True}},
         "text": {"file": files["text"], "inputs": text_inputs, "tokens": sequence["tokens"],
                  "tokenizer": tokenizer,

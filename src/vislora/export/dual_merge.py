@@ -37,7 +37,7 @@ from torch import nn
 
 from vislora.dual_encoder import DualEncoder, DualTowerModel, HFDualEncoder
 from vislora.errors import ExportError
-from vislora.export.common import MERGE_ATOL, MergeResult, staged_dir, write_json
+from vislora.export.common import MERGE_ATOL, MergeResult, preprocessing, staged_dir, write_json
 from vislora.export.dual import (
     DualExportable,
     load_dual_exportable,
@@ -71,8 +71,7 @@ def merge_dual(adapter_dir: str | Path, out: str | Path, base: str | None = None
             "layout": layout, "task": item.task["task"], "base": item.base,
             "adapter": str(item.adapter_dir.resolve()), "classes": item.classes,
             "class_names": item.task.get("class_names"), "templates": item.task.get("templates"),
-            "input": {"size": spec.size, "mean": list(spec.mean), "std": list(spec.std),
-                      "interpolation": spec.interpolation},
+            "input": {"size": spec.size, **preprocessing(spec)},
             **meta, **logit_figures(plain),
             "similarity": "logits = logit_scale * image_embeds @ text_embeds.T (+ logit_bias when not null), "
                           "embeddings L2-normalised",

@@ -35,6 +35,7 @@ from vislora.export.common import (
     is_dual,
     load_exportable,
     plain_merged,
+    preprocessing,
     staged_dir,
     tensor_output,
     write_json,
@@ -73,8 +74,7 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
                               f"merged model (> {MERGE_ATOL:g}); nothing was written to {out}")
         write_json(tmp / "vislora_merge.json", {
             "layout": layout, "base": item.base, "adapter": str(item.adapter_dir.resolve()),
-            "classes": item.classes, "input": {"size": item.spec.size, "mean": list(item.spec.mean),
-                                               "std": list(item.spec.std), "interpolation": item.spec.interpolation},
+            "classes": item.classes, "input": {"size": item.spec.size, **preprocessing(item.spec)},
             "pooling": _pooling(plain.model), "max_abs_diff": difference, "reload_max_abs_diff": reload_difference,
             "load": load, "task": exported_task(item.task)})
     return MergeResult(out, layout, difference, reload_difference, load.replace("OUT", str(out)))

@@ -32,6 +32,7 @@ from vislora.export.common import (
     is_dual,
     load_exportable,
     plain_merged,
+    preprocessing,
     staged_dir,
     write_json,
 )
@@ -178,8 +179,7 @@ def write_metadata(folder: Path, item: Exportable, check: OnnxCheck, merge_diffe
         "base": item.base, "adapter": str(item.adapter_dir.resolve()), "input": {
             "name": INPUT_NAME, "shape": ["batch", 3, *side], "dtype": "float32",
             **({"sides": axes.to_dict()} if axes else {}),
-            "preprocessing": {"resize_shorter_side": spec.size, "center_crop": spec.size, "mean": list(spec.mean),
-                              "std": list(spec.std), "interpolation": spec.interpolation}},
+            "preprocessing": {"resize_shorter_side": spec.size, "center_crop": spec.size, **preprocessing(spec)}},
         "output": {"name": OUTPUT_NAME, "classes": item.classes}, "task": exported_task(item.task),
         "merge_max_abs_diff": merge_difference,
         "onnx_max_abs_diff": {str(k): v for k, v in check.max_abs_diff.items()},
