@@ -67,9 +67,12 @@ def model_spec(task: dict[str, Any]) -> InputSpec:
 
 
 def resized_spec(spec: InputSpec, image_size: int | None, what: str) -> InputSpec:
-    """`spec` at `image_size` (None: as recorded), with a VisloraWarning naming both sizes when they differ."""
+    """`spec` at `image_size` (None: as recorded), with a VisloraWarning naming both sizes when the adapter never
+    trained at `image_size` (a mixed-resolution run trained at each of its `train_sizes`)."""
     if image_size is None or image_size == spec.size:
         return spec
+    if image_size in (spec.train_sizes or ()):
+        return replace(spec, size=image_size)
     warnings.warn(f"{what} was trained at {spec.size} px and runs at {image_size} px: its base model's position "
                   "embeddings are adapted to the new size (vislora.input_size), so results may differ from those "
                   f"at {spec.size} px; check them on held-out data", VisloraWarning, stacklevel=3)

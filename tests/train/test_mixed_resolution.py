@@ -3,15 +3,17 @@ stays at data.image_size, task.json records the sides, and a resumed run equals 
 
 import json
 import shutil
+import warnings
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 from synthetic_images import image_folder, tiny_train_config
-from vislora.errors import ConfigError
+from vislora.errors import ConfigError, VisloraWarning
 from vislora.input_size import step_side
 from vislora.run_config import TrainConfig
+from vislora.runs import load_trained
 from vislora.train.trainer import Trainer
 
 SIDES = [16, 24, 32]
@@ -38,6 +40,12 @@ def test_each_step_trains_at_its_drawn_side_and_evaluates_at_image_size(tmp_path
     assert {side for training, side in seen if not training} == {32}  # evaluation at data.image_size
     task = json.loads((result.adapter_dir / "task.json").read_text())["input"]
     assert (task["size"], task["train_sizes"], task["position_embeddings"]) == (32, SIDES, "native")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a side the run trained at: no warning
+        _, reopened = load_trained(result.adapter_dir, image_size=16)
+    assert reopened["input_spec"].size == 16
+    with pytest.warns(VisloraWarning, match="trained at 32 px and runs at 40 px"):
+        load_trained(result.adapter_dir, image_size=40)
 
 
 def test_a_resumed_mixed_run_equals_an_uninterrupted_one(tmp_path, folder):
