@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 
 from vislora.data.attributes import AttributeSet, natural_key
 from vislora.data.images import LoadedImage, Window, image_header, load_image
+from vislora.data.transforms import InputSpec, SampleTransform, build_transform
 from vislora.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,12 @@ class ImageDataset(torch.utils.data.Dataset):
         self.attributes = attributes
         self.classes = list(attributes.names)
         self.class_to_index = {c: i for i, c in enumerate(self.classes)}
+
+    def read_as(self, spec: InputSpec, seed: int = 0) -> None:
+        """Read samples as a trained model evaluates them: files decoded with `spec`'s DICOM window, then its
+        evaluation transform (seeded per sample, see SampleTransform)."""
+        self.transform = SampleTransform(build_transform(spec, train=False), seed)
+        self.window = spec.window
 
     @property
     def multilabel(self) -> bool:

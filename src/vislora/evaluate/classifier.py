@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
-from vislora.data.transforms import SampleTransform, build_transform
 from vislora.errors import ConfigError
 from vislora.evaluate.clinical import clinical_metrics, compare_clinical
 from vislora.evaluate.collect import BaseHead, collect
@@ -39,8 +38,7 @@ def open_eval_data(task: dict[str, Any], data: str | Path, limit: int | None = N
     dataset = open_dataset(data, label_column=label_column, path_column=path_column, classes=task["classes"])
     if limit:
         dataset = dataset.subset(limit, seed=seed)
-    dataset.transform = SampleTransform(build_transform(task["input_spec"], train=False), seed)
-    dataset.window = task["input_spec"].window
+    dataset.read_as(task["input_spec"], seed)
     return dataset
 
 

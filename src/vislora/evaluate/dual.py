@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vislora.data.datasets import collate, open_dataset
-from vislora.data.transforms import SampleTransform, build_transform
 from vislora.runs import input_spec, load_trained_dual
 from vislora.tasks.classification import eval_batches
 from vislora.tasks.clip import contrastive_loss, retrieval_recall, same_label, text_classifier
@@ -108,8 +107,7 @@ def evaluate_dual(adapter_dir: str | Path, data: str | Path, *, batch_size: int 
     dataset = open_dataset(data, label_column=label_column if classes else None, classes=classes)
     if limit:
         dataset = dataset.subset(limit, seed=seed)
-    dataset.transform = SampleTransform(build_transform(input_spec(task), train=False), seed)
-    dataset.window = input_spec(task).window
+    dataset.read_as(input_spec(task), seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          generator=torch.Generator())
     rows, skipped = embed_rows(model, loader, model.base_model.tokenize)

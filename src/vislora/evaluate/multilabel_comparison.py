@@ -19,7 +19,6 @@ from typing import Any
 import torch
 
 from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate, open_dataset
-from vislora.data.transforms import SampleTransform, build_transform
 from vislora.diagnostics.records import json_safe
 from vislora.evaluate.collect import BaseHead, collect
 from vislora.evaluate.drift import Drift, embedding_drift
@@ -117,8 +116,7 @@ def open_multilabel_data(task: dict[str, Any], data: str | Path, limit: int | No
                            attributes=saved_attributes(task))
     if limit:
         dataset = dataset.subset(limit, seed=seed)
-    dataset.transform = SampleTransform(build_transform(task["input_spec"], train=False), seed)
-    dataset.window = task["input_spec"].window
+    dataset.read_as(task["input_spec"], seed)
     return dataset
 
 

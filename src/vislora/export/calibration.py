@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from vislora.data.datasets import IMAGE_SUFFIXES, ImageDataset, Record, collate, open_dataset
-from vislora.data.transforms import InputSpec, SampleTransform, build_transform
+from vislora.data.transforms import InputSpec
 from vislora.errors import ExportError, VisloraError
 from vislora.export.common import INPUT_NAME
 from vislora.runs import run_config
@@ -134,8 +134,7 @@ class CalibrationReader:
 def preprocessed(dataset: ImageDataset | torch.utils.data.Subset, spec: InputSpec, batch_size: int) -> Iterator[dict]:
     """Batches of `dataset` through the evaluation transform of training (`build_transform(spec, train=False)`)."""
     images = dataset.dataset if isinstance(dataset, torch.utils.data.Subset) else dataset
-    images.transform = SampleTransform(build_transform(spec, train=False))
-    images.window = spec.window
+    images.read_as(spec)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          generator=torch.Generator())
     for batch in loader:

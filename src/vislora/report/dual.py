@@ -28,7 +28,6 @@ import torch
 import yaml
 
 from vislora.data.datasets import collate, open_dataset
-from vislora.data.transforms import SampleTransform, build_transform
 from vislora.diagnostics import Diagnosis, diagnose
 from vislora.errors import VisloraError
 from vislora.evaluate.drift import Drift, embedding_drift
@@ -89,8 +88,7 @@ def compare_dual(model: AdaptedModel, task: dict[str, Any], source: str, batch_s
                            classes=classes)
     if limit:
         dataset = dataset.subset(limit, seed=seed)
-    dataset.transform = SampleTransform(build_transform(input_spec(task), train=False), seed)
-    dataset.window = input_spec(task).window
+    dataset.read_as(input_spec(task), seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          generator=torch.Generator())
     tokenize = model.base_model.tokenize

@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate, open_dataset
-from vislora.data.transforms import SampleTransform
 from vislora.errors import ConfigError, SearchError, StaleIndex
 from vislora.search.embed import AdapterIdentity, Embedder, no_text_reason
 from vislora.search.index import MODALITIES, Hit, Index, IndexWriter, load_index
@@ -57,8 +56,7 @@ def build_index(data: str | Path | ImageDataset, adapter: str | Path | Embedder,
         source = str(data)
     if limit:
         dataset = dataset.subset(limit, seed=seed)
-    dataset.transform = SampleTransform(embedder.transform, seed)
-    dataset.window = embedder.input_spec.window
+    dataset.read_as(embedder.input_spec, seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate, num_workers=workers,
                                          generator=torch.Generator())
     batches: Iterable[dict[str, Any]] = progress(loader, len(loader)) if progress else loader
