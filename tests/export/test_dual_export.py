@@ -180,7 +180,10 @@ def test_triton_repository_holds_an_image_and_a_text_model_that_triton_parses(tm
     assert not list(tmp_path.glob(".clip_*"))  # no staging folder left beside the repository
 
 
-def test_cli_exports_both_towers_of_a_dual_run(tmp_path):
+def test_cli_exports_both_towers_of_a_dual_run(tmp_path, monkeypatch):
+    from vislora.cli.app import console
+
+    monkeypatch.setattr(console, "width", 400)  # a long tmp path (pytest-xdist's) must not wrap a file name
     runner = CliRunner()
     result = runner.invoke(app, ["export", "onnx", "--adapter", str(clip_run()), "--out", str(tmp_path / "onnx")])
     assert result.exit_code == 0, result.output
