@@ -39,7 +39,7 @@ def top1(logits: torch.Tensor | None, classes: tuple[str, ...] | None) -> str | 
     return classes[int(logits.argmax())]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Answered:
     """What one answer was, kept until its feedback arrives."""
 
@@ -80,6 +80,10 @@ class FeedbackBook:
         self._gone: OrderedDict[str, str] = OrderedDict()  # id -> why it takes no feedback, oldest first
         self._given: dict[str, Scored] = {}  # ids of _gone that got their feedback
         self._lock = threading.Lock()
+        self._expired = (f"expired after {section.ttl_s:g} s without feedback (feedback.ttl_s); send feedback sooner "
+                         "or raise feedback.ttl_s")  # one string for every expired id
+        self._dropped = (f"was dropped unanswered: more than {section.max_pending} answers were waiting for "
+                         "feedback (feedback.max_pending)")
         metrics.feedback_pending.set_function(lambda: self.pending)
 
     @property
@@ -100,8 +104,7 @@ class FeedbackBook:
             self._pending[answered.request_id] = answered
             while len(self._pending) > self.section.max_pending:
                 dropped, _ = self._pending.popitem(last=False)
-                self._forget(dropped, f"was dropped unanswered: more than {self.section.max_pending} answers were "
-                                      "waiting for feedback (feedback.max_pending)")
+                self._forget(dropped, self._dropped)
         self.metrics.answers.labels(output.rollout or "", output.adapter or NO_ADAPTER).inc()
 
     def give(self, request_id: str, label: str | None = None, click: bool | None = None) -> Scored:
@@ -127,14 +130,12 @@ class FeedbackBook:
 
     # ------------------------------------------------------------ internals (the lock is held)
     def _expire(self, now: float) -> None:
-        ttl = self.section.ttl_s
         while self._pending:
             request_id, answered = next(iter(self._pending.items()))
-            if now - answered.at < ttl:
+            if now - answered.at < self.section.ttl_s:
                 return
             del self._pending[request_id]
-            self._forget(request_id, f"expired after {ttl:g} s without feedback (feedback.ttl_s); send feedback "
-                                     "sooner or raise feedback.ttl_s")
+            self._forget(request_id, self._expired)
 
     def _forget(self, request_id: str, why: str) -> None:
         self._gone[request_id] = why
