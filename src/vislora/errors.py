@@ -110,6 +110,16 @@ class UnknownIndex(ServeError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownRequest(ServeError, KeyError):
+    """Feedback names a request id the server does not hold: never issued, forgotten, or expired."""
+
+    status = 404
+    kind = "unknown_request"
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 class UnsupportedMedia(ServeError):
     """A request body that is neither JSON nor a form."""
 

@@ -105,3 +105,29 @@ def test_dashboard_lists_adapters_and_updates_after_requests(served, browser, tm
             assert agreement == f"{100 * stats['agreement']:.1f}%" and drift == f"{stats['drift_mean']:.4f}"
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
+def test_dashboard_shows_drift_against_the_base_and_feedback(served, browser):
+    fields = {"auth": {"admin_token": "admin-secret"}, "batching": {"max_wait_ms": 2}}
+    engine = make_engine(served, **fields)
+    with live_server(create_app(engine, serve_config(served, **fields))) as url, httpx.Client(base_url=url,
+                                                                                            timeout=60) as http:
+        rollout = {"weights": {"a0": 1}, "shadow": "@base"}
+        assert http.put("/v1/rollouts/drift", json=rollout, headers=ADMIN).status_code == 200
+        first, second = served["refs"]["a0"].classes[:2]
+        for i, feedback in enumerate(({"label": first}, {"label": second, "click": True}, {"click": False})):
+            answer = http.post("/v1/predict", files={"image": ("x.png", served["images"][i])},
+                               data={"adapter": "drift"}).json()
+            assert http.post("/v1/feedback", json={"request_id": answer["request_id"], **feedback}).status_code == 200
+        stats = http.get("/v1/stats").json()
+        browser.get(f"{url}/dashboard?interval=200")
+        wait_for(browser, lambda d: table(d, "base-cosine") and table(d, "feedback"), "the tables never filled")
+        cosine = stats["base_cosine"]["drift"]["a0"]
+        assert table(browser, "base-cosine") == [["drift", "a0", "3", f"{cosine['mean']:.4f}", f"{cosine['p5']:.4f}"]]
+        arm = stats["feedback"]["rollouts"]["drift"]["arms"]["a0"]
+        assert arm["labels"] == 2 and arm["click_feedback"] == 2 and arm["ctr"] == 0.5
+        shown = f"{100 * arm['accuracy']:.1f}%"
+        assert table(browser, "feedback") == [["drift", "a0", "3", "2", shown, "1/2", "50.0%"],
+                                              ["all traffic", "a0", "3", "2", shown, "1/2", "50.0%"]]
+        assert text(browser, "feedback-pending") == "0"

@@ -17,7 +17,7 @@ from vislora.serve.config import ServeConfig
 from vislora.serve.dependencies import Tokens
 from vislora.serve.engine import Engine
 from vislora.serve.limits import BodyLimit
-from vislora.serve.routers import adapters, inference, ops, rollouts, search
+from vislora.serve.routers import adapters, feedback, inference, ops, rollouts, search
 from vislora.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, close_engine: 
                               "adapters.")
     app.state.engine, app.state.config = engine, config
     app.state.tokens = Tokens(config.auth.admin(), config.auth.client())
-    for module in (inference, search, adapters, rollouts, ops):
+    for module in (inference, search, adapters, rollouts, feedback, ops):
         app.include_router(module.router)
     metrics = engine.metrics
     app.add_middleware(BodyLimit, max_bytes=config.limits.max_upload_bytes,

@@ -12,6 +12,7 @@ import logging
 import queue
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ class Job:
     modality: str = "image"
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # names the answer in feedback
 
     @property
     def size(self) -> int:

@@ -53,7 +53,8 @@ class BlockingCalls:
                      ) -> list[Prediction]:
         """Top-k labels of many images, each with its own adapter (a batch inference job, no HTTP)."""
         outputs = self._compute(images, adapters, need_classes=True)
-        return [Prediction(o.adapter, o.digest, o.rollout, labels_of(o, k), o.tagger is not None) for o in outputs]
+        return [Prediction(o.adapter, o.digest, o.rollout, labels_of(o, k), o.tagger is not None, o.request_id)
+                for o in outputs]
 
     def embed(self, image: ImageInput, adapter: str | None = None) -> Embedding:
         return self.embed_many([image], [adapter])[0]
@@ -61,7 +62,8 @@ class BlockingCalls:
     def embed_many(self, images: Sequence[ImageInput], adapters: Sequence[str | None]) -> list[Embedding]:
         """Embeddings of many images, each with its own adapter: a classifier's pooled backbone features (the
         head's input); a dual encoder's L2-normalised image embeddings (comparable with its text embeddings)."""
-        return [Embedding(o.adapter, o.digest, o.rollout, o.features) for o in self._compute(images, adapters)]
+        outputs = self._compute(images, adapters)
+        return [Embedding(o.adapter, o.digest, o.rollout, o.features, o.request_id) for o in outputs]
 
     def embed_text(self, text: str, adapter: str | None = None) -> Embedding:
         return self.embed_texts([text], [adapter])[0]
@@ -69,7 +71,7 @@ class BlockingCalls:
     def embed_texts(self, texts: Sequence[str], adapters: Sequence[str | None]) -> list[Embedding]:
         """L2-normalised text embeddings of many texts, each with its own adapter (dual-encoder bases only)."""
         outputs = self._compute(texts, adapters, modality="text")
-        return [Embedding(o.adapter, o.digest, o.rollout, o.features) for o in outputs]
+        return [Embedding(o.adapter, o.digest, o.rollout, o.features, o.request_id) for o in outputs]
 
     def _compute(self, items: Sequence[ImageInput] | Sequence[str], adapters: Sequence[str | None],
                  need_classes: bool = False, modality: str = "image") -> list[Output]:

@@ -106,13 +106,26 @@ def _token(value: SecretStr | None, env: str) -> str | None:
     return token or None
 
 
+BASE_SHADOW = "@base"  # a rollout's shadow spelled so: the base model, no adapter (adapter names start with a letter)
+
+
 class RolloutConfig(_Section):
     """A named rollout: requests naming it go to one of `weights`' adapters (weighted draw), and a fraction of them
-    also runs on `shadow`, whose answer is compared with the primary's and never returned."""
+    also runs on `shadow`, whose answer is compared with the primary's and never returned. `shadow: "@base"` runs
+    the base model (no adapter): the cosine of its features and the drawn adapter's is the drift against the base."""
 
     weights: dict[str, float] = Field(..., min_length=1, description="Adapter -> relative share of the traffic.")
-    shadow: str | None = Field(None, description="Adapter run beside the primary on a fraction of requests.")
+    shadow: str | None = Field(None, description="Adapter run beside the primary on a fraction of requests, or "
+                               f"{BASE_SHADOW!r} for the base model (drift against the base).")
     shadow_fraction: float = Field(1.0, ge=0, le=1, description="Share of requests that also run the shadow.")
+
+    @field_validator("shadow")
+    @classmethod
+    def _shadow_spelling(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith("@") and value != BASE_SHADOW:
+            raise ValueError(f"shadow {value!r} is neither an adapter name nor {BASE_SHADOW!r} (the base model); "
+                             f"write shadow: {BASE_SHADOW!r} to compare the drawn adapter with the base")
+        return value
 
     @field_validator("weights")
     @classmethod
@@ -123,7 +136,17 @@ class RolloutConfig(_Section):
         return value
 
     def adapters(self) -> set[str]:
-        return {*self.weights, *([self.shadow] if self.shadow else [])}
+        """The adapters the rollout sends traffic to (the base shadow is none)."""
+        return {*self.weights, *([self.shadow] if self.shadow and self.shadow != BASE_SHADOW else [])}
+
+
+class FeedbackSection(_Section):
+    """How long answers wait for feedback (POST /v1/feedback names them by their request id)."""
+
+    ttl_s: float = Field(3600.0, gt=0, description="An answer takes feedback for this long after it was given.")
+    max_pending: int = Field(100_000, ge=1, description="Most answers waiting for feedback; beyond it the oldest "
+                             "is dropped (about 300 bytes each). As many ids that expired, were dropped or got "
+                             "their feedback are kept to say so.")
 
 
 class ServeConfig(_Section):
@@ -141,6 +164,7 @@ class ServeConfig(_Section):
     auth: AuthSection = Field(default_factory=AuthSection)
     rollouts: dict[str, RolloutConfig] = Field(default_factory=dict, description="Rollouts (weighted traffic "
                                                "splits with an optional shadow) by name.")
+    feedback: FeedbackSection = Field(default_factory=FeedbackSection)
     indexes: dict[str, str] = Field(default_factory=dict, description="Search indexes (vislora index build) by "
                                     "name, for POST /v1/search: name -> index folder.")
     seed: int = Field(0, description="Seed of the traffic split and shadow draws.")

@@ -34,13 +34,21 @@ from vislora.model import AdaptedModel
 from vislora.registry import fingerprint
 from vislora.serve.batcher import Job, MicroBatcher
 from vislora.serve.calls import BlockingCalls, ImageInput
-from vislora.serve.config import BaseSection, BatchingSection, LimitsSection, RolloutConfig
+from vislora.serve.config import (
+    BASE_SHADOW,
+    BaseSection,
+    BatchingSection,
+    FeedbackSection,
+    LimitsSection,
+    RolloutConfig,
+)
+from vislora.serve.feedback import FeedbackBook, top1
 from vislora.serve.images import decode_image
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
 from vislora.serve.openmp import release_team
 from vislora.serve.records import LoadedAdapter, Output, tagger_of
 from vislora.serve.sources import AdapterSource, check_base_weights, check_fits, open_source
-from vislora.serve.traffic import Assignment, TrafficPolicy, record_shadow
+from vislora.serve.traffic import Assignment, TrafficPolicy, record_shadow, shadow_route
 from vislora.tasks.tiled import TiledClassifier
 
 logger = logging.getLogger(__name__)
@@ -64,7 +72,8 @@ class Engine(BlockingCalls):
     def __init__(self, model: AdaptedModel, head_path: str | None, input_spec: InputSpec, base: BaseSection, *,
                  batching: BatchingSection | None = None, limits: LimitsSection | None = None,
                  rollouts: dict[str, RolloutConfig] | None = None, seed: int = 0,
-                 metrics: ServeMetrics | None = None, registry: str | Path | None = None) -> None:
+                 metrics: ServeMetrics | None = None, registry: str | Path | None = None,
+                 feedback: FeedbackSection | None = None) -> None:
         self.model = model.eval()
         self.head_path = head_path
         self.input_spec = input_spec
@@ -77,6 +86,7 @@ class Engine(BlockingCalls):
         self.transform = build_transform(input_spec, train=False)
         self.registry = registry  # root of the adapter registry that registry:NAME@VERSION sources name
         self.traffic = TrafficPolicy(seed=seed)
+        self.feedback = FeedbackBook(feedback or FeedbackSection(), self.metrics)  # answers awaiting feedback
         self._state = threading.Condition()  # guards the four fields below
         self._adapters: dict[str, LoadedAdapter] = {}
         self._inflight: Counter[str] = Counter()  # adapter -> requests admitted, not yet answered
@@ -274,19 +284,19 @@ class Engine(BlockingCalls):
         assignment = self.traffic.assign(name)
         with self._state:
             usable = [n for n in (assignment.adapter, assignment.shadow)
-                      if n is None or (n in self._adapters and n not in self._pending)]
+                      if n in (None, BASE_SHADOW) or (n in self._adapters and n not in self._pending)]
             if assignment.adapter not in usable and assignment.adapter is not None:
                 state = "is being loaded or unloaded" if assignment.adapter in self._pending else "is not loaded"
                 raise UnknownAdapter(f"adapter {assignment.adapter!r} {state} (loaded: {self._loaded_names()}; "
                                      f"rollouts: {sorted(self.traffic.rollouts)})")
             if assignment.shadow is not None and assignment.shadow not in usable:
                 assignment = Assignment(assignment.adapter, assignment.rollout)
-            self._inflight.update(n for n in (assignment.adapter, assignment.shadow) if n is not None)
+            self._inflight.update(assignment.counted())
         return assignment
 
     def _release(self, assignment: Assignment) -> None:
         with self._state:
-            self._inflight.subtract(n for n in (assignment.adapter, assignment.shadow) if n is not None)
+            self._inflight.subtract(assignment.counted())
             self._state.notify_all()
 
     def _run_batch(self, jobs: list[Job]) -> None:
@@ -295,7 +305,7 @@ class Engine(BlockingCalls):
         started = time.perf_counter()
         shadowed = [i for i, j in enumerate(jobs) if j.shadow is not None]
         inputs = [j.inputs for j in jobs] + [jobs[i].inputs for i in shadowed]
-        names = [j.adapter for j in jobs] + [jobs[i].shadow for i in shadowed]
+        names = [j.adapter for j in jobs] + [shadow_route(jobs[i].shadow) for i in shadowed]
         with self._state:
             records = {n: self._adapters[n] for n in names if n is not None}  # in flight: none can go away
         with self._model_lock:
@@ -303,10 +313,14 @@ class Engine(BlockingCalls):
         m = self.metrics
         m.forward.observe(time.perf_counter() - started)
         m.batch_size.observe(len(names))
+        shadow_top1: dict[int, str | None] = {}  # job -> its shadow's top-1 label, for feedback
         for k, i in enumerate(shadowed):  # before the answers: whoever has an answer finds its shadow run counted
             s = len(jobs) + k
             try:
-                record_shadow(m, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records)
+                record_shadow(m, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records,
+                              self.base_classes)
+                shadow = records.get(jobs[i].shadow)
+                shadow_top1[i] = top1(logits[s], shadow.classes if shadow else self.base_classes)
             except Exception:  # a shadow never changes an answer, not even by failing
                 logger.exception("recording a shadow run of adapter %r (rollout %r) failed", jobs[i].shadow,
                                  jobs[i].rollout)
@@ -314,7 +328,8 @@ class Engine(BlockingCalls):
             record = records.get(job.adapter)
             classes = (record.classes if record else self.base_classes) if logits[i] is not None else None
             output = Output(logits[i], features[i], job.adapter, record.digest if record else None, job.rollout,
-                            classes, started - job.enqueued, record.tagger if record else None)
+                            classes, started - job.enqueued, record.tagger if record else None, job.request_id)
+            self.feedback.remember(output, job.shadow if i in shadow_top1 else None, shadow_top1.get(i))
             m.queue_wait.observe(output.queue_wait_s)
             m.samples.labels(job.adapter or NO_ADAPTER, "primary").inc()
             job.future.set_result(output)

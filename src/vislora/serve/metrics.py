@@ -19,6 +19,7 @@ SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DRIFT = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 QUANTILES = (0.5, 0.95, 0.99)
+COSINES = (0.0, 0.5, 0.8, 0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999, 1.0)
 NO_ADAPTER = "none"  # label value of requests served by the base model
 
 
@@ -53,6 +54,20 @@ class ServeMetrics:
                               "agreement with the primary.", ["rollout", "primary", "shadow", "agree"], registry=r)
         self.drift = Histogram("vislora_shadow_drift", "1 - cosine(primary embedding, shadow embedding).",
                                ["rollout"], buckets=DRIFT, registry=r)
+        self.base_cosine = Histogram("vislora_base_cosine", "cosine(drawn adapter's features, base model's features) "
+                                     "of the runs of a rollout whose shadow is @base, by rollout and adapter.",
+                                     ["rollout", "adapter"], buckets=COSINES, registry=r)
+        self.answers = Counter("vislora_feedback_answers", "Answers given a request id that feedback can name, by "
+                               "rollout ('' for none) and the adapter that answered.", ["rollout", "adapter"],
+                               registry=r)
+        self.feedback_labels = Counter("vislora_feedback_labels", "Labels received as feedback, by rollout, adapter, "
+                                       "role (primary: the answer given; shadow: the rollout's shadow run on the same "
+                                       "input) and whether its top-1 was the label.",
+                                       ["rollout", "adapter", "role", "correct"], registry=r)
+        self.feedback_clicks = Counter("vislora_feedback_clicks", "Click feedback on answers, by rollout, the adapter "
+                                       "that answered and whether the answer was clicked.",
+                                       ["rollout", "adapter", "clicked"], registry=r)
+        self.feedback_pending = Gauge("vislora_feedback_pending", "Answers still waiting for feedback.", registry=r)
 
     def bind_queue(self, depth: Callable[[], int]) -> None:
         self.queue_depth.set_function(depth)
@@ -100,6 +115,8 @@ class ServeMetrics:
             "queue_depth": got["vislora_queue_depth"][0].value,
             "shadow": _shadow(got["vislora_shadow_comparisons_total"], got["vislora_shadow_drift_sum"],
                               got["vislora_shadow_drift_count"]),
+            "base_cosine": _base_cosine(got),
+            "feedback": _feedback(got),
         }
 
 
@@ -138,6 +155,61 @@ def _shadow(comparisons: list[Any], drift_sums: list[Any], drift_counts: list[An
             out[rollout] = {"comparisons": runs.value, "agreement": agreeing / compared if compared else None,
                             "drift_mean": drift.get(rollout, 0.0) / runs.value}
     return out
+
+
+def _base_cosine(got: dict[str, list[Any]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    """Per rollout and drawn adapter: runs against the base (`samples`), mean cosine, and the 5th percentile (the
+    cosine 95% of the runs reach) from the buckets."""
+    cumulative: dict[tuple[str, str], dict[float, float]] = defaultdict(dict)
+    for s in got["vislora_base_cosine_bucket"]:
+        cumulative[s.labels["rollout"], s.labels["adapter"]][float(s.labels["le"])] = s.value
+    sums = {(s.labels["rollout"], s.labels["adapter"]): s.value for s in got["vislora_base_cosine_sum"]}
+    out: dict[str, dict[str, dict[str, float | None]]] = defaultdict(dict)
+    for s in got["vislora_base_cosine_count"]:
+        key = s.labels["rollout"], s.labels["adapter"]
+        if s.value:
+            bounds = sorted(cumulative[key])
+            out[key[0]][key[1]] = {"samples": s.value, "mean": sums[key] / s.value, "p5": histogram_quantile(
+                0.05, bounds, [cumulative[key][b] for b in bounds])}
+    return dict(out)
+
+
+def _feedback(got: dict[str, list[Any]]) -> dict[str, Any]:
+    """Feedback per adapter (its answers, whichever rollout drew it) and per rollout arm (`arms`: each drawn
+    adapter; `shadow`: the shadow's top-1 scored against the same labels): answers, labels, accuracy (top-1 ==
+    label), clicks, click feedback and CTR = clicks / click feedback; None where nothing was counted."""
+    arms: dict[tuple[str, str, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for s in got["vislora_feedback_answers_total"]:
+        arms[s.labels["rollout"], s.labels["adapter"], "primary"]["answers"] += s.value
+    for s in got["vislora_feedback_labels_total"]:
+        row = arms[s.labels["rollout"], s.labels["adapter"], s.labels["role"]]
+        row["labels"] += s.value
+        row["correct"] += s.value if s.labels["correct"] == "true" else 0.0
+    for s in got["vislora_feedback_clicks_total"]:
+        row = arms[s.labels["rollout"], s.labels["adapter"], "primary"]
+        row["click_feedback"] += s.value
+        row["clicks"] += s.value if s.labels["clicked"] == "true" else 0.0
+    adapters: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    rollouts: dict[str, dict[str, dict[str, Any]]] = {}
+    for (rollout, adapter, role), row in sorted(arms.items()):
+        if role == "primary":
+            for key, value in row.items():
+                adapters[adapter][key] += value
+        if rollout:
+            arm = rollouts.setdefault(rollout, {"arms": {}, "shadow": {}})
+            arm["arms" if role == "primary" else "shadow"][adapter] = _score(row, role)
+    pending = got["vislora_feedback_pending"]
+    return {"pending": pending[0].value if pending else 0.0, "rollouts": rollouts,
+            "adapters": {name: _score(row, "primary") for name, row in sorted(adapters.items())}}
+
+
+def _score(row: dict[str, float], role: str) -> dict[str, float | None]:
+    labels, clicked = row.get("labels", 0.0), row.get("click_feedback", 0.0)
+    score = {"labels": labels, "accuracy": row.get("correct", 0.0) / labels if labels else None}
+    if role == "primary":  # clicks are on the answer given: the shadow's was never shown
+        score.update(answers=row.get("answers", 0.0), clicks=row.get("clicks", 0.0), click_feedback=clicked,
+                     ctr=row.get("clicks", 0.0) / clicked if clicked else None)
+    return score
 
 
 def histogram_quantile(q: float, bounds: Sequence[float], cumulative: Sequence[float]) -> float | None:

@@ -62,6 +62,7 @@ class Output:
     classes: tuple[str, ...] | None  # None: the base head predicts nothing meaningful
     queue_wait_s: float
     tagger: Tagger | None = None  # set for a multilabel adapter
+    request_id: str = ""  # uuid4 hex that feedback names this answer by (vislora.serve.feedback)
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Prediction:
     rollout: str | None  # the rollout the request named, if any
     labels: tuple[Label, ...]  # best first
     multilabel: bool = False  # labels are the attributes above their thresholds, not the top k classes
+    request_id: str = ""  # what engine.feedback.give names this answer by
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,7 @@ class Embedding:
     digest: str | None
     rollout: str | None  # the rollout the request named, if any
     vector: torch.Tensor  # (width,)
+    request_id: str = ""  # what engine.feedback.give names this answer by
 
 
 def labels_of(output: Output, k: int) -> tuple[Label, ...]:

@@ -75,6 +75,8 @@ class Served(BaseModel):
     adapter: str | None = Field(..., description="The adapter that computed the answer (None: the base model).")
     digest: str | None = Field(..., description="sha256 (16 hex) of that adapter's weights file.")
     rollout: str | None = Field(..., description="The rollout the request named, if any.")
+    request_id: str | None = Field(None, description="uuid4 hex naming this answer for POST /v1/feedback (also the "
+                                   "X-Request-Id header).")
 
 
 class PredictResponse(Served):
@@ -130,6 +132,32 @@ class LoadAdapter(_Body):
 
 class RolloutOut(RolloutConfig):
     name: str
+
+
+class FeedbackJSON(_Body):
+    """Feedback on one answer: its true label, whether it was clicked, or both; each answer takes feedback once."""
+
+    request_id: str = Field(..., min_length=1, max_length=64, description="The answer's request_id.")
+    label: str | None = Field(None, description="The true class, by name (one of the answering adapter's classes).")
+    click: bool | None = Field(None, description="Whether the user clicked (acted on) the answer.")
+
+    @model_validator(mode="after")
+    def _something(self) -> FeedbackJSON:
+        if self.label is None and self.click is None:
+            raise ValueError("give a label (the true class), a click (true/false), or both")
+        return self
+
+
+class FeedbackOut(BaseModel):
+    request_id: str
+    adapter: str | None = Field(..., description="The adapter that answered (None: the base model).")
+    rollout: str | None
+    label: str | None
+    correct: bool | None = Field(..., description="The answer's top-1 label equals `label`.")
+    click: bool | None
+    shadow: str | None = Field(..., description="The rollout's shadow, if it ran on this request (@base: the base "
+                               "model).")
+    shadow_correct: bool | None = Field(..., description="The shadow's top-1 label equals `label`.")
 
 
 class ErrorOut(BaseModel):

@@ -1,5 +1,5 @@
-"""Rollouts: a name that splits requests between adapters by weight, with an optional shadow adapter whose runs
-are compared with the primary's (`record_shadow`).
+"""Rollouts: a name that splits requests between adapters by weight, with an optional shadow (an adapter, or
+"@base": the base model) whose runs are compared with the primary's (`record_shadow`).
 
 Draws come from one seeded generator, so a server started with the same seed and fed the same sequence of
 requests splits them the same way.
@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from vislora.serve.batcher import Job
-from vislora.serve.config import RolloutConfig
-from vislora.serve.metrics import ServeMetrics
+from vislora.serve.config import BASE_SHADOW, RolloutConfig
+from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
 from vislora.serve.records import LoadedAdapter
 
 Computed = tuple[torch.Tensor | None, torch.Tensor]  # (logits or None, features) of one sample
@@ -28,6 +28,15 @@ class Assignment:
     adapter: str | None
     rollout: str | None = None  # the rollout the request named, if any
     shadow: str | None = None
+
+    def counted(self) -> list[str]:
+        """The adapters this request is counted in flight for (the base model needs no count)."""
+        return [n for n in (self.adapter, self.shadow) if n is not None and n != BASE_SHADOW]
+
+
+def shadow_route(shadow: str | None) -> str | None:
+    """The route of a shadow run: its adapter, or None (the base model) for "@base"."""
+    return None if shadow == BASE_SHADOW else shadow
 
 
 class TrafficPolicy:
@@ -70,14 +79,19 @@ class TrafficPolicy:
 
 
 def record_shadow(metrics: ServeMetrics, job: Job, primary: Computed, shadow: Computed,
-                  records: dict[str, LoadedAdapter]) -> None:
+                  records: dict[str, LoadedAdapter], base_classes: tuple[str, ...] | None = None) -> None:
     """Record 1 - cosine of a shadow run's features against its primary's, and whether their top-1 labels agree
-    when both predict labels (texts do not). A rollout's primary and shadow are always adapters."""
+    when both predict labels (texts do not; nor a base shadow without `base_classes`). A rollout's primary is
+    always an adapter; its shadow an adapter or "@base", whose cosine is also the drift against the base
+    (vislora_base_cosine{rollout, adapter})."""
     (logits, features), (shadow_logits, shadow_features) = primary, shadow
-    drift = 1.0 - float(torch.nn.functional.cosine_similarity(features, shadow_features, dim=0))
-    if logits is not None and shadow_logits is not None:
-        agree = records[job.adapter].classes[int(logits.argmax())] == records[job.shadow].classes[
-            int(shadow_logits.argmax())]
+    cosine = float(torch.nn.functional.cosine_similarity(features, shadow_features, dim=0))
+    base = job.shadow == BASE_SHADOW
+    shadow_classes = base_classes if base else records[job.shadow].classes
+    if logits is not None and shadow_logits is not None and shadow_classes is not None:
+        agree = records[job.adapter].classes[int(logits.argmax())] == shadow_classes[int(shadow_logits.argmax())]
         metrics.shadow.labels(job.rollout, job.adapter, job.shadow, str(agree).lower()).inc()
-    metrics.drift.labels(job.rollout).observe(max(drift, 0.0))
-    metrics.samples.labels(job.shadow, "shadow").inc()
+    metrics.drift.labels(job.rollout).observe(max(1.0 - cosine, 0.0))
+    if base:
+        metrics.base_cosine.labels(job.rollout, job.adapter).observe(cosine)
+    metrics.samples.labels(NO_ADAPTER if base else job.shadow, "shadow").inc()

@@ -1,5 +1,6 @@
 """POST /v1/predict and /v1/embed: one image (multipart file or base64 JSON), or for embed on a dual encoder one
-text, and an adapter or rollout name."""
+text, and an adapter or rollout name. Each answer carries a request id (JSON `request_id`, header X-Request-Id)
+that POST /v1/feedback names it by."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import asyncio
 from dataclasses import asdict
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
@@ -37,7 +38,7 @@ def body_doc(schema: type[BaseModel]) -> dict[str, Any]:
 
 
 @router.post("/predict", response_model=PredictResponse, openapi_extra=body_doc(PredictJSON))
-async def predict(request: Request, engine: EngineDep) -> PredictResponse:
+async def predict(request: Request, response: Response, engine: EngineDep) -> PredictResponse:
     """Top-k labels and softmax scores of one image under its adapter (or a rollout's draw); a multilabel adapter
     answers with every attribute whose score reaches its saved threshold (`multilabel: true`)."""
     data, body = await read_body(request, PredictJSON)
@@ -47,13 +48,15 @@ async def predict(request: Request, engine: EngineDep) -> PredictResponse:
         raise ServeError(f"top_k={k} is above the server's limit of {limit} (limits.max_top_k)")
     engine.check_predicts(body.adapter)
     output = await compute(engine, data, body.adapter, request.app.state.config.limits.request_timeout_s)
+    response.headers["X-Request-Id"] = output.request_id
     return PredictResponse(adapter=output.adapter, digest=output.digest, rollout=output.rollout,
+                           request_id=output.request_id,
                            labels=[LabelOut(**asdict(label)) for label in labels_of(output, k)],
                            multilabel=output.tagger is not None)
 
 
 @router.post("/embed", response_model=EmbedResponse, openapi_extra=body_doc(EmbedJSON))
-async def embed(request: Request, engine: EngineDep) -> EmbedResponse:
+async def embed(request: Request, response: Response, engine: EngineDep) -> EmbedResponse:
     """The embedding of an image, or of a text (dual-encoder bases), under its adapter (or a rollout's draw):
     a classifier's pooled backbone features, a dual encoder's L2-normalised joint-space embedding."""
     data, body = await read_body(request, EmbedJSON)
@@ -62,8 +65,9 @@ async def embed(request: Request, engine: EngineDep) -> EmbedResponse:
         output = await compute(engine, body.text, body.adapter, timeout, text=True)
     else:
         output = await compute(engine, data, body.adapter, timeout)
+    response.headers["X-Request-Id"] = output.request_id
     return EmbedResponse(adapter=output.adapter, digest=output.digest, rollout=output.rollout,
-                         embedding=output.features.tolist(), dim=output.features.shape[0])
+                         request_id=output.request_id, embedding=output.features.tolist(), dim=output.features.shape[0])
 
 
 async def compute(engine: Engine, data: bytes | str, adapter: str | None, timeout: float, text: bool = False

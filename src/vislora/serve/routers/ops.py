@@ -36,7 +36,8 @@ def metrics(engine: EngineDep) -> Response:
 
 @router.get("/v1/stats")
 def stats(engine: EngineDep) -> dict[str, Any]:
-    """The metrics as JSON (counts, percentiles in ms, buckets, memory, shadow), plus the adapters and rollouts."""
+    """The metrics as JSON (counts, percentiles in ms, buckets, memory, shadow, drift against the base, feedback),
+    plus the adapters and rollouts."""
     snapshot = engine.metrics.snapshot()
     snapshot["loaded"] = [AdapterOut.of(a).model_dump(exclude={"path", "source"}) for a in engine.adapters()]
     snapshot["rollouts"] = {name: r.model_dump() for name, r in engine.traffic.rollouts.items()}
