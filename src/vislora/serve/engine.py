@@ -34,7 +34,8 @@ from vislora.model import AdaptedModel
 from vislora.registry import fingerprint
 from vislora.serve.batcher import Job, MicroBatcher
 from vislora.serve.calls import BlockingCalls, ImageInput
-from vislora.serve.config import BaseSection, BatchingSection, LimitsSection, RolloutConfig
+from vislora.serve.config import BaseSection, BatchingSection, HealthSection, LimitsSection, RolloutConfig
+from vislora.serve.health import HealthCollector, HealthMonitor
 from vislora.serve.images import decode_image
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
 from vislora.serve.openmp import release_team
@@ -64,7 +65,8 @@ class Engine(BlockingCalls):
     def __init__(self, model: AdaptedModel, head_path: str | None, input_spec: InputSpec, base: BaseSection, *,
                  batching: BatchingSection | None = None, limits: LimitsSection | None = None,
                  rollouts: dict[str, RolloutConfig] | None = None, seed: int = 0,
-                 metrics: ServeMetrics | None = None, registry: str | Path | None = None) -> None:
+                 metrics: ServeMetrics | None = None, registry: str | Path | None = None,
+                 health: HealthSection | None = None) -> None:
         self.model = model.eval()
         self.head_path = head_path
         self.input_spec = input_spec
@@ -74,6 +76,8 @@ class Engine(BlockingCalls):
         self.batching = batching or BatchingSection()
         self.limits = limits or LimitsSection()
         self.metrics = metrics or ServeMetrics()
+        self.health = HealthMonitor(health, queue_depth=lambda: self.queue_depth, not_serving=self.not_serving)
+        self.metrics.registry.register(HealthCollector(lambda: self.health.judge()))
         self.transform = build_transform(input_spec, train=False)
         self.registry = registry  # root of the adapter registry that registry:NAME@VERSION sources name
         self.traffic = TrafficPolicy(seed=seed)
@@ -240,7 +244,17 @@ class Engine(BlockingCalls):
     # ------------------------------------------------------------ lifecycle
     @property
     def ready(self) -> bool:
-        return self._batcher.alive
+        return self.not_serving() is None
+
+    def not_serving(self) -> str | None:
+        """Why the engine takes no requests now (closing, or its batch worker stopped); None while it serves."""
+        if self._batcher.closing:
+            if not self._batcher.alive:
+                return "the engine is closed"
+            return "the engine is closing: new requests are refused while the queued ones are answered"
+        if not self._batcher.alive:
+            return "the batch worker is not running (it stopped unexpectedly: see the server log); restart the server"
+        return None
 
     @property
     def queue_depth(self) -> int:
@@ -306,7 +320,8 @@ class Engine(BlockingCalls):
         for k, i in enumerate(shadowed):  # before the answers: whoever has an answer finds its shadow run counted
             s = len(jobs) + k
             try:
-                record_shadow(m, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records)
+                drift = record_shadow(m, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records)
+                self.health.record_drift(jobs[i].rollout, drift)
             except Exception:  # a shadow never changes an answer, not even by failing
                 logger.exception("recording a shadow run of adapter %r (rollout %r) failed", jobs[i].shadow,
                                  jobs[i].rollout)

@@ -33,7 +33,8 @@ def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGI
                           f"to `engines`, e.g. {{**ENGINES, {base.kind!r}: MyEngine}}")
     model, head, spec = build_base(base, trained)
     engine = engines[base.kind](AdaptedModel(model), head, spec, base, batching=config.batching,
-                                limits=config.limits, seed=config.seed, registry=config.registry)
+                                limits=config.limits, seed=config.seed, registry=config.registry,
+                                health=config.health)
     try:
         for name, source in sources.items():
             engine.load(name, source)

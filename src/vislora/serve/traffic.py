@@ -70,9 +70,9 @@ class TrafficPolicy:
 
 
 def record_shadow(metrics: ServeMetrics, job: Job, primary: Computed, shadow: Computed,
-                  records: dict[str, LoadedAdapter]) -> None:
-    """Record 1 - cosine of a shadow run's features against its primary's, and whether their top-1 labels agree
-    when both predict labels (texts do not). A rollout's primary and shadow are always adapters."""
+                  records: dict[str, LoadedAdapter]) -> float:
+    """Record 1 - cosine of a shadow run's features against its primary's (returned), and whether their top-1
+    labels agree when both predict labels (texts do not). A rollout's primary and shadow are always adapters."""
     (logits, features), (shadow_logits, shadow_features) = primary, shadow
     drift = 1.0 - float(torch.nn.functional.cosine_similarity(features, shadow_features, dim=0))
     if logits is not None and shadow_logits is not None:
@@ -81,3 +81,4 @@ def record_shadow(metrics: ServeMetrics, job: Job, primary: Computed, shadow: Co
         metrics.shadow.labels(job.rollout, job.adapter, job.shadow, str(agree).lower()).inc()
     metrics.drift.labels(job.rollout).observe(max(drift, 0.0))
     metrics.samples.labels(job.shadow, "shadow").inc()
+    return max(drift, 0.0)
