@@ -73,7 +73,8 @@ class HealthMonitor:
     """Records request outcomes and shadow drift with timestamps from `clock`, and judges them on demand; thread-safe.
 
     `queue_depth`, `not_serving` (why the engine takes no requests, None while it does) and `memory` are read when
-    judged. `clock` (seconds, monotonic) is a parameter so that tests can move time without waiting for it."""
+    judged. `config` may be replaced while serving (the next verdict uses the new thresholds). `clock` (seconds,
+    monotonic) is a parameter so that tests can move time without waiting for it."""
 
     def __init__(self, config: HealthSection | None = None, *, queue_depth: Callable[[], int] = lambda: 0,
                  not_serving: Callable[[], str | None] = lambda: None,
