@@ -86,24 +86,44 @@ def failing(health: dict) -> dict:
 
 
 # ------------------------------------------------------------ the monitor alone
-def test_error_rate_is_judged_over_the_window_once_it_holds_min_requests():
+def test_error_rate_is_rated_over_the_window_and_at_least_min_requests():
     clock = Clock()
-    monitor = HealthMonitor(HealthSection(window_s=10, min_requests=4, max_p95_latency_s=None), clock=clock)
-    for _ in range(2):
+    monitor = HealthMonitor(HealthSection(window_s=10, min_requests=20, max_p95_latency_s=None), clock=clock)
+    monitor.record_request(0.01, failed=True)
+    health = monitor.judge()
+    assert (health.status, health.requests, health.failed) == ("ok", 1, 1)  # 1 of at least 20: 5%, not above
+    assert [(c.check, c.value) for c in health.checks] == [("serving", None), ("error_rate", 0.05)]
+    clock.now += 4
+    monitor.record_request(0.01, failed=True)
+    health = monitor.judge()
+    assert health.status == "degraded"
+    assert health.reasons == ["error rate 0.100 (2 of 2 requests in the last 10 s answered 5xx, rated over "
+                              "health.min_requests 20) is above health.max_error_rate 0.05"]
+    for _ in range(18):
         monitor.record_request(0.01, failed=False)
     monitor.record_request(0.01, failed=True)
     health = monitor.judge()
-    assert (health.status, health.requests, health.failed) == ("ok", 3, 1)  # 3 < min_requests: not judged yet
-    assert [(c.check, c.value) for c in health.checks] == [("serving", None), ("error_rate", None)]
-    clock.now += 4
-    monitor.record_request(0.01, failed=False)
-    health = monitor.judge()
-    assert health.status == "degraded"
-    assert health.reasons == ["error rate 0.250 (1 of 4 requests in the last 10 s answered 5xx) is above "
+    assert health.reasons == ["error rate 0.143 (3 of 21 requests in the last 10 s answered 5xx) is above "
                               "health.max_error_rate 0.05"]
-    clock.now += 6  # the first three leave the window (its start is exclusive), the last one stays
+    clock.now += 6  # the first failure leaves the window (its start is exclusive): 2 of 20
     health = monitor.judge()
-    assert (health.status, health.requests, health.failed) == ("ok", 1, 0)
+    assert (health.status, health.requests, health.failed) == ("degraded", 20, 2)
+    clock.now += 4  # all leave: an idle window is ok
+    health = monitor.judge()
+    assert (health.status, health.requests, health.checks[1].value) == ("ok", 0, 0.0)
+
+
+def test_a_few_slow_answers_in_a_quiet_window_keep_the_p95_degraded():
+    """A server whose batches got slow answers fewer requests; with fewer than min_requests in the window the
+    missing ones count as 0 s, so its slow answers still decide the p95 once they are over 5% of min_requests."""
+    monitor = HealthMonitor(HealthSection(min_requests=20, max_error_rate=None), clock=Clock())
+    monitor.record_request(3.0, failed=False)
+    assert monitor.judge().checks[1].value == 0.0  # rank 19 of 20: a missing request
+    monitor.record_request(2.0, failed=False)
+    health = monitor.judge()
+    assert health.checks[1].value == 2.0 and health.reasons == [
+        "p95 latency 2.000 s (of 2 requests in the last 60 s, rated over health.min_requests 20) is above "
+        "health.max_p95_latency_s 1"]
 
 
 def test_p95_is_the_nearest_rank_and_crosses_its_threshold_exactly_when_promql_does():
@@ -134,7 +154,7 @@ def test_the_health_section_is_validated_with_its_key():
 # ------------------------------------------------------------ a served engine with faults
 def test_forwards_that_raise_degrade_health_within_the_window_and_it_recovers_after(served):
     engine, config, clock = faulty(served, {"window_s": 2, "min_requests": 4, "max_p95_latency_s": None})
-    with TestClient(create_app(engine, config), raise_server_exceptions=False) as client:
+    with TestClient(create_app(engine, config)) as client:  # would raise a failure that escaped the app
         for i in range(4):
             assert predict(client, served, index=i).status_code == 200
         assert predict(client, served, adapter="zz").status_code == 404  # the client's mistake: not a failure

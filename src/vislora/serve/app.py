@@ -52,9 +52,8 @@ def create_app(engine: Engine, config: ServeConfig | None = None, close_engine: 
         started = engine.health.clock()  # the monitor's clock: latencies and its window share one time source
         try:
             response = await call_next(request)
-        except Exception:  # answered 500 by _internal_error outside this middleware: counted here all the same
-            _counted(request, 500, started)
-            raise
+        except Exception as exc:  # answered here: Starlette's outermost handler would re-raise and uvicorn then
+            response = await _internal_error(request, exc)  # drops the connection (a keep-alive client's next call)
         _counted(request, response.status_code, started)
         return response
 

@@ -90,8 +90,9 @@ class HealthSection(_Section):
     forward that raised, a full queue, a timeout); 4xx answers are the client's mistake and count as answered."""
 
     window_s: float = Field(60.0, gt=0, description="Length of the sliding window the rates are judged over.")
-    min_requests: int = Field(20, ge=1, description="Requests (for drift: shadow runs of a rollout) the window must "
-                              "hold before its error rate, p95 latency or mean drift is judged.")
+    min_requests: int = Field(20, ge=1, description="Smallest sample the error rate, p95 latency and mean drift "
+                              "are rated over: a window holding fewer requests (shadow runs) counts the missing ones "
+                              "as answered fast and ok, so a single failure in a quiet window does not degrade.")
     max_error_rate: float | None = Field(0.05, ge=0, le=1, description="Share of requests answered 5xx.")
     max_p95_latency_s: float | None = Field(1.0, gt=0, description="95th percentile of request latency, seconds.")
     max_queue_depth: int | None = Field(None, ge=0, description="Requests waiting for a batch when judged.")

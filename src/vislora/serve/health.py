@@ -2,13 +2,15 @@
 
 The app's middleware records every inference request (predict, embed, search) with its latency and whether it
 failed; the engine records each shadow run's drift; queue depth and resident memory are read when judged.
-Within the last `window_s` seconds:
+Over the n requests of the last `window_s` seconds, counted as at least m = `min_requests`:
 
-    error rate   = failed requests / requests           (failed: answered 5xx; 4xx is the client's mistake)
-    p95 latency  = latencies sorted, the ceil(0.95 n)-th (nearest rank)
-    shadow drift = mean of 1 - cosine(primary, shadow) per rollout; the worst rollout is judged
+    error rate   = failed / max(n, m)                   (failed: answered 5xx; 4xx is the client's mistake)
+    p95 latency  = the ceil(0.95 max(n, m))-th smallest latency (nearest rank), missing requests counted as 0 s
+    shadow drift = sum of 1 - cosine(primary, shadow) / max(runs, m) per rollout; the worst rollout is judged
 
-Rates and drift are judged only once the window holds `min_requests` observations. The status is `degraded` while
+A quiet window thus counts its missing requests as answered fast and ok: one failure among three requests does
+not degrade (1/20 with the default m), a few do, and a server whose throughput collapses because its batches
+got slow stays degraded while its slow answers are more than 5% of m. The status is `degraded` while
 any check fails (or the engine is not serving), each reason naming the measured value, the threshold and its
 config key, and `ok` again once the failing observations have left the window. At a histogram bucket bound (the
 defaults 1 s and 5%) the p95 crosses its threshold exactly when PromQL's histogram_quantile over
@@ -36,7 +38,7 @@ CHECKS = ("serving", "error_rate", "p95_latency", "queue_depth", "memory", "shad
 
 @dataclass(frozen=True)
 class Check:
-    """One judged figure: `value` None when not measured (too few requests in the window, or no reading)."""
+    """One judged figure: `value` None when there was nothing to measure (no reading, no shadow run)."""
 
     check: str  # one of CHECKS
     key: str | None  # the config key of the threshold (none for serving)
@@ -126,19 +128,20 @@ class HealthMonitor:
         window = f"in the last {c.window_s:g} s"
         why = self._not_serving()
         yield Check("serving", None, None, None, why is not None), f"not serving: {why}"
-        enough = n >= c.min_requests
+        size = max(n, c.min_requests)  # the sample; the missing requests count as answered in 0 s, ok
+        counted = f", rated over health.min_requests {c.min_requests}" if n < size else ""
         if c.max_error_rate is not None:
-            rate = failed / n if enough else None
-            yield (Check("error_rate", "health.max_error_rate", rate, c.max_error_rate,
-                         rate is not None and rate > c.max_error_rate),
-                   f"error rate {rate or 0:.3f} ({failed} of {n} requests {window} answered 5xx) is above "
+            rate = failed / size
+            yield (Check("error_rate", "health.max_error_rate", rate, c.max_error_rate, rate > c.max_error_rate),
+                   f"error rate {rate:.3f} ({failed} of {n} requests {window} answered 5xx{counted}) is above "
                    f"health.max_error_rate {c.max_error_rate:g}")
         if c.max_p95_latency_s is not None:
-            p95 = latencies[math.ceil(0.95 * n) - 1] if enough else None
+            rank = math.ceil(0.95 * size) - 1 - (size - n)  # into the n measured latencies, below them: 0 s
+            p95 = latencies[rank] if rank >= 0 else 0.0
             yield (Check("p95_latency", "health.max_p95_latency_s", p95, c.max_p95_latency_s,
-                         p95 is not None and p95 > c.max_p95_latency_s),
-                   f"p95 latency {p95 or 0:.3f} s (of {n} requests {window}) is above health.max_p95_latency_s "
-                   f"{c.max_p95_latency_s:g}")
+                         p95 > c.max_p95_latency_s),
+                   f"p95 latency {p95:.3f} s (of {n} requests {window}{counted}) is above "
+                   f"health.max_p95_latency_s {c.max_p95_latency_s:g}")
         if c.max_queue_depth is not None:
             depth = self._queue_depth()
             yield (Check("queue_depth", "health.max_queue_depth", depth, c.max_queue_depth,
@@ -154,18 +157,21 @@ class HealthMonitor:
             yield self._drift_check(drift, window)
 
     def _drift_check(self, drift: list[tuple[str, float]], window: str) -> tuple[Check, str]:
-        """The worst mean drift among the rollouts with `min_requests` shadow runs in the window."""
+        """The worst mean drift of the rollouts with shadow runs in the window (None without any), each over at
+        least `min_requests` runs (the missing ones counted as 0)."""
         c = self.config
         runs: dict[str, list[float]] = {}
         for rollout, value in drift:
             runs.setdefault(rollout, []).append(value)
-        means = {r: sum(v) / len(v) for r, v in runs.items() if len(v) >= c.min_requests}
+        means = {r: sum(v) / max(len(v), c.min_requests) for r, v in runs.items()}
         worst = max(means, key=means.__getitem__, default=None)
         value = means[worst] if worst is not None else None
         failing = value is not None and value > c.max_shadow_drift
+        k = len(runs.get(worst, []))
+        counted = f", rated over health.min_requests {c.min_requests}" if k < c.min_requests else ""
         return (Check("shadow_drift", "health.max_shadow_drift", value, c.max_shadow_drift, failing),
-                f"rollout {worst!r}: mean shadow drift {value or 0:.4f} (1 - cosine, {len(runs.get(worst, []))} "
-                f"shadow runs {window}) is above health.max_shadow_drift {c.max_shadow_drift:g}")
+                f"rollout {worst!r}: mean shadow drift {value or 0:.4f} (1 - cosine, {k} shadow runs "
+                f"{window}{counted}) is above health.max_shadow_drift {c.max_shadow_drift:g}")
 
 
 class HealthCollector(Collector):
