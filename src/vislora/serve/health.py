@@ -12,9 +12,9 @@ A quiet window thus counts its missing requests as answered fast and ok: one fai
 not degrade (1/20 with the default m), a few do, and a server whose throughput collapses because its batches
 got slow stays degraded while its slow answers are more than 5% of m. The status is `degraded` while
 any check fails (or the engine is not serving), each reason naming the measured value, the threshold and its
-config key, and `ok` again once the failing observations have left the window. At a histogram bucket bound (the
-defaults 1 s and 5%) the p95 crosses its threshold exactly when PromQL's histogram_quantile over
-vislora_request_seconds_bucket does, so deploy/prometheus/alerts.yml agrees with /healthz.
+config key, and `ok` again once the failing observations have left the window. With the threshold at a bucket
+bound of vislora_request_seconds (the default 1 s), the p95 of a set of at least m requests crosses it exactly
+when PromQL's histogram_quantile over the same requests does: deploy/prometheus/alerts.yml agrees with /healthz.
 """
 
 from __future__ import annotations
