@@ -41,6 +41,13 @@ $(STAMP): pyproject.toml
 		echo "chromium and chromedriver are not installed and apt-get is unavailable (or not root): run"; \
 		echo "  sudo apt-get install chromium chromium-driver   (without them the dashboard browser test skips)"; \
 	fi
+	# promtool (Debian's prometheus) checks deploy/prometheus/alerts.yml (as root, as in CI).
+	@if command -v promtool >/dev/null 2>&1; then echo "promtool found"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		apt-get install -y -qq prometheus >/dev/null 2>&1 || \
+		{ apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq prometheus >/dev/null; } || \
+		echo "could not apt-get install prometheus: the alert-rule tests will skip (fail under VISLORA_REQUIRE_ASSETS=1)"; \
+	else echo "promtool is not installed and apt-get is unavailable (or not root): run  sudo apt-get install prometheus"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)

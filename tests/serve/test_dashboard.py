@@ -1,5 +1,5 @@
 """The dashboard in real headless Chromium (Debian's chromium + chromedriver, driven by selenium): it loads, lists
-the adapters, and its numbers change after requests and after a hot load."""
+the adapters, its numbers change after requests and after a hot load, and it shows the health verdict and reasons."""
 
 import shutil
 import tempfile
@@ -73,6 +73,7 @@ def test_dashboard_lists_adapters_and_updates_after_requests(served, browser, tm
         wait_for(browser, lambda d: text(d, "status") == "live", "the page never reached /v1/stats")
         wait_for(browser, lambda d: [r[0] for r in table(d, "adapters")] == ["a0", "a1", "a2"], "adapters not listed")
         assert text(browser, "samples") == "0" and text(browser, "adapter-count") == "3"
+        assert text(browser, "health") == "ok" and text(browser, "health-reasons") == ""
 
         with httpx.Client(base_url=url, timeout=60) as http:
             for i, adapter in enumerate(["a0", "a0", "a1", "a0", "a2"]):
@@ -103,6 +104,13 @@ def test_dashboard_lists_adapters_and_updates_after_requests(served, browser, tm
             stats = http.get("/v1/stats").json()["shadow"]["canary"]
             agreement, drift = table(browser, "shadow")[0][2:]
             assert agreement == f"{100 * stats['agreement']:.1f}%" and drift == f"{stats['drift_mean']:.4f}"
+
+            engine.health.config = engine.health.config.model_copy(update={"max_memory_bytes": 2**20})
+            wait_for(browser, lambda d: text(d, "health") == "degraded", "the degraded health never showed")
+            reasons = browser.execute_script(
+                "return [...document.querySelectorAll('#health-reasons li')].map(li => li.textContent)")
+            assert len(reasons) == 1 and reasons[0].startswith("resident memory ")  # bytes move between polls
+            assert reasons[0].endswith("MiB) is above health.max_memory_bytes 1048576")
         browser.save_screenshot(str(tmp_path / "dashboard.png"))
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
 

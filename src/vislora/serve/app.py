@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -50,14 +49,22 @@ def create_app(engine: Engine, config: ServeConfig | None = None, close_engine: 
 
     @app.middleware("http")
     async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        if path in TIMED:
-            metrics.latency.labels(path.rpartition("/")[2]).observe(time.perf_counter() - started)
+        started = engine.health.clock()  # the monitor's clock: latencies and its window share one time source
+        try:
+            response = await call_next(request)
+        except Exception as exc:  # answered here: Starlette's outermost handler would re-raise and uvicorn then
+            response = await _internal_error(request, exc)  # drops the connection (a keep-alive client's next call)
+        _counted(request, response.status_code, started)
         return response
+
+    def _counted(request: Request, status: int, started: float) -> None:
+        """Count one answer; an inference request's latency and outcome also go to the health monitor."""
+        path = getattr(request.scope.get("route"), "path", "unmatched")
+        metrics.requests.labels(path, str(status)).inc()
+        if path in TIMED:
+            seconds = engine.health.clock() - started
+            metrics.latency.labels(path.rpartition("/")[2]).observe(seconds)
+            engine.health.record_request(seconds, failed=status >= 500)
 
     app.add_exception_handler(ServeError, _serve_error)
     app.add_exception_handler(VisloraError, _serve_error)

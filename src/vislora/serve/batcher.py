@@ -68,6 +68,11 @@ class MicroBatcher:
         return self._thread.is_alive()
 
     @property
+    def closing(self) -> bool:
+        """close() was called: no job is taken any more (the queued ones are still run)."""
+        return self._closed
+
+    @property
     def depth(self) -> int:
         """Jobs waiting for a batch."""
         return self._queue.qsize() + len(self._held)

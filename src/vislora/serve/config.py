@@ -84,6 +84,24 @@ class LimitsSection(_Section):
                                      "dropped if its batch has not started).")
 
 
+class HealthSection(_Section):
+    """When /healthz answers `degraded`: thresholds judged over the last `window_s` seconds of inference requests
+    (predict, embed, search). A threshold set to null is not judged. Failed requests are those answered 5xx (a
+    forward that raised, a full queue, a timeout); 4xx answers are the client's mistake and count as answered."""
+
+    window_s: float = Field(60.0, gt=0, description="Length of the sliding window the rates are judged over.")
+    min_requests: int = Field(20, ge=1, description="Smallest sample the error rate, p95 latency and mean drift "
+                              "are rated over: a window holding fewer requests (shadow runs) counts the missing ones "
+                              "as answered fast and ok, so a single failure in a quiet window does not degrade.")
+    max_error_rate: float | None = Field(0.05, ge=0, le=1, description="Share of requests answered 5xx.")
+    max_p95_latency_s: float | None = Field(1.0, gt=0, description="95th percentile of request latency, seconds.")
+    max_queue_depth: int | None = Field(None, ge=0, description="Requests waiting for a batch when judged.")
+    max_memory_bytes: int | None = Field(None, ge=1, description="Resident memory of the server process when "
+                                         "judged (process_resident_memory_bytes).")
+    max_shadow_drift: float | None = Field(None, ge=0, description="Mean 1 - cosine of a rollout's shadow "
+                                           "embeddings against its primary's.")
+
+
 class AuthSection(_Section):
     """Bearer tokens. Admin endpoints (load/unload adapters, change rollouts) are refused while no admin token is
     set."""
@@ -162,6 +180,7 @@ class ServeConfig(_Section):
     batching: BatchingSection = Field(default_factory=BatchingSection)
     limits: LimitsSection = Field(default_factory=LimitsSection)
     auth: AuthSection = Field(default_factory=AuthSection)
+    health: HealthSection = Field(default_factory=HealthSection)
     rollouts: dict[str, RolloutConfig] = Field(default_factory=dict, description="Rollouts (weighted traffic "
                                                "splits with an optional shadow) by name.")
     feedback: FeedbackSection = Field(default_factory=FeedbackSection)

@@ -39,10 +39,12 @@ from vislora.serve.config import (
     BaseSection,
     BatchingSection,
     FeedbackSection,
+    HealthSection,
     LimitsSection,
     RolloutConfig,
 )
 from vislora.serve.feedback import FeedbackBook, top1
+from vislora.serve.health import HealthCollector, HealthMonitor
 from vislora.serve.images import decode_image
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
 from vislora.serve.openmp import release_team
@@ -73,7 +75,7 @@ class Engine(BlockingCalls):
                  batching: BatchingSection | None = None, limits: LimitsSection | None = None,
                  rollouts: dict[str, RolloutConfig] | None = None, seed: int = 0,
                  metrics: ServeMetrics | None = None, registry: str | Path | None = None,
-                 feedback: FeedbackSection | None = None) -> None:
+                 feedback: FeedbackSection | None = None, health: HealthSection | None = None) -> None:
         self.model = model.eval()
         self.head_path = head_path
         self.input_spec = input_spec
@@ -83,6 +85,8 @@ class Engine(BlockingCalls):
         self.batching = batching or BatchingSection()
         self.limits = limits or LimitsSection()
         self.metrics = metrics or ServeMetrics()
+        self.health = HealthMonitor(health, queue_depth=lambda: self.queue_depth, not_serving=self.not_serving)
+        self.metrics.registry.register(HealthCollector(lambda: self.health.judge()))
         self.transform = build_transform(input_spec, train=False)
         self.registry = registry  # root of the adapter registry that registry:NAME@VERSION sources name
         self.traffic = TrafficPolicy(seed=seed)
@@ -250,7 +254,17 @@ class Engine(BlockingCalls):
     # ------------------------------------------------------------ lifecycle
     @property
     def ready(self) -> bool:
-        return self._batcher.alive
+        return self.not_serving() is None
+
+    def not_serving(self) -> str | None:
+        """Why the engine takes no requests now (closing, or its batch worker stopped); None while it serves."""
+        if self._batcher.closing:
+            if not self._batcher.alive:
+                return "the engine is closed"
+            return "the engine is closing: new requests are refused while the queued ones are answered"
+        if not self._batcher.alive:
+            return "the batch worker is not running (it stopped unexpectedly: see the server log); restart the server"
+        return None
 
     @property
     def queue_depth(self) -> int:
@@ -317,8 +331,9 @@ class Engine(BlockingCalls):
         for k, i in enumerate(shadowed):  # before the answers: whoever has an answer finds its shadow run counted
             s = len(jobs) + k
             try:
-                record_shadow(m, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records,
-                              self.base_classes)
+                drift = record_shadow(m, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records,
+                                      self.base_classes)
+                self.health.record_drift(jobs[i].rollout, drift)
                 shadow = records.get(jobs[i].shadow)
                 shadow_top1[i] = top1(logits[s], shadow.classes if shadow else self.base_classes)
             except Exception:  # a shadow never changes an answer, not even by failing

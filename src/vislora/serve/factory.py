@@ -34,7 +34,7 @@ def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGI
     model, head, spec = build_base(base, trained)
     engine = engines[base.kind](AdaptedModel(model), head, spec, base, batching=config.batching,
                                 limits=config.limits, seed=config.seed, registry=config.registry,
-                                feedback=config.feedback)
+                                feedback=config.feedback, health=config.health)
     try:
         for name, source in sources.items():
             engine.load(name, source)

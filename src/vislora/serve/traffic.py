@@ -79,11 +79,11 @@ class TrafficPolicy:
 
 
 def record_shadow(metrics: ServeMetrics, job: Job, primary: Computed, shadow: Computed,
-                  records: dict[str, LoadedAdapter], base_classes: tuple[str, ...] | None = None) -> None:
-    """Record 1 - cosine of a shadow run's features against its primary's, and whether their top-1 labels agree
-    when both predict labels (texts do not; nor a base shadow without `base_classes`). A rollout's primary is
-    always an adapter; its shadow an adapter or "@base", whose cosine is also the drift against the base
-    (vislora_base_cosine{rollout, adapter})."""
+                  records: dict[str, LoadedAdapter], base_classes: tuple[str, ...] | None = None) -> float:
+    """Record 1 - cosine of a shadow run's features against its primary's (returned), and whether their top-1
+    labels agree when both predict labels (texts do not; nor a base shadow without `base_classes`). A rollout's
+    primary is always an adapter; its shadow an adapter or "@base", whose cosine is also the drift against the
+    base (vislora_base_cosine{rollout, adapter})."""
     (logits, features), (shadow_logits, shadow_features) = primary, shadow
     cosine = float(torch.nn.functional.cosine_similarity(features, shadow_features, dim=0))
     base = job.shadow == BASE_SHADOW
@@ -91,7 +91,9 @@ def record_shadow(metrics: ServeMetrics, job: Job, primary: Computed, shadow: Co
     if logits is not None and shadow_logits is not None and shadow_classes is not None:
         agree = records[job.adapter].classes[int(logits.argmax())] == shadow_classes[int(shadow_logits.argmax())]
         metrics.shadow.labels(job.rollout, job.adapter, job.shadow, str(agree).lower()).inc()
-    metrics.drift.labels(job.rollout).observe(max(1.0 - cosine, 0.0))
+    drift = max(1.0 - cosine, 0.0)
+    metrics.drift.labels(job.rollout).observe(drift)
     if base:
         metrics.base_cosine.labels(job.rollout, job.adapter).observe(cosine)
     metrics.samples.labels(NO_ADAPTER if base else job.shadow, "shadow").inc()
+    return drift

@@ -16,16 +16,20 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process answers."""
-    return {"status": "ok"}
+def healthz(engine: EngineDep) -> dict[str, Any]:
+    """Liveness, always 200 while the process answers: `status` ok, or degraded with `reasons` (each naming the
+    measured value, the threshold and its config key) and every judged check (see vislora.serve.health)."""
+    return engine.health.judge().as_dict()
 
 
 @router.get("/readyz")
 def readyz(engine: EngineDep) -> JSONResponse:
-    """200 while the batch worker runs (the model is loaded), else 503."""
-    ready = engine.ready
-    return JSONResponse({"ready": ready, "adapters": len(engine.adapters())}, status_code=200 if ready else 503)
+    """200 while the engine serves (batch worker running, not closing), else 503 with the reason."""
+    reason = engine.not_serving()
+    body: dict[str, Any] = {"ready": reason is None, "adapters": len(engine.adapters())}
+    if reason is not None:
+        body["reason"] = reason
+    return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
 @router.get("/metrics")
@@ -37,10 +41,11 @@ def metrics(engine: EngineDep) -> Response:
 @router.get("/v1/stats")
 def stats(engine: EngineDep) -> dict[str, Any]:
     """The metrics as JSON (counts, percentiles in ms, buckets, memory, shadow, drift against the base, feedback),
-    plus the adapters and rollouts."""
+    plus the adapters, rollouts and health verdict."""
     snapshot = engine.metrics.snapshot()
     snapshot["loaded"] = [AdapterOut.of(a).model_dump(exclude={"path", "source"}) for a in engine.adapters()]
     snapshot["rollouts"] = {name: r.model_dump() for name, r in engine.traffic.rollouts.items()}
+    snapshot["health"] = engine.health.judge().as_dict()
     return snapshot
 
 
