@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  calibration_limit=args.calibration_images, latency_batch=args.batch, threads=1,
                                  log=print, int8_target=args.int8_target)
         other = other_settings(export.report.settings["reduce_range"])
-        other_path, other_accuracy = quantize_other(adapter, export.model, Path(tmp) / "other.int8.onnx", other, args)
+        other_path, other_scores = quantize_other(adapter, export.model, Path(tmp) / "other.int8.onnx", other, args)
         other_name = f"onnx int8 {other.target}"
         base = load_trained(adapter)[0].unload(merge=False).eval()
         unmerged = load_trained(adapter)[0]
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             rows += [(batch, name, ms) for name, ms in medians.items()]
             print(f"batch {batch}: max |merged - unmerged| = {difference:.2e}")
         report = export.report
-    return print_results(rows, report, args, (other_name, other, other_accuracy))
+    return print_results(rows, report, args, (other_name, other, *other_scores))
 
 
 def other_settings(reduce_range: bool) -> Int8Settings:
@@ -136,14 +136,16 @@ def other_settings(reduce_range: bool) -> Int8Settings:
 
 
 def quantize_other(adapter: Path, fp32: Path, path: Path, settings: Int8Settings,
-                   args: argparse.Namespace) -> tuple[Path, float]:
-    """The same fp32 file quantized with `settings`, calibrated on the same images; its held-out accuracy."""
+                   args: argparse.Namespace) -> tuple[Path, tuple[float, float]]:
+    """The same fp32 file quantized with `settings`, calibrated on the same images; (its held-out accuracy, share of
+    held-out images where it predicts what fp32 predicts)."""
     data = prepare_int8(adapter, "fashion-mnist:train", calibration_limit=args.calibration_images)
     spec = load_exportable(adapter).spec
     print(f"quantizing the same fp32 model for target {settings.target} (reduce_range {settings.reduce_range}) ...")
     quantize_int8(fp32, path, CalibrationReader(data.calibration, spec), settings)
-    accuracy, _, _ = compare_accuracy({"other": session(path, threads=1)}, data.evaluation, spec)
-    return path, accuracy["other"]
+    sessions = {"fp32": session(fp32, threads=1), "other": session(path, threads=1)}
+    accuracy, agreement, _ = compare_accuracy(sessions, data.evaluation, spec)
+    return path, (accuracy["other"], agreement)
 
 
 BASELINES = {"pytorch base": "pytorch base", "pytorch unmerged": "pytorch base", "pytorch merged": "pytorch base",
@@ -151,9 +153,9 @@ BASELINES = {"pytorch base": "pytorch base", "pytorch unmerged": "pytorch base",
 
 
 def print_results(rows: list[tuple[int, str, float]], report: object, args: argparse.Namespace,
-                  other: tuple[str, Int8Settings, float]) -> dict:
+                  other: tuple[str, Int8Settings, float, float]) -> dict:
     ms = {(batch, name): value for batch, name, value in rows}
-    other_name, alt, other_accuracy = other
+    other_name, alt, other_accuracy, other_agreement = other
     print(f"\n{'batch':>5}  {'contender':<17} {'median_cpu_ms':>13}  {'ratio':>6}  against")
     for batch, name, value in rows:
         base = BASELINES.get(name, "onnx fp32")
@@ -167,17 +169,18 @@ def print_results(rows: list[tuple[int, str, float]], report: object, args: argp
         "int8_accuracy_drop_points": report.accuracy_drop_points, "eval_images": report.eval_images,
         "calibration_images": report.calibration_images, "machine": platform.processor() or platform.machine(),
         "cpu": report.cpu, "int8_settings": report.settings,
-        "int8_other": {"settings": alt.to_dict(), "accuracy": other_accuracy,
+        "int8_agreement": report.agreement,
+        "int8_other": {"settings": alt.to_dict(), "accuracy": other_accuracy, "agreement": other_agreement,
                        "accuracy_drop_points": 100 * (report.fp32_accuracy - other_accuracy),
                        "speedup": {b: ms[b, "onnx fp32"] / ms[b, other_name] for b in (1, args.batch)}},
     }
     print(f"\n{report.target_line()}")
     print(f"accuracy on {report.eval_images} held-out images: fp32 {report.fp32_accuracy:.4f}, INT8 "
-          f"{report.int8_accuracy:.4f} (drop {report.accuracy_drop_points:.2f} points; calibrated on "
-          f"{report.calibration_images} training images)")
-    print(f"{other_name} (weights in {list(alt.weight_range)}): accuracy {other_accuracy:.4f} (drop "
-          f"{results['int8_other']['accuracy_drop_points']:.2f} points), x{results['int8_other']['speedup'][1]:.2f} "
-          f"at batch 1")
+          f"{report.int8_accuracy:.4f} (drop {report.accuracy_drop_points:.2f} points; predictions agree with fp32: "
+          f"{100 * report.agreement:.1f}%; calibrated on {report.calibration_images} training images)")
+    drop, speedup = results["int8_other"]["accuracy_drop_points"], results["int8_other"]["speedup"][1]
+    print(f"{other_name} (weights in {list(alt.weight_range)}): accuracy {other_accuracy:.4f} (drop {drop:.2f} "
+          f"points; predictions agree with fp32: {100 * other_agreement:.1f}%), x{speedup:.2f} at batch 1")
     checks = {"merged_over_base": max(results["merged_over_base"].values()) <= AIMS["merged_over_base"],
               "int8_speedup_batch1": results["int8_speedup"][1] >= AIMS["int8_speedup_batch1"],
               "int8_accuracy_drop_points": report.accuracy_drop_points <= AIMS["int8_accuracy_drop_points"]}

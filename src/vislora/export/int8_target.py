@@ -58,7 +58,10 @@ class CpuInfo:
 
 @dataclass(frozen=True)
 class Int8Settings:
-    """onnxruntime `quantize_static` settings for one target, and why (recorded in int8_report.json)."""
+    """onnxruntime `quantize_static` settings for one target, and why (recorded in int8_report.json).
+
+    Targets differ only in `reduce_range`; the fields after `reason` are the same for all (docs/export.md says why)
+    and are recorded so a report names everything the file was made with."""
 
     target: str
     reduce_range: bool
