@@ -20,6 +20,7 @@ import torch
 import transformers
 
 from synthetic_images import image_folder, tiny_train_config
+from vislora.export import export_onnx_dir
 from vislora.run_config import TrainConfig
 from vislora.train.trainer import Trainer
 
@@ -65,6 +66,14 @@ def dinov2_dir() -> Path:
 def dinov2_run() -> Path:
     """Adapter folder of a real run: LoRA on q, v of the tiny DINOv2 + a linear head on the CLS token."""
     return train(session_root() / "runs" / "dinov2", data_dirs(), {"spec": f"hf:{dinov2_dir()}"})
+
+
+@functools.cache
+def int8_export():
+    """One fp32 + INT8 export of the tiny DINOv2 run, calibrated on its training images, scored on val (INT8 settings
+    for the CPU running the tests)."""
+    return export_onnx_dir(dinov2_run(), session_root() / "onnx-int8", int8=True, calibration=data_dirs()["train"],
+                           latency_batch=4)
 
 
 def train(out: Path, data: dict[str, Path], model: dict, val: bool = True, steps: int = 6) -> Path:

@@ -1,4 +1,3 @@
-import functools
 import json
 import shutil
 
@@ -7,20 +6,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from export_helpers import data_dirs, dinov2_run, session_root
+from export_helpers import data_dirs, dinov2_run, int8_export
 
 from synthetic_images import image_folder
 from vislora.evaluate import evaluate_adapter
 from vislora.export import ONNX_ATOL, ExportError, export_onnx_dir, load_exportable
 from vislora.export import pipeline as pipeline_module
 from vislora.export.onnx import check_onnx, export_onnx
-
-
-@functools.cache
-def int8_export():
-    """One fp32 + INT8 export of the tiny DINOv2 run, calibrated on its training images, scored on val."""
-    return export_onnx_dir(dinov2_run(), session_root() / "onnx-int8", int8=True, calibration=data_dirs()["train"],
-                           latency_batch=4)
 
 
 def test_onnx_matches_pytorch_at_any_batch_size(tmp_path):

@@ -26,6 +26,10 @@ EvalData = Annotated[str | None, typer.Option(
 CalibrationLimit = Annotated[int, typer.Option(help="Calibrate on a stratified random subset of this many images.")]
 EvalLimit = Annotated[int | None, typer.Option(help="Score a stratified random subset of this many held-out images "
                                                     "(default: the run's data.val_limit, else all).")]
+Int8Target = Annotated[str, typer.Option(
+    "--int8-target", help="The CPU the INT8 model will run on: auto (this one), vnni (x86 with AVX-VNNI/AVX-512 VNNI/"
+                          "AMX), avx512 or avx2 (x86 without VNNI: 7-bit weights so the kernels do not saturate), "
+                          "arm64, portable (unknown or mixed CPUs: 7-bit weights).")]
 Threads = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads for the report (default: all).")]
 Root = Annotated[Path, typer.Option("--root", envvar="VISLORA_REGISTRY",
                                     help="Registry folder (or set VISLORA_REGISTRY).")]
@@ -82,6 +86,7 @@ def export_onnx(
     calibration_limit: CalibrationLimit = 128,
     eval_limit: EvalLimit = None,
     batch: Annotated[int, typer.Option(help="The larger batch size timed in the INT8 report.")] = 8,
+    int8_target: Int8Target = "auto",
     threads: Threads = None,
     overwrite: Overwrite = False,
     dynamic_size: Annotated[bool, typer.Option(
@@ -103,7 +108,8 @@ def export_onnx(
     with _progress("exporting ...") as log:
         result = export_onnx_dir(adapter, out, base=base, int8=int8, calibration=calibration, eval_data=eval_data,
                                  calibration_limit=calibration_limit, eval_limit=eval_limit, latency_batch=batch,
-                                 threads=threads, overwrite=overwrite, dynamic_size=dynamic_size, log=log)
+                                 threads=threads, overwrite=overwrite, dynamic_size=dynamic_size, log=log,
+                                 int8_target=int8_target)
     if isinstance(result, DualOnnxExport):
         for line in result.lines():
             console.print(line, markup=False, highlight=False)
@@ -127,6 +133,7 @@ def export_triton(
     calibration_limit: CalibrationLimit = 128,
     eval_limit: EvalLimit = None,
     max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size (dynamic batching up to it).")] = 8,
+    int8_target: Int8Target = "auto",
     threads: Threads = None,
     overwrite: Overwrite = False,
 ) -> None:
@@ -146,7 +153,7 @@ def export_triton(
     with _progress("exporting ...") as log:
         result = build(adapter, repo, name, base=base, int8=int8, calibration=calibration, eval_data=eval_data,
                        calibration_limit=calibration_limit, eval_limit=eval_limit, max_batch_size=max_batch_size,
-                       threads=threads, overwrite=overwrite, log=log)
+                       threads=threads, overwrite=overwrite, log=log, int8_target=int8_target)
     if isinstance(result, DualTritonExport):
         for line in result.lines():
             console.print(line, markup=False, highlight=False)

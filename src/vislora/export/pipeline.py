@@ -37,6 +37,7 @@ from vislora.export.common import (
     write_json,
 )
 from vislora.export.dual import DualOnnxExport, export_dual_onnx_dir
+from vislora.export.int8_target import int8_settings, this_cpu
 from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OnnxCheck, SizeAxes, check_onnx, export_onnx, size_axes
 from vislora.export.quantize import QuantizeReport, compare_accuracy, measure_latency, quantize_int8, session
 from vislora.tasks.multilabel import exported_task
@@ -112,9 +113,11 @@ def load_and_merge(adapter_dir: str | Path, base: str | None = None,
 
 def write_onnx_pair(item: Exportable, plain: nn.Module, fp32_path: Path, int8_path: Path | None,
                     data: Int8Data | None, latency_batch: int = 8, threads: int | None = None,
-                    log: Log = logger.info, axes: SizeAxes | None = None) -> tuple[OnnxCheck, QuantizeReport | None]:
+                    log: Log = logger.info, axes: SizeAxes | None = None, int8_target: str = "auto",
+                    ) -> tuple[OnnxCheck, QuantizeReport | None]:
     """Write the fp32 ONNX file (checked against PyTorch; with dynamic height and width `axes`, at twice the size
-    too) and, given `int8_path`, the INT8 file and its report."""
+    too) and, given `int8_path`, the INT8 file for the CPU `int8_target` (vislora.export.int8_target) and its
+    report."""
     size = item.spec.size
     fp32_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"exporting ONNX ({size} px, dynamic batch" + (", height and width) ..." if axes else ") ..."))
@@ -124,8 +127,11 @@ def write_onnx_pair(item: Exportable, plain: nn.Module, fp32_path: Path, int8_pa
     if int8_path is None or data is None:
         return check, None
     int8_path.parent.mkdir(parents=True, exist_ok=True)
-    log(f"calibrating INT8 on {len(data.calibration)} images ...")
-    quantize_int8(fp32_path, int8_path, CalibrationReader(data.calibration, item.spec))
+    cpu = this_cpu()
+    settings = int8_settings(int8_target, cpu)
+    log(f"calibrating INT8 for target {settings.target} on {len(data.calibration)} images (this CPU: {cpu.model}, "
+        f"{cpu.isa}; {settings.reason}) ...")
+    quantize_int8(fp32_path, int8_path, CalibrationReader(data.calibration, item.spec), settings)
     sessions = {"fp32": session(fp32_path, threads), "int8": session(int8_path, threads)}
     log(f"scoring fp32 and INT8 on {len(data.evaluation)} held-out images ...")
     accuracy, agreement, n = compare_accuracy(sessions, data.evaluation, item.spec)
@@ -134,7 +140,8 @@ def write_onnx_pair(item: Exportable, plain: nn.Module, fp32_path: Path, int8_pa
     report = QuantizeReport(
         fp32_accuracy=accuracy["fp32"], int8_accuracy=accuracy["int8"], agreement=agreement, eval_images=n,
         eval_data=data.evaluation_source, calibration_images=len(data.calibration),
-        calibration_data=data.calibration_source, threads=threads, latency=latency,
+        calibration_data=data.calibration_source, threads=threads,
+        settings={**settings.to_dict(), "requested": int8_target}, cpu=cpu.to_dict(), latency=latency,
         sizes_mb={"fp32": fp32_path.stat().st_size / 1e6, "int8": int8_path.stat().st_size / 1e6})
     return check, report
 
@@ -143,22 +150,25 @@ def export_onnx_dir(adapter_dir: str | Path, out: str | Path, base: str | None =
                     calibration: str | Path | None = None, eval_data: str | Path | None = None,
                     calibration_limit: int | None = 128, eval_limit: int | None = None, latency_batch: int = 8,
                     threads: int | None = None, overwrite: bool = False, dynamic_size: bool = False,
-                    log: Log = logger.info) -> OnnxExport | DualOnnxExport:
+                    log: Log = logger.info, int8_target: str = "auto") -> OnnxExport | DualOnnxExport:
     """Write OUT/model.onnx (+ model.int8.onnx, int8_report.json), labels.txt and export.json; for a contrastive or
     few-shot run, both towers (`vislora.export.dual.export_dual_onnx_dir`). `dynamic_size` exports dynamic height and
-    width too (vislora.export.onnx.SizeAxes), where the backbone supports them."""
+    width too (vislora.export.onnx.SizeAxes), where the backbone supports them. `int8_target` names the CPU the INT8
+    model will run on (auto: this one; vislora.export.int8_target.TARGETS)."""
     if is_dual(adapter_dir):
         if dynamic_size:
             raise ExportError(f"{adapter_dir} is a dual-encoder run: its towers are exported at the trained size; "
                               "drop --dynamic-size")
         return export_dual_onnx_dir(adapter_dir, out, base=base, int8=int8, overwrite=overwrite, log=log)
+    if int8:
+        int8_settings(int8_target)  # an unknown target fails before any work
     data = prepare_int8(adapter_dir, calibration, eval_data, calibration_limit, eval_limit) if int8 else None
     item, plain, difference = load_and_merge(adapter_dir, base, dynamic_size)
     axes = size_axes(_backbone(plain), item.spec.size) if dynamic_size else None
     out = Path(out)
     with staged_dir(out, overwrite) as tmp:
         check, report = write_onnx_pair(item, plain, tmp / "model.onnx", tmp / "model.int8.onnx" if int8 else None,
-                                        data, latency_batch, threads, log, axes)
+                                        data, latency_batch, threads, log, axes, int8_target)
         write_metadata(tmp, item, check, difference, report, axes)
     return OnnxExport(out, out / "model.onnx", out / "model.int8.onnx" if int8 else None, check, difference, report,
                       item.classes, item.spec.size, axes)

@@ -4,7 +4,9 @@ Settings (measured on the demo's DINOv2-S + LoRA adapter; the table is in docs/e
 one onnxruntime's CPU kernels are optimised for), per-channel symmetric INT8 weights, UINT8 activations
 (onnxruntime's advice for x86), MinMax ranges merged batch by batch, MatMul nodes only: the linear layers and
 attention products hold ~3/4 of the time, while LayerNorm, Softmax, GELU, the patch Conv and the position
-resize stay fp32 and keep the accuracy (quantizing every op type cost 1.3 more points for no gain)."""
+resize stay fp32 and keep the accuracy (quantizing every op type cost 1.3 more points for no gain).
+On x86 without VNNI the weights keep 7 bits (`reduce_range`) so the AVX2 kernels do not saturate; which
+target gets what is `vislora.export.int8_target`."""
 
 from __future__ import annotations
 
@@ -21,29 +23,31 @@ from vislora.data.datasets import ImageDataset
 from vislora.data.transforms import InputSpec
 from vislora.export.calibration import CalibrationReader, preprocessed
 from vislora.export.common import INPUT_NAME, OUTPUT_NAME
+from vislora.export.int8_target import TARGET_OF_ISA, Int8Settings, int8_settings
 
 logger = logging.getLogger(__name__)
 
-OP_TYPES = ("MatMul",)
-SETTINGS = {"format": "QDQ", "per_channel": True, "weights": "int8 symmetric", "activations": "uint8",
-            "calibration": "MinMax", "op_types": list(OP_TYPES)}
 
-
-def quantize_int8(fp32_path: str | Path, int8_path: str | Path, reader: CalibrationReader) -> Path:
-    """Write the static INT8 (QDQ, per-channel) version of `fp32_path`, calibrated on `reader`'s images."""
+def quantize_int8(fp32_path: str | Path, int8_path: str | Path, reader: CalibrationReader,
+                  settings: Int8Settings | None = None) -> Path:
+    """Write the static INT8 (QDQ, per-channel) version of `fp32_path`, calibrated on `reader`'s images, with
+    `settings` for the CPU it will run on (default: this machine's, `int8_settings("auto")`)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    settings = settings or int8_settings()
     reader.rewind()
     advice = _DropAdvice()
     logging.getLogger().addFilter(advice)  # quantize_static advises quant_pre_process on the root logger
     try:
         quantize_static(str(fp32_path), str(int8_path), reader, quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=list(OP_TYPES), per_channel=True, activation_type=QuantType.QUInt8,
+                        op_types_to_quantize=list(settings.op_types), per_channel=settings.per_channel,
+                        reduce_range=settings.reduce_range, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
                         extra_options={"CalibStridedMinMax": 1})  # ranges merged batch by batch: bounded memory
     finally:
         logging.getLogger().removeFilter(advice)
-    logger.info("INT8 calibrated on %d images (%d batches)", reader.images, reader.batches_read)
+    logger.info("INT8 for target %s (reduce_range %s) calibrated on %d images (%d batches)", settings.target,
+                settings.reduce_range, reader.images, reader.batches_read)
     return Path(int8_path)
 
 
@@ -87,8 +91,9 @@ class QuantizeReport:
     calibration_images: int
     calibration_data: str
     threads: int | None
+    settings: dict[str, Any]  # Int8Settings.to_dict() plus "requested": the target asked for (e.g. auto)
+    cpu: dict[str, Any]  # CpuInfo.to_dict() of the machine that quantized and measured
     latency: dict[str, list[Latency]] = field(default_factory=dict)
-    settings: dict[str, Any] = field(default_factory=lambda: dict(SETTINGS))
     sizes_mb: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -110,11 +115,23 @@ class QuantizeReport:
         out = [f"accuracy on {self.eval_images} held-out images ({self.eval_data}): fp32 {self.fp32_accuracy:.4f}, "
                f"INT8 {self.int8_accuracy:.4f} ({change:+.2f} points; predictions agree: {100 * self.agreement:.1f}%)",
                f"calibrated on {self.calibration_images} images ({self.calibration_data}); onnxruntime CPU, "
-               f"{self.threads or 'default'} threads"]
+               f"{self.threads or 'default'} threads",
+               self.target_line()]
         for fp32, int8 in zip(self.latency["fp32"], self.latency["int8"], strict=True):
             out.append(f"batch {fp32.batch:>3}: fp32 p50 {fp32.p50_ms:.2f} ms p95 {fp32.p95_ms:.2f} ms | INT8 p50 "
                        f"{int8.p50_ms:.2f} ms p95 {int8.p95_ms:.2f} ms | x{self.speedup(fp32.batch):.2f}")
         return out
+
+    def target_line(self) -> str:
+        """Which CPU the INT8 file was made for and which one measured it."""
+        settings, cpu = self.settings, self.cpu
+        low, high = settings["weight_range"]
+        line = (f"INT8 target {settings['target']} (asked: {settings['requested']}): weights in [{low}, {high}]"
+                f"{' (reduce_range)' if settings['reduce_range'] else ''}; measured on {cpu['model']} "
+                f"({cpu['arch']}, {cpu['isa']})")
+        if settings["target"] not in (TARGET_OF_ISA[cpu["isa"]], "portable"):
+            line += "; not the target CPU: its accuracy and speed may differ"
+        return line
 
 
 def compare_accuracy(sessions: dict[str, Any], dataset: ImageDataset, spec: InputSpec,

@@ -18,6 +18,7 @@ import numpy as np
 from vislora.errors import ExportError
 from vislora.export.common import INPUT_NAME, OUTPUT_NAME, is_dual, staged_dir
 from vislora.export.dual_triton import DualTritonExport, export_dual_triton
+from vislora.export.int8_target import int8_settings
 from vislora.export.onnx import OnnxCheck
 from vislora.export.pipeline import Log, load_and_merge, prepare_int8, write_metadata, write_onnx_pair
 from vislora.export.quantize import QuantizeReport
@@ -72,11 +73,11 @@ def export_triton(adapter_dir: str | Path, repo: str | Path, name: str, base: st
                   int8: bool = False, calibration: str | Path | None = None, eval_data: str | Path | None = None,
                   calibration_limit: int | None = 128, eval_limit: int | None = None, max_batch_size: int = 8,
                   threads: int | None = None, overwrite: bool = False,
-                  log: Log = logger.info) -> TritonExport | DualTritonExport:
+                  log: Log = logger.info, int8_target: str = "auto") -> TritonExport | DualTritonExport:
     """Write REPO/NAME as a Triton model: fp32 ONNX as version 1 and, with `int8`, the INT8 model as version 2.
 
     A contrastive or few-shot run becomes two models, REPO/NAME_image and REPO/NAME_text
-    (`vislora.export.dual_triton`)."""
+    (`vislora.export.dual_triton`). `int8_target` names the CPU the INT8 model will run on (auto: this one)."""
     if is_dual(adapter_dir):
         return export_dual_triton(adapter_dir, repo, name, base=base, int8=int8, max_batch_size=max_batch_size,
                                   overwrite=overwrite, log=log)
@@ -85,13 +86,16 @@ def export_triton(adapter_dir: str | Path, repo: str | Path, name: str, base: st
                           "'-' or '.', e.g. fmnist_dinov2")
     if max_batch_size < 1:
         raise ExportError(f"max_batch_size must be >= 1 (got {max_batch_size}); it bounds Triton's dynamic batches")
+    if int8:
+        int8_settings(int8_target)  # an unknown target fails before any work
     data = prepare_int8(adapter_dir, calibration, eval_data, calibration_limit, eval_limit) if int8 else None
     item, plain, difference = load_and_merge(adapter_dir, base)
     repo = Path(repo)
     versions = [1, 2] if int8 else [1]
     with staged_dir(repo / name, overwrite, staging_parent=repo.resolve().parent) as tmp:
         check, report = write_onnx_pair(item, plain, tmp / "1" / "model.onnx",
-                                        tmp / "2" / "model.onnx" if int8 else None, data, max_batch_size, threads, log)
+                                        tmp / "2" / "model.onnx" if int8 else None, data, max_batch_size, threads, log,
+                                        int8_target=int8_target)
         write_metadata(tmp, item, check, difference, report)
         dims = output_dims(tmp / "1" / "model.onnx")
         text = config_pbtxt(name, item.spec.size, dims, max_batch_size, versions, labels=bool(item.classes))
