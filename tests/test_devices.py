@@ -39,7 +39,7 @@ def test_cuda_without_a_gpu_names_the_fix() -> None:
 
 
 def test_float16_on_cpu_is_refused_naming_bfloat16() -> None:
-    with pytest.raises(ConfigError, match="dtype float16 on the CPU is refused.*use --dtype bfloat16"):
+    with pytest.raises(ConfigError, match=r"dtype float16 on the CPU is refused.*use --dtype bfloat16"):
         Placement.resolve("cpu", "float16")
     with pytest.raises(ConfigError, match="unknown dtype 'half': use float32, bfloat16, float16"):
         Placement.resolve("cpu", "half")
