@@ -27,6 +27,10 @@ CalibrationLimit = Annotated[int, typer.Option(help="Calibrate on a stratified r
 EvalLimit = Annotated[int | None, typer.Option(help="Score a stratified random subset of this many held-out images "
                                                     "(default: the run's data.val_limit, else all).")]
 Threads = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads for the report (default: all).")]
+Device = Annotated[str, typer.Option(help="Where onnxruntime runs the export's checks: auto (CUDA when onnxruntime "
+                                          "offers it), cpu, cuda, cuda:N; a missing CUDA provider falls back to the "
+                                          "CPU with a warning. The ONNX file is the same; the INT8 report stays on "
+                                          "the CPU.")]
 Root = Annotated[Path, typer.Option("--root", envvar="VISLORA_REGISTRY",
                                     help="Registry folder (or set VISLORA_REGISTRY).")]
 
@@ -84,6 +88,7 @@ def export_onnx(
     batch: Annotated[int, typer.Option(help="The larger batch size timed in the INT8 report.")] = 8,
     threads: Threads = None,
     overwrite: Overwrite = False,
+    device: Device = "auto",
     dynamic_size: Annotated[bool, typer.Option(
         "--dynamic-size", help="Also make height and width dynamic (multiples of the patch), checked at the trained "
                                "size and twice it; for timm ViTs and Hugging Face ViT/DINOv2/CLIP/SigLIP.")] = False,
@@ -103,7 +108,8 @@ def export_onnx(
     with _progress("exporting ...") as log:
         result = export_onnx_dir(adapter, out, base=base, int8=int8, calibration=calibration, eval_data=eval_data,
                                  calibration_limit=calibration_limit, eval_limit=eval_limit, latency_batch=batch,
-                                 threads=threads, overwrite=overwrite, dynamic_size=dynamic_size, log=log)
+                                 threads=threads, overwrite=overwrite, dynamic_size=dynamic_size, log=log,
+                                 device=device)
     if isinstance(result, DualOnnxExport):
         for line in result.lines():
             console.print(line, markup=False, highlight=False)
@@ -129,6 +135,10 @@ def export_triton(
     max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size (dynamic batching up to it).")] = 8,
     threads: Threads = None,
     overwrite: Overwrite = False,
+    device: Device = "auto",
+    triton_gpus: Annotated[str | None, typer.Option(
+        help="Serve on GPUs: one Triton instance (KIND_GPU) on each GPU listed, e.g. 0,1, or `all` (every GPU "
+             "Triton sees); default: one CPU instance.")] = None,
 ) -> None:
     """Write a Triton model repository entry: config.pbtxt, 1/model.onnx, optionally 2/model.onnx (INT8).
 
@@ -139,14 +149,19 @@ def export_triton(
 
     Example: vislora export triton --adapter runs/demo/adapter --repo models --name fmnist
     --int8 --calibration fashion-mnist:train
+
+    Example (GPU instances on GPUs 0 and 1): vislora export triton --adapter runs/demo/adapter --repo models
+    --name fmnist --triton-gpus 0,1
     """
     from vislora.export import export_triton as build
     from vislora.export.dual_triton import DualTritonExport
+    from vislora.export.triton_config import parse_gpus
 
     with _progress("exporting ...") as log:
         result = build(adapter, repo, name, base=base, int8=int8, calibration=calibration, eval_data=eval_data,
                        calibration_limit=calibration_limit, eval_limit=eval_limit, max_batch_size=max_batch_size,
-                       threads=threads, overwrite=overwrite, log=log)
+                       threads=threads, overwrite=overwrite, log=log, device=device,
+                       gpus=parse_gpus(triton_gpus))
     if isinstance(result, DualTritonExport):
         for line in result.lines():
             console.print(line, markup=False, highlight=False)
