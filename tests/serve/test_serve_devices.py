@@ -119,6 +119,14 @@ def test_engine_on_cuda_equals_cpu_float32_references(served, dtype, atol):
 
 
 @pytest.mark.gpu
+def test_cpu_thread_settings_are_left_alone_on_cuda(served):
+    threads = torch.get_num_threads()
+    with make_engine(served, device="cuda", batching={"threads": threads + 1}) as engine:
+        assert not engine.placement.is_cpu
+    assert torch.get_num_threads() == threads  # batching.threads is a CPU setting
+
+
+@pytest.mark.gpu
 def test_http_predict_on_cuda_equals_cpu_float32_references(served):
     fields = {"device": "cuda", "batching": {"max_wait_ms": 2}}
     with TestClient(create_app(make_engine(served, **fields), serve_config(served, **fields))) as client:
