@@ -131,6 +131,12 @@ class Placement:
             pinned[row].copy_(sample)
         return pinned.to(self.device, non_blocking=True)
 
+    def unused_gpu(self) -> str | None:
+        """A hint when this placement is the CPU but torch sees a CUDA GPU (the CLIs default to the CPU)."""
+        if self.is_cpu and torch.cuda.is_available():
+            return f"torch sees a CUDA GPU ({torch.cuda.get_device_name(0)}): --device cuda (or auto) runs there"
+        return None
+
     def synchronize(self) -> None:
         """Wait for the device's queued work (timings on a GPU); nothing on the CPU."""
         if self.is_cuda:

@@ -105,8 +105,8 @@ def _build(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def serve_config(served, names=("a0", "a1", "a2"), **fields) -> ServeConfig:
     """A ServeConfig over the served adapters named; `fields` are top-level config entries (an `adapters` entry
-    replaces `names`). The device is the CPU unless `fields` name another: the references are CPU float32."""
-    return ServeConfig.parse({"adapters": {n: str(served["dirs"][n]) for n in names}, "device": "cpu", **fields})
+    replaces `names`)."""
+    return ServeConfig.parse({"adapters": {n: str(served["dirs"][n]) for n in names}, **fields})
 
 
 def make_engine(served, names=("a0", "a1", "a2"), **fields) -> Engine:

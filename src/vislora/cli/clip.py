@@ -24,7 +24,7 @@ def clip_eval(
     template: Annotated[list[str] | None, typer.Option(
         help="Prompt template ('{}' = class name), repeatable; default: the run's task.templates.")] = None,
     device: Annotated[str, typer.Option(help="Where the towers run: auto (cuda when available, else mps, else "
-                                              "cpu), cpu, cuda, cuda:N, mps.")] = "auto",
+                                              "cpu), cpu, cuda, cuda:N, mps.")] = "cpu",
 ) -> None:
     """Prompt-classifier accuracy (templates ensembled) and image<->text recall@1/5/10 of a trained dual encoder.
 

@@ -55,7 +55,7 @@ def evaluate(
         help="Run the adapter at this input side instead of the one it was trained at (a warning names both; "
              "position embeddings are adapted, vislora.input_size).")] = None,
     device: Annotated[str, typer.Option(help="Classifiers and taggers: where the model runs: auto (cuda when "
-                                              "available, else mps, else cpu), cpu, cuda, cuda:N, mps.")] = "auto",
+                                              "available, else mps, else cpu), cpu, cuda, cuda:N, mps.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Classifiers and taggers: float32, bfloat16 (CPU or GPU) or float16 "
                                             "(GPU only).")] = "float32",
 ) -> None:
@@ -85,10 +85,10 @@ def evaluate(
         return track(items, total=total, description="base + adapted", console=console, transient=True)
 
     kind = read_task(adapter).get("task")
-    if kind == PROMPTED_TASK and (device not in ("auto", "cpu") or dtype != "float32"):
+    placement = Placement.resolve(device, dtype)
+    if kind == PROMPTED_TASK and placement != Placement.cpu():
         raise ConfigError(f"--device {device} --dtype {dtype}: a {PROMPTED_TASK} run is evaluated on the CPU in "
                           "float32 only for now; drop --device and --dtype")
-    placement = Placement.resolve("cpu" if kind == PROMPTED_TASK else device, dtype)
     if kind == "multilabel":
         model, task = load_trained(adapter, image_size)
         comparison: Comparison | MultilabelComparison = compare_multilabel_model(
@@ -109,7 +109,7 @@ def evaluate(
             latency_images=latency_images, progress=progress,
             clinical=_clinical_settings(specificity, sensitivity, bootstrap, ci), placement=placement)
         show_comparison(comparison)
-    console.print(f"ran on {placement.describe()}")
+    console.print(f"ran on {placement.describe()}" + (f"; {placement.unused_gpu()}" if placement.unused_gpu() else ""))
     if predictions:
         console.print(f"predictions written to {predictions}")
     if json_out:

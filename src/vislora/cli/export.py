@@ -88,7 +88,7 @@ def export_onnx(
     batch: Annotated[int, typer.Option(help="The larger batch size timed in the INT8 report.")] = 8,
     threads: Threads = None,
     overwrite: Overwrite = False,
-    device: Device = "auto",
+    device: Device = "cpu",
     dynamic_size: Annotated[bool, typer.Option(
         "--dynamic-size", help="Also make height and width dynamic (multiples of the patch), checked at the trained "
                                "size and twice it; for timm ViTs and Hugging Face ViT/DINOv2/CLIP/SigLIP.")] = False,
@@ -135,7 +135,7 @@ def export_triton(
     max_batch_size: Annotated[int, typer.Option(help="Triton max_batch_size (dynamic batching up to it).")] = 8,
     threads: Threads = None,
     overwrite: Overwrite = False,
-    device: Device = "auto",
+    device: Device = "cpu",
     triton_gpus: Annotated[str | None, typer.Option(
         help="Serve on GPUs: one Triton instance (KIND_GPU) on each GPU listed, e.g. 0,1, or `all` (every GPU "
              "Triton sees); default: one CPU instance.")] = None,

@@ -35,7 +35,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     device: Annotated[str | None, typer.Option(help="Where the forward runs: auto (cuda when available, else mps, "
                                                     "else cpu), cpu, cuda, cuda:N, mps (config key `device`; "
-                                                    "default auto).")] = None,
+                                                    "default cpu).")] = None,
     dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 (CPU or GPU) or float16 (GPU only) (config "
                                                    "key `dtype`; default float32).")] = None,
     set_: Annotated[list[str] | None, typer.Option(
@@ -66,6 +66,8 @@ def serve(
     names = ", ".join(a.name for a in engine.adapters()) or "none yet"
     console.print(f"serving {len(engine.adapters())} adapters over {engine.base.spec} "
                   f"({size}, {engine.placement.describe()}): {names}")
+    if engine.placement.unused_gpu():
+        console.print(f"[yellow]{engine.placement.unused_gpu()}[/]")
     console.print(f"dashboard http://{cfg.host}:{cfg.port}/dashboard  ·  API http://{cfg.host}:{cfg.port}/docs")
     if cfg.auth.admin() is None:
         console.print(f"[yellow]admin endpoints are off[/]: set {cfg.auth.admin_token_env} to load/unload adapters "

@@ -144,7 +144,7 @@ class ServeConfig(_Section):
                                                "splits with an optional shadow) by name.")
     indexes: dict[str, str] = Field(default_factory=dict, description="Search indexes (vislora index build) by "
                                     "name, for POST /v1/search: name -> index folder.")
-    device: str = Field("auto", description=f"Where the forward runs: {DEVICE_CHOICES} (auto = cuda when "
+    device: str = Field("cpu", description=f"Where the forward runs: {DEVICE_CHOICES} (auto = cuda when "
                         "available, else mps, else cpu). Answers are float32 whatever the device.")
     dtype: DtypeName = Field("float32", description="Weights and inputs of the forward: float32, bfloat16 (CPU or "
                              "GPU), float16 (GPU only).")

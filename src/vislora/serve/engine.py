@@ -6,6 +6,9 @@ adapter loads/unloads take the same lock: no request sees a half-loaded adapter.
 takes no new requests and is removed once its in-flight requests have their answers. A rollout (a name that
 splits requests between adapters by weight, with a shadow) is resolved before a request is queued.
 
+The model runs on the engine's `Placement` (vislora.devices: ServeConfig `device` and `dtype`, CPU float32 by
+default): batches are sent there (through pinned memory to a GPU) and answers come back float32 on the CPU.
+
 `vislora.serve.factory.build_engine` builds the engine a ServeConfig describes:
 
     with build_engine(ServeConfig.parse({"adapters": {"cats": "runs/cats/adapter"}})) as engine:
