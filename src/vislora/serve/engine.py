@@ -368,9 +368,8 @@ class Engine(BlockingCalls):
         """Adapter `name`'s tensors on the engine's device in its dtype (the model lock is held). Loaded adapters
         are built in float32 under a half-precision base (as for training); served, they take the base's dtype
         so every routed adapter computes alike."""
-        with torch.no_grad():
-            for param in self.model.adapter_parameters(name):
-                param.data = param.data.to(device=self.placement.device, dtype=self.placement.dtype)
+        for module in (*self.model.layers_of(name).values(), *self.model.saved_modules(name).values()):
+            module.to(device=self.placement.device, dtype=self.placement.dtype)  # buffers too (PiSSA's residual)
 
     def _release_team(self) -> None:
         """Free this thread's OpenMP team (vislora.serve.openmp) when the forward runs on the CPU; a GPU
