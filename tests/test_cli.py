@@ -89,3 +89,12 @@ def test_demo_runs_end_to_end_on_a_small_budget(tmp_path):
     assert "frozen backbone + linear probe" in result.output and "LoRA (r=8 on q, v) + head" in result.output
     assert "trainable parameters" in result.output and "wall time" in result.output
     assert (tmp_path / "demo" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("command", [["index", "build", "data", "--adapter", "run", "--out", "index"],
+                                     ["clip", "eval", "--adapter", "run", "--data", "data"]])
+def test_device_options_refuse_unknown_devices_before_any_work(command, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [*command, "--device", "tpu"])
+    assert "unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps" in str(result.exception)
+    assert list(tmp_path.iterdir()) == []

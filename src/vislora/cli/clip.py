@@ -23,6 +23,8 @@ def clip_eval(
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     template: Annotated[list[str] | None, typer.Option(
         help="Prompt template ('{}' = class name), repeatable; default: the run's task.templates.")] = None,
+    device: Annotated[str, typer.Option(help="Where the towers run: auto (cuda when available, else mps, else "
+                                              "cpu), cpu, cuda, cuda:N, mps.")] = "cpu",
 ) -> None:
     """Prompt-classifier accuracy (templates ensembled) and image<->text recall@1/5/10 of a trained dual encoder.
 
@@ -32,7 +34,8 @@ def clip_eval(
     """
     from vislora.evaluate import evaluate_dual
 
-    result = evaluate_dual(adapter, data, batch_size=batch_size, limit=limit, templates=template or None)
+    result = evaluate_dual(adapter, data, batch_size=batch_size, limit=limit, templates=template or None,
+                           device=device)
     table = Table("metric", "value", title=f"{result.n} images" + (f" ({result.skipped} skipped)"
                                                                     if result.skipped else ""))
     for name, value in result.metrics().items():

@@ -54,6 +54,10 @@ def evaluate(
     image_size: Annotated[int | None, typer.Option(
         help="Run the adapter at this input side instead of the one it was trained at (a warning names both; "
              "position embeddings are adapted, vislora.input_size).")] = None,
+    device: Annotated[str, typer.Option(help="Classifiers and taggers: where the model runs: auto (cuda when "
+                                              "available, else mps, else cpu), cpu, cuda, cuda:N, mps.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="Classifiers and taggers: float32, bfloat16 (CPU or GPU) or float16 "
+                                            "(GPU only).")] = "float32",
 ) -> None:
     """Base vs adapted on the same DATA: accuracy, top-5, macro-F1, calibration (ECE), per class and per metadata
     group (e.g. a `group` column) with regressions flagged, embedding drift, and latency.
@@ -70,19 +74,27 @@ def evaluate(
     Example: vislora eval --adapter runs/xray/best --data data/xray_test.csv --specificity 0.9 --bootstrap 2000
     Example: vislora eval --adapter runs/tags/best --data data/tags_test.csv --predictions tags.csv
     Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --image-size 112
+    Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --device cuda --dtype bfloat16
     """
     from rich.progress import track
 
+    from vislora.devices import Placement
     from vislora.io import atomic_write_text
 
     def progress(items: Iterable, total: int) -> Iterable:
         return track(items, total=total, description="base + adapted", console=console, transient=True)
 
     kind = read_task(adapter).get("task")
+    placement = Placement.resolve(device, dtype)
+    if kind == PROMPTED_TASK and placement != Placement.cpu():
+        raise ConfigError(f"--device {device} --dtype {dtype}: a {PROMPTED_TASK} run is evaluated on the CPU in "
+                          "float32 only for now; drop --device and --dtype")
     if kind == "multilabel":
+        model, task = load_trained(adapter, image_size)
         comparison: Comparison | MultilabelComparison = compare_multilabel_model(
-            *load_trained(adapter, image_size), data, batch_size=batch_size, limit=limit, label_column=label_column,
-            path_column=path_column, predictions=predictions, base_head=base_head, progress=progress)
+            placement.place(model), task, data, batch_size=batch_size, limit=limit, label_column=label_column,
+            path_column=path_column, predictions=predictions, base_head=base_head, progress=progress,
+            placement=placement)
         show_multilabel_comparison(comparison)
     elif kind == PROMPTED_TASK:
         comparison = compare_prompted_model(*load_trained_dual(adapter, image_size), data, batch_size=batch_size,
@@ -90,12 +102,14 @@ def evaluate(
                                             predictions=predictions)
         show_multilabel_comparison(comparison)
     else:
+        model, task = load_trained(adapter, image_size)
         comparison = compare_model(
-            *load_trained(adapter, image_size), data, batch_size=batch_size, limit=limit, label_column=label_column,
+            placement.place(model), task, data, batch_size=batch_size, limit=limit, label_column=label_column,
             path_column=path_column, predictions=predictions, base_head=base_head, tolerance=tolerance,
             latency_images=latency_images, progress=progress,
-            clinical=_clinical_settings(specificity, sensitivity, bootstrap, ci))
+            clinical=_clinical_settings(specificity, sensitivity, bootstrap, ci), placement=placement)
         show_comparison(comparison)
+    console.print(f"ran on {placement.describe()}" + (f"; {placement.unused_gpu()}" if placement.unused_gpu() else ""))
     if predictions:
         console.print(f"predictions written to {predictions}")
     if json_out:

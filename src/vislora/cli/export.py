@@ -31,6 +31,10 @@ Int8Target = Annotated[str, typer.Option(
                           "AMX), avx512 or avx2 (x86 without VNNI: 7-bit weights so the kernels do not saturate), "
                           "arm64, portable (unknown or mixed CPUs: 7-bit weights).")]
 Threads = Annotated[int | None, typer.Option(help="onnxruntime intra-op threads for the report (default: all).")]
+Device = Annotated[str, typer.Option(help="Where onnxruntime runs the export's checks: auto (CUDA when onnxruntime "
+                                          "offers it), cpu, cuda, cuda:N; a missing CUDA provider falls back to the "
+                                          "CPU with a warning. The ONNX file is the same; the INT8 report stays on "
+                                          "the CPU.")]
 Root = Annotated[Path, typer.Option("--root", envvar="VISLORA_REGISTRY",
                                     help="Registry folder (or set VISLORA_REGISTRY).")]
 
@@ -89,6 +93,7 @@ def export_onnx(
     int8_target: Int8Target = "auto",
     threads: Threads = None,
     overwrite: Overwrite = False,
+    device: Device = "cpu",
     dynamic_size: Annotated[bool, typer.Option(
         "--dynamic-size", help="Also make height and width dynamic (multiples of the patch), checked at the trained "
                                "size and twice it; for timm ViTs and Hugging Face ViT/DINOv2/CLIP/SigLIP.")] = False,
@@ -109,7 +114,7 @@ def export_onnx(
         result = export_onnx_dir(adapter, out, base=base, int8=int8, calibration=calibration, eval_data=eval_data,
                                  calibration_limit=calibration_limit, eval_limit=eval_limit, latency_batch=batch,
                                  threads=threads, overwrite=overwrite, dynamic_size=dynamic_size, log=log,
-                                 int8_target=int8_target)
+                                 int8_target=int8_target, device=device)
     if isinstance(result, DualOnnxExport):
         for line in result.lines():
             console.print(line, markup=False, highlight=False)
@@ -136,6 +141,10 @@ def export_triton(
     int8_target: Int8Target = "auto",
     threads: Threads = None,
     overwrite: Overwrite = False,
+    device: Device = "cpu",
+    triton_gpus: Annotated[str | None, typer.Option(
+        help="Serve on GPUs: one Triton instance (KIND_GPU) on each GPU listed, e.g. 0,1, or `all` (every GPU "
+             "Triton sees); default: one CPU instance.")] = None,
 ) -> None:
     """Write a Triton model repository entry: config.pbtxt, 1/model.onnx, optionally 2/model.onnx (INT8).
 
@@ -146,14 +155,19 @@ def export_triton(
 
     Example: vislora export triton --adapter runs/demo/adapter --repo models --name fmnist
     --int8 --calibration fashion-mnist:train
+
+    Example (GPU instances on GPUs 0 and 1): vislora export triton --adapter runs/demo/adapter --repo models
+    --name fmnist --triton-gpus 0,1
     """
     from vislora.export import export_triton as build
     from vislora.export.dual_triton import DualTritonExport
+    from vislora.export.triton_config import parse_gpus
 
     with _progress("exporting ...") as log:
         result = build(adapter, repo, name, base=base, int8=int8, calibration=calibration, eval_data=eval_data,
                        calibration_limit=calibration_limit, eval_limit=eval_limit, max_batch_size=max_batch_size,
-                       threads=threads, overwrite=overwrite, log=log, int8_target=int8_target)
+                       threads=threads, overwrite=overwrite, log=log, int8_target=int8_target, device=device,
+                       gpus=parse_gpus(triton_gpus))
     if isinstance(result, DualTritonExport):
         for line in result.lines():
             console.print(line, markup=False, highlight=False)

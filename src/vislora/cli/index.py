@@ -19,11 +19,10 @@ app.add_typer(index_app, name="index")
 
 
 def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+    """The torch device --device names (vislora.devices: auto = cuda, else mps, else cpu; refused if absent)."""
+    from vislora.devices import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return str(resolve_device(device))
 
 
 @index_app.command("build")
@@ -38,7 +37,8 @@ def index_build(
     registry: Annotated[Path | None, typer.Option(help="Adapter registry root for registry:NAME@VERSION.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     workers: Annotated[int, typer.Option(help="Image-decoding worker processes.")] = 4,
-    device: Annotated[str, typer.Option(help="auto (cuda when available), cpu, cuda, cuda:1, ...")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (cuda when available, else mps, else cpu), cpu, cuda, cuda:N, "
+                                              "mps.")] = "auto",
     limit: Annotated[int | None, typer.Option(help="Index a random subset of this many images.")] = None,
     label_column: Annotated[str, typer.Option(help="Manifest column holding the label ('' for none: then a "
                                                    "caption column is needed).")] = "label",

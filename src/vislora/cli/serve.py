@@ -33,6 +33,11 @@ def serve(
     random_init: Annotated[bool, typer.Option(help="Build --base with random weights (benchmarks, tests).")] = False,
     host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
+    device: Annotated[str | None, typer.Option(help="Where the forward runs: auto (cuda when available, else mps, "
+                                                    "else cpu), cpu, cuda, cuda:N, mps (config key `device`; "
+                                                    "default cpu).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 (CPU or GPU) or float16 (GPU only) (config "
+                                                   "key `dtype`; default float32).")] = None,
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config value: key.path=value (YAML); repeatable. Example: "
                       "--set batching.max_batch_size=32 --set batching.max_wait_ms=10")] = None,
@@ -47,17 +52,22 @@ def serve(
     Example: vislora serve --registry adapters/ -a cats=registry:cats@promoted -a cats-next=registry:cats@latest
 
     Example (dual encoder: POST /v1/embed takes {"text": ...} too): vislora serve -a pets=runs/pets-clip/adapter
+
+    Example (a GPU, 16-bit weights): vislora serve -a cats=runs/cats/adapter --device cuda --dtype bfloat16
     """
     import uvicorn
 
     from vislora.serve import build_engine, create_app
 
     cfg = build_config(config, adapter or [], base, num_classes, image_size, random_init, host, port, set_ or [],
-                       registry, text=text, dual_encoder=dual_encoder)
+                       registry, text=text, dual_encoder=dual_encoder, device=device, dtype=dtype)
     engine = build_engine(cfg)
     size = f"{engine.input_spec.size} px" if engine.input_spec.size else "images of any size, tiled"
+    names = ", ".join(a.name for a in engine.adapters()) or "none yet"
     console.print(f"serving {len(engine.adapters())} adapters over {engine.base.spec} "
-                  f"({size}): {', '.join(a.name for a in engine.adapters()) or 'none yet'}")
+                  f"({size}, {engine.placement.describe()}): {names}")
+    if engine.placement.unused_gpu():
+        console.print(f"[yellow]{engine.placement.unused_gpu()}[/]")
     console.print(f"dashboard http://{cfg.host}:{cfg.port}/dashboard  ·  API http://{cfg.host}:{cfg.port}/docs")
     if cfg.auth.admin() is None:
         console.print(f"[yellow]admin endpoints are off[/]: set {cfg.auth.admin_token_env} to load/unload adapters "
@@ -68,7 +78,7 @@ def serve(
 def build_config(config: Path | None, adapters: list[str], base: str | None, num_classes: int | None,
                  image_size: int | None, random_init: bool, host: str | None, port: int | None,
                  overrides: list[str], registry: Path | None = None, *, text: str | None = None,
-                 dual_encoder: bool = False) -> Any:
+                 dual_encoder: bool = False, device: str | None = None, dtype: str | None = None) -> Any:
     """The ServeConfig from CONFIG (if given) with the command-line flags applied on top."""
     from vislora.io import apply_overrides
     from vislora.serve.config import ServeConfig, read_config
@@ -95,5 +105,6 @@ def build_config(config: Path | None, adapters: list[str], base: str | None, num
     elif num_classes is not None or image_size is not None or random_init or dual_encoder or text is not None:
         raise ConfigError("--num-classes, --image-size, --random-init, --dual-encoder and --text describe --base; "
                           "give --base too")
-    data.update({k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+    data.update({k: v for k, v in {"host": host, "port": port, "device": device, "dtype": dtype}.items()
+                 if v is not None})
     return ServeConfig.parse(apply_overrides(data, overrides))

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from vislora.data.datasets import ImageDataset, collate, open_dataset
+from vislora.devices import Placement
 from vislora.errors import ConfigError
 from vislora.evaluate.clinical import clinical_metrics, compare_clinical
 from vislora.evaluate.collect import BaseHead, collect
@@ -74,12 +75,13 @@ def compare_model(model: AdaptedModel, task: dict[str, Any], data: str | Path, b
                   limit: int | None = None, label_column: str = "label", path_column: str = "path", seed: int = 0,
                   predictions: str | Path | None = None, base_head: BaseHead = "trained", tolerance: float = 0.01,
                   latency_images: int = 8, progress: Callable[[Iterable, int], Iterable] | None = None,
-                  clinical: EvalSection | None = None) -> Comparison:
-    """compare_adapter for a classifier already loaded with `load_trained`."""
+                  clinical: EvalSection | None = None, placement: Placement | None = None) -> Comparison:
+    """compare_adapter for a classifier already loaded with `load_trained` (and placed by `placement`, whose
+    device and dtype the images are sent to)."""
     dataset = open_eval_data(task, data, limit, label_column, path_column, seed)
     loader = _loader(dataset, batch_size)
     batches = progress(loader, len(loader)) if progress else loader
-    run = collect(model, batches, base_head)
+    run = collect(model, batches, base_head, placement)
     adapted, labels, rows = run.adapted, run.labels, run.rows
     comparison = compare(run.base, adapted, labels, task["classes"], [r["metadata"] for r in rows], tolerance,
                          data=f"{data} ({len(rows)} images)")
@@ -90,7 +92,8 @@ def compare_model(model: AdaptedModel, task: dict[str, Any], data: str | Path, b
                                                **clinical.model_dump())
     if latency_images:
         first = collate([dataset[r["index"]] for r in rows[:latency_images]])
-        comparison.latency = measure_latency(model, first["image"])
+        images = placement.inputs(first["image"]) if placement else first["image"]
+        comparison.latency = measure_latency(model, images)
     if predictions is not None:
         losses = F.cross_entropy(adapted.logits.double(), labels, reduction="none").tolist()
         scored = [{**r, "label": y, "pred": p, "loss": loss} for r, y, p, loss in

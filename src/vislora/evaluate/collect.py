@@ -14,6 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from vislora.devices import Placement
 from vislora.errors import ConfigError
 from vislora.evaluate.comparison import Outputs
 from vislora.model import AdaptedModel
@@ -45,8 +46,11 @@ def classifier_parts(classifier: nn.Module) -> tuple[Callable[[torch.Tensor], to
 
 
 @torch.no_grad()
-def collect(model: AdaptedModel, batches: Iterable[dict[str, Any]], base_head: BaseHead = "trained") -> Collected:
-    """Base and adapted outputs, labels and per-image rows {index, metadata} over `batches` of images.
+def collect(model: AdaptedModel, batches: Iterable[dict[str, Any]], base_head: BaseHead = "trained",
+            placement: Placement | None = None) -> Collected:
+    """Base and adapted outputs, labels and per-image rows {index, metadata} over `batches` of images; with a
+    `placement` the images go to its device and dtype (the model must be placed there already), and the outputs come
+    back float32 on the CPU either way.
 
     Each batch runs twice: with the adapters, then inside `model.disabled()`. base_head="trained" keeps the
     adapter's trained head for the base model; "original" uses the base model's own head.
@@ -64,17 +68,17 @@ def collect(model: AdaptedModel, batches: Iterable[dict[str, Any]], base_head: B
             skipped += batch.get("skipped", [])
             if "image" not in batch:
                 continue
-            images = batch["image"]
+            images = placement.inputs(batch["image"]) if placement else batch["image"]
             embeddings = features(images)  # [B, D]
-            parts["adapted_emb"].append(embeddings.float())
-            parts["adapted"].append(head(embeddings).float())
+            parts["adapted_emb"].append(embeddings.float().cpu())
+            parts["adapted"].append(head(embeddings).float().cpu())
             with model.disabled():
                 base_embeddings = features(images)
                 if base_head == "original":
-                    parts["base"].append(head(base_embeddings).float())
+                    parts["base"].append(head(base_embeddings).float().cpu())
             if base_head == "trained":
-                parts["base"].append(head(base_embeddings).float())
-            parts["base_emb"].append(base_embeddings.float())
+                parts["base"].append(head(base_embeddings).float().cpu())
+            parts["base_emb"].append(base_embeddings.float().cpu())
             parts["labels"].append(batch["label"])
             rows += [{"index": i, "metadata": m} for i, m in zip(batch["index"].tolist(), batch["metadata"],
                                                                   strict=True)]

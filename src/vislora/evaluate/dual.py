@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vislora.data.datasets import collate, open_dataset
+from vislora.devices import resolve_device
 from vislora.runs import input_spec, load_trained_dual
 from vislora.tasks.classification import eval_batches
 from vislora.tasks.clip import contrastive_loss, retrieval_recall, same_label, text_classifier
@@ -99,10 +100,13 @@ def _score(rows: Sequence[dict[str, Any]], model: Any, names: Sequence[str], tem
 
 def evaluate_dual(adapter_dir: str | Path, data: str | Path, *, batch_size: int = 64, limit: int | None = None,
                   label_column: str | None = "label", templates: Sequence[str] | None = None,
-                  seed: int = 0) -> DualEvalResult:
+                  seed: int = 0, device: str = "cpu") -> DualEvalResult:
     """Score a trained dual-encoder adapter on `data`: prompt-classifier accuracy with the run's class names and
-    templates (or `templates`), and retrieval recall when the data has captions."""
+    templates (or `templates`), and retrieval recall when the data has captions; the towers run on `device`
+    (auto | cpu | cuda | cuda:N | mps, vislora.devices)."""
+    place = resolve_device(device)
     model, task = load_trained_dual(adapter_dir)
+    model.to(place)
     classes = task.get("classes") or None
     dataset = open_dataset(data, label_column=label_column if classes else None, classes=classes)
     if limit:
@@ -110,9 +114,9 @@ def evaluate_dual(adapter_dir: str | Path, data: str | Path, *, batch_size: int 
     dataset.read_as(input_spec(task), seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          generator=torch.Generator())
-    rows, skipped = embed_rows(model, loader, model.base_model.tokenize)
+    rows, skipped = embed_rows(model, loader, model.base_model.tokenize, place)
     if not rows:
         return DualEvalResult(n=0, skipped=len(skipped))
     names = task.get("class_names") or []
-    figures = score_rows(rows, model.base_model, names, templates or task.get("templates") or [], "cpu")
+    figures = score_rows(rows, model.base_model, names, templates or task.get("templates") or [], place)
     return DualEvalResult(n=len(rows), skipped=len(skipped), figures=figures)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate, open_dataset
+from vislora.devices import Placement
 from vislora.diagnostics.records import json_safe
 from vislora.evaluate.collect import BaseHead, collect
 from vislora.evaluate.drift import Drift, embedding_drift
@@ -133,13 +134,14 @@ def compare_multilabel_adapter(adapter_dir: str | Path, data: str | Path, batch_
 def compare_multilabel_model(model: AdaptedModel, task: dict[str, Any], data: str | Path, batch_size: int = 64,
                              limit: int | None = None, label_column: str = "label", path_column: str = "path",
                              seed: int = 0, predictions: str | Path | None = None, base_head: BaseHead = "trained",
-                             progress: Callable[[Iterable, int], Iterable] | None = None) -> MultilabelComparison:
-    """compare_multilabel_adapter for a tagger already loaded with `load_trained`; `predictions` gets one CSV row
-    per image (labels, predicted attributes, every attribute's score)."""
+                             progress: Callable[[Iterable, int], Iterable] | None = None,
+                             placement: Placement | None = None) -> MultilabelComparison:
+    """compare_multilabel_adapter for a tagger already loaded with `load_trained` (and placed by `placement`);
+    `predictions` gets one CSV row per image (labels, predicted attributes, every attribute's score)."""
     dataset = open_multilabel_data(task, data, limit, label_column, path_column, seed)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=collate,
                                          generator=torch.Generator())
-    run = collect(model, progress(loader, len(loader)) if progress else loader, base_head)
+    run = collect(model, progress(loader, len(loader)) if progress else loader, base_head, placement)
     drift = embedding_drift(run.base.embeddings, run.adapted.embeddings)
     comparison = compare_multilabel(run.base.logits, run.adapted.logits, run.labels, task,
                                     f"{data} ({len(run.rows)} images)", drift)

@@ -32,6 +32,7 @@ from vislora.dual_encoder import DualTowerModel
 from vislora.errors import ExportError
 from vislora.export.common import INPUT_NAME, MERGE_ATOL, preprocessing, staged_dir, write_json
 from vislora.export.onnx import ONNX_ATOL, ONNX_RTOL, OPSET, check_onnx, compare_outputs, export_module
+from vislora.export.runtime import inference_session
 from vislora.model import AdaptedModel
 from vislora.runs import input_spec, load_trained_dual
 from vislora.tasks.clip import DEFAULT_TEMPLATES, text_classifier
@@ -211,13 +212,12 @@ def onnx_inputs(path: Path) -> list[str]:
 
 
 def check_towers(model: DualTowerModel, item: DualExportable, image_path: Path, text_path: Path,
-                 seed: int = 0) -> TowerCheck:
-    """Run both ONNX towers with onnxruntime and PyTorch on the same inputs; raise if they disagree."""
-    import onnxruntime as ort
-
-    image = check_onnx(ImageTower(model), image_path, item.spec.size, seed=seed, output=IMAGE_OUTPUT)
+                 seed: int = 0, device: str = "cpu") -> TowerCheck:
+    """Run both ONNX towers with onnxruntime (on `device`'s provider) and PyTorch on the same inputs; raise if they
+    disagree."""
+    image = check_onnx(ImageTower(model), image_path, item.spec.size, seed=seed, output=IMAGE_OUTPUT, device=device)
     differences = {"image": {f"batch {b}": d for b, d in image.max_abs_diff.items()}, "text": {}}
-    text = ort.InferenceSession(str(text_path), providers=["CPUExecutionProvider"])
+    text = inference_session(text_path, device)
     names = {i.name for i in text.get_inputs()}
     texts = item.texts()
     for probe in (texts[-1:], texts[:3], texts):
@@ -249,13 +249,13 @@ class DualOnnxExport:
                 f"wrote {self.image} and {self.text} (+ export.json, tokenizer files) in {self.out}"]
 
 
-def write_towers(item: DualExportable, plain: DualTowerModel, folder: Path, log: Any = logger.info
-                 ) -> tuple[TowerCheck, dict[str, Any]]:
+def write_towers(item: DualExportable, plain: DualTowerModel, folder: Path, log: Any = logger.info,
+                 device: str = "cpu") -> tuple[TowerCheck, dict[str, Any]]:
     """image.onnx, text.onnx and their check into `folder`; returns (check, the text sequence settings)."""
     folder.mkdir(parents=True, exist_ok=True)
     log(f"exporting the image and text towers to ONNX ({item.spec.size} px, dynamic batch) ...")
     sequence = export_towers(plain, item.spec.size, folder / "image.onnx", folder / "text.onnx")
-    check = check_towers(plain, item, folder / "image.onnx", folder / "text.onnx")
+    check = check_towers(plain, item, folder / "image.onnx", folder / "text.onnx", device=device)
     log(str(check))
     return check, sequence
 
@@ -327,7 +327,7 @@ def write_dual_metadata(folder: Path, item: DualExportable, plain: DualTowerMode
 
 
 def export_dual_onnx_dir(adapter_dir: str | Path, out: str | Path, base: str | None = None, int8: bool = False,
-                         overwrite: bool = False, log: Any = logger.info) -> DualOnnxExport:
+                         overwrite: bool = False, log: Any = logger.info, device: str = "cpu") -> DualOnnxExport:
     """OUT/image.onnx, OUT/text.onnx, OUT/tokenizer/, OUT/export.json (+ zero_shot_classifier.npy, labels.txt)."""
     if int8:
         raise ExportError(INT8_REFUSAL)
@@ -335,7 +335,7 @@ def export_dual_onnx_dir(adapter_dir: str | Path, out: str | Path, base: str | N
     plain, difference, _ = plain_dual(item)
     out = Path(out)
     with staged_dir(out, overwrite) as tmp:
-        check, sequence = write_towers(item, plain, tmp, log)
+        check, sequence = write_towers(item, plain, tmp, log, device)
         tokenizer = save_tokenizer(plain, tmp / "tokenizer")
         write_dual_metadata(tmp, item, plain, check, difference, sequence, tokenizer,
                             {"image": "image.onnx", "text": "text.onnx"})

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from vislora.export.dual import (
     write_dual_metadata,
     write_towers,
 )
+from vislora.export.runtime import inference_session
 from vislora.export.triton_config import MODEL_NAME, batching, parse_config
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ class DualTritonExport:
                 f"{checked}"]
 
 
-def tower_config(name: str, path: Path, max_batch_size: int, note: str) -> str:
+def tower_config(name: str, path: Path, max_batch_size: int, note: str, gpus: Sequence[int] | None = None) -> str:
     """config.pbtxt of one ONNX tower: its inputs and outputs as the file declares them, after the batch axis."""
     import onnxruntime as ort
 
@@ -85,21 +87,19 @@ input [
 output [
 {tensors(session.get_outputs(), False)}
 ]
-{batching(max_batch_size)}"""
+{batching(max_batch_size, gpus)}"""
 
 
-def check_tower_dir(model_dir: Path, name: str) -> bool:
-    """Parse config.pbtxt, compare it with 1/model.onnx, run it at batch 1 and max_batch_size; True if the config
-    was parsed with Triton's protobuf."""
-    import onnxruntime as ort
-
+def check_tower_dir(model_dir: Path, name: str, device: str = "cpu") -> bool:
+    """Parse config.pbtxt, compare it with 1/model.onnx, run it at batch 1 and max_batch_size (onnxruntime on
+    `device`'s provider); True if the config was parsed with Triton's protobuf."""
     config, validated = parse_config(model_dir / "config.pbtxt")
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
     if get("name") != name or get("platform") != "onnxruntime_onnx":
         raise ExportError(f"{model_dir}/config.pbtxt names model {get('name')!r} on {get('platform')!r}; Triton "
                           f"needs name {name!r} (the folder name) and platform 'onnxruntime_onnx'")
     path = model_dir / "1" / "model.onnx"
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = inference_session(path, device)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     if validated:
         declared = {i.name: list(i.dims) for i in config.input}
@@ -124,8 +124,10 @@ def check_tower_dir(model_dir: Path, name: str) -> bool:
 
 def export_dual_triton(adapter_dir: str | Path, repo: str | Path, name: str, base: str | None = None,
                        int8: bool = False, max_batch_size: int = 8, overwrite: bool = False,
-                       log: Any = logger.info) -> DualTritonExport:
-    """Write REPO/NAME_image and REPO/NAME_text (see the module docstring)."""
+                       log: Any = logger.info, device: str = "cpu", gpus: Sequence[int] | None = None
+                       ) -> DualTritonExport:
+    """Write REPO/NAME_image and REPO/NAME_text (see the module docstring); `gpus` and `device` as in
+    vislora.export.triton.export_triton."""
     names = {"image": f"{name}_image", "text": f"{name}_text"}
     if not all(MODEL_NAME.fullmatch(n) for n in names.values()):
         raise ExportError(f"model name {name!r} is not usable as a Triton model folder; use letters, digits, '_', "
@@ -144,7 +146,7 @@ def export_dual_triton(adapter_dir: str | Path, repo: str | Path, name: str, bas
     staging = repo.resolve().parent
     with staged_dir(repo / names["image"], overwrite, staging) as image_dir, \
             staged_dir(repo / names["text"], overwrite, staging) as text_dir:
-        check, sequence = write_towers(item, plain, image_dir / "1", log)
+        check, sequence = write_towers(item, plain, image_dir / "1", log, device)
         (text_dir / "1").mkdir()
         shutil.move(image_dir / "1" / "text.onnx", text_dir / "1" / "model.onnx")
         (image_dir / "1" / "image.onnx").rename(image_dir / "1" / "model.onnx")
@@ -157,7 +159,7 @@ def export_dual_triton(adapter_dir: str | Path, repo: str | Path, name: str, bas
         for tower, folder in (("image", image_dir), ("text", text_dir)):
             note = (f"the {tower} tower of {name!r} (version 1 = fp32); "
                     + ("pixels -> image_embeds" if tower == "image" else "tokenize with tokenizer/ -> text_embeds"))
-            configs[tower] = tower_config(names[tower], folder / "1" / "model.onnx", max_batch_size, note)
+            configs[tower] = tower_config(names[tower], folder / "1" / "model.onnx", max_batch_size, note, gpus)
             (folder / "config.pbtxt").write_text(configs[tower])
-            validated = check_tower_dir(folder, names[tower]) and validated
+            validated = check_tower_dir(folder, names[tower], device) and validated
     return DualTritonExport({t: repo / n for t, n in names.items()}, configs, check, validated)

@@ -26,6 +26,7 @@ from torch import nn
 
 from vislora.errors import ExportError
 from vislora.export.common import INPUT_NAME, OUTPUT_NAME
+from vislora.export.runtime import inference_session
 from vislora.input_size import input_size_of, runs_at_any_size, stored_side
 
 logger = logging.getLogger(__name__)
@@ -120,12 +121,12 @@ def export_module(model: nn.Module, example: tuple[torch.Tensor, ...], input_nam
 
 
 def check_onnx(model: nn.Module, path: str | Path, image_size: int, batches: tuple[int, ...] = (1, 3),
-               seed: int = 0, output: str = OUTPUT_NAME, sides: tuple[int, ...] = ()) -> OnnxCheck:
-    """Run the ONNX file (images -> `output`) with onnxruntime and PyTorch on the same random batches at
-    `image_size`, and one image at each of `sides` (a dynamic-size export); raise if they disagree."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+               seed: int = 0, output: str = OUTPUT_NAME, sides: tuple[int, ...] = (), device: str = "cpu"
+               ) -> OnnxCheck:
+    """Run the ONNX file (images -> `output`) with onnxruntime on `device`'s provider (vislora.export.runtime) and
+    PyTorch on the CPU on the same random batches at `image_size`, and one image at each of `sides` (a dynamic-size
+    export); raise if they disagree."""
+    session = inference_session(path, device)
     generator = torch.Generator().manual_seed(seed)
 
     def probe(batch: int, side: int, label: str) -> float:

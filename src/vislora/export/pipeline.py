@@ -114,15 +114,15 @@ def load_and_merge(adapter_dir: str | Path, base: str | None = None,
 def write_onnx_pair(item: Exportable, plain: nn.Module, fp32_path: Path, int8_path: Path | None,
                     data: Int8Data | None, latency_batch: int = 8, threads: int | None = None,
                     log: Log = logger.info, axes: SizeAxes | None = None, int8_target: str = "auto",
-                    ) -> tuple[OnnxCheck, QuantizeReport | None]:
-    """Write the fp32 ONNX file (checked against PyTorch; with dynamic height and width `axes`, at twice the size
-    too) and, given `int8_path`, the INT8 file for the CPU `int8_target` (vislora.export.int8_target) and its
-    report."""
+                    device: str = "cpu") -> tuple[OnnxCheck, QuantizeReport | None]:
+    """Write the fp32 ONNX file (checked against PyTorch with onnxruntime on `device`; with dynamic height and width
+    `axes`, at twice the size too) and, given `int8_path`, the INT8 file for the CPU `int8_target`
+    (vislora.export.int8_target) and its report (measured on the CPU, whose kernels the INT8 model is made for)."""
     size = item.spec.size
     fp32_path.parent.mkdir(parents=True, exist_ok=True)
     log(f"exporting ONNX ({size} px, dynamic batch" + (", height and width) ..." if axes else ") ..."))
     export_onnx(plain, size, fp32_path, axes=axes)
-    check = check_onnx(plain, fp32_path, size, sides=(2 * size,) if axes else ())
+    check = check_onnx(plain, fp32_path, size, sides=(2 * size,) if axes else (), device=device)
     log(str(check))
     if int8_path is None or data is None:
         return check, None
@@ -150,16 +150,19 @@ def export_onnx_dir(adapter_dir: str | Path, out: str | Path, base: str | None =
                     calibration: str | Path | None = None, eval_data: str | Path | None = None,
                     calibration_limit: int | None = 128, eval_limit: int | None = None, latency_batch: int = 8,
                     threads: int | None = None, overwrite: bool = False, dynamic_size: bool = False,
-                    log: Log = logger.info, int8_target: str = "auto") -> OnnxExport | DualOnnxExport:
+                    log: Log = logger.info, int8_target: str = "auto", device: str = "cpu"
+                    ) -> OnnxExport | DualOnnxExport:
     """Write OUT/model.onnx (+ model.int8.onnx, int8_report.json), labels.txt and export.json; for a contrastive or
     few-shot run, both towers (`vislora.export.dual.export_dual_onnx_dir`). `dynamic_size` exports dynamic height and
     width too (vislora.export.onnx.SizeAxes), where the backbone supports them. `int8_target` names the CPU the INT8
-    model will run on (auto: this one; vislora.export.int8_target.TARGETS)."""
+    model will run on (auto: this one; vislora.export.int8_target.TARGETS). `device` (auto | cpu | cuda | cuda:N)
+    picks onnxruntime's provider for the check against PyTorch (vislora.export.runtime); the file is the same."""
     if is_dual(adapter_dir):
         if dynamic_size:
             raise ExportError(f"{adapter_dir} is a dual-encoder run: its towers are exported at the trained size; "
                               "drop --dynamic-size")
-        return export_dual_onnx_dir(adapter_dir, out, base=base, int8=int8, overwrite=overwrite, log=log)
+        return export_dual_onnx_dir(adapter_dir, out, base=base, int8=int8, overwrite=overwrite, log=log,
+                                    device=device)
     if int8:
         int8_settings(int8_target)  # an unknown target fails before any work
     data = prepare_int8(adapter_dir, calibration, eval_data, calibration_limit, eval_limit) if int8 else None
@@ -168,7 +171,7 @@ def export_onnx_dir(adapter_dir: str | Path, out: str | Path, base: str | None =
     out = Path(out)
     with staged_dir(out, overwrite) as tmp:
         check, report = write_onnx_pair(item, plain, tmp / "model.onnx", tmp / "model.int8.onnx" if int8 else None,
-                                        data, latency_batch, threads, log, axes, int8_target)
+                                        data, latency_batch, threads, log, axes, int8_target, device)
         write_metadata(tmp, item, check, difference, report, axes)
     return OnnxExport(out, out / "model.onnx", out / "model.int8.onnx" if int8 else None, check, difference, report,
                       item.classes, item.spec.size, axes)

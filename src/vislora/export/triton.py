@@ -9,6 +9,7 @@ version with onnxruntime at batch 1 and at max_batch_size.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from vislora.export.int8_target import int8_settings
 from vislora.export.onnx import OnnxCheck
 from vislora.export.pipeline import Log, load_and_merge, prepare_int8, write_metadata, write_onnx_pair
 from vislora.export.quantize import QuantizeReport
+from vislora.export.runtime import inference_session
 from vislora.export.triton_config import MODEL_NAME, batching, parse_config
 
 logger = logging.getLogger(__name__)
@@ -42,8 +44,9 @@ class TritonExport:
 
 
 def config_pbtxt(name: str, image_size: int, output_dims: list[int], max_batch_size: int, versions: list[int],
-                 labels: bool) -> str:
-    """config.pbtxt for the onnxruntime backend: dynamic batching, CPU instances, all versions served."""
+                 labels: bool, gpus: Sequence[int] | None = None) -> str:
+    """config.pbtxt for the onnxruntime backend: dynamic batching, a CPU instance (or one on each of `gpus`, every
+    GPU if empty), all versions served."""
     label = '\n    label_filename: "labels.txt"' if labels else ""
     policy = "version_policy: { all { } }\n" if len(versions) > 1 else ""
     notes = ", ".join(f"{v} = {VERSIONS[v]}" for v in versions)
@@ -66,21 +69,24 @@ output [
     dims: [ {", ".join(map(str, output_dims))} ]{label}
   }}
 ]
-{batching(max_batch_size)}"""
+{batching(max_batch_size, gpus)}"""
 
 
 def export_triton(adapter_dir: str | Path, repo: str | Path, name: str, base: str | None = None,
                   int8: bool = False, calibration: str | Path | None = None, eval_data: str | Path | None = None,
                   calibration_limit: int | None = 128, eval_limit: int | None = None, max_batch_size: int = 8,
-                  threads: int | None = None, overwrite: bool = False,
-                  log: Log = logger.info, int8_target: str = "auto") -> TritonExport | DualTritonExport:
+                  threads: int | None = None, overwrite: bool = False, log: Log = logger.info,
+                  int8_target: str = "auto", device: str = "cpu", gpus: Sequence[int] | None = None
+                  ) -> TritonExport | DualTritonExport:
     """Write REPO/NAME as a Triton model: fp32 ONNX as version 1 and, with `int8`, the INT8 model as version 2.
+    `gpus` gives Triton KIND_GPU instances (one on each GPU listed, on every GPU if empty; None: one CPU instance);
+    `device` is where the export's own onnxruntime checks run (vislora.export.runtime).
 
     A contrastive or few-shot run becomes two models, REPO/NAME_image and REPO/NAME_text
     (`vislora.export.dual_triton`). `int8_target` names the CPU the INT8 model will run on (auto: this one)."""
     if is_dual(adapter_dir):
         return export_dual_triton(adapter_dir, repo, name, base=base, int8=int8, max_batch_size=max_batch_size,
-                                  overwrite=overwrite, log=log)
+                                  overwrite=overwrite, log=log, device=device, gpus=gpus)
     if not MODEL_NAME.fullmatch(name):
         raise ExportError(f"model name {name!r} is not usable as a Triton model folder; use letters, digits, '_', "
                           "'-' or '.', e.g. fmnist_dinov2")
@@ -95,12 +101,13 @@ def export_triton(adapter_dir: str | Path, repo: str | Path, name: str, base: st
     with staged_dir(repo / name, overwrite, staging_parent=repo.resolve().parent) as tmp:
         check, report = write_onnx_pair(item, plain, tmp / "1" / "model.onnx",
                                         tmp / "2" / "model.onnx" if int8 else None, data, max_batch_size, threads, log,
-                                        int8_target=int8_target)
+                                        int8_target=int8_target, device=device)
         write_metadata(tmp, item, check, difference, report)
         dims = output_dims(tmp / "1" / "model.onnx")
-        text = config_pbtxt(name, item.spec.size, dims, max_batch_size, versions, labels=bool(item.classes))
+        text = config_pbtxt(name, item.spec.size, dims, max_batch_size, versions, labels=bool(item.classes),
+                            gpus=gpus)
         (tmp / "config.pbtxt").write_text(text)
-        validated = check_model_dir(tmp, name)
+        validated = check_model_dir(tmp, name, device)
     return TritonExport(repo / name, {v: VERSIONS[v] for v in versions}, text, check, report, validated)
 
 
@@ -114,8 +121,9 @@ def output_dims(path: Path) -> list[int]:
     return [d.dim_value if d.HasField("dim_value") else -1 for d in dims]
 
 
-def check_model_dir(model_dir: str | Path, name: str | None = None) -> bool:
-    """Check a model folder as tritonserver would load it, and run each version; True if protobuf-validated."""
+def check_model_dir(model_dir: str | Path, name: str | None = None, device: str = "cpu") -> bool:
+    """Check a model folder as tritonserver would load it, and run each version (onnxruntime on `device`'s
+    provider); True if protobuf-validated."""
     model_dir = Path(model_dir)
     config, validated = parse_config(model_dir / "config.pbtxt")
     get = config.get if isinstance(config, dict) else lambda key: getattr(config, key)
@@ -127,16 +135,15 @@ def check_model_dir(model_dir: str | Path, name: str | None = None) -> bool:
     if not versions or versions[0] < 1:
         raise ExportError(f"{model_dir} has no version folder (1/, 2/, ...) holding model.onnx")
     for version in versions:
-        _run_version(model_dir / str(version) / "model.onnx", config if validated else None, get("max_batch_size"))
+        _run_version(model_dir / str(version) / "model.onnx", config if validated else None, get("max_batch_size"),
+                     device)
     return validated
 
 
-def _run_version(path: Path, config: Any, max_batch_size: int) -> None:
-    import onnxruntime as ort
-
+def _run_version(path: Path, config: Any, max_batch_size: int, device: str = "cpu") -> None:
     if not path.is_file():
         raise ExportError(f"{path} is missing: every version folder needs its model.onnx")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = inference_session(path, device)
     (inp,), outputs = session.get_inputs(), {o.name: o for o in session.get_outputs()}
     if inp.name != INPUT_NAME or OUTPUT_NAME not in outputs:
         raise ExportError(f"{path} has input {inp.name!r} and outputs {list(outputs)}; config.pbtxt declares "

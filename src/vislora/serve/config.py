@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from vislora.data.tiling import TilingConfig
+from vislora.devices import DEVICE_CHOICES, DtypeName, check_device_name
 from vislora.errors import ConfigError
 from vislora.io import apply_overrides, read_mapping
 
@@ -186,10 +187,22 @@ class ServeConfig(_Section):
     feedback: FeedbackSection = Field(default_factory=FeedbackSection)
     indexes: dict[str, str] = Field(default_factory=dict, description="Search indexes (vislora index build) by "
                                     "name, for POST /v1/search: name -> index folder.")
+    device: str = Field("cpu", description=f"Where the forward runs: {DEVICE_CHOICES} (auto = cuda when "
+                        "available, else mps, else cpu). Answers are float32 whatever the device.")
+    dtype: DtypeName = Field("float32", description="Weights and inputs of the forward: float32, bfloat16 (CPU or "
+                             "GPU), float16 (GPU only).")
     seed: int = Field(0, description="Seed of the traffic split and shadow draws.")
     top_k: int = Field(5, ge=1, description="Labels returned by predict unless the request says otherwise.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        try:
+            return check_device_name(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _buildable(self) -> ServeConfig:

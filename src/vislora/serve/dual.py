@@ -97,9 +97,10 @@ class DualEngine(Engine):
         """(logits of each sample (None for texts and adapters without classes), embeddings (N, dim))."""
         with torch.inference_mode():
             if modality == "text":
-                ids, mask = self._pad(inputs)
-                return [None] * len(inputs), self.model(input_ids=ids, attention_mask=mask, adapters=names)[1]
-            embeddings = self.model(images=torch.stack(inputs), adapters=names)[0]  # (N, dim)
+                ids, mask = (self.placement.inputs(t) for t in self._pad(inputs))
+                texts = self.model(input_ids=ids, attention_mask=mask, adapters=names)[1]  # (N, dim)
+                return [None] * len(inputs), texts.float().cpu()
+            embeddings = self.model(images=self.placement.batch(inputs), adapters=names)[0].float().cpu()  # (N, dim)
         heads = [self._heads.get(name) for name in names]
         logits = [head.scale * embedding @ head.weights.T + head.bias if head else None
                   for embedding, head in zip(embeddings, heads, strict=True)]
@@ -160,8 +161,8 @@ class DualEngine(Engine):
             return {}
 
         def embed(texts: list[str]) -> torch.Tensor:
-            tokens = self.tokenizer(texts)
-            return self.model(**tokens, adapters=[name] * len(texts))[1]  # (texts, dim)
+            tokens = {key: self.placement.inputs(value) for key, value in self.tokenizer(texts).items()}
+            return self.model(**tokens, adapters=[name] * len(texts))[1].float().cpu()  # (texts, dim)
 
         with torch.inference_mode():
             weights = text_classifier(self.model.base_model, classes, templates or DEFAULT_TEMPLATES, embed=embed)

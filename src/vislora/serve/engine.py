@@ -6,6 +6,9 @@ adapter loads/unloads take the same lock: no request sees a half-loaded adapter.
 takes no new requests and is removed once its in-flight requests have their answers. A rollout (a name that
 splits requests between adapters by weight, with a shadow) is resolved before a request is queued.
 
+The model runs on the engine's `Placement` (vislora.devices: ServeConfig `device` and `dtype`, CPU float32 by
+default): batches are sent there (through pinned memory to a GPU) and answers come back float32 on the CPU.
+
 `vislora.serve.factory.build_engine` builds the engine a ServeConfig describes:
 
     with build_engine(ServeConfig.parse({"adapters": {"cats": "runs/cats/adapter"}})) as engine:
@@ -28,6 +31,7 @@ import torch
 from PIL import Image
 
 from vislora.data.transforms import InputSpec, build_transform
+from vislora.devices import Placement
 from vislora.errors import BadImage, Busy, ConfigError, Conflict, ServeError, UnknownAdapter
 from vislora.formats import check_adapter
 from vislora.model import AdaptedModel
@@ -75,7 +79,8 @@ class Engine(BlockingCalls):
                  batching: BatchingSection | None = None, limits: LimitsSection | None = None,
                  rollouts: dict[str, RolloutConfig] | None = None, seed: int = 0,
                  metrics: ServeMetrics | None = None, registry: str | Path | None = None,
-                 feedback: FeedbackSection | None = None, health: HealthSection | None = None) -> None:
+                 feedback: FeedbackSection | None = None, health: HealthSection | None = None,
+                 placement: Placement | None = None) -> None:
         self.model = model.eval()
         self.head_path = head_path
         self.input_spec = input_spec
@@ -99,7 +104,9 @@ class Engine(BlockingCalls):
         self._base_print: str | None = None  # fingerprint of the base weights, to check registry adapters against
         if registry is not None and not model.adapters:
             self._base_print = fingerprint(model.base_model, exclude=(head_path,) if head_path else ())
-        if self.batching.threads:
+        self.placement = placement or Placement.cpu()  # where the forward runs; answers are float32 on the CPU
+        self.placement.place(model)  # after the fingerprint: registry adapters name the base as it was trained
+        if self.batching.threads and self.placement.is_cpu:
             torch.set_num_threads(self.batching.threads)
         self.metrics.model_bytes.set(sum(t.numel() * t.element_size() for t in (
             *model.base_model.parameters(), *model.base_model.buffers())))
@@ -112,7 +119,7 @@ class Engine(BlockingCalls):
         for name, rollout in (rollouts or {}).items():
             self.set_rollout(name, rollout)
         self._prepare()
-        release_team()  # this thread's OpenMP team would slow the batch worker's (see vislora.serve.openmp)
+        self._release_team()  # this thread's OpenMP team would slow the batch worker's (see vislora.serve.openmp)
         self._batcher.start()
 
     # ------------------------------------------------------------ adapters and rollouts
@@ -135,6 +142,7 @@ class Engine(BlockingCalls):
         try:
             with self._model_lock:
                 self._install(name, checked)
+                self._place_adapter(name)
                 try:
                     self._installed(name, source)
                 except BaseException:
@@ -147,7 +155,7 @@ class Engine(BlockingCalls):
         finally:
             with self._state:
                 self._pending.discard(name)
-            release_team()
+            self._release_team()
         return record
 
     def unload(self, name: str, timeout: float | None = None) -> None:
@@ -207,7 +215,7 @@ class Engine(BlockingCalls):
             raise BadImage(f"expected a PIL image, a float tensor [3, H, W] from vislora.data.load_image, bytes or a "
                            f"path, got {type(image).__name__}")
         pixels = self.transform(image)
-        release_team()  # this request thread's OpenMP team would slow the batch worker's (+8% images/s)
+        self._release_team()  # this request thread's OpenMP team would slow the batch worker's (+8% images/s)
         return pixels
 
     def submit(self, pixels: torch.Tensor, adapter: str | None = None) -> Future[Output]:
@@ -354,7 +362,8 @@ class Engine(BlockingCalls):
         """(logits of each sample, pooled features (N, width)) of one routed forward over `inputs` (pixels of the
         classifier); the features are captured at the head's input."""
         same = len({tuple(t.shape) for t in inputs}) == 1
-        pixels = torch.stack(inputs) if same else inputs  # (N, 3, H, W), or images of their own sizes (tiled bases)
+        place = self.placement  # (N, 3, H, W), or images of their own sizes (tiled bases), on the device
+        pixels = place.batch(inputs) if same else [place.inputs(t) for t in inputs]
         captured: list[torch.Tensor] = []
         head = self.model.base_model.get_submodule(self.head_path)
         handle = head.register_forward_pre_hook(lambda _module, args: captured.append(args[0]))
@@ -363,7 +372,7 @@ class Engine(BlockingCalls):
                 logits = self._logits(pixels, names)
         finally:
             handle.remove()
-        return logits.float(), captured[-1].float()
+        return logits.float().cpu(), captured[-1].float().cpu()
 
     def _logits(self, pixels: torch.Tensor, names: list[str | None]) -> torch.Tensor:
         return self.model(pixels, adapters=names)  # (N, classes): every sample with its own adapter, one pass
@@ -384,6 +393,19 @@ class Engine(BlockingCalls):
 
     def _prepare(self) -> None:
         """Called once the engine is set up, before the batch worker starts."""
+
+    def _place_adapter(self, name: str) -> None:
+        """Adapter `name`'s tensors on the engine's device in its dtype (the model lock is held). Loaded adapters
+        are built in float32 under a half-precision base (as for training); served, they take the base's dtype
+        so every routed adapter computes alike."""
+        for module in (*self.model.layers_of(name).values(), *self.model.saved_modules(name).values()):
+            module.to(device=self.placement.device, dtype=self.placement.dtype)  # buffers too (PiSSA's residual)
+
+    def _release_team(self) -> None:
+        """Free this thread's OpenMP team (vislora.serve.openmp) when the forward runs on the CPU; a GPU
+        forward's CPU threads do not compete."""
+        if self.placement.is_cpu:
+            release_team()
 
     def _read(self, source: AdapterSource) -> Any:
         """The adapter's files, read and checked against the model (no model lock held)."""

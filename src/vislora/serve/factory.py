@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from vislora.devices import Placement
 from vislora.errors import ConfigError
 from vislora.model import AdaptedModel
 from vislora.serve.config import ServeConfig
@@ -21,7 +22,8 @@ ENGINES: Mapping[str, type[Engine]] = {"classifier": Engine, "dual_encoder": Dua
 
 def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGINES) -> Engine:
     """Build the base (from config.base, or the first adapter's task.json) and the engine class `engines` names for
-    its kind, load the adapters and set the rollouts; a failure closes the engine before it is raised."""
+    its kind on config.device in config.dtype, load the adapters and set the rollouts; a failure closes the engine
+    before it is raised."""
     sources = {check_name(name): open_source(ref, config.registry) for name, ref in config.adapters.items()}
     trained = next((s for s in sources.values() if s.task), None) if config.base is None else None
     if config.base is None and trained is None:
@@ -31,10 +33,11 @@ def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGI
     if base.kind not in engines:
         raise ConfigError(f"no engine serves a {base.kind!r} base (engines given for: {sorted(engines)}); add one "
                           f"to `engines`, e.g. {{**ENGINES, {base.kind!r}: MyEngine}}")
+    placement = Placement.resolve(config.device, config.dtype)  # before the base is built: a bad device fails fast
     model, head, spec = build_base(base, trained)
     engine = engines[base.kind](AdaptedModel(model), head, spec, base, batching=config.batching,
                                 limits=config.limits, seed=config.seed, registry=config.registry,
-                                feedback=config.feedback, health=config.health)
+                                feedback=config.feedback, health=config.health, placement=placement)
     try:
         for name, source in sources.items():
             engine.load(name, source)
