@@ -16,7 +16,7 @@ from vislora.cli import app as cli
 from vislora.errors import ConfigError
 from vislora.registry import Registry
 from vislora.serve import create_app
-from vislora.serve.ray import build_app, run
+from vislora.serve.ray import app_builder, build_app, run
 from vislora.serve.sources import base_from_task
 
 pytestmark = pytest.mark.slow
@@ -45,6 +45,8 @@ def deployment(tmp_path_factory):
     registry = tmp_path_factory.mktemp("registry")
     Registry(registry).add("a3", served["dirs"]["a3"], metrics={}, promote=True)
     config = serve_config(served, IN_CONFIG, port=free_port(), **fields(served, registry))
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_raylet_start_wait_time_s", "600")  # the node starts slowly on a loaded machine
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
              _temp_dir=str(tmp_path_factory.mktemp("ray")))
     try:
@@ -57,6 +59,7 @@ def deployment(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        patch.undo()
 
 
 def predict(client, served, adapter, image, top_k=3):
@@ -163,3 +166,14 @@ def test_rollouts_and_bad_counts_are_refused_before_ray_starts(tmp_path_factory)
         build_app(serve_config(served, ("a0",)), 0)
     result = CliRunner().invoke(cli, ["serve", "-a", f"a0={served['dirs']['a0']}", "--replicas", "2"])
     assert result.exit_code != 0 and "--replicas and --max-adapters-per-replica need --ray" in str(result.exception)
+
+
+def test_ray_tools_build_the_application_from_a_config_file(tmp_path_factory):
+    from ray.serve import Application
+
+    served = build_served(tmp_path_factory)
+    config = tmp_path_factory.mktemp("conf") / "serve.yaml"
+    config.write_text(f"adapters:\n  a0: {served['dirs']['a0']}\n")
+    assert isinstance(app_builder({"config": str(config), "replicas": "2", "max_adapters": "4"}), Application)
+    with pytest.raises(ConfigError, match=r"app_builder takes config=PATH .*got \['replica'\]"):
+        app_builder({"replica": "2"})

@@ -329,6 +329,20 @@ def run(config: ServeConfig, replicas: int = 1, *, blocking: bool = False, **opt
     return serve.run(app, name=APP_NAME, route_prefix="/", blocking=blocking)
 
 
+def app_builder(args: dict[str, str]) -> Any:
+    """The application from a serve config YAML, for Ray's own tools: `serve run vislora.serve.ray:app_builder
+    config=serve.yaml replicas=2 max_adapters=16`, or `import_path` + `args` in a Ray Serve config file (KubeRay's
+    RayService). There Ray's http_options set the address, not the config's host and port."""
+    unknown = sorted(set(args) - {"config", "replicas", "max_adapters", "base_seed"})
+    if unknown or "config" not in args:
+        raise ConfigError(f"app_builder takes config=PATH (required), replicas=N, max_adapters=N and base_seed=N, "
+                          f"got {sorted(args)}; example: serve run vislora.serve.ray:app_builder config=serve.yaml "
+                          "replicas=2")
+    seed = args.get("base_seed")
+    return build_app(ServeConfig.load(args["config"]), int(args.get("replicas", 1)),
+                     max_adapters=int(args.get("max_adapters", 16)), base_seed=None if seed is None else int(seed))
+
+
 def portable(config: ServeConfig) -> ServeConfig:
     """The config with adapter folders and the registry as absolute paths: replicas may run in other folders."""
     adapters = {name: ref if ref.startswith(REGISTRY) else str(Path(ref).expanduser().resolve())
