@@ -45,10 +45,15 @@ def deployment(tmp_path_factory):
     registry = tmp_path_factory.mktemp("registry")
     Registry(registry).add("a3", served["dirs"]["a3"], metrics={}, promote=True)
     config = serve_config(served, IN_CONFIG, port=free_port(), **fields(served, registry))
-    patch = pytest.MonkeyPatch()
-    patch.setenv("RAY_raylet_start_wait_time_s", "600")  # the node starts slowly on a loaded machine
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
-             _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    for attempt in range(3):  # on a loaded machine the node's agents may start too late for the raylet
+        try:
+            ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False,
+                     _temp_dir=str(tmp_path_factory.mktemp("ray")))
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     try:
         run(config, replicas=2, max_adapters=2, base_seed=0)
         engine = make_engine(served, (*IN_CONFIG, "a3"), adapters={
@@ -59,7 +64,6 @@ def deployment(tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
-        patch.undo()
 
 
 def predict(client, served, adapter, image, top_k=3):
