@@ -32,6 +32,16 @@ def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and any(text in str(exc) for text in ALLOCATOR_MESSAGES)
 
 
+def allocator_message(exc: BaseException) -> str:
+    """The first line of the allocator's message, from its own words on (the CPU allocator's starts with a C++
+    "[enforce fail at alloc_cpu.cpp:NNN] err == 0." that says nothing to a user)."""
+    text = str(exc).strip()
+    if not text:
+        return type(exc).__name__
+    starts = [text.find(words) for words in ALLOCATOR_MESSAGES if words in text]
+    return text[min(starts):].splitlines()[0] if starts else text.splitlines()[0]
+
+
 def fixes(config: TrainConfig, device: torch.device) -> list[tuple[str, dict[str, object]]]:
     """What to change, first fix first: (advice, the config overrides that apply it on resume, or {} for a new run)."""
     optim, run, data = config.optim, config.run, config.data
@@ -82,7 +92,7 @@ def out_of_memory_error(exc: BaseException, config: TrainConfig, device: torch.d
     else:
         due = f"run.save_every is {config.run.save_every}" if config.run.save_every else "run.save_every is 0"
         where = f"No checkpoint was written yet ({due}); this starts the run again:\n  {command}"
-    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    cause = allocator_message(exc)
     settings = (f"optim.batch_size {config.optim.batch_size}, optim.grad_accum {config.optim.grad_accum}, "
                 f"run.mixed_precision {config.run.mixed_precision}, run.gradient_checkpointing "
                 f"{str(config.run.gradient_checkpointing).lower()}")

@@ -9,7 +9,8 @@ The trainer merges `Telemetry.row()` into every train row of metrics.jsonl:
   peak_rss_mib            the process's peak resident memory since the last train row (MiB): VmHWM of
                           /proc/self/status, reset at every row by writing 5 to /proc/self/clear_refs (Linux);
                           where that reset is refused the figure is the lifetime peak (getrusage ru_maxrss), and
-                          `MemoryProbe.scope` (in summary.json) says "lifetime" instead of "interval"
+                          `MemoryProbe.scope` (in summary.json) says "lifetime" instead of "interval". The reset
+                          also lowers what ru_maxrss reports for this process (the kernel reads the same counter)
   peak_cuda_mib           on CUDA: torch.cuda.max_memory_allocated since the last row (reset_peak_memory_stats)
   peak_cuda_reserved_mib  on CUDA: torch.cuda.max_memory_reserved, what the caching allocator held
 
