@@ -63,8 +63,10 @@ def test_dual_report_page_and_model_card_show_the_figures(report):
     page.feed((report / "report.html").read_text())
     page.close()
     assert page.errors == [] and page.stack == []
-    assert {image["alt"] for image in page.images} == {"training", "drift", "rank_utilisation", "parameters"}
-    for heading in ("Training", "Before / after", "Embedding drift", "Adapter diagnostics", "Parameter efficiency"):
+    assert {image["alt"] for image in page.images} == {"training", "telemetry", "drift", "rank_utilisation",
+                                                       "parameters"}
+    for heading in ("Training", "Telemetry", "Before / after", "Embedding drift", "Adapter diagnostics",
+                    "Parameter efficiency"):
         assert heading in page.headings, heading
     html = (report / "report.html").read_text()
     for label in ("zero-shot accuracy (prompt classifier)", "image -&gt; text recall@1", "text -&gt; image recall@10",

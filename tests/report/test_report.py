@@ -1,5 +1,6 @@
 import base64
 import json
+from dataclasses import replace
 from html.parser import HTMLParser
 
 import numpy as np
@@ -17,7 +18,7 @@ from vislora.report import load_run, write_report
 runner = CliRunner()
 PNG = b"\x89PNG\r\n\x1a\n"
 VOID = {"meta", "img", "br", "hr", "link", "input"}
-PLOTS = {"training", "per_class", "confusion", "drift", "rank_utilisation", "parameters"}
+PLOTS = {"training", "telemetry", "per_class", "confusion", "drift", "rank_utilisation", "parameters"}
 
 
 class Page(HTMLParser):
@@ -81,9 +82,9 @@ def test_report_renders_html_pngs_and_model_card(run):
     assert {image["alt"] for image in page.images} == PLOTS
     for image in page.images:  # embedded, so the page stands alone
         assert base64.b64decode(image["src"].removeprefix("data:image/png;base64,")).startswith(PNG)
-    for heading in ("Training", "Before / after", "Per group", "Embedding drift", "Latency", "Adapter diagnostics",
-                    "Parameter efficiency", "Training data", "Clinical metrics", "AUROC per class",
-                    "Operating points per class"):
+    for heading in ("Training", "Telemetry", "Before / after", "Per group", "Embedding drift", "Latency",
+                    "Adapter diagnostics", "Parameter efficiency", "Training data", "Clinical metrics",
+                    "AUROC per class", "Operating points per class"):
         assert heading in page.headings, heading
 
     evaluation = json.loads((folder / "evaluation.json").read_text())
@@ -131,6 +132,41 @@ def test_training_curves_show_the_logged_gradient_flow(run):
     without = training_curves([{k: v for k, v in r.items() if not k.startswith("grad")} for r in rows],
                               run / "without.png")
     assert Image.open(with_grads).size[0] > Image.open(without).size[0]  # a fourth panel
+
+
+def test_telemetry_plot_and_section_show_the_logged_figures(run, tmp_path, monkeypatch):
+    import statistics
+
+    from vislora.report import plots
+    from vislora.report.html import telemetry_html
+
+    info = load_run(run)
+    train = [r for r in info.metrics if r["split"] == "train"]
+    written = {r["path"]: r for r in info.metrics if r["split"] == "checkpoint"}
+    assert set(written) == {"best", "adapter"}  # no step checkpoints in this run (run.save_every: 0)
+    drawn = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: drawn.append(fig) or path)
+    plots.telemetry(info.metrics, tmp_path / "telemetry.png")
+    time_ax, memory_ax, size_ax = drawn[0].axes
+    assert list(time_ax.lines[0].get_ydata()) == [r["step_s"] for r in train]
+    assert list(memory_ax.lines[0].get_ydata()) == [r["peak_rss_mib"] for r in train]
+    assert {tuple(line.get_ydata()) for line in size_ax.lines} == {
+        (r["bytes"] / 1024,) for r in written.values()}
+
+    html = "".join(telemetry_html(info, {}))
+    assert f"<td>median step time</td><td>{statistics.median(r['step_s'] for r in train):.3f} s</td>" in html
+    share = 100 * sum(r["data_s"] for r in train) / sum(r["step_s"] for r in train)
+    assert f"<td>data loading</td><td>{share:.0f}% of step time</td>" in html
+    assert f"<td>peak resident memory</td><td>{max(r['peak_rss_mib'] for r in train):,.0f} MiB</td>" in html
+    assert (f"<td>adapter</td><td>1</td><td>{written['adapter']['bytes'] / 1024:,.1f} KiB</td>"
+            f"<td>{written['adapter']['seconds']:.3f} s</td>") in html
+    assert "Out of memory" not in html
+    info.metrics.append({"step": 3, "split": "oom", "during": "training step 4", "peak_rss_mib": 2048.0})
+    assert ("Out of memory during training step 4 (peak resident memory 2,048 MiB); the run was resumed from its "
+            "last checkpoint.") in "".join(telemetry_html(info, {}))
+    old = [{k: v for k, v in r.items() if k not in ("step_s", "data_s", "peak_rss_mib")} for r in train]
+    assert plots.telemetry(old, tmp_path / "old.png") is None  # a run logged before telemetry: no panel
+    assert telemetry_html(replace(info, metrics=old), {}) == []
 
 
 def test_report_names_what_is_missing(tmp_path, run):

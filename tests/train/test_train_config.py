@@ -49,6 +49,16 @@ def test_eval_section_is_validated_and_free_to_change_on_resume(tmp_path):
         "optim.max_steps"]  # what is measured after training never blocks a resume
 
 
+def test_what_only_trades_memory_for_time_may_change_on_resume(tmp_path):
+    tiling = {"size": 32, "tiles_per_step": 8, "image_size": 64}
+    before = TrainConfig.parse(tiny_train_config(tmp_path, tmp_path, data={"tiling": tiling}))
+    after = TrainConfig.parse(tiny_train_config(
+        tmp_path, tmp_path, data={"tiling": {**tiling, "tiles_per_step": 4}}, optim={"batch_size": 2, "grad_accum": 2},
+        run={"gradient_checkpointing": True, "mixed_precision": "bf16"}))
+    assert changed_keys(before.model_dump(mode="json"), after.model_dump(mode="json"), RESUME_FREE_KEYS) == [
+        "optim.batch_size", "optim.grad_accum"]  # free together while batch_size x grad_accum stays (rundir)
+
+
 def test_eval_every_needs_validation_data(tmp_path):
     with pytest.raises(ConfigError, match=r"data\.val is empty"):
         TrainConfig.parse(tiny_train_config(tmp_path, tmp_path, run={"eval_every": 2}))

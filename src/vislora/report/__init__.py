@@ -2,10 +2,10 @@
 
 `write_report(run_dir)` rebuilds the trained classifier from the run's adapter, diagnoses the adapter, compares
 base and adapted on the run's held-out data (or `data`), and writes into RUN_DIR/report/:
-report.html, MODEL_CARD.md, evaluation.json, diagnostics.json and the PNGs (training.png, per_class.png,
-confusion.png, drift.png, rank_utilisation.png, parameters.png). `build_report` does the writing for a model and
-comparison already in hand (the demo reuses its own predictions that way). Contrastive and few-shot runs get the
-dual-encoder report of `vislora.report.dual` (recall@K, zero-shot accuracy, embedding drift).
+report.html, MODEL_CARD.md, evaluation.json, diagnostics.json and the PNGs (training.png, telemetry.png,
+per_class.png, confusion.png, drift.png, rank_utilisation.png, parameters.png). `build_report` does the writing for a
+model and comparison already in hand (the demo reuses its own predictions that way). Contrastive and few-shot runs get
+the dual-encoder report of `vislora.report.dual` (recall@K, zero-shot accuracy, embedding drift).
 """
 
 from __future__ import annotations
@@ -80,6 +80,7 @@ def build_report(info: RunInfo, model: AdaptedModel, comparison: Comparison | No
     params = parameter_report(model)
     config = model.configs[adapter].model_dump(mode="json")
     images = {"training": plots.training_curves(info.metrics, folder / "training.png"),
+              "telemetry": plots.telemetry(info.metrics, folder / "telemetry.png"),
               "rank_utilisation": plots.rank_heatmap(diagnosis, folder / "rank_utilisation.png")}
     by_module: Counter = Counter()
     counts = model.parameter_counts(adapter)

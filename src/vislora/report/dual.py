@@ -143,6 +143,7 @@ def write_dual_report(info: RunInfo, data: str | None = None, limit: int | None 
     config = model.configs["default"].model_dump(mode="json")
     metrics = [r for r in info.metrics if r.get("split") != "val" or "accuracy" in r]  # caption-only: no accuracy
     images = {"training": plots.training_curves(metrics, folder / "training.png"),
+              "telemetry": plots.telemetry(info.metrics, folder / "telemetry.png"),
               "rank_utilisation": plots.rank_heatmap(diagnosis, folder / "rank_utilisation.png")}
     by_module: Counter = Counter()
     counts = model.parameter_counts("default")

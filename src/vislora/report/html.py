@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import statistics
 from collections.abc import Sequence
 from html import escape
 from pathlib import Path
@@ -63,7 +64,7 @@ def head(info: RunInfo, adapter_config: dict[str, Any], models: str, links: Sequ
             f"<p class='muted'>{escape(str(info.run_dir))} · adapter {escape(info.adapter_dir.name)} · written "
             f"{datetime.datetime.now().isoformat(timespec='seconds')} · files: "
             + ", ".join(f"<a href='{escape(name)}'>{escape(name)}</a>" for name in links) + "</p>",
-            cards, "<h2>Training</h2>", image_tag(images, "training"), run_table(info)]
+            cards, "<h2>Training</h2>", image_tag(images, "training"), run_table(info), *telemetry_html(info, images)]
 
 
 def page(info: RunInfo, body: list[str], diagnosis: Diagnosis, images: dict[str, Path],
@@ -130,6 +131,41 @@ def run_table(info: RunInfo) -> str:
             ("best", ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
                                for k, v in (summary.get("best") or {}).items()) or "-")]
     return html_table(("run", ""), [(k, str(v)) for k, v in rows])
+
+
+def telemetry_html(info: RunInfo, images: dict[str, Path]) -> list[str]:
+    """Step time, data-loading share, peak memory and checkpoint writes (vislora.train.telemetry's fields of
+    metrics.jsonl, summary.json's `telemetry`); nothing for a run logged without them."""
+    train = [r for r in info.metrics if r.get("split") == "train" and "step_s" in r]
+    if not train:
+        return []
+    step_s = [r["step_s"] for r in train]
+    scope = ((info.summary or {}).get("telemetry") or {}).get("peak_rss_scope", "interval")
+    rows = [("median step time", f"{statistics.median(step_s):.3f} s"),
+            ("data loading", f"{100 * sum(r.get('data_s', 0.0) for r in train) / max(sum(step_s), 1e-12):.0f}% "
+                             "of step time"),
+            ("peak resident memory", f"{max(r.get('peak_rss_mib', 0.0) for r in train):,.0f} MiB"
+                                     + (" (lifetime peak: the per-interval reset was refused)"
+                                        if scope == "lifetime" else ""))]
+    if any("peak_cuda_mib" in r for r in train):
+        rows.append(("peak CUDA memory", f"{max(r.get('peak_cuda_mib', 0.0) for r in train):,.0f} MiB allocated, "
+                                         f"{max(r.get('peak_cuda_reserved_mib', 0.0) for r in train):,.0f} MiB "
+                                         "reserved"))
+    written: dict[str, list[dict]] = {}
+    for row in (r for r in info.metrics if r.get("split") == "checkpoint"):
+        written.setdefault("checkpoints/step-N" if row["path"].startswith("checkpoints/") else row["path"],
+                           []).append(row)
+    section = ["<h3>Telemetry</h3>", image_tag(images, "telemetry"), html_table(("measured", ""), rows)]
+    if written:
+        section.append(html_table(("written", "times", "last size", "median write time"), [
+            (kind, str(len(found)), f"{found[-1]['bytes'] / 1024:,.1f} KiB",
+             f"{statistics.median(r['seconds'] for r in found):.3f} s") for kind, found in written.items()]))
+    last = max(r["step"] for r in train)
+    section += [f"<p class='regression'>Out of memory during {escape(r.get('during', '?'))} (peak resident memory "
+                f"{r.get('peak_rss_mib', 0.0):,.0f} MiB)"
+                + ("; the run was resumed from its last checkpoint" if last > r["step"] else "") + ".</p>"
+                for r in info.metrics if r.get("split") == "oom"]
+    return section
 
 
 def _metrics_table(comparison: Comparison) -> str:

@@ -74,6 +74,50 @@ def training_curves(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
     return _save(fig, path)
 
 
+def telemetry(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
+    """Step time (data loading shaded), peak memory per logging interval, and the size of each checkpoint written,
+    from the telemetry fields of metrics.jsonl (vislora.train.telemetry); None for a run logged without them."""
+    train = [r for r in rows if r.get("split") == "train" and _finite(r.get("step_s"))]
+    saved = [r for r in rows if r.get("split") == "checkpoint" and "bytes" in r]
+    if not train:
+        return None
+    fig = Figure(figsize=(12.6, 3.4))
+    time_ax, memory_ax, size_ax = fig.subplots(1, 3)
+    steps = [r["step"] for r in train]
+    time_ax.plot(steps, [r["step_s"] for r in train], color=ADAPTED_COLOUR, label="step")
+    time_ax.fill_between(steps, 0, [r.get("data_s", 0.0) for r in train], color=BASE_COLOUR, alpha=0.5,
+                         label="of which data loading")
+    time_ax.set_ylim(bottom=0)
+    time_ax.set_ylabel("seconds per optimizer step")
+    time_ax.legend(fontsize=8)
+    memory_ax.plot(steps, [r.get("peak_rss_mib", math.nan) for r in train], color=ADAPTED_COLOUR,
+                   label="process (peak RSS)")
+    if any("peak_cuda_mib" in r for r in train):
+        memory_ax.plot(steps, [r.get("peak_cuda_mib", math.nan) for r in train], color="#d62728",
+                       label="CUDA allocated")
+        memory_ax.plot(steps, [r.get("peak_cuda_reserved_mib", math.nan) for r in train], color="#d62728", ls="--",
+                       label="CUDA reserved")
+    memory_ax.set_ylim(bottom=0)
+    memory_ax.set_ylabel("peak memory (MiB)")
+    memory_ax.legend(fontsize=8)
+    if saved:
+        for kind, colour in (("checkpoints/", ADAPTED_COLOUR), ("best", "#2ca02c"), ("adapter", BASE_COLOUR)):
+            chosen = [r for r in saved if r["path"].startswith(kind)]
+            if chosen:
+                size_ax.plot([r["step"] for r in chosen], [r["bytes"] / 1024 for r in chosen], "o", color=colour,
+                             label=kind.rstrip("/"))
+        size_ax.set_ylim(bottom=0)
+        size_ax.legend(fontsize=8)
+        size_ax.set_ylabel("written (KiB)")
+    else:
+        size_ax.text(0.5, 0.5, "no checkpoint written (run.save_every: 0)", ha="center", va="center",
+                     transform=size_ax.transAxes)
+    for ax in (time_ax, memory_ax, size_ax):
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
 def _headline(row: dict[str, Any]) -> str:
     """The held-out figure a val row leads with: accuracy, or mAP for multi-label runs."""
     return "accuracy" if "accuracy" in row else "map"

@@ -1,5 +1,12 @@
 """The run directory's bookkeeping: config.yaml and the resume check, checkpoints, saved adapters, the metrics log,
-and summary.json with the TrainResult of the run."""
+and summary.json with the TrainResult of the run.
+
+A resumed run must have the same config, except for the keys in RESUME_FREE_KEYS (logging, workers, and what only
+trades memory for time: gradient checkpointing, mixed precision, tiles per backbone call) and optim.batch_size with
+optim.grad_accum when their product (the images per optimizer step) stays the same: the position in the epoch is
+then converted to the new micro-batch, so the run goes on at the same image (what out-of-memory advice asks for,
+vislora.train.oom).
+"""
 
 from __future__ import annotations
 
@@ -22,12 +29,15 @@ from vislora.model import AdaptedModel
 from vislora.run_config import EvalSection, TrainConfig
 from vislora.train import checkpoint as ckpt
 from vislora.train.tasks import Evaluation, TrainTask
+from vislora.train.telemetry import Telemetry, folder_bytes
 
 logger = logging.getLogger(__name__)
 
 # config keys a resumed run may change
 RESUME_FREE_KEYS = {"run.resume", "run.progress", "run.output_dir", "data.num_workers", "run.log_every",
-                    "run.monitor_gradients", *(f"eval.{key}" for key in EvalSection.model_fields)}
+                    "run.monitor_gradients", "run.gradient_checkpointing", "run.mixed_precision",
+                    "data.tiling.tiles_per_step", *(f"eval.{key}" for key in EvalSection.model_fields)}
+BATCH_KEYS = {"optim.batch_size", "optim.grad_accum"}  # free on resume while their product stays
 
 
 @dataclass
@@ -107,6 +117,7 @@ class RunDirectory:
     task: TrainTask
     spec: InputSpec
     adapted: AdaptedModel
+    telemetry: Telemetry
 
     def _prepare_run_dir(self) -> None:
         accelerator = self.accelerator
@@ -115,26 +126,49 @@ class RunDirectory:
         if checkpoints and not self.config.run.resume:
             raise TrainingError(f"{self.run_dir} already holds a run (checkpoints up to {checkpoints[-1].name}); "
                                 "set run.resume: true to continue it, or choose a new run.output_dir")
+        saved_batch = self.config.optim.batch_size
         if checkpoints and saved.is_file():
-            self._check_same_run(saved)
+            saved_batch = self._check_same_run(saved)
         if accelerator.is_main_process:
             self.config.save(saved)
         if checkpoints:
             self.load_checkpoint(checkpoints[-1])
+            self._rebatch(saved_batch, checkpoints[-1])
         elif accelerator.is_main_process:
             self.metrics.path.unlink(missing_ok=True)
         accelerator.wait_for_everyone()
 
-    def _check_same_run(self, saved: Path) -> None:
-        previous = TrainConfig.load(saved).model_dump(mode="json")
-        current = self.config.model_dump(mode="json")
+    def _check_same_run(self, saved: Path) -> int:
+        """Refuse a config that differs from the saved run's beyond what resume allows; the saved batch size."""
+        before = TrainConfig.load(saved)
+        previous, current = before.model_dump(mode="json"), self.config.model_dump(mode="json")
         changed = changed_keys(previous, current, RESUME_FREE_KEYS)
+        old, new = before.optim, self.config.optim
+        if set(changed) <= BATCH_KEYS and old.batch_size * old.grad_accum == new.batch_size * new.grad_accum:
+            changed = []
         if changed:
+            hint = (f"; optim.batch_size and optim.grad_accum may change together when their product stays "
+                    f"{old.batch_size * old.grad_accum} (images per optimizer step)" if BATCH_KEYS & set(changed)
+                    else "")
             raise TrainingError(f"{self.run_dir} holds a run with a different config ({', '.join(changed)} changed); "
-                                "resume it with the same config, or choose a new run.output_dir")
+                                f"resume it with the same config, or choose a new run.output_dir{hint}")
+        return old.batch_size
+
+    def _rebatch(self, saved_batch: int, folder: Path) -> None:
+        """Express the position in the epoch in micro-batches of the new optim.batch_size (same images consumed)."""
+        new = self.config.optim.batch_size
+        if new == saved_batch:
+            return
+        images = self.loop.batch_in_epoch * saved_batch
+        if images % new:
+            raise TrainingError(f"{folder} stopped after {images} images of epoch {self.loop.epoch} per process, not "
+                                f"a whole number of micro-batches of optim.batch_size {new}; resume with a batch size "
+                                f"that divides {images} (e.g. a divisor of {saved_batch})")
+        self.loop.batch_in_epoch = images // new
 
     def save_checkpoint(self) -> Path:
-        """Write checkpoints/step-N/ atomically (every process saves its RNG), prune old ones."""
+        """Write checkpoints/step-N/ atomically (every process saves its RNG), prune old ones; log its size and time."""
+        start = time.perf_counter()
         accelerator = self.accelerator
         root = self.run_dir / "checkpoints"
         staging = ckpt.staging_dir(root, self.loop.step)
@@ -151,10 +185,17 @@ class RunDirectory:
         final = ckpt.step_dir(root, self.loop.step)
         if accelerator.is_main_process:
             ckpt.publish(staging, final)
+            self._log_checkpoint(final, time.perf_counter() - start)
             for old in ckpt.list_checkpoints(root)[:-self.config.run.keep_last]:
                 ckpt.remove_dir(old)  # a kill midway leaves no half-deleted checkpoint that looks complete
         accelerator.wait_for_everyone()
         return final
+
+    def _log_checkpoint(self, folder: Path, seconds: float) -> None:
+        """A metrics row for a written checkpoint or adapter folder: its bytes on disk and the seconds to write it."""
+        self._write_metrics({"step": self.loop.step, "split": "checkpoint",
+                             "path": folder.relative_to(self.run_dir).as_posix(), "bytes": folder_bytes(folder),
+                             "seconds": round(seconds, 6)})
 
     def load_checkpoint(self, folder: Path) -> None:
         """Restore adapter, optimizer, scheduler, RNG and loop position from a checkpoint folder."""
@@ -169,11 +210,13 @@ class RunDirectory:
         """Write the current adapter to `target` (best/, adapter/) by a complete copy swapped in."""
         if not self.accelerator.is_main_process:
             return
+        start = time.perf_counter()
         staging = target.with_name(f".{target.name}.staging")
         shutil.rmtree(staging, ignore_errors=True)
         self._save_adapter_files(staging)
         ckpt.replace_dir(staging, target)
         shutil.rmtree(staging, ignore_errors=True)
+        self._log_checkpoint(target, time.perf_counter() - start)
 
     def _save_adapter_files(self, folder: Path) -> None:
         save_adapter(self.adapted, folder, "default")
@@ -199,7 +242,8 @@ class RunDirectory:
             seconds=seconds, adapter_ranks=self.adapted.adapter_ranks("default"))
         if self.accelerator.is_main_process:
             summary = {**asdict(result), "run_dir": str(self.run_dir), "adapter_dir": str(adapter_dir),
-                       "best_dir": str(result.best_dir) if result.best_dir else None}
+                       "best_dir": str(result.best_dir) if result.best_dir else None,
+                       "telemetry": self.telemetry.summary()}
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.metrics.close()
         self.accelerator.wait_for_everyone()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
@@ -31,6 +32,7 @@ from vislora.model import AdaptedModel, inject
 from vislora.parameters import parameter_report
 from vislora.run_config import TrainConfig
 from vislora.train import checkpoint as ckpt
+from vislora.train import oom
 from vislora.train.batches import EpochBatches
 from vislora.train.callbacks import TrainerCallback
 from vislora.train.monitor import GradientMonitor
@@ -38,6 +40,7 @@ from vislora.train.rundir import MetricsLog, RunDirectory, TrainResult
 from vislora.train.schedule import build_optimizer, build_scheduler
 from vislora.train.stages import StagePlan, apply_stage
 from vislora.train.tasks import ClassificationTask, Evaluation, MultilabelTask, TrainTask
+from vislora.train.telemetry import Telemetry, timed
 from vislora.train.vlm import ContrastiveTask, FewShotTask, PromptedMultilabelTask
 
 logger = logging.getLogger(__name__)
@@ -94,6 +97,7 @@ class Trainer(RunDirectory):
         self.loop = ckpt.LoopState()
         self.stage_plan = self._plan_stages()
         self.metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        self.activity = "setting up"  # what the loop is doing, for the out-of-memory advice
         self._last_eval_step: int | None = None
 
     # ---------------------------------------------------------------- setup
@@ -184,25 +188,40 @@ class Trainer(RunDirectory):
 
     # ---------------------------------------------------------------- fit
     def fit(self) -> TrainResult:
-        """Train to `optim.max_steps` (or early stop), resuming from the last checkpoint when asked."""
+        """Train to `optim.max_steps` (or early stop), resuming from the last checkpoint when asked. Running out of
+        memory raises a TrainingError with what to change, computed from the config (vislora.train.oom)."""
         start_time = time.perf_counter()
         self._prepare_run_dir()
-        cfg = self.config
-        accelerator = self.accelerator
         report = parameter_report(self.adapted)
-        if accelerator.is_main_process:
+        if self.accelerator.is_main_process:
             logger.info("training %s trainable of %s parameters (%.3f%%)", f"{report.trainable:,}",
                         f"{report.total:,}", report.trainable_percent)
         if self.stage_plan is not None:
             self._say(self.stage_plan.describe())
         if self.stage_plan is not None and self.loop.step == 0:
             self._announce_stage()
+        self.telemetry = Telemetry(self.accelerator.device)
+        try:
+            last_eval, stopped_early = self._train()
+        except Exception as exc:
+            if not oom.is_out_of_memory(exc):
+                raise
+            raise self._out_of_memory(exc) from exc
+        self.task.finish(self)
+        return self._finish(last_eval, stopped_early, report, time.perf_counter() - start_time)
+
+    def _train(self) -> tuple[Evaluation | None, bool]:
+        """The steps, with evaluations and checkpoints as configured, then the final evaluation."""
+        cfg = self.config
+        accelerator = self.accelerator
         bar = self._progress_bar()
         stopped_early = False
         last_eval: Evaluation | None = None
-        micro, window_images, window_start, running_loss = 0, 0, time.perf_counter(), 0.0
+        micro, window_images, running_loss = 0, 0, 0.0
+        self.telemetry.start_step()
         while self.loop.step < cfg.optim.max_steps and not stopped_early:
-            for batch in self._epoch_batches():
+            for batch in timed(self._epoch_batches(), self.telemetry.waited):
+                self.activity = f"training step {self.loop.step + 1}"
                 self.loop.batch_in_epoch += 1
                 micro += 1
                 loss, n_images = self._forward_backward(batch, last=micro == cfg.optim.grad_accum)
@@ -213,31 +232,49 @@ class Trainer(RunDirectory):
                 finite, grad_norm = self._optimizer_step()
                 micro = 0
                 self.loop.step += 1
-                seconds = time.perf_counter() - window_start
+                seconds = self.telemetry.end_step()
                 images = int(accelerator.reduce(torch.tensor(window_images), "sum").item())
                 self.loop.images_seen += images
                 images_per_s = images / max(seconds, 1e-9)
                 mean_loss = accelerator.reduce(torch.tensor(running_loss / cfg.optim.grad_accum), "mean").item()
                 self._log_train(mean_loss, grad_norm, finite, images_per_s, bar)
                 self._next_stage()
-                running_loss, window_images, window_start = 0.0, 0, time.perf_counter()
+                running_loss, window_images = 0.0, 0
                 if cfg.run.eval_every and self.loop.step % cfg.run.eval_every == 0:
+                    self.activity = f"the evaluation at step {self.loop.step}"
                     last_eval = self.evaluate()
                     stopped_early = self._after_eval(last_eval)
                 if cfg.run.save_every and self.loop.step % cfg.run.save_every == 0:
+                    self.activity = f"writing the checkpoint of step {self.loop.step}"
                     self.save_checkpoint()
                 if stopped_early or self.loop.step >= cfg.optim.max_steps:
                     break
+                self.telemetry.start_step()  # evaluation and checkpoint writing are not part of the next step
             else:
                 self.loop.epoch += 1
                 self.loop.batch_in_epoch = 0
         if bar is not None:
             bar.close()
         if self.val_data is not None and self._last_eval_step != self.loop.step:
+            self.activity = f"the final evaluation at step {self.loop.step}"
             last_eval = self.evaluate()
             stopped_early = self._after_eval(last_eval) or stopped_early
-        self.task.finish(self)
-        return self._finish(last_eval, stopped_early, report, time.perf_counter() - start_time)
+        return last_eval, stopped_early
+
+    def _out_of_memory(self, exc: BaseException) -> TrainingError:
+        """After an allocator failure: drop the gradients, remove a half-written checkpoint (published ones are
+        complete and stay), log the peak memory, and build the error with the advice."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(ckpt.staging_dir(self.run_dir / "checkpoints", self.loop.step), ignore_errors=True)
+            self._write_metrics({"step": self.loop.step, "split": "oom", "during": self.activity,
+                                 **self.telemetry.memory.peaks()})
+            self.metrics.sync()
+            self.metrics.close()
+        return oom.out_of_memory_error(exc, self.config, self.accelerator.device, self.activity,
+                                       self.accelerator.num_processes)
 
     def _epoch_batches(self) -> Iterator[dict[str, Any]]:
         cfg = self.config
@@ -359,7 +396,7 @@ class Trainer(RunDirectory):
             self._write_metrics({"step": self.loop.step, "epoch": self.loop.epoch, "split": "train", "loss": loss,
                                  "lr_adapter": lrs[0], "lr_head": lrs[-1], "grad_norm": grad_norm,
                                  "finite": finite, "images_per_s": round(images_per_s, 2),
-                                 "skipped_images": len(self.loop.skipped), **extra})
+                                 "skipped_images": len(self.loop.skipped), **self.telemetry.row(), **extra})
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lrs[0]:.2e}", img_s=f"{images_per_s:.1f}")
