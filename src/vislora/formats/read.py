@@ -29,6 +29,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 EXTRA_FILE = "vislora_adapter.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FORMAT_VERSION = 1
+ADAPTER_FILES = (f"an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}, as vislora's save_adapter and PEFT's "
+                 "save_pretrained write them")
 # PEFT LoraConfig fields whose non-default values change the computation in ways vislora does not model
 _UNSUPPORTED_PEFT = {"fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                      "layer_replication": None, "trainable_token_indices": None,
@@ -155,10 +157,10 @@ def find_adapter_files(path: Path) -> tuple[Path, Path, Path]:
     if not folder.is_dir():
         raise AdapterFileError(f"adapter directory {folder} does not exist")
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for needed in (config_file, weights_file):
-        if not needed.is_file():
-            raise AdapterFileError(f"{folder} is not an adapter directory: {needed.name} is missing "
-                                   f"(found: {sorted(p.name for p in folder.iterdir()) or 'nothing'})")
+    missing = [needed.name for needed in (config_file, weights_file) if not needed.is_file()]
+    if missing:  # the folder's other files are not listed: they may be anyone's
+        raise AdapterFileError(f"{folder} is not an adapter directory: {' and '.join(missing)} "
+                               f"{'is' if len(missing) == 1 else 'are'} missing ({ADAPTER_FILES})")
     return config_file, weights_file, folder / EXTRA_FILE
 
 
