@@ -78,4 +78,3 @@ def require_exposed(endpoint: Literal["stats", "metrics"]) -> Callable[[Request,
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
-AdminDep = Annotated[bool, Depends(is_admin)]

@@ -12,10 +12,16 @@ from pathlib import Path
 
 from fastapi import Request
 
+from vislora.serve.config import ADAPTER_FIELDS
 from vislora.serve.dependencies import is_admin
 from vislora.serve.sources import REGISTRY
 
 PRIVATE_PATHS = "private_paths"  # request.state attribute: more {path: what it is} a router knows of
+
+
+def adapter_fields(request: Request) -> tuple[str, ...]:
+    """The fields of a loaded adapter the requester may read: every one for the admin, else `expose`'s."""
+    return ADAPTER_FIELDS if is_admin(request) else tuple(request.app.state.config.expose.adapter_fields)
 
 
 def detail_for(request: Request, detail: str) -> str:

@@ -8,9 +8,9 @@ from fastapi import APIRouter, Depends, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from vislora.errors import Forbidden
-from vislora.serve.config import ADAPTER_FIELDS
-from vislora.serve.dependencies import AdminDep, EngineDep, require_admin, require_client
+from vislora.serve.dependencies import EngineDep, require_admin, require_client
 from vislora.serve.engine import check_name
+from vislora.serve.exposure import adapter_fields
 from vislora.serve.routers.inference import ERRORS
 from vislora.serve.schemas import AdapterOut, LoadAdapter
 from vislora.serve.sources import REGISTRY
@@ -20,10 +20,9 @@ router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=ERRORS)
 
 @router.get("", response_model=list[AdapterOut], response_model_exclude_unset=True,
             dependencies=[Depends(require_client)])
-def list_adapters(request: Request, engine: EngineDep, admin: AdminDep) -> list[AdapterOut]:
+def list_adapters(request: Request, engine: EngineDep) -> list[AdapterOut]:
     """The adapters requests can use now: every field for the admin, a client the fields of `expose`."""
-    fields = ADAPTER_FIELDS if admin else request.app.state.config.expose.adapter_fields
-    return [AdapterOut.of(record, fields) for record in engine.adapters()]
+    return [AdapterOut.of(record, adapter_fields(request)) for record in engine.adapters()]
 
 
 @router.post("", response_model=AdapterOut, status_code=201, dependencies=[Depends(require_admin)])

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from vislora.serve.config import ADAPTER_FIELDS
-from vislora.serve.dependencies import AdminDep, EngineDep, require_exposed
+from vislora.serve.dependencies import EngineDep, require_exposed
+from vislora.serve.exposure import adapter_fields
 from vislora.serve.schemas import AdapterOut
 
 router = APIRouter(tags=["operations"])
@@ -37,11 +37,11 @@ def metrics(engine: EngineDep) -> Response:
 
 
 @router.get("/v1/stats", dependencies=[Depends(require_exposed("stats"))])
-def stats(request: Request, engine: EngineDep, admin: AdminDep) -> dict[str, Any]:
+def stats(request: Request, engine: EngineDep) -> dict[str, Any]:
     """The metrics as JSON (counts, percentiles in ms, buckets, memory, shadow), plus the adapters (the fields
     `expose.adapter_fields` names, unless the admin asks) and rollouts."""
     snapshot = engine.metrics.snapshot()
-    fields = ADAPTER_FIELDS if admin else request.app.state.config.expose.adapter_fields
+    fields = adapter_fields(request)
     snapshot["loaded"] = [AdapterOut.of(a, fields).model_dump(exclude_unset=True) for a in engine.adapters()]
     snapshot["rollouts"] = {name: r.model_dump() for name, r in engine.traffic.rollouts.items()}
     return snapshot
