@@ -222,3 +222,17 @@ def _main_output(out):
     if torch.is_tensor(out):
         return out
     return out.logits_per_image if hasattr(out, "logits_per_image") else out.logits
+
+
+def test_adding_or_deleting_an_adapter_leaves_the_others_trainability_as_it_was():
+    model = vislora.inject(tiny_timm(), AdapterConfig(rank=2, alpha=4, targets=["qkv"]), name="a")
+    model.add_adapter("b", AdapterConfig(rank=2, alpha=4, targets=["qkv"]), activate=True)
+    model.set_trainable(["a"])  # train a while b is active (multi-task routing)
+    model.add_adapter("c", AdapterConfig(rank=2, alpha=4, targets=["qkv", "fc1"]))
+    trainable = {n: {p.requires_grad for p in model.adapter_parameters(n)} for n in model.adapters}
+    assert trainable == {"a": {True}, "b": {False}, "c": {False}}  # the newcomer is frozen, a still trains
+    model.delete_adapter("c")
+    assert {n: {p.requires_grad for p in model.adapter_parameters(n)} for n in model.adapters} == \
+        {"a": {True}, "b": {False}}
+    model.set_active("b")  # set_active resets trainability to the active set
+    assert [n for n in model.adapters if model.is_training(n)] == ["b"]

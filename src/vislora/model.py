@@ -174,7 +174,7 @@ class AdaptedModel(nn.Module):
             raise AdapterError(f"adapters {list(self._active)} are merged into the weights; call unmerge() before "
                                f"deleting {name!r}")
         self._remove(name)
-        self._apply_active()
+        self._activate_layers(self._active)  # the other adapters' trainability stays as it is
 
     def set_active(self, names: str | Sequence[str]) -> None:
         """Choose the adapters used in forward; several active adapters are summed."""
@@ -403,8 +403,12 @@ class AdaptedModel(nn.Module):
     def _activate_new(self, name: str, activate: bool | None) -> None:
         if activate or (activate is None and not self._active):
             self.set_active(name)
-        else:
-            self._apply_active()
+            return
+        # an inactive newcomer is frozen and the others stay as they are: the cost of one adapter, not of every
+        # adapter loaded (a server holding 1,000 spent 0.75 s per load at 300 re-freezing all of them)
+        self._activate_layers(self._active)
+        for param in self.adapter_parameters(name):
+            param.requires_grad_(False)
 
     def _set_route(self, route: Route | None) -> None:
         for wrapper in (*self.tree.layers.values(), *self.tree.saved.values()):

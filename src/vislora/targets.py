@@ -100,9 +100,11 @@ class TargetPlan:
         return "\n".join(lines)
 
 
-def resolve_targets(model: nn.Module, config: AdapterConfig) -> TargetPlan:
-    """Resolve `config` against `model`; raises TargetError naming any pattern that cannot apply."""
-    modules = logical_modules(model)
+def resolve_targets(model: nn.Module, config: AdapterConfig, modules: dict[str, nn.Module] | None = None
+                    ) -> TargetPlan:
+    """Resolve `config` against `model` (`modules`: its `logical_modules`, if the caller has them); raises
+    TargetError naming any pattern that cannot apply."""
+    modules = logical_modules(model) if modules is None else modules
     candidates = _candidates(modules)
     chosen: dict[str, set[str] | None] = {}  # path -> chosen slices (None = whole weight)
     for entry in config.targets:

@@ -128,7 +128,7 @@ def test_corrupt_missing_and_rebuilt_indexes(runs, indexes, tmp_path):
         assert response.status_code == 400 and response.json()["kind"] == "IndexFileError"
         assert "vectors.f32 does not match the sha256" in response.json()["detail"]
         response = client.post("/v1/search", json={"image": image, "adapter": "v1", "index": "gone"})
-        assert response.status_code == 400 and "gone does not exist" in response.json()["detail"]
+        assert response.status_code == 400 and "<index gone> does not exist" in response.json()["detail"]
         assert client.post("/v1/search", json={"image": image, "adapter": "v1", "index": "live"}).status_code == 200
         assert client.post("/v1/search", json={"image": image, "adapter": "v2", "index": "live"}).status_code == 409
         build_index(runs["images"], runs["classifier_v2"], served["live"])  # rebuilt in place while serving
@@ -183,3 +183,31 @@ def test_rollouts_are_checked_on_the_adapter_that_answered(runs, indexes):
 def test_search_is_counted_in_the_request_metrics(client, runs):
     client.post("/v1/search", json={"image": b64(images(runs)[0]), "adapter": "v1", "index": "v1"})
     assert 'vislora_request_seconds_count{endpoint="search"}' in client.get("/metrics").text
+
+
+def test_clients_read_search_errors_without_server_paths_and_the_admin_reads_them_whole(runs, indexes, tmp_path):
+    broken = shutil.copytree(indexes["v1"], tmp_path / "broken")
+    (broken / "vectors.f32").write_bytes((broken / "vectors.f32").read_bytes()[:-8])
+    admin = {"Authorization": "Bearer admin-secret"}
+    image = b64(images(runs)[0])
+    private = [str(tmp_path), str(indexes["v1"].parent), str(runs["classifier"]), str(runs["images"])]
+    details = []
+    with client_for({"v1": runs["classifier"], "v2": runs["classifier_v2"]}, {"v1": indexes["v1"], "broken": broken},
+                    auth={"admin_token": "admin-secret"}) as client:
+        for body in ({"image": image, "adapter": "v2", "index": "v1"}, {"image": image, "adapter": "v1",
+                                                                         "index": "broken"}):
+            seen = client.post("/v1/search", json=body)
+            whole = client.post("/v1/search", json=body, headers=admin)
+            assert seen.status_code == whole.status_code and seen.status_code in (400, 409)
+            assert not [p for p in private if p in seen.json()["detail"]], seen.json()["detail"]
+            assert [p for p in private if p in whole.json()["detail"]], whole.json()["detail"]
+            details.append((seen.json()["detail"], whole.json()["detail"]))
+    (stale, stale_admin), (corrupt, corrupt_admin) = details
+    assert stale.startswith("index 'v1': the index <index v1> was built with adapter <the adapter it was built with> "
+                            "(sha256 ")
+    assert stale.endswith("rebuild the index with the adapter in use: vislora index build <the images it was built "
+                          "from> --adapter <adapter v2> --out <index v1>")
+    assert stale_admin.endswith(f"--adapter {runs['classifier_v2']} --out {indexes['v1']}")
+    assert corrupt == ("<index broken>/vectors.f32 does not match the sha256 its index.json records: the index is "
+                       "corrupt or was modified; rebuild it with `vislora index build`")
+    assert corrupt_admin == corrupt.replace("<index broken>", str(broken))

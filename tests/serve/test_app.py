@@ -197,7 +197,9 @@ def test_client_token_guards_inference_when_set(served, monkeypatch):
         ok = client.post("/v1/predict", files=upload(served), data={"adapter": "a0"},
                          headers={"Authorization": "Bearer client-secret"})
         assert ok.status_code == 200
-        assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
+        assert client.get("/healthz").status_code == 200 and client.get("/v1/stats").status_code == 200
+        assert client.get("/metrics").status_code == 401  # expose.metrics: client by default
+        assert client.get("/metrics", headers={"Authorization": "Bearer client-secret"}).status_code == 200
 
 
 @pytest.mark.parametrize("name", ["../etc", "a/b", "..", "-x", "x" * 65, "a b"])
@@ -313,7 +315,7 @@ def test_adapters_from_the_registry_by_version(served, tmp_path):
     engine = make_engine(served, **fields)
     assert engine.base_fingerprint == registry.get("cats", 1).base_fingerprint  # the base weights were compared
     with TestClient(create_app(engine, serve_config(served, **fields))) as client:
-        listed = client.get("/v1/adapters").json()
+        listed = client.get("/v1/adapters", headers=ADMIN).json()
         assert [(a["name"], a["source"]) for a in listed] == [("cats", "registry:cats")]
         assert listed[0]["path"] == str(tmp_path / "registry" / "cats" / "1")
         body = client.post("/v1/predict", files=upload(served, 1), data={"adapter": "cats"}).json()

@@ -135,6 +135,9 @@ class LoraLayer(nn.Module):
         if adapter.holds_residual and self.residual_owner is not None:
             raise AdapterError(f"{self.path}: adapter {self.residual_owner!r} already holds a PiSSA residual of this "
                                f"weight; {name!r} cannot start from it too. Use init='kaiming' for {name!r}.")
+        if not (adapter.reads_base_weight or adapter.holds_residual):
+            return  # the adapters here were checked as they came: a newcomer that neither reads nor rewrites W
+            # cannot make a conflict (and a layer of 1,000 served adapters is not scanned again per load)
         everyone = (adapter, *self.adapters.values())
         readers = [a for a in everyone if a.reads_base_weight]
         writers = [a for a in everyone if a.holds_residual]

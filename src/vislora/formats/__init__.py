@@ -9,6 +9,7 @@ from vislora.adapters.methods import method_class
 from vislora.errors import AdapterFileError
 from vislora.formats.peft import PREFIX
 from vislora.formats.read import (
+    ADAPTER_FILES,
     CONFIG_FILE,
     EXTRA_FILE,
     PICKLE_SUFFIXES,
@@ -56,6 +57,6 @@ def load_adapter_weights(model: AdaptedModel, path: str | Path, name: str = "def
     return None
 
 
-__all__ = ["CONFIG_FILE", "EXTRA_FILE", "PICKLE_SUFFIXES", "PREFIX", "STATE_FILE", "WEIGHTS_FILE", "check_adapter",
-           "config_from_peft", "find_adapter_files", "load_adapter", "load_adapter_weights", "read_json",
-           "read_safetensors", "save_adapter"]
+__all__ = ["ADAPTER_FILES", "CONFIG_FILE", "EXTRA_FILE", "PICKLE_SUFFIXES", "PREFIX", "STATE_FILE", "WEIGHTS_FILE",
+           "check_adapter", "config_from_peft", "find_adapter_files", "load_adapter", "load_adapter_weights",
+           "read_json", "read_safetensors", "save_adapter"]

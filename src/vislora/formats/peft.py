@@ -37,8 +37,9 @@ class FileLayout:
     raw_owners: frozenset[str]
 
     @classmethod
-    def of(cls, model: nn.Module, plan: TargetPlan) -> FileLayout:
-        found = {p: m.embed_dim for p, m in logical_modules(model).items() if isinstance(m, nn.MultiheadAttention)}
+    def of(cls, model: nn.Module, plan: TargetPlan, modules: dict[str, nn.Module] | None = None) -> FileLayout:
+        modules = logical_modules(model) if modules is None else modules
+        found = {p: m.embed_dim for p, m in modules.items() if isinstance(m, nn.MultiheadAttention)}
         owners = Counter(t.path.rpartition(".")[0] for t in plan.targets if t.kind == "parameter")
         return cls(found, frozenset(owner for owner, n in owners.items() if n == 1))
 

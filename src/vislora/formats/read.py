@@ -29,6 +29,8 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 EXTRA_FILE = "vislora_adapter.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 FORMAT_VERSION = 1
+ADAPTER_FILES = (f"an adapter directory holds {CONFIG_FILE} and {WEIGHTS_FILE}, as vislora's save_adapter and PEFT's "
+                 "save_pretrained write them")
 # PEFT LoraConfig fields whose non-default values change the computation in ways vislora does not model
 _UNSUPPORTED_PEFT = {"fan_in_fan_out": False, "bias": "none", "lora_bias": False,
                      "layer_replication": None, "trainable_token_indices": None,
@@ -67,22 +69,26 @@ def load_adapter(model: nn.Module, path: str | Path | AdapterWeights, name: str 
 
 def read_weights(model: AdaptedModel, path: Path, config: AdapterConfig, weights_file: Path) -> AdapterWeights:
     """Resolve `config` on `model`, read the weights and check them against what that plan needs."""
+    modules = logical_modules(model.base_model)  # walked once: a hot load among many adapters pays for each walk
     try:
-        plan = resolve_targets(model.base_model, config)
+        plan = resolve_targets(model.base_model, config, modules)
     except TargetError as exc:
         raise AdapterFileError(f"adapter {path} does not fit this model (was it trained on another one?): "
                                f"{exc}") from None
     tensors = read_safetensors(weights_file)
-    check_fit(path, expected_shapes(model.base_model, plan, config), tensors)
-    return AdapterWeights(config, plan, layer_tensors(model.base_model, plan, config, tensors),
+    check_fit(path, expected_shapes(model.base_model, plan, config, modules), tensors)
+    return AdapterWeights(config, plan, layer_tensors(model.base_model, plan, config, tensors, modules),
                           saved_tensors(plan, tensors), str(path))
 
 
-def expected_shapes(base: nn.Module, plan: TargetPlan, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
-    """File keys and shapes the plan needs (PEFT's layout where the method has one)."""
+def expected_shapes(base: nn.Module, plan: TargetPlan, config: AdapterConfig,
+                    modules: dict[str, nn.Module] | None = None) -> dict[str, tuple[int, ...]]:
+    """File keys and shapes the plan needs (PEFT's layout where the method has one); `modules`: the base's
+    `logical_modules`, if the caller has them."""
+    modules = logical_modules(base) if modules is None else modules
     method = method_class(config)
     shapes: dict[str, tuple[int, ...]] = {}
-    layout = FileLayout.of(base, plan)
+    layout = FileLayout.of(base, plan, modules)
     mha_ranks: dict[str, int] = {}
     for target in plan.targets:
         own = method.file_shapes(target, config)
@@ -102,18 +108,17 @@ def expected_shapes(base: nn.Module, plan: TargetPlan, config: AdapterConfig) ->
         for key, n_out in ((mha, 3 * embed), (f"{mha}.base_layer.out_proj", embed)):
             shapes[f"{PREFIX}{key}.lora_A.weight"] = (rank, embed)
             shapes[f"{PREFIX}{key}.lora_B.weight"] = (n_out, rank)
-    modules = logical_modules(base)
     shapes.update({f"{PREFIX}{module_path}.{key}": tuple(value.shape) for module_path in plan.modules_to_save
                    for key, value in modules[module_path].state_dict().items()})
     return shapes
 
 
-def layer_tensors(base: nn.Module, plan: TargetPlan, config: AdapterConfig, tensors: dict[str, torch.Tensor]
-                  ) -> dict[str, dict[str, torch.Tensor]]:
+def layer_tensors(base: nn.Module, plan: TargetPlan, config: AdapterConfig, tensors: dict[str, torch.Tensor],
+                  modules: dict[str, nn.Module] | None = None) -> dict[str, dict[str, torch.Tensor]]:
     """Target path -> its tensors as the adapter exports them: an attention's padding and shared scale undone,
     q/k/v blocks unstacked (an error if B has weight outside its blocks)."""
     method = method_class(config)
-    layout, out = FileLayout.of(base, plan), {}
+    layout, out = FileLayout.of(base, plan, modules), {}
     for target in plan.targets:
         if method.peft_type != PEFT_LORA:
             out[target.path] = {name: tensors[f"{PREFIX}{target.path}.{suffix}"]
@@ -155,10 +160,10 @@ def find_adapter_files(path: Path) -> tuple[Path, Path, Path]:
     if not folder.is_dir():
         raise AdapterFileError(f"adapter directory {folder} does not exist")
     config_file, weights_file = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for needed in (config_file, weights_file):
-        if not needed.is_file():
-            raise AdapterFileError(f"{folder} is not an adapter directory: {needed.name} is missing "
-                                   f"(found: {sorted(p.name for p in folder.iterdir()) or 'nothing'})")
+    missing = [needed.name for needed in (config_file, weights_file) if not needed.is_file()]
+    if missing:  # the folder's other files are not listed: they may be anyone's
+        raise AdapterFileError(f"{folder} is not an adapter directory: {' and '.join(missing)} "
+                               f"{'is' if len(missing) == 1 else 'are'} missing ({ADAPTER_FILES})")
     return config_file, weights_file, folder / EXTRA_FILE
 
 

@@ -15,6 +15,7 @@ from vislora.errors import ServeError, TooLarge, VisloraError
 from vislora.serve.config import ServeConfig
 from vislora.serve.dependencies import Tokens
 from vislora.serve.engine import Engine
+from vislora.serve.exposure import detail_for
 from vislora.serve.limits import BodyLimit
 from vislora.serve.routers import adapters, feedback, inference, ops, rollouts, search
 from vislora.version import __version__
@@ -78,7 +79,7 @@ async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
     status, kind = (exc.status, exc.kind) if isinstance(exc, ServeError) else (400, type(exc).__name__)
     request.app.state.engine.metrics.errors.labels(kind).inc()
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"detail": str(exc), "kind": kind}, status_code=status, headers=headers)
+    return JSONResponse({"detail": detail_for(request, str(exc)), "kind": kind}, status_code=status, headers=headers)
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

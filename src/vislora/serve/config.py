@@ -1,10 +1,11 @@
-"""ServeConfig: one YAML file describes a server (base model, adapters, batching, limits, auth, rollouts)."""
+"""ServeConfig: one YAML file describes a server (base model, adapters, batching, limits, auth, what clients see,
+rollouts)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
@@ -126,6 +127,30 @@ def _token(value: SecretStr | None, env: str) -> str | None:
 
 
 BASE_SHADOW = "@base"  # a rollout's shadow spelled so: the base model, no adapter (adapter names start with a letter)
+AdapterField = Literal["name", "source", "path", "digest", "classes", "bytes", "loaded_at"]
+ADAPTER_FIELDS: tuple[str, ...] = get_args(AdapterField)
+Access = Literal["open", "client", "admin"]
+
+
+class ExposeSection(_Section):
+    """What a client (any request without the admin token) may see; a request with the admin token sees
+    everything. The defaults are the least the dashboard (it reads /v1/stats without a token) and clients need:
+    no server file paths."""
+
+    adapter_fields: list[AdapterField] = Field(
+        ["name", "digest", "classes", "bytes", "loaded_at"], description="Fields of GET /v1/adapters and of "
+        "/v1/stats `loaded` a client sees (source and path name server folders: admin only by default).")
+    stats: Access = Field("open", description="Who may read /v1/stats: open (anyone: the dashboard page fetches it "
+                          "without a token), client (the client token when one is set), admin.")
+    metrics: Access = Field("client", description="Who may read /metrics: open, client (the client token when one "
+                            "is set: give it to Prometheus as `authorization: {credentials: ...}`), admin.")
+
+    @field_validator("adapter_fields")
+    @classmethod
+    def _named(cls, value: list[str]) -> list[str]:
+        if "name" not in value:
+            raise ValueError(f"adapter_fields must include name (requests choose adapters by it), got {value}")
+        return value
 
 
 class RolloutConfig(_Section):
@@ -182,6 +207,7 @@ class ServeConfig(_Section):
     limits: LimitsSection = Field(default_factory=LimitsSection)
     auth: AuthSection = Field(default_factory=AuthSection)
     health: HealthSection = Field(default_factory=HealthSection)
+    expose: ExposeSection = Field(default_factory=ExposeSection)
     rollouts: dict[str, RolloutConfig] = Field(default_factory=dict, description="Rollouts (weighted traffic "
                                                "splits with an optional shadow) by name.")
     feedback: FeedbackSection = Field(default_factory=FeedbackSection)

@@ -1,10 +1,12 @@
-"""Dependencies shared by the routers: the engine, and bearer-token checks for admin and client endpoints."""
+"""Dependencies shared by the routers: the engine, bearer-token checks for admin and client endpoints, and whether a
+request is the admin's (who sees server paths)."""
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -53,6 +55,26 @@ def require_client(request: Request, credentials: Credentials) -> None:
             credentials.credentials.encode(), tokens.admin.encode()):
         return
     _check(credentials, tokens.client, "client")
+
+
+def is_admin(request: Request) -> bool:
+    """Whether the request carries the admin token (it sees server paths and full error messages)."""
+    admin: str | None = request.app.state.tokens.admin
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return admin is not None and scheme.lower() == "bearer" and secrets.compare_digest(token.strip().encode(),
+                                                                                       admin.encode())
+
+
+def require_exposed(endpoint: Literal["stats", "metrics"]) -> Callable[[Request, Credentials], None]:
+    """The token check of an endpoint whose audience the serve config's `expose` section sets (open, client,
+    admin)."""
+    def check(request: Request, credentials: Credentials) -> None:
+        access = getattr(request.app.state.config.expose, endpoint)
+        if access == "client":
+            require_client(request, credentials)
+        elif access == "admin":
+            require_admin(request, credentials)
+    return check
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]

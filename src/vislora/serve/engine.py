@@ -183,7 +183,7 @@ class Engine(BlockingCalls):
                 del self._adapters[name]
                 self._pending.discard(name)
                 sizes = {n: a.bytes for n, a in self._adapters.items()}
-            self.metrics.loaded(sizes, gone=name)
+            self.metrics.loaded(sizes, gone=name, changed=())
 
     def set_rollout(self, name: str, rollout: RolloutConfig) -> None:
         """Add or replace a rollout (weighted split, optional shadow); every adapter it names must be loaded."""
@@ -428,7 +428,7 @@ class Engine(BlockingCalls):
         with self._state:
             self._adapters[name] = record
             sizes = {n: a.bytes for n, a in self._adapters.items()}
-        self.metrics.loaded(sizes)
+        self.metrics.loaded(sizes, changed=(name,))
 
     def _check_free(self, name: str) -> None:
         if name in self._adapters or name in self._pending:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from vislora.serve.config import RolloutConfig
+from vislora.serve.config import ADAPTER_FIELDS, RolloutConfig
 from vislora.serve.records import LoadedAdapter
 
 ADAPTER_FIELD = ("An adapter or rollout name; omit for the base model. A rollout draws one of its adapters by "
@@ -110,18 +111,23 @@ class SearchResponse(Served):
 
 
 class AdapterOut(BaseModel):
+    """A loaded adapter. The admin sees every field; a client only those the serve config's
+    `expose.adapter_fields` names (not `source` and `path` by default: they name server folders)."""
+
     name: str
-    source: str = Field(..., description="As given: a directory, or registry:NAME@VERSION.")
-    path: str
-    digest: str
-    classes: list[str]
-    bytes: int = Field(..., description="Bytes of the adapter's tensors (what loading it adds to memory).")
-    loaded_at: float
+    source: str | None = Field(None, description="As given: a directory, or registry:NAME@VERSION.")
+    path: str | None = Field(None, description="The folder loaded, on the server's disk.")
+    digest: str | None = Field(None, description="sha256 (16 hex) of the adapter's weights file.")
+    classes: list[str] | None = None
+    bytes: int | None = Field(None, description="Bytes of the adapter's tensors (what loading it adds to memory).")
+    loaded_at: float | None = None
 
     @classmethod
-    def of(cls, record: LoadedAdapter) -> AdapterOut:
-        return cls(name=record.name, source=record.source, path=record.path, digest=record.digest,
-                   classes=list(record.classes), bytes=record.bytes, loaded_at=record.loaded_at)
+    def of(cls, record: LoadedAdapter, fields: Iterable[str] = ADAPTER_FIELDS) -> AdapterOut:
+        """The record's `fields` (the others are left unset: dump with exclude_unset to leave them out)."""
+        values = {"name": record.name, "source": record.source, "path": record.path, "digest": record.digest,
+                  "classes": list(record.classes), "bytes": record.bytes, "loaded_at": record.loaded_at}
+        return cls(**{field: values[field] for field in ("name", *fields)})
 
 
 class LoadAdapter(_Body):

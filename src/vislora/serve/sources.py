@@ -21,7 +21,7 @@ from vislora.data.tiling import image_spec
 from vislora.data.transforms import InputSpec, model_input_spec
 from vislora.dual_encoder import build_dual_encoder
 from vislora.errors import AdapterFileError, ConfigError
-from vislora.formats import CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
+from vislora.formats import ADAPTER_FILES, CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from vislora.input_size import fit_input_size, spec_with_size
 from vislora.runs import DUAL_TASKS, TASK_FILE, check_rebuildable, input_spec, model_spec, resized_spec, run_seed
 from vislora.serve.config import BaseSection
@@ -75,10 +75,9 @@ def open_source(reference: str | Path, registry: str | Path | None = None) -> Ad
                                "directories (vislora and PEFT write them)")
     folder = path.parent if path.suffix == ".safetensors" else path
     weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else None
-        raise AdapterFileError(f"{folder} is not an adapter directory: {WEIGHTS_FILE} is missing "
-                               f"({'found: ' + ', '.join(found) if found else 'the folder does not exist'})")
+    if not weights.is_file():  # the folder's other files are not listed: they may be anyone's
+        raise AdapterFileError(f"{folder} is not an adapter directory: " + (
+            f"{WEIGHTS_FILE} is missing ({ADAPTER_FILES})" if folder.is_dir() else "the folder does not exist"))
     task_file = folder / TASK_FILE
     task = None
     if task_file.is_file():

@@ -10,6 +10,7 @@ from starlette.concurrency import run_in_threadpool
 from vislora.errors import Forbidden
 from vislora.serve.dependencies import EngineDep, require_admin, require_client
 from vislora.serve.engine import check_name
+from vislora.serve.exposure import adapter_fields
 from vislora.serve.routers.inference import ERRORS
 from vislora.serve.schemas import AdapterOut, LoadAdapter
 from vislora.serve.sources import REGISTRY
@@ -17,10 +18,11 @@ from vislora.serve.sources import REGISTRY
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"], responses=ERRORS)
 
 
-@router.get("", response_model=list[AdapterOut], dependencies=[Depends(require_client)])
-def list_adapters(engine: EngineDep) -> list[AdapterOut]:
-    """The adapters requests can use now."""
-    return [AdapterOut.of(record) for record in engine.adapters()]
+@router.get("", response_model=list[AdapterOut], response_model_exclude_unset=True,
+            dependencies=[Depends(require_client)])
+def list_adapters(request: Request, engine: EngineDep) -> list[AdapterOut]:
+    """The adapters requests can use now: every field for the admin, a client the fields of `expose`."""
+    return [AdapterOut.of(record, adapter_fields(request)) for record in engine.adapters()]
 
 
 @router.post("", response_model=AdapterOut, status_code=201, dependencies=[Depends(require_admin)])

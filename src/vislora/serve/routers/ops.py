@@ -1,15 +1,17 @@
-"""Operations: /healthz, /readyz, /metrics (Prometheus), /v1/stats (JSON for the dashboard), /dashboard."""
+"""Operations: /healthz, /readyz, /metrics (Prometheus), /v1/stats (JSON for the dashboard), /dashboard. Who may
+read /metrics and /v1/stats is the serve config's `expose` section."""
 
 from __future__ import annotations
 
 from importlib import resources
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from vislora.serve.dependencies import EngineDep
+from vislora.serve.dependencies import EngineDep, require_exposed
+from vislora.serve.exposure import adapter_fields
 from vislora.serve.schemas import AdapterOut
 
 router = APIRouter(tags=["operations"])
@@ -32,18 +34,20 @@ def readyz(engine: EngineDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if reason is None else 503)
 
 
-@router.get("/metrics")
+@router.get("/metrics", dependencies=[Depends(require_exposed("metrics"))])
 def metrics(engine: EngineDep) -> Response:
     """Prometheus text exposition of this server's metrics."""
     return Response(engine.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/stats")
-def stats(engine: EngineDep) -> dict[str, Any]:
+@router.get("/v1/stats", dependencies=[Depends(require_exposed("stats"))])
+def stats(request: Request, engine: EngineDep) -> dict[str, Any]:
     """The metrics as JSON (counts, percentiles in ms, buckets, memory, shadow, drift against the base, feedback),
-    plus the adapters, rollouts and health verdict."""
+    plus the adapters (the fields `expose.adapter_fields` names, unless the admin asks), rollouts and health
+    verdict."""
     snapshot = engine.metrics.snapshot()
-    snapshot["loaded"] = [AdapterOut.of(a).model_dump(exclude={"path", "source"}) for a in engine.adapters()]
+    fields = adapter_fields(request)
+    snapshot["loaded"] = [AdapterOut.of(a, fields).model_dump(exclude_unset=True) for a in engine.adapters()]
     snapshot["rollouts"] = {name: r.model_dump() for name, r in engine.traffic.rollouts.items()}
     snapshot["health"] = engine.health.judge().as_dict()
     return snapshot

@@ -22,6 +22,7 @@ from vislora.search import AdapterIdentity, Index, check_identity, check_modalit
 from vislora.search.index import HEADER
 from vislora.serve.dependencies import EngineDep, require_client
 from vislora.serve.engine import Engine
+from vislora.serve.exposure import PRIVATE_PATHS
 from vislora.serve.routers.inference import ERRORS, body_doc, compute, read_body
 from vislora.serve.schemas import HitOut, SearchJSON, SearchResponse
 from vislora.serve.sources import REGISTRY
@@ -117,6 +118,7 @@ async def search(request: Request, engine: EngineDep) -> SearchResponse:
         raise ServeError(f"k={k} is above the server's limit of {limit} (limits.max_search_k)")
     state = search_state(request)
     name, index = await run_in_threadpool(state.index, body.index)
+    setattr(request.state, PRIVATE_PATHS, index_paths(name, index))
     modality = "text" if body.text is not None else "image"
     check_modality(index, modality)
     if body.adapter not in engine.traffic.rollouts:  # a plain adapter (or none): checked before any compute
@@ -129,6 +131,15 @@ async def search(request: Request, engine: EngineDep) -> SearchResponse:
     return SearchResponse(adapter=output.adapter, digest=output.digest, rollout=output.rollout, index=name,
                           adapter_sha256=identity.sha256 if identity else None,
                           hits=[HitOut(**hit.to_dict()) for hit in hits[0]])
+
+
+def index_paths(name: str, index: Index) -> dict[str, str]:
+    """{path: what it is} for the server paths an index records (its folder, the images it was built from, the
+    adapter folder it was built with), left out of what clients read."""
+    built = (index.adapter or {}).get("label", "")
+    named = {"<the adapter it was built with>": "" if built.startswith(REGISTRY) else built,
+             "<the images it was built from>": index.header.get("data", ""), f"<index {name}>": str(index.path or "")}
+    return {path: label for label, path in named.items() if path.strip("/")}
 
 
 def _check(state: SearchState, engine: Engine, index: Index, name: str, adapter: str | None
