@@ -98,3 +98,15 @@ def test_device_options_refuse_unknown_devices_before_any_work(command, tmp_path
     result = runner.invoke(app, [*command, "--device", "tpu"])
     assert "unknown device 'tpu': use auto, cpu, cuda, cuda:N or mps" in str(result.exception)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_error_messages_print_square_brackets_as_text_not_rich_markup(tmp_path, monkeypatch):
+    from vislora.cli.app import console, run
+
+    missing = tmp_path / "[bold]run" / "[red]adapter"
+    monkeypatch.setattr("sys.argv", ["vislora", "inspect", str(missing)])
+    monkeypatch.setattr(console, "width", 400)
+    with console.capture() as captured, pytest.raises(SystemExit) as exit_:
+        run()
+    assert exit_.value.code == 2
+    assert captured.get().strip() == f"error: adapter directory {missing} does not exist"

@@ -6,6 +6,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from vislora.errors import VisloraError
@@ -60,5 +61,5 @@ def run() -> None:
     try:
         app()
     except VisloraError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        console.print(f"[red]error:[/] {escape(str(exc))}")  # a message's [...] is text, not markup
         raise SystemExit(2) from None
