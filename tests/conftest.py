@@ -19,7 +19,9 @@ from torch import nn
 
 from vislora.tasks.classification import build_classifier
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# pytest-xdist workers (`make test` runs two) share the cores: each gets its part, so they don't oversubscribe them
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // WORKERS))
 transformers.logging.set_verbosity_error()
 logging.getLogger("root").setLevel(logging.ERROR)  # open_clip warns about missing pretrained weights
 

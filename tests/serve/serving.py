@@ -139,3 +139,13 @@ def live_server(app) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def is_traced(tensor: torch.Tensor) -> bool:
+    """True for a tensor without real storage (a FakeTensor or FunctionalTensor an earlier torch.compile/export test in
+    the same process left alive): memory accounting skips it."""
+    try:
+        tensor.untyped_storage().data_ptr()
+    except RuntimeError:
+        return True
+    return False

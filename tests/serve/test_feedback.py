@@ -36,9 +36,9 @@ def upload(served, index):
     return {"image": (f"img{index}.png", served["images"][index], "image/png")}
 
 
-def samples(client, name):
+def samples(client, name, headers=None):
     """{labels as a sorted tuple of pairs: value} of one metric family's samples named `name` in /metrics."""
-    families = text_string_to_metric_families(client.get("/metrics").text)
+    families = text_string_to_metric_families(client.get("/metrics", headers=headers).text)
     return {tuple(sorted(s.labels.items())): s.value for f in families for s in f.samples if s.name == name}
 
 
@@ -195,7 +195,7 @@ def test_feedback_refusals_unknown_expired_twice_bad_label_and_token(served):
             f"request {late!r} expired after 60 s without feedback (feedback.ttl_s); send feedback sooner or raise "
             "feedback.ttl_s")
         assert give(request_id=fresh, click=True).status_code == 200
-        assert samples(client, "vislora_feedback_pending") == {(): 0.0}
+        assert samples(client, "vislora_feedback_pending", auth) == {(): 0.0}  # /metrics takes the client token
         errors = client.get("/v1/stats", headers=auth).json()["errors"]
         assert errors["unknown_request"] == 2 and errors["conflict"] == 1 and errors["bad_request"] == 1
 

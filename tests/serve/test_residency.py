@@ -11,7 +11,7 @@ import weakref
 import pytest
 import torch
 from safetensors import safe_open
-from serving import build_served, make_engine
+from serving import build_served, is_traced, make_engine
 
 from vislora.formats import WEIGHTS_FILE
 
@@ -29,7 +29,7 @@ def storages() -> dict[int, int]:
     found = {}
     with warnings.catch_warnings():  # isinstance() on some torch module objects warns of their deprecation
         warnings.simplefilter("ignore")
-        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and not is_traced(obj)]
     for tensor in tensors:
         storage = tensor.untyped_storage()
         found[storage.data_ptr()] = storage.nbytes()

@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from serving import build_served, live_server, make_engine, serve_config
+from serving import build_served, is_traced, live_server, make_engine, serve_config
 
 from vislora.serve import create_app
 from vislora.serve.sources import open_source
@@ -153,7 +153,7 @@ def live_tensor_bytes() -> int:
     gc.collect()
     with warnings.catch_warnings():  # isinstance() on some torch module objects warns of their deprecation
         warnings.simplefilter("ignore")
-        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor)]
+        tensors = [obj for obj in gc.get_objects() if isinstance(obj, torch.Tensor) and not is_traced(obj)]
     return sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}.values())
 
 

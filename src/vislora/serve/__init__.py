@@ -16,6 +16,7 @@ from vislora.errors import (
     Unauthorized,
     UnknownAdapter,
     UnknownIndex,
+    UnknownRequest,
     UnsupportedMedia,
 )
 from vislora.serve.app import create_app
@@ -26,5 +27,5 @@ from vislora.serve.records import Embedding, Label, LoadedAdapter, Prediction
 
 __all__ = ["BadImage", "Busy", "Conflict", "Embedding", "Engine", "Forbidden", "Label", "LoadedAdapter", "Prediction",
            "ServeConfig", "ServeError", "Timeout", "TooLarge", "Unauthorized", "UnknownAdapter", "UnknownIndex",
-           "UnsupportedMedia",
+           "UnknownRequest", "UnsupportedMedia",
            "build_engine", "create_app"]
