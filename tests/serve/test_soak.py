@@ -1,5 +1,5 @@
 """Soak: a bounded mixed load (predict, embed, feedback, adapter load/unload) from several client threads against a real
-uvicorn server on loopback, for VISLORA_SOAK_SECONDS (default 60). Every answer must be right (the offline
+uvicorn server on loopback, for VISLORA_SOAK_SECONDS (default 30). Every answer must be right (the offline
 AdaptedModel's output for the adapter file that computed it and the image sent), and nothing may leak: live tensor
 bytes, open file descriptors and threads come back to their baseline, resident memory grows by a bounded amount.
 
@@ -26,7 +26,7 @@ from serving import build_served, is_traced, live_server, make_engine, serve_con
 from vislora.serve import create_app
 from vislora.serve.sources import open_source
 
-SECONDS = float(os.environ.get("VISLORA_SOAK_SECONDS", "60"))
+SECONDS = float(os.environ.get("VISLORA_SOAK_SECONDS", "30"))
 CLIENTS = 4
 ADMIN = {"Authorization": "Bearer admin-secret"}
 STEADY = ("a0", "a1")  # loaded for the whole run
