@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from common import interleaved_medians
+from common import interleaved_medians, random_adapters
 
 SEED = 0
 TARGETS = ["attn.qkv", "attn.proj"]
@@ -60,22 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def make_adapters(args: argparse.Namespace, folder: Path) -> list[Path]:
     """--adapters adapter directories with seeded random weights (pairs and head copy)."""
-    import timm
-
-    import vislora
-
-    torch.manual_seed(SEED)
-    base = timm.create_model(args.model, pretrained=False, num_classes=args.classes, img_size=args.image_size)
-    model = vislora.inject(base, vislora.AdapterConfig(rank=args.rank, alpha=2 * args.rank, targets=TARGETS,
-                                                       modules_to_save=["head"]))
-    dirs = []
-    for i in range(args.adapters):
-        gen = torch.Generator().manual_seed(1000 + i)
-        with torch.no_grad():
-            for param in model.adapter_parameters("default"):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-        dirs.append(vislora.save_adapter(model, folder / f"a{i:03d}", "default"))
-    return dirs
+    return random_adapters(args, folder, args.adapters, TARGETS, SEED)
 
 
 def build(args: argparse.Namespace, dirs: list[Path], dtype: str):  # -> Engine

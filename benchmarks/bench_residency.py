@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common import wait_ready
+
 SEED = 0
 TARGETS = ["attn.qkv", "attn.proj"]
 TOKEN = "bench-admin"
@@ -137,17 +139,7 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # waiting for the child to listen, bounded
-            if self.process.poll() is not None:
-                sys.exit(f"error: the server exited:\n{self.process.stderr.read()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        sys.exit(f"error: the server was not ready after {timeout} s")
+        wait_ready(self.process, self.url, "the server", timeout)
 
     def rss(self) -> int:
         """Resident bytes of the server process, read from /proc (not from the server's own report)."""

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from common import random_adapters, wait_ready
+
 SEED = 0
 TARGETS = ["attn.qkv", "attn.proj"]
 AIMS = {"routed_128_over_1": 0.9, "routed_128_over_swap": 3.0}
@@ -162,22 +164,7 @@ def swap_engine_class() -> type:
 # ---------------------------------------------------------------- setup (parent)
 def make_adapters(args: argparse.Namespace, folder: Path) -> list[Path]:
     """max(--adapters, --swap-adapters) adapter directories with seeded random weights (pairs and head)."""
-    import timm
-
-    import vislora
-
-    torch.manual_seed(SEED)
-    base = timm.create_model(args.model, pretrained=False, num_classes=args.classes, img_size=args.image_size)
-    model = vislora.inject(base, vislora.AdapterConfig(rank=args.rank, alpha=2 * args.rank, targets=TARGETS,
-                                                       modules_to_save=["head"]))
-    dirs = []
-    for i in range(max(*args.adapters, 0 if args.ray else args.swap_adapters)):
-        gen = torch.Generator().manual_seed(1000 + i)
-        with torch.no_grad():
-            for param in model.adapter_parameters("default"):
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
-        dirs.append(vislora.save_adapter(model, folder / f"a{i:03d}", "default"))
-    return dirs
+    return random_adapters(args, folder, max(*args.adapters, 0 if args.ray else args.swap_adapters), TARGETS, SEED)
 
 
 def write_config(args: argparse.Namespace, folder: Path, dirs: list[Path], n: int, max_batch: int) -> Path:
@@ -214,17 +201,7 @@ class Server:
         self.ray = process is not None
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:  # waiting for the child to listen, bounded
-            if self.process.poll() is not None:
-                sys.exit(f"error: server {self.name} exited:\n{self.process.stderr.read()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        sys.exit(f"error: server {self.name} was not ready after {timeout} s")
+        wait_ready(self.process, self.url, f"server {self.name}", timeout)
 
     def stats(self) -> dict:
         if not self.ray:

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,3 +110,39 @@ def print_table(samples: dict[str, list[float]], baseline_of: dict[str, str]) ->
         print(f"{name:<{width}}  {seconds * 1e3:>10.1f}  {seconds / medians[base]:>6.3f}  {low:>8.1f}  "
               f"{high:>8.1f}  {base}")
     return medians
+
+
+def random_adapters(args: Any, folder: Path, count: int, targets: list[str], seed: int = 0) -> list[Path]:
+    """`count` adapter directories a000, a001, ... for the timm `args.model` (args.classes, args.image_size,
+    args.rank): LoRA on `targets` plus the head, adapter i with seeded random tensors (seed 1000 + i)."""
+    import timm
+
+    torch.manual_seed(seed)
+    base = timm.create_model(args.model, pretrained=False, num_classes=args.classes, img_size=args.image_size)
+    model = vislora.inject(base, vislora.AdapterConfig(rank=args.rank, alpha=2 * args.rank, targets=targets,
+                                                       modules_to_save=["head"]))
+    dirs = []
+    for i in range(count):
+        gen = torch.Generator().manual_seed(1000 + i)
+        with torch.no_grad():
+            for param in model.adapter_parameters("default"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.02)
+        dirs.append(vislora.save_adapter(model, folder / f"a{i:03d}", "default"))
+    return dirs
+
+
+def wait_ready(process: subprocess.Popen, url: str, name: str = "server", timeout: float = 300.0) -> None:
+    """Return once `url`/readyz answers 200; exit naming `name` if its process exits or the timeout passes."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # waiting for the child to listen, bounded
+        if process.poll() is not None:
+            sys.exit(f"error: {name} exited:\n{process.stderr.read()}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    sys.exit(f"error: {name} was not ready after {timeout} s")
