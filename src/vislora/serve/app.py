@@ -75,24 +75,43 @@ def create_app(engine: Engine, config: ServeConfig | None = None, close_engine: 
     return app
 
 
-async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
-    status, kind = (exc.status, exc.kind) if isinstance(exc, ServeError) else (400, type(exc).__name__)
-    request.app.state.engine.metrics.errors.labels(kind).inc()
+def error_status(exc: Exception) -> tuple[int, str]:
+    """HTTP status and kind of a vislora error: a ServeError's own, else 400 (bad input)."""
+    return (exc.status, exc.kind) if isinstance(exc, ServeError) else (400, type(exc).__name__)
+
+
+def error_answer(status: int, kind: str, detail: str) -> JSONResponse:
+    """The JSON error body every front end answers with ({"detail", "kind"}; a 401 names the Bearer scheme)."""
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"detail": detail_for(request, str(exc)), "kind": kind}, status_code=status, headers=headers)
+    return JSONResponse({"detail": detail, "kind": kind}, status_code=status, headers=headers)
+
+
+def validation_answer(exc: RequestValidationError) -> JSONResponse:
+    """422 naming every invalid field of a request."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+    return error_answer(422, "invalid_request", f"invalid request: {problems}")
+
+
+def http_answer(exc: StarletteHTTPException) -> JSONResponse:
+    """Errors FastAPI/Starlette raise themselves (no such path, too many files in a form, ...)."""
+    return JSONResponse({"detail": str(exc.detail), "kind": f"http_{exc.status_code}"}, status_code=exc.status_code,
+                        headers=exc.headers)
+
+
+async def _serve_error(request: Request, exc: Exception) -> JSONResponse:
+    status, kind = error_status(exc)
+    request.app.state.engine.metrics.errors.labels(kind).inc()
+    return error_answer(status, kind, detail_for(request, str(exc)))
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     request.app.state.engine.metrics.errors.labels("invalid_request").inc()
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return JSONResponse({"detail": f"invalid request: {problems}", "kind": "invalid_request"}, status_code=422)
+    return validation_answer(exc)
 
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    """Errors FastAPI/Starlette raise themselves (no such path, too many files in a form, ...)."""
-    kind = f"http_{exc.status_code}"
-    request.app.state.engine.metrics.errors.labels(kind).inc()
-    return JSONResponse({"detail": str(exc.detail), "kind": kind}, status_code=exc.status_code, headers=exc.headers)
+    request.app.state.engine.metrics.errors.labels(f"http_{exc.status_code}").inc()
+    return http_answer(exc)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:

@@ -44,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vislora.errors import Busy, ConfigError, ServeError, Timeout, UnknownAdapter, VisloraError
 from vislora.registry import Registry
+from vislora.serve.app import error_answer, error_status, http_answer, validation_answer
 from vislora.serve.config import ServeConfig
 from vislora.serve.dependencies import Tokens, require_client
 from vislora.serve.engine import Engine, check_name
@@ -279,19 +280,15 @@ def ingress_app(ingress: Ingress) -> FastAPI:
 
 
 async def _error(_request: Request, exc: Exception) -> JSONResponse:
-    status, kind = (exc.status, exc.kind) if isinstance(exc, ServeError) else (400, type(exc).__name__)
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse({"detail": str(exc), "kind": kind}, status_code=status, headers=headers)
+    return error_answer(*error_status(exc), str(exc))
 
 
 async def _validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-    return JSONResponse({"detail": f"invalid request: {problems}", "kind": "invalid_request"}, status_code=422)
+    return validation_answer(exc)
 
 
 async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse({"detail": str(exc.detail), "kind": f"http_{exc.status_code}"}, status_code=exc.status_code,
-                        headers=exc.headers)
+    return http_answer(exc)
 
 
 def build_app(config: ServeConfig, replicas: int = 1, *, max_adapters: int = 16, replica_cpus: float = 1.0,
