@@ -26,7 +26,6 @@ import io
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import wait_ready
+from common import free_port, wait_ready
 
 SEED = 0
 TARGETS = ["attn.qkv", "attn.proj"]
@@ -121,12 +120,6 @@ def write_config(args: argparse.Namespace, folder: Path) -> Path:
     path = folder / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

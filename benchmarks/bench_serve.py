@@ -33,7 +33,6 @@ import io
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from common import random_adapters, wait_ready
+from common import free_port, random_adapters, wait_ready
 
 SEED = 0
 TARGETS = ["attn.qkv", "attn.proj"]
@@ -179,12 +178,6 @@ def write_config(args: argparse.Namespace, folder: Path, dirs: list[Path], n: in
     path = folder / f"serve-{n}-{max_batch}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Server:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import statistics
 import subprocess
 import sys
@@ -146,3 +147,10 @@ def wait_ready(process: subprocess.Popen, url: str, name: str = "server", timeou
             pass
         time.sleep(0.2)
     sys.exit(f"error: {name} was not ready after {timeout} s")
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a child server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
