@@ -47,7 +47,7 @@ from vislora.serve.config import (
     LimitsSection,
     RolloutConfig,
 )
-from vislora.serve.feedback import FeedbackBook, top1
+from vislora.serve.feedback import FeedbackBook
 from vislora.serve.health import HealthCollector, HealthMonitor
 from vislora.serve.images import decode_image
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
@@ -339,11 +339,9 @@ class Engine(BlockingCalls):
         for k, i in enumerate(shadowed):  # before the answers: whoever has an answer finds its shadow run counted
             s = len(jobs) + k
             try:
-                drift = record_shadow(m, jobs[i], (logits[i], features[i]), (logits[s], features[s]), records,
-                                      self.base_classes)
+                drift, shadow_top1[i] = record_shadow(m, jobs[i], (logits[i], features[i]), (logits[s], features[s]),
+                                                      records, self.base_classes)
                 self.health.record_drift(jobs[i].rollout, drift)
-                shadow = records.get(jobs[i].shadow)
-                shadow_top1[i] = top1(logits[s], shadow.classes if shadow else self.base_classes)
             except Exception:  # a shadow never changes an answer, not even by failing
                 logger.exception("recording a shadow run of adapter %r (rollout %r) failed", jobs[i].shadow,
                                  jobs[i].rollout)

@@ -23,20 +23,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
-
 from vislora.errors import Conflict, ServeError, UnknownRequest
 from vislora.serve.config import BASE_SHADOW, FeedbackSection
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
-from vislora.serve.records import Output
-
-
-def top1(logits: torch.Tensor | None, classes: tuple[str, ...] | None) -> str | None:
-    """The name of the highest-scoring class; None without class scores (texts, embeddings of a base whose head
-    names no classes)."""
-    if logits is None or classes is None:
-        return None
-    return classes[int(logits.argmax())]
+from vislora.serve.records import Output, top1
 
 
 @dataclass(frozen=True, slots=True)

@@ -92,6 +92,14 @@ class Embedding:
     request_id: str = ""  # what engine.feedback.give names this answer by
 
 
+def top1(logits: torch.Tensor | None, classes: tuple[str, ...] | None) -> str | None:
+    """The name of the highest-scoring class; None without class scores (texts, embeddings of a base whose head
+    names no classes)."""
+    if logits is None or classes is None:
+        return None
+    return classes[int(logits.argmax())]
+
+
 def labels_of(output: Output, k: int) -> tuple[Label, ...]:
     """A multilabel adapter's attributes above their thresholds (every one, whatever `k`), else `top_k`."""
     if output.tagger is not None and output.logits is not None:

@@ -16,7 +16,7 @@ import torch
 from vislora.serve.batcher import Job
 from vislora.serve.config import BASE_SHADOW, RolloutConfig
 from vislora.serve.metrics import NO_ADAPTER, ServeMetrics
-from vislora.serve.records import LoadedAdapter
+from vislora.serve.records import LoadedAdapter, top1
 
 Computed = tuple[torch.Tensor | None, torch.Tensor]  # (logits or None, features) of one sample
 
@@ -79,21 +79,23 @@ class TrafficPolicy:
 
 
 def record_shadow(metrics: ServeMetrics, job: Job, primary: Computed, shadow: Computed,
-                  records: dict[str, LoadedAdapter], base_classes: tuple[str, ...] | None = None) -> float:
-    """Record 1 - cosine of a shadow run's features against its primary's (returned), and whether their top-1
-    labels agree when both predict labels (texts do not; nor a base shadow without `base_classes`). A rollout's
-    primary is always an adapter; its shadow an adapter or "@base", whose cosine is also the drift against the
-    base (vislora_base_cosine{rollout, adapter})."""
+                  records: dict[str, LoadedAdapter], base_classes: tuple[str, ...] | None = None
+                  ) -> tuple[float, str | None]:
+    """Record 1 - cosine of a shadow run's features against its primary's, and whether their top-1 labels agree
+    when both predict labels (texts do not; nor a base shadow without `base_classes`). A rollout's primary is
+    always an adapter; its shadow an adapter or "@base", whose cosine is also the drift against the base
+    (vislora_base_cosine{rollout, adapter}). Returns the drift and the shadow's top-1 label (None without class
+    scores)."""
     (logits, features), (shadow_logits, shadow_features) = primary, shadow
     cosine = float(torch.nn.functional.cosine_similarity(features, shadow_features, dim=0))
     base = job.shadow == BASE_SHADOW
-    shadow_classes = base_classes if base else records[job.shadow].classes
-    if logits is not None and shadow_logits is not None and shadow_classes is not None:
-        agree = records[job.adapter].classes[int(logits.argmax())] == shadow_classes[int(shadow_logits.argmax())]
-        metrics.shadow.labels(job.rollout, job.adapter, job.shadow, str(agree).lower()).inc()
+    label = top1(logits, records[job.adapter].classes)
+    shadow_label = top1(shadow_logits, base_classes if base else records[job.shadow].classes)
+    if label is not None and shadow_label is not None:
+        metrics.shadow.labels(job.rollout, job.adapter, job.shadow, str(label == shadow_label).lower()).inc()
     drift = max(1.0 - cosine, 0.0)
     metrics.drift.labels(job.rollout).observe(drift)
     if base:
         metrics.base_cosine.labels(job.rollout, job.adapter).observe(cosine)
     metrics.samples.labels(NO_ADAPTER if base else job.shadow, "shadow").inc()
-    return drift
+    return drift, shadow_label
