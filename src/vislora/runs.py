@@ -4,9 +4,9 @@ A run directory holds config.yaml (the resolved TrainConfig) and adapter folders
 RUN/checkpoints/step-N. Each adapter folder carries task.json: the task, the base model section of the config, the
 classes, the input transform and the run's seed, so the folder works away from its run (a registry copy); a
 multilabel run's also holds its attributes and tuned thresholds, a tiled run's its `tiling`. From it `load_trained`
-rebuilds a classifier (single- or multi-label; tiled: vislora.tasks.tiled) and `load_trained_dual` a dual encoder,
-with the adapter loaded; evaluation, reports, export, serving and the CLI open runs this way, never through the
-trainer.
+rebuilds a classifier (single- or multi-label; tiled: vislora.tasks.tiled), `load_trained_dual` a dual encoder and
+`load_trained_vlm` a generative VLM (captioning, VQA), with the adapter loaded; evaluation, reports, export, serving
+and the CLI open runs this way, never through the trainer.
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ from vislora.run_config import TrainConfig
 from vislora.tasks.classification import build_classifier
 from vislora.tasks.prompted import PROMPTED_TASK, add_logit_bias
 from vislora.tasks.tiled import build_tiled_classifier
+from vislora.vlm import Vlm, build_vlm, check_lm_identity, lm_identity
 
 TASK_FILE = "task.json"
 CONFIG_FILE = "config.yaml"
 DUAL_TASKS = ("contrastive", "few_shot", PROMPTED_TASK)
 CLASSIFIER_TASKS = ("classification", "multilabel")
+GENERATIVE_TASKS = ("captioning", "vqa")
 
 
 def read_task(adapter_dir: str | Path) -> dict[str, Any]:
@@ -188,3 +190,26 @@ def load_trained_dual(adapter_dir: str | Path, image_size: int | None = None) ->
         load_adapter(model, folder, name, activate=False)
     model.set_active([*frozen, "default"])
     return model.eval(), {**task, "input": asdict(spec_with_size(spec, base.vision_tower))}
+
+
+def load_trained_vlm(adapter_dir: str | Path, vlm: Vlm | None = None) -> tuple[AdaptedModel, Vlm, dict[str, Any]]:
+    """The generative VLM of a captioning or VQA run with its adapter loaded and active, in eval mode; the Vlm
+    (processor, image input spec) it runs with; and the adapter's task.json.
+
+    The VLM is rebuilt from task.json `vlm` (what `vislora.vlm.build_vlm` was called with), or `vlm` is used: a model
+    built in Python. Either way an adapter trained on another language model is refused, naming what differs.
+    """
+    task = read_task(adapter_dir)
+    if task.get("task") not in GENERATIVE_TASKS:
+        raise AdapterFileError(f"{adapter_dir} is not a generative VLM adapter (task.json says {task.get('task')!r}); "
+                               f"give a {' or '.join(GENERATIVE_TASKS)} run's adapter/ or best/ folder, or open "
+                               "classifiers with vislora.runs.load_trained")
+    record = task.get("vlm") or {}
+    if vlm is None:
+        check_rebuildable(task, adapter_dir, "build it with vislora.vlm.build_vlm and pass it as vlm=")
+        vlm = build_vlm(record["spec"], record.get("lm"), image_size=record.get("image_size"),
+                        connector_hidden=record.get("connector_hidden"), max_length=record.get("max_length", 512),
+                        system=record.get("system"), seed=record.get("seed", 0))
+    check_lm_identity(record.get("lm_identity"), lm_identity(vlm.model), f"adapter {adapter_dir}")
+    model = load_adapter(vlm.model, adapter_dir)
+    return model.eval(), vlm, task

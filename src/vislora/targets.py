@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections import Counter
+from collections import Counter, defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -35,9 +36,14 @@ _SEPARATE = {
     "v": (rf"{_ANY}(?:v_proj|value)",),
 }
 _ROLE_PATTERNS = {
-    "o": (rf"{_ANY}attn\.proj", rf"{_ANY}(?:out_proj|o_proj)", rf"{_ANY}attention\.output\.dense"),
-    "fc1": (rf"{_ANY}mlp\.(?:fc1|fc1_g|fc1_x|c_fc)", rf"{_ANY}intermediate\.dense"),
-    "fc2": (rf"{_ANY}mlp\.(?:fc2|c_proj)", rf"{_ANY}layers?\.\d+\.output\.dense"),
+    "o": (rf"{_ANY}attn\.proj", rf"{_ANY}(?:out_proj|o_proj)", rf"{_ANY}attention\.output\.dense",
+          rf"{_ANY}self_attn\.projection"),
+    # language models: LLaMA/Gemma gated MLPs (gate_proj, up_proj -> down_proj), OPT's fc1/fc2 beside self_attn,
+    # a BERT-style Q-Former's intermediate_query/output_query
+    "fc1": (rf"{_ANY}mlp\.(?:fc1|fc1_g|fc1_x|c_fc|gate_proj|up_proj)", rf"{_ANY}intermediate(?:_query)?\.dense",
+            rf"{_ANY}layers\.\d+\.fc1"),
+    "fc2": (rf"{_ANY}mlp\.(?:fc2|c_proj|down_proj)", rf"{_ANY}layers?\.\d+\.output(?:_query)?\.dense",
+            rf"{_ANY}layers\.\d+\.fc2"),
 }
 ROLE_GROUPS = {"attention": ("qkv", "o"), "mlp": ("fc1", "fc2")}
 ROLES = ("qkv", *QKV, "o", "fc1", "fc2", *ROLE_GROUPS)
@@ -379,3 +385,21 @@ def path_order(item: str | tuple) -> list:
 def _examples(modules: dict[str, nn.Module]) -> str:
     names = sorted({_generic(p) for p, m in modules.items() if isinstance(m, nn.Linear)})
     return ", ".join(names[:8]) or "(none)"
+
+
+def scoped_regexes(model: nn.Module, prefix: str, entries: list[str],
+                   exclude: Sequence[str] = ()) -> list[tuple[str, tuple[str, ...]]]:
+    """(regex over full module paths, slices) covering what `entries` (roles, paths, patterns) select inside the
+    submodule at `prefix` of `model` (a base model: a dual encoder's tower, a VLM's part).
+
+    Block indices become \\d+ (the final config's `layers` / `exclude` select among them again).
+    """
+    part = model.get_submodule(prefix)
+    probe = AdapterConfig.parse({"targets": entries, "exclude": list(exclude)})
+    by_slices: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for target in resolve_targets(part, probe).targets:
+        generic = r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in target.path.split("."))
+        if generic not in by_slices[target.slices]:
+            by_slices[target.slices].append(generic)
+    scope = re.escape(prefix)
+    return [(f"{scope}\\.(?:{'|'.join(paths)})", slices) for slices, paths in by_slices.items()]

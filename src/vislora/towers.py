@@ -8,8 +8,6 @@ adapter config. Which parameters belong to which tower (for multi-stage training
 
 from __future__ import annotations
 
-import re
-from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +15,7 @@ from torch import nn
 
 from vislora.config import AdapterConfig
 from vislora.errors import ConfigError
-from vislora.targets import resolve_targets
+from vislora.targets import scoped_regexes
 
 TOWERS = ("vision", "text")
 
@@ -44,7 +42,9 @@ def tower_adapter_config(model: nn.Module, vision_targets: Sequence[str] | None 
     for tower, entries in wanted.items():
         if not entries:
             continue
-        for body, slices in _scoped_regexes(model, towers[tower], list(entries), fields):
+        scoped = scoped_regexes(getattr(model, "base_model", model), towers[tower], list(entries),
+                                fields.get("exclude", []))
+        for body, slices in scoped:
             targets.append(f"re:{body}" + (f"[{','.join(slices)}]" if slices else ""))
             rank_pattern[body], alpha_pattern[body] = values[tower]
         if train_heads and tower in heads:
@@ -63,24 +63,6 @@ def _towers(model: nn.Module) -> tuple[dict[str, str], dict[str, str]]:
         raise ConfigError(f"a {type(base).__name__} has no towers; vision_targets/text_targets need a dual encoder "
                           "(vislora.dual_encoder.build_dual_encoder)")
     return towers, heads
-
-
-def _scoped_regexes(model: nn.Module, prefix: str, entries: list[str],
-                    fields: dict[str, Any]) -> list[tuple[str, tuple[str, ...]]]:
-    """(regex over full module paths, slices) covering what `entries` select inside the tower at `prefix`.
-
-    Block indices become \\d+ (the final config's `layers` / `exclude` select among them again).
-    """
-    base = getattr(model, "base_model", model)
-    tower = base.get_submodule(prefix)
-    probe = AdapterConfig.parse({"targets": entries, "exclude": fields.get("exclude", [])})
-    by_slices: dict[tuple[str, ...], list[str]] = defaultdict(list)
-    for target in resolve_targets(tower, probe).targets:
-        generic = r"\.".join(r"\d+" if part.isdigit() else re.escape(part) for part in target.path.split("."))
-        if generic not in by_slices[target.slices]:
-            by_slices[target.slices].append(generic)
-    scope = re.escape(prefix)
-    return [(f"{scope}\\.(?:{'|'.join(paths)})", slices) for slices, paths in by_slices.items()]
 
 
 def tower_of(model: nn.Module, parameter_name: str) -> str | None:

@@ -160,23 +160,25 @@ class LoraLayer(nn.Module):
         """out plus each sample's own adapter delta; x (..., in) and out (..., out), batch on batch_dim."""
         route = self.route
         x, out = x.movedim(batch_dim, 0), out.movedim(batch_dim, 0)
-        n = route.index.shape[0]
-        if x.shape[0] != n:
+        index = route.index_for(x.shape[0])
+        if index is None:
             raise AdapterError(
-                f"per-sample routing got {n} adapter names, but layer {self.path!r} sees a batch of {x.shape[0]} "
-                f"(input shape {tuple(x.shape)}). Give one name per sample of the batch; routing needs each adapted "
-                "layer to see the batch on its first dimension (models that fold the batch into tokens cannot route)"
+                f"per-sample routing got {route.index.shape[0]} adapter names, but layer {self.path!r} sees a batch "
+                f"of {x.shape[0]} (input shape {tuple(x.shape)}). Give one name per sample of the batch; routing needs "
+                "each adapted layer to see the batch on its first dimension (models that fold the batch into tokens "
+                "cannot route)"
             )
+        n = index.shape[0]
         stacks = self.stacks(route.used)
         flat_x = x.reshape(n, -1, x.shape[-1]).to(stacks.a.dtype)  # (N, T, in)
         flat_out = out.reshape(n, -1, out.shape[-1])  # (N, T, out)
         adapted = flat_out
         if self.residual_owner is not None:  # PiSSA's W_res needs its residual except on its own samples
-            keep = (route.index != route.slot(self.residual_owner)).to(flat_out.dtype)  # (N,)
+            keep = (index != route.slot(self.residual_owner)).to(flat_out.dtype)  # (N,)
             residual = self.adapters[self.residual_owner].residual.add(flat_x, torch.zeros_like(flat_out), flat_out,
                                                                        self)
             adapted = adapted + keep[:, None, None] * residual
-        adapted = add_per_sample(stacks, route.index, flat_x, adapted, self.without_bias(flat_out), self.training)
+        adapted = add_per_sample(stacks, index, flat_x, adapted, self.without_bias(flat_out), self.training)
         return adapted.view(out.shape).movedim(0, batch_dim)
 
     def stacks(self, used: tuple[str | None, ...]) -> Stacks:

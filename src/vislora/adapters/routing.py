@@ -33,6 +33,7 @@ class Route:
     names: tuple[str | None, ...]  # one entry per sample; None = the base model
     used: tuple[str | None, ...]  # slot k -> adapter; slot 0 is None
     index: torch.Tensor  # (N,) the slot of each sample
+    repeat: int = 1  # every sample appears `repeat` times in a row (generate's beams); a layer may see it once
 
     @classmethod
     def for_call(cls, adapters: Sequence[str | None], inputs: Sequence[Any], loaded: Mapping[str, type[LoRA]],
@@ -67,6 +68,20 @@ class Route:
         slot = {name: k for k, name in enumerate(used)}
         index = torch.tensor([slot[n] for n in names], dtype=torch.long, device=device)
         return cls(tuple(names), used, index)
+
+    def repeated(self, repeat: int) -> Route:
+        """This route with every sample `repeat` times in a row (beam search's copies of a prompt)."""
+        return Route(tuple(n for n in self.names for _ in range(repeat)), self.used,
+                     self.index.repeat_interleave(repeat), self.repeat * repeat)
+
+    def index_for(self, batch: int) -> torch.Tensor | None:
+        """The slots of a batch of `batch` samples: every sample's, or once per repeated sample (generate runs the
+        image tower on each prompt's image once, the language model on every beam); None if neither fits."""
+        if batch == self.index.shape[0]:
+            return self.index
+        if self.repeat > 1 and batch * self.repeat == self.index.shape[0]:
+            return self.index[::self.repeat]
+        return None
 
     def slot(self, name: str) -> int:
         """The slot of adapter `name`, -1 if no sample uses it."""

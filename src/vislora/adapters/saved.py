@@ -66,15 +66,16 @@ class ModulesToSave(nn.Module):
         """Each sample through its adapter's copy of the module (the original for the others)."""
         modules = [self.copies[n] if n is not None and n in self.copies else self.original_module for n in route.used]
         x = x.movedim(self.batch_dim, 0)
-        if x.shape[0] != route.index.shape[0]:
+        index = route.index_for(x.shape[0])
+        if index is None:
             raise AdapterError(f"per-sample routing got {route.index.shape[0]} adapter names, but a module trained "
                                f"per adapter sees a batch of {x.shape[0]} (input shape {tuple(x.shape)})")
         if not args and not kwargs and all(type(m) is nn.Linear for m in modules):
-            y = _linear(modules, route.index, x)
+            y = _linear(modules, index, x)
         elif not args and not kwargs and _same_layer_norms(modules):
-            y = _layer_norm(modules, route.index, x)
+            y = _layer_norm(modules, index, x)
         else:
-            y = _each_module(modules, route.index, x, *args, **kwargs)
+            y = _each_module(modules, index, x, *args, **kwargs)
         return y.movedim(0, self.batch_dim)
 
 
