@@ -183,3 +183,88 @@ def test_a_missing_or_corrupt_image_names_the_file_and_example(tmp_path):
         dataset[1]
     assert f"vqa.jsonl line 2: image {tmp_path / 'broken.png'} cannot be decoded" in str(corrupt.value)
     assert "vislora data check" in str(corrupt.value)
+
+
+# ---------------------------------------------------------------------------------------------- audit
+def planted_vqa(root: Path) -> Path:
+    """8 vqa rows over 5 image names with planted problems: a missing image, a corrupt one, a byte-identical copy,
+    an empty answer, an empty question and a duplicate example (same image and question up to case/spacing)."""
+    png(root / "a.png", 0), png(root / "b.png", 1)
+    (root / "copy.png").write_bytes((root / "a.png").read_bytes())
+    corrupt_png(root / "broken.png")
+    return jsonl(root / "vqa.jsonl", [
+        {"image": "a.png", "question": "What is it?", "answer": "a cat"},                    # 2 words
+        {"image": "a.png", "question": "what is  it?", "answers": ["cat", "a small cat"]},   # duplicate; 1, 3
+        {"image": "a.png", "question": "Colour?", "answers": ["black and white"]},           # 3
+        {"image": "b.png", "question": "How many?", "answer": ""},                          # empty answer
+        {"image": "b.png", "question": "", "answer": "two"},                                # empty question; 1
+        {"image": "copy.png", "question": "Where?", "answer": " ".join(["word"] * 12)},      # 12
+        {"image": "broken.png", "question": "What?", "answer": "noise"},                    # 1
+        {"image": "gone.png", "question": "Who?", "answer": "nobody"},                      # 1
+    ])
+
+
+def test_audit_counts_the_planted_problems(tmp_path):
+    from vislora.data import check_generative
+
+    report = check_generative(planted_vqa(tmp_path), "vqa", tmp_path / "audit")
+    assert (report.n_examples, report.n_images) == (8, 5)
+    assert report.missing == [(str(tmp_path / "gone.png"), "vqa.jsonl line 8")]
+    assert [image for image, _ in report.corrupt] == [str(tmp_path / "broken.png")]
+    assert report.resolutions == {"16x16": 3}
+    assert report.empty_answers == ["vqa.jsonl line 4"]
+    assert report.empty_questions == ["vqa.jsonl line 5"]
+    assert report.duplicate_examples == [["vqa.jsonl line 1", "vqa.jsonl line 2"]]
+    assert report.duplicate_images == [[str(tmp_path / "a.png"), str(tmp_path / "copy.png")]]
+    # answer lengths in words: 2, 1, 3, 3, 1, 12, 1, 1
+    assert report.answer_words == {"min": 1, "median": 1.5, "p95": pytest.approx(8.85), "max": 12, "mean": 3.0}
+    assert report.answer_histogram == {"1": 4, "2": 1, "3": 2, "4-5": 0, "6-10": 0, "11-20": 1, "21-50": 0,
+                                       "51-100": 0, ">100": 0}
+    assert report.questions_per_image == {"min": 1, "median": 1, "p95": pytest.approx(2.8), "max": 3, "mean": 1.6}
+    assert report.answers_per_question["min"] == 0 and report.answers_per_question["max"] == 2
+    assert report.problems == 5
+    written = json.loads((tmp_path / "audit" / "report.json").read_text())
+    assert written["empty_questions"] == ["vqa.jsonl line 5"] and written["problems"] == 5
+    text = str(report)
+    assert "vqa.jsonl (vqa): 8 examples, 5 images, 5 problems" in text
+    assert "empty questions: 1\n  vqa.jsonl line 5" in text
+    assert "11-20 words" in text
+
+
+def test_audit_of_captions_counts_rows_of_one_image_as_duplicates(tmp_path):
+    from vislora.data import check_generative
+
+    png(tmp_path / "a.png")
+    (tmp_path / "caps.csv").write_text("image,caption\na.png,a dog\na.png,a dog on grass\n")
+    report = check_generative(tmp_path / "caps.csv", "captioning")
+    assert report.duplicate_examples == [["caps.csv line 2", "caps.csv line 3"]]
+    assert report.empty_questions == [] and report.report_json is None
+    assert "put its captions in one row" in str(report)
+
+
+def test_cli_data_check_audits_generative_data(tmp_path):
+    from typer.testing import CliRunner
+
+    from vislora.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["data", "check", str(planted_vqa(tmp_path)), "--kind", "vqa",
+                                 "--out", str(tmp_path / "audit")])
+    assert result.exit_code == 0, result.output
+    assert "8 examples, 5 images, 5 problems" in result.output and "gone.png" in result.output
+    assert json.loads((tmp_path / "audit" / "report.json").read_text())["n_examples"] == 8
+
+    png(tmp_path / "img" / "a.png")
+    coco = {"images": [{"id": 1, "file_name": "a.png"}], "annotations": [{"image_id": 1, "caption": "a dog"}]}
+    (tmp_path / "captions.json").write_text(json.dumps(coco))
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "captions.json"), "--image-root",
+                                 str(tmp_path / "img"), "--out", str(tmp_path / "coco-audit")])
+    assert result.exit_code == 0, result.output
+    assert "captions.json (captioning): 1 examples, 1 images, 0 problems" in result.output
+
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "vqa.jsonl"), "--kind", "captioning"])
+    assert result.exit_code != 0 and "kind 'vqa'" in str(result.exception)
+    (tmp_path / "rows.json").write_text(json.dumps([{"image": "a.png", "caption": "x"}]))
+    result = runner.invoke(app, ["data", "check", str(tmp_path / "rows.json")])
+    assert result.exit_code != 0 and "give --kind captioning or --kind vqa" in str(result.exception)
+    assert "--image-root" in runner.invoke(app, ["data", "check", "--help"]).output

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from vislora.cli.app import app, console, show_plan
+from vislora.errors import DataError
 from vislora.train.demo_budget import DEMO_DEFAULTS
 
 
@@ -60,9 +61,15 @@ app.add_typer(data_app, name="data")
 @data_app.command("check")
 def data_check(
     source: Annotated[str, typer.Argument(help="Image folder (one subfolder per class), .csv/.jsonl manifest, "
-                                               "or fashion-mnist:train.")],
-    out: Annotated[Path, typer.Option(help="Where report.json, audit.csv and contact_sheet.png go.")] = Path(
-        "data-check"),
+                                               "fashion-mnist:train, or captioning/VQA data (see --kind).")],
+    out: Annotated[Path, typer.Option(help="Where report.json (and, for classification, audit.csv and "
+                                           "contact_sheet.png) go.")] = Path("data-check"),
+    kind: Annotated[str | None, typer.Option(
+        help="Generative data: captioning or vqa. Reads COCO captions JSON, LLaVA conversation JSON, or JSONL/CSV "
+             "rows (vqa: image, question, answer|answers; captioning: image, caption|captions). A COCO or LLaVA "
+             ".json is recognised without it.")] = None,
+    image_root: Annotated[Path | None, typer.Option(
+        help="Generative data: the folder image paths are relative to (default: the data file's folder).")] = None,
     fraction: Annotated[float, typer.Option(help="Share of each class put in the audit sample.")] = 0.05,
     label_column: Annotated[str, typer.Option(help="Manifest column holding the label.")] = "label",
     path_column: Annotated[str, typer.Option(help="Manifest column holding the image path.")] = "path",
@@ -81,18 +88,35 @@ def data_check(
     class) is written as audit.csv plus contact_sheet.png for manual label review. With --multilabel the
     balance is the number of images per attribute, and attributes below --rare-below images are flagged rare.
 
+    Captioning / VQA data (--kind, or a COCO captions / LLaVA .json): missing and corrupt images, empty
+    answers and questions (each with its file line), answer length in words (min/median/p95/max and a
+    histogram), duplicate examples and images, questions per image and answers per question.
+
     Example: vislora data check data/train.csv --out runs/audit
     Example: vislora data check data/tags.csv --multilabel --separator '|' --rare-below 20
+    Example: vislora data check coco/captions_val2017.json --image-root coco/val2017
+    Example: vislora data check data/vqa.jsonl --kind vqa --out runs/vqa-audit
     """
     from rich.progress import track
 
     from vislora.data import MultiLabelFormat, check_dataset, open_dataset
+    from vislora.data.generative import json_kind
+    from vislora.data.generative_check import check_generative
 
+    def progress(items, total):
+        return track(items, total=total, description="checking", console=console, transient=True)
+
+    kind = kind or json_kind(source)
+    if kind is not None:
+        generative = check_generative(source, kind, out, image_root=image_root, track=progress)
+        console.print(str(generative), markup=False, highlight=False, soft_wrap=True)
+        return
+    if source.lower().endswith(".json"):
+        raise DataError(f"{source} is JSON but neither COCO captions nor LLaVA conversations; for a JSON list of "
+                        "rows give --kind captioning or --kind vqa (classification manifests are .csv/.jsonl)")
     dataset = open_dataset(source, label_column=label_column, path_column=path_column,
                            multilabel=MultiLabelFormat(separator, allow_empty) if multilabel else None)
-    report = check_dataset(dataset, out, fraction=fraction, seed=seed, rare_below=rare_below,
-                           track=lambda items, total: track(items, total=total, description="checking",
-                                                            console=console, transient=True))
+    report = check_dataset(dataset, out, fraction=fraction, seed=seed, rare_below=rare_below, track=progress)
     console.print(str(report), markup=False, highlight=False, soft_wrap=True)
 
 

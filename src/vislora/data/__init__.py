@@ -20,6 +20,7 @@ from vislora.data.generative import (
     collate_generative,
     read_generative,
 )
+from vislora.data.generative_check import GenerativeDataReport, check_generative
 from vislora.data.images import WINDOW_PRESETS, ImageHeader, image_header, load_image
 from vislora.data.tiling import TilingConfig, tile, tile_grid
 from vislora.data.transforms import (
@@ -39,6 +40,7 @@ __all__ = [
     "AugmentConfig",
     "DataError",
     "DataReport",
+    "GenerativeDataReport",
     "GenerativeDataset",
     "GenerativeExample",
     "ImageDataset",
@@ -51,6 +53,7 @@ __all__ = [
     "build_mixup",
     "build_transform",
     "check_dataset",
+    "check_generative",
     "collate",
     "collate_generative",
     "fashion_mnist",

@@ -104,22 +104,10 @@ def check_dataset(dataset: ImageDataset, out_dir: str | Path | None = None, frac
                   rare_below: int = RARE_BELOW) -> DataReport:
     """Audit every image of `dataset`; with `out_dir`, write report.json, audit.csv and contact_sheet.png there.
     Multi-label attributes held by fewer than `rare_below` images are listed as rare."""
-    track = track or (lambda items, total: items)
     report = DataReport(source=dataset.name, n_images=len(dataset))
-    headers: list[ImageHeader] = []
-    by_hash: dict[str, list[str]] = {}
-    readable: list[int] = []
-    for i in track(range(len(dataset)), len(dataset)):
-        try:
-            dataset.open_image(i)
-            header = _header(dataset, i)
-        except DECODE_ERRORS as exc:
-            report.corrupt.append((dataset.describe(i), f"{type(exc).__name__}: {exc}"))
-            continue
-        readable.append(i)
-        headers.append(header)
-        by_hash.setdefault(_digest(dataset, i), []).append(dataset.describe(i))
-    _summarize_headers(report, headers)
+    scan = scan_images(dataset, track)
+    report.corrupt, readable = scan.corrupt, scan.readable
+    _summarize_headers(report, scan.headers)
     if dataset.attributes is not None:
         sets = dataset.label_sets()
         report.multilabel, report.rare_below = True, rare_below
@@ -130,7 +118,7 @@ def check_dataset(dataset: ImageDataset, out_dir: str | Path | None = None, frac
     else:
         labels = Counter(r.label for r in dataset.records if r.label is not None)
         report.class_counts = {c: labels.get(c, 0) for c in dataset.classes}
-    report.duplicates = [group for group in by_hash.values() if len(group) > 1]
+    report.duplicates = scan.duplicates
     report.metadata_coverage = metadata_coverage_of(dataset)
     if out_dir is not None:
         out = Path(out_dir)
@@ -141,6 +129,36 @@ def check_dataset(dataset: ImageDataset, out_dir: str | Path | None = None, frac
         _write_contact_sheet(dataset, sample, Path(report.contact_sheet))
         atomic_write_text(out / "report.json", json.dumps(report.to_dict(), indent=2))
     return report
+
+
+@dataclass
+class ImageScan:
+    """Every image of a dataset decoded once: the readable ones (indices and headers), the unreadable ones
+    (file, reason), and groups of byte-identical files."""
+
+    readable: list[int] = field(default_factory=list)
+    headers: list[ImageHeader] = field(default_factory=list)
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    duplicates: list[list[str]] = field(default_factory=list)
+
+
+def scan_images(dataset: ImageDataset, track: Callable[[Iterable, int], Iterable] | None = None) -> ImageScan:
+    """Decode every image of `dataset` (never raising on a bad file), read its header and hash its bytes."""
+    track = track or (lambda items, total: items)
+    scan = ImageScan()
+    by_hash: dict[str, list[str]] = {}
+    for i in track(range(len(dataset)), len(dataset)):
+        try:
+            dataset.open_image(i)
+            header = _header(dataset, i)
+        except DECODE_ERRORS as exc:
+            scan.corrupt.append((dataset.describe(i), f"{type(exc).__name__}: {exc}"))
+            continue
+        scan.readable.append(i)
+        scan.headers.append(header)
+        by_hash.setdefault(_digest(dataset, i), []).append(dataset.describe(i))
+    scan.duplicates = [group for group in by_hash.values() if len(group) > 1]
+    return scan
 
 
 def audit_sample(dataset: ImageDataset, candidates: list[int], fraction: float, seed: int) -> list[int]:
