@@ -99,6 +99,17 @@ def test_captioning_rows_have_no_question(tmp_path):
     assert example.question is None and example.answers == ("a dog",)
 
 
+def test_a_json_list_of_rows_is_read_like_jsonl_and_json_kind_tells_coco_from_llava(tmp_path):
+    from vislora.data.generative import json_kind
+
+    (tmp_path / "rows.json").write_text(json.dumps([{"image": "a.png", "question": "q", "answer": "a"}]))
+    (example,) = read_generative(tmp_path / "rows.json", "vqa")
+    assert (example.question, example.answers, example.where) == ("q", ("a",), "rows.json [0]")
+    (tmp_path / "coco.json").write_text(json.dumps({"images": [], "annotations": []}))
+    (tmp_path / "llava.json").write_text(json.dumps([{"image": "a.png", "conversations": []}]))
+    assert [json_kind(tmp_path / n) for n in ("rows.json", "coco.json", "llava.json")] == [None, "captioning", "vqa"]
+
+
 # ---------------------------------------------------------------------------------------------- errors
 def test_a_malformed_line_is_named(tmp_path):
     jsonl(tmp_path / "vqa.jsonl", [{"image": "a.png", "question": "q", "answer": "a"}, '{"image": "b.png",'])
@@ -138,6 +149,9 @@ def test_a_file_of_the_other_kind_is_refused_naming_the_kind_to_use(tmp_path):
     (tmp_path / "coco.json").write_text(json.dumps({"images": [], "annotations": []}))
     with pytest.raises(DataError, match=r"COCO captions JSON .* kind 'captioning'"):
         read_generative(tmp_path / "coco.json", "vqa")
+    (tmp_path / "llava.json").write_text(json.dumps([{"image": "a.png", "conversations": []}]))
+    with pytest.raises(DataError, match=r"LLaVA conversation JSON .* kind 'vqa'"):
+        read_generative(tmp_path / "llava.json", "captioning")
     with pytest.raises(DataError, match="unknown generative data kind 'caption'"):
         read_generative(tmp_path / "coco.json", "caption")
 
@@ -148,6 +162,8 @@ def test_an_empty_question_is_refused_naming_where(tmp_path):
     with pytest.raises(DataError, match=r"vqa\.jsonl line 2: empty question \(1 in all\)"):
         read_generative(tmp_path / "vqa.jsonl", "vqa")
     assert len(read_generative(tmp_path / "vqa.jsonl", "vqa", limit=1)) == 1  # the bad row is past the limit
+    with pytest.raises(DataError, match="limit -1 is negative"):
+        read_generative(tmp_path / "vqa.jsonl", "vqa", limit=-1)
 
 
 # ---------------------------------------------------------------------------------------------- dataset
