@@ -92,9 +92,10 @@ def test_vqa_jsonl_and_csv_rows_with_one_or_several_answers(tmp_path):
 
 
 def test_captioning_rows_have_no_question(tmp_path):
-    (tmp_path / "caps.csv").write_text("image,captions\na.png,a dog|a puppy\n")
+    (tmp_path / "caps.csv").write_text("image,captions\na.png,a dog|a puppy\nb.png,[cartoon] a cat\n")
     jsonl(tmp_path / "caps.jsonl", [{"image": "a.png", "caption": "a dog", "license": "cc-by"}])
-    assert read_generative(tmp_path / "caps.csv", "captioning")[0].answers == ("a dog", "a puppy")
+    assert [e.answers for e in read_generative(tmp_path / "caps.csv", "captioning")] == [("a dog", "a puppy"),
+                                                                                          ("[cartoon] a cat",)]
     (example,) = read_generative(tmp_path / "caps.jsonl", "captioning")
     assert example.question is None and example.answers == ("a dog",)
 
@@ -136,6 +137,9 @@ def test_a_missing_column_names_the_columns_and_the_fix(tmp_path):
     (tmp_path / "caps.csv").write_text("path,caption\na.png,a dog\n")
     with pytest.raises(DataError, match=r"has no column image \(columns: path, caption\)"):
         read_generative(tmp_path / "caps.csv", "captioning")
+    jsonl(tmp_path / "list.jsonl", [{"image": "a.png", "question": "q", "answer": ["x", "y"]}])
+    with pytest.raises(DataError, match=r"list\.jsonl line 1: 'answer' holds a list .* in 'answers'"):
+        read_generative(tmp_path / "list.jsonl", "vqa")
 
 
 def test_a_file_of_the_other_kind_is_refused_naming_the_kind_to_use(tmp_path):

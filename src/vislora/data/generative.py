@@ -267,6 +267,9 @@ def _from_rows(rows: list[tuple[str, dict]], path: Path, kind: Kind, root: Path)
             raise DataError(f"{where}: empty 'image'; every row needs an image path (relative to the image root)")
         question = None if kind == "captioning" else _text(row.get("question"), where, "question")
         answers = _answers(row.get(plural), where, plural)
+        if isinstance(row.get(single), list):
+            raise DataError(f"{where}: {single!r} holds a list {_short(row[single])}; put several references in "
+                            f"{plural!r} (and the training target, if any, in {single!r})")
         if row.get(single) not in (None, ""):
             first = _text(row[single], where, single)
             rest = list(answers)
@@ -319,8 +322,8 @@ def _text(value: Any, where: str, name: str) -> str:
 
 def _answers(cell: Any, where: str, name: str) -> tuple[str, ...]:
     """The answers of a list cell: a JSON list (items text, or VQA v2 {"answer": ...} records), a JSON list written
-    in a CSV cell, or text split on '|'."""
-    if isinstance(cell, str) and cell.lstrip().startswith("["):
+    in a CSV cell (text in [ ]), or text split on '|'."""
+    if isinstance(cell, str) and cell.strip().startswith("[") and cell.strip().endswith("]"):
         try:
             cell = json.loads(cell)
         except json.JSONDecodeError as exc:
