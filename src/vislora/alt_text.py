@@ -35,9 +35,10 @@ from torch import nn
 from vislora.data.datasets import IMAGE_SUFFIXES
 from vislora.data.images import load_image
 from vislora.data.transforms import build_transform
+from vislora.devices import resolve_device
 from vislora.errors import DataError, VisloraError
 from vislora.io import atomic_write_text
-from vislora.runs import GENERATIVE_TASKS, read_task
+from vislora.runs import GENERATIVE_TASKS, load_trained_vlm, read_task
 from vislora.vlm import Vlm
 
 logger = logging.getLogger(__name__)
@@ -174,10 +175,10 @@ def caption_images(model: nn.Module, vlm: Vlm, images: Iterable[str | Path], out
 
 
 def caption_adapter(adapter_dir: str | Path, images: Iterable[str | Path], out: str | Path, *,
-                    prompt: str | None = None, **options: Any) -> CaptionSummary:
-    """`caption_images` with the VLM of a captioning or VQA run's adapter folder (rebuilt from its task.json); the
-    prompt defaults to the one the run trained with (task.json `prompt`). Other `options` go to `caption_images`."""
-    from vislora.runs import load_trained_vlm
+                    prompt: str | None = None, device: str = "auto", **options: Any) -> CaptionSummary:
+    """`caption_images` with the VLM of a captioning or VQA run's adapter folder (rebuilt from its task.json) on
+    `device` (vislora.devices: auto, cpu, cuda, cuda:N, mps); the prompt defaults to the one the run trained with
+    (task.json `prompt`). Other `options` go to `caption_images`."""
 
     task = read_task(adapter_dir)
     if task.get("task") not in GENERATIVE_TASKS:
@@ -187,8 +188,10 @@ def caption_adapter(adapter_dir: str | Path, images: Iterable[str | Path], out: 
     if not prompt:
         raise DataError(f"{adapter_dir} is a {task['task']} adapter with no trained prompt in task.json; give the "
                         "question to ask of each image (--prompt 'Describe the image briefly.')")
+    place = resolve_device(device)
     paths = find_images(images)  # no images: refused before the model is loaded
     model, vlm, _ = load_trained_vlm(adapter_dir)
+    model.to(place)
     return caption_images(model, vlm, paths, out, adapter=str(adapter_dir), prompt=prompt, **options)
 
 

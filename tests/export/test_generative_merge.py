@@ -9,7 +9,9 @@ import sys
 
 import pytest
 from tests.vlm.generative_run import PROMPT, captioning_run, reference_tokens, write_images
+from typer.testing import CliRunner
 
+from vislora.cli import app
 from vislora.errors import ExportError
 from vislora.export import merge_adapter
 from vislora.runs import load_trained_vlm
@@ -34,7 +36,8 @@ for image in images:
     answers.append({"ids": ids[0, inputs["input_ids"].shape[1]:].tolist(),
                     "image_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum())})
 leaked = sorted(m for m in sys.modules if m == "vislora" or m.startswith("vislora."))
-print(json.dumps({"answers": answers, "leaked": leaked}))
+tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+print(json.dumps({"answers": answers, "leaked": leaked, "tied": tied}))
 """
 
 
@@ -55,9 +58,11 @@ def test_merged_vlm_generates_the_adapted_tokens_without_vislora(run, tmp_path):
     _, adapter, images, expected, base = run
     assert expected != base  # the adapter changes the captions, so an unmerged save would show
     out = tmp_path / "merged"
-    result = merge_adapter(adapter, out)
-    assert result.layout == "transformers:LlavaForConditionalGeneration" and result.max_abs_diff < 1e-4
+    result = CliRunner().invoke(app, ["merge", "--adapter", str(adapter), "--out", str(out)])
+    assert result.exit_code == 0, repr(result.exception)
+    assert "merged model (transformers:LlavaForConditionalGeneration)" in result.output
     layout = json.loads((out / "vislora_generation.json").read_text())
+    assert layout["max_abs_diff"] < 1e-4 and layout["reload_max_abs_diff"] < 1e-4
     assert layout["image_tokens"] == 16 and layout["image_size"] == 28 and layout["prompt"] == PROMPT
     assert "<|im_start|>assistant" in layout["prompt_text"] and "LlavaForConditionalGeneration" in (
         out / "README.md").read_text()
@@ -65,7 +70,7 @@ def test_merged_vlm_generates_the_adapted_tokens_without_vislora(run, tmp_path):
                           capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     plain = json.loads(done.stdout.strip().splitlines()[-1])
-    assert plain["leaked"] == []
+    assert plain["leaked"] == [] and plain["tied"]
     assert [a["image_tokens"] for a in plain["answers"]] == [16, 16]
     assert [a["ids"] for a in plain["answers"]] == expected
 

@@ -25,6 +25,8 @@ def caption(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per generate call.")] = 8,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Longest caption, in tokens.")] = 30,
     beams: Annotated[int, typer.Option(min=1, help="Beam search width (1: greedy).")] = 1,
+    device: Annotated[str, typer.Option(help="Where the model runs: auto (cuda when available, else mps, else cpu), "
+                                             "cpu, cuda, cuda:N or mps.")] = "auto",
 ) -> None:
     """Write alt text: one caption per image, as JSONL rows {"image", "alt", "adapter", "prompt", "tokens"}.
 
@@ -46,5 +48,6 @@ def caption(
             bar.update(task, completed=done, total=total)
 
         summary = caption_adapter(adapter, images, out, prompt=prompt, batch_size=batch_size,
-                                  max_new_tokens=max_new_tokens, num_beams=beams, progress=progress)
+                                  max_new_tokens=max_new_tokens, num_beams=beams, device=device,
+                                  progress=progress)
     console.print(str(summary), markup=False, highlight=False)
