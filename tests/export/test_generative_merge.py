@@ -82,3 +82,11 @@ def test_merge_refuses_an_existing_folder_and_a_base_spec(run, tmp_path):
         merge_adapter(adapter, tmp_path / "taken")
     with pytest.raises(ExportError, match="drop --base"):
         merge_adapter(adapter, tmp_path / "other", base="hf:somewhere")
+
+
+def test_merge_refuses_a_connector_transformers_cannot_rebuild(tmp_path):
+    adapter, _ = captioning_run(tmp_path / "run", connector_hidden=24)
+    with pytest.raises(ExportError, match="connector's hidden width is 24, but transformers' LLaVA builds it at the LM "
+                                          "width 48"):
+        merge_adapter(adapter, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

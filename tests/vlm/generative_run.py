@@ -29,11 +29,12 @@ def tiny_parts(root: Path, image_size: int = 28) -> tuple[str, str]:
     return f"hf:{root / 'vision'}", f"hf:{root / 'lm'}"
 
 
-def captioning_run(root: Path, task: str = "captioning", train_connector: bool = True) -> tuple[Path, Vlm]:
+def captioning_run(root: Path, task: str = "captioning", train_connector: bool = True,
+                   connector_hidden: int | None = None) -> tuple[Path, Vlm]:
     """An adapter folder (`root/adapter`) of a nonzero LoRA on the LM and vision tower, with a trained connector,
     and the Vlm it was made on (unadapted again)."""
     vision, lm = tiny_parts(root)
-    vlm = build_vlm(vision, lm=lm, image_size=28, max_length=128)
+    vlm = build_vlm(vision, lm=lm, image_size=28, max_length=128, connector_hidden=connector_hidden)
     config = vlm_adapter_config(vlm.model, ["lm", "vision"], rank=4, alpha=8, train_connector=train_connector)
     model = inject(vlm.model, config)
     randomize_adapter(model, "default", seed=7)
