@@ -110,6 +110,15 @@ def test_another_adapter_or_prompt_and_foreign_lines_are_refused(tmp_path):
         AltFile(out)
 
 
+def test_a_second_writer_of_the_same_file_is_refused(run, tmp_path):
+    _, model, vlm = run
+    images = write_images(tmp_path / "photos", 1)
+    out = tmp_path / "alt.jsonl"
+    with AltFile.locked(out), pytest.raises(DataError, match="another vislora caption is writing"):
+        caption_images(model, vlm, images, out, adapter="a", prompt=PROMPT, max_new_tokens=2)
+    assert caption_images(model, vlm, images, out, adapter="a", prompt=PROMPT, max_new_tokens=2).captioned == 1
+
+
 def test_find_images_reads_folders_lists_and_files_once(tmp_path):
     (tmp_path / "a" / "deep").mkdir(parents=True)
     for name in ("a/1.png", "a/deep/2.DCM", "a/notes.md", "b.jpg", "scan"):

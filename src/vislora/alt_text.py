@@ -16,15 +16,18 @@ it off before appending. Every row before it is whole, so the file is never part
 
 Resume: images with an `alt` row are skipped. Error rows are retried (a file restored or repaired gets its caption):
 the next run drops them from the file with an atomic rewrite before it starts, so no image ever has two rows.
-A file written with another adapter or prompt is refused rather than mixed.
+A file written with another adapter or prompt is refused rather than mixed, and so is a second run writing the
+same file at the same time (an exclusive lock on `.NAME.lock` beside it).
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,6 +99,26 @@ class AltFile:
         if self.path.is_file():
             self._recover()
 
+    @classmethod
+    @contextlib.contextmanager
+    def locked(cls, path: str | Path) -> Iterator[AltFile]:
+        """The file opened for its one writer: an exclusive lock on `.NAME.lock` beside it (left there, empty) is
+        held while the block runs; DataError at once if another process holds it (two runs would caption the same
+        images twice)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = path.with_name(f".{path.name}.lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DataError(f"another vislora caption is writing {path} (it holds {lock}); wait for it to finish, "
+                                "or write to another --out") from None
+            yield cls(path)
+        finally:
+            os.close(fd)  # releases the lock
+
     def check(self, adapter: str | None, prompt: str) -> None:
         """DataError if earlier rows were written with another adapter or prompt."""
         for row in self.done.values():
@@ -145,32 +168,27 @@ def caption_images(model: nn.Module, vlm: Vlm, images: Iterable[str | Path], out
                    max_new_tokens: int = 30, num_beams: int = 1, progress: Progress | None = None) -> CaptionSummary:
     """Caption every image of `images` (files, folders, .txt lists: `find_images`) with `model` (the VLM with its
     adapter active) and append a row per image to `out`, skipping images captioned there before (module docstring).
-    `adapter` names the adapter in the rows; `prompt` is the instruction (default DEFAULT_PROMPT)."""
+    `adapter` names the adapter in the rows; `prompt` is the instruction (default DEFAULT_PROMPT); `progress` is
+    called with (images done, images in all) before the first batch and after each."""
     if batch_size < 1 or max_new_tokens < 1 or num_beams < 1:
         raise DataError(f"batch_size, max_new_tokens and num_beams must be at least 1, got {batch_size}, "
                         f"{max_new_tokens} and {num_beams}")
-    prompt = prompt or DEFAULT_PROMPT
     paths = find_images(images)
-    alt = AltFile(out)
-    alt.check(adapter, prompt)
-    todo = [path for path in paths if str(path) not in alt.done]
-    summary = CaptionSummary(alt.path, len(paths), 0, len(paths) - len(todo), 0)
-    if progress is not None:
-        progress(summary.skipped, summary.total)
-    transform = build_transform(vlm.image_spec, train=False)
-    generate = {**vlm.processor.generation_kwargs(), "max_new_tokens": max_new_tokens, "num_beams": num_beams,
-                "do_sample": False}
-    for start in range(0, len(todo), batch_size):
-        batch = todo[start:start + batch_size]
-        rows = _caption_batch(model, vlm, batch, transform, prompt, generate)
-        for row in rows:
-            row.update(adapter=adapter, prompt=prompt)
-        alt.append(rows)
-        failed = sum("error" in row for row in rows)
-        summary.errors += failed
-        summary.captioned += len(rows) - failed
+    captioner = Captioner(model, vlm, prompt or DEFAULT_PROMPT, adapter,
+                          {"max_new_tokens": max_new_tokens, "num_beams": num_beams})
+    with AltFile.locked(out) as alt:
+        alt.check(adapter, captioner.prompt)
+        todo = [path for path in paths if str(path) not in alt.done]
+        summary = CaptionSummary(alt.path, len(paths), 0, len(paths) - len(todo), 0)
         if progress is not None:
-            progress(summary.skipped + start + len(batch), summary.total)
+            progress(summary.skipped, summary.total)
+        for start in range(0, len(todo), batch_size):
+            rows = captioner.rows(todo[start:start + batch_size])
+            alt.append(rows)
+            summary.errors += sum("error" in row for row in rows)
+            summary.captioned += sum("alt" in row for row in rows)
+            if progress is not None:
+                progress(summary.skipped + summary.errors + summary.captioned, summary.total)
     return summary
 
 
@@ -195,29 +213,49 @@ def caption_adapter(adapter_dir: str | Path, images: Iterable[str | Path], out: 
     return caption_images(model, vlm, paths, out, adapter=str(adapter_dir), prompt=prompt, **options)
 
 
-def _caption_batch(model: nn.Module, vlm: Vlm, paths: Sequence[Path], transform: nn.Module, prompt: str,
-                   generate: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per path, in order: a caption, or the error that kept the image from being read."""
-    rows: list[dict[str, Any]] = [{"image": str(path)} for path in paths]
-    pixels, read = [], []
-    for i, path in enumerate(paths):
-        try:
-            pixels.append(transform(load_image(path, window=vlm.image_spec.window)))  # [3, S, S]
-            read.append(i)
-        except (VisloraError, OSError, ValueError) as exc:
-            rows[i]["error"] = str(exc) or type(exc).__name__
-            logger.warning("cannot read %s: %s", path, exc)
-    if not read:
+@dataclass
+class Captioner:
+    """What every batch shares: the model with its VLM, the prompt, the adapter name written in the rows, and
+    `generate`'s search arguments (greedy unless num_beams > 1)."""
+
+    model: nn.Module
+    vlm: Vlm
+    prompt: str
+    adapter: str | None
+    search: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        self.transform = build_transform(self.vlm.image_spec, train=False)
+
+    def rows(self, paths: Sequence[Path]) -> list[dict[str, Any]]:
+        """One row per path, in order: its caption, or the error that kept the image from being read."""
+        rows: list[dict[str, Any]] = [{"image": str(path)} for path in paths]
+        pixels, read = [], []
+        for i, path in enumerate(paths):
+            try:
+                pixels.append(self.transform(load_image(path, window=self.vlm.image_spec.window)))  # [3, S, S]
+                read.append(i)
+            except (VisloraError, OSError, ValueError) as exc:
+                rows[i]["error"] = str(exc) or type(exc).__name__
+                logger.warning("cannot read %s: %s", path, exc)
+        if read:
+            for i, (caption, tokens) in zip(read, self.generate(torch.stack(pixels)), strict=True):
+                rows[i].update(alt=caption, tokens=tokens)
+        for row in rows:
+            row.update(adapter=self.adapter, prompt=self.prompt)
         return rows
-    device = next(model.parameters()).device
-    batch = {k: v.to(device) for k, v in vlm.processor.prompt_batch([prompt] * len(read)).items()}
-    with torch.inference_mode():
-        ids = model.generate(**batch, pixel_values=torch.stack(pixels).to(device), **generate)
-    width = batch["input_ids"].shape[1]
-    captions = vlm.processor.decode(ids, width)
-    for i, caption, generated in zip(read, captions, ids[:, width:].tolist(), strict=True):
-        rows[i].update(alt=caption, tokens=_count(generated, vlm.processor.eos_token_id, vlm.processor.pad_token_id))
-    return rows
+
+    def generate(self, pixels: torch.Tensor) -> list[tuple[str, int]]:
+        """(caption, tokens generated) of each image of `pixels` [N, 3, S, S]."""
+        processor = self.vlm.processor
+        device = next(self.model.parameters()).device
+        batch = {k: v.to(device) for k, v in processor.prompt_batch([self.prompt] * len(pixels)).items()}
+        with torch.inference_mode():
+            ids = self.model.generate(**batch, pixel_values=pixels.to(device), do_sample=False,
+                                      **processor.generation_kwargs(), **self.search)
+        width = batch["input_ids"].shape[1]
+        counts = [_count(row, processor.eos_token_id, processor.pad_token_id) for row in ids[:, width:].tolist()]
+        return list(zip(processor.decode(ids, width), counts, strict=True))
 
 
 def _count(generated: list[int], eos: int, pad: int) -> int:
