@@ -62,8 +62,10 @@ def merge(
     The folder loads without vislora: `timm.create_model("local-dir:OUT", pretrained=True)` for timm models,
     `AutoModelForImageClassification.from_pretrained("OUT")` for DINOv2 classifiers. A contrastive or few-shot run
     (dual encoder) becomes a CLIP/SigLIP `save_pretrained` folder, or for a vislora pairing vision/ + text/ in their
-    libraries' formats with projections.safetensors (vislora_merge.json says how to pool). Outputs are checked
-    against the adapted model before the folder is renamed into place.
+    libraries' formats with projections.safetensors (vislora_merge.json says how to pool). A captioning or VQA run
+    becomes a transformers LLaVA folder (`LlavaForConditionalGeneration` + `AutoProcessor`, with the tokenizer's
+    `<image>` token and chat template; README.md and vislora_generation.json say how to build prompts). Outputs are
+    checked against the adapted model before the folder is renamed into place.
 
     Example: vislora merge --adapter runs/demo/adapter --out runs/demo/merged
     """

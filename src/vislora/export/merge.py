@@ -11,6 +11,8 @@ The folder loads with plain timm or transformers calls, no vislora needed:
 - other Hugging Face classifiers: the backbone's `save_pretrained` directory plus `head.safetensors`
   (`weight` [classes, width], `bias` [classes]) and the pooling in `vislora_merge.json`.
 - a bare adapter over a Hugging Face model: the merged model's `save_pretrained` directory.
+- a captioning or VQA run (generative VLM): a transformers LLaVA folder with tokenizer and processor
+  (`vislora.export.vlm_merge`).
 
 Before the folder is renamed into place it is loaded back the plain way and its outputs compared with the
 adapted model's.
@@ -41,6 +43,7 @@ from vislora.export.common import (
     write_json,
 )
 from vislora.export.dual_merge import merge_dual
+from vislora.export.vlm_merge import is_generative, merge_vlm
 from vislora.tasks.multilabel import exported_task
 
 logger = logging.getLogger(__name__)
@@ -55,6 +58,11 @@ def merge_adapter(adapter_dir: str | Path, out: str | Path, base: str | None = N
     contrastive and few-shot runs: `vislora.export.dual_merge`)."""
     if is_dual(adapter_dir):
         return merge_dual(adapter_dir, out, base, overwrite)
+    if is_generative(adapter_dir):
+        if base is not None:
+            raise ExportError(f"{adapter_dir} is a generative VLM run: its task.json names its base model "
+                              f"({base!r} was given); drop --base")
+        return merge_vlm(adapter_dir, out, overwrite)
     item = load_exportable(adapter_dir, base)
     plain, difference = plain_merged(item)
     if difference > MERGE_ATOL:
