@@ -10,12 +10,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers as T
-from tests.vlm.family_fixtures import FAMILY_NAMES, SIDE, tiny_family
+from tests.vlm.family_fixtures import FAMILY_NAMES, SIDE, TEXT, VISION, family_tokenizer, tiny_family
 from tests.vlm.generative_fixtures import randomize_adapter
 
 from vislora import inject
 from vislora.errors import ConfigError
-from vislora.vlm import IGNORE, PARTS, load_hf_vlm, part_of, vlm_adapter_config
+from vislora.vlm import IGNORE, PARTS, Idefics3Layout, VlmProcessor, family_of, load_hf_vlm, part_of, vlm_adapter_config
 from vislora.vlm.build import prompt_layout
 from vislora.vlm.layouts import family_layout
 
@@ -172,3 +172,25 @@ def test_blip2_with_an_encoder_decoder_lm_is_refused():
     config = T.Blip2Config(text_config={"model_type": "t5", "vocab_size": 100, "d_model": 32, "num_layers": 1})
     with pytest.raises(ConfigError, match=r"encoder-decoder \(t5\).*blip2-opt"):
         family_layout("blip2", SimpleNamespace(config=config))
+
+
+def test_smolvlm_shares_the_idefics3_layout():
+    tokenizer = family_tokenizer("idefics3")
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    torch.manual_seed(0)
+    config = T.SmolVLMConfig(vision_config=VISION, text_config={**TEXT, "model_type": "llama", "intermediate_size": 64,
+                                                                "num_key_value_heads": 2, **ids},
+                             scale_factor=2, image_token_id=tokenizer.convert_tokens_to_ids("<image>"))
+    model = T.SmolVLMForConditionalGeneration(config).eval()
+    family = family_of(model)
+    layout, image_tokens = prompt_layout(family, model, tokenizer, SIDE, None)
+    assert (family.name, type(layout), image_tokens) == ("idefics3", Idefics3Layout, (SIDE // 8) ** 2 // 2 ** 2)
+    processor = VlmProcessor(tokenizer, layout, 128, image_token_id=config.image_token_id)
+    batch = processor.train_batch(["what is it ?"], ["a bag"])
+    with torch.no_grad():
+        out = model(**batch, **processor.image_inputs(torch.randn(1, 3, SIDE, SIDE)))
+    targets = batch["labels"][0, 1:]
+    keep = targets != IGNORE
+    assert torch.allclose(out.loss, torch.nn.functional.cross_entropy(out.logits[0, :-1][keep], targets[keep]),
+                          atol=1e-5)
