@@ -195,7 +195,24 @@ def test_bad_adapter_lists_are_refused_clearly():
 
 
 def test_a_layer_that_does_not_see_the_batch_first_names_itself():
-    class Flattening(nn.Module):  # folds the batch into tokens before its Linear
+    class Transposing(nn.Module):  # puts the tokens first before its Linear
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.fc(x.transpose(0, 1)).transpose(0, 1)
+
+    model = vislora.inject(Transposing(), AdapterConfig(rank=2, alpha=2, targets=["fc"]))
+    with pytest.raises(AdapterError, match=r"layer 'fc' sees a batch of 3"):
+        model(torch.randn(2, 3, 4), adapters=["default", None])
+    assert all(isinstance(layer, LoraLayer) and layer.route is None for layer in model.layers().values())
+
+
+def test_a_layer_that_sees_the_tokens_folded_into_the_batch_routes_each_sample():
+    """OPT flattens (samples, tokens, features) to (samples x tokens, features) before its MLP: each sample's rows
+    take its adapter, as computing each sample alone does."""
+    class Flattening(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(4, 4)
@@ -204,9 +221,15 @@ def test_a_layer_that_does_not_see_the_batch_first_names_itself():
             return self.fc(x.reshape(-1, 4)).reshape(x.shape)
 
     model = vislora.inject(Flattening(), AdapterConfig(rank=2, alpha=2, targets=["fc"]))
-    with pytest.raises(AdapterError, match=r"layer 'fc' sees a batch of 6"):
-        model(torch.randn(2, 3, 4), adapters=["default", None])
-    assert all(isinstance(layer, LoraLayer) and layer.route is None for layer in model.layers().values())
+    with torch.no_grad():
+        model.layers_of("default")["fc"].lora_B.normal_()
+        x = torch.randn(2, 3, 4)
+        routed = model(x, adapters=["default", None])
+        with model.disabled():
+            base = model(x)
+        assert torch.allclose(routed[0], model(x[:1])[0], atol=1e-6)
+        assert torch.allclose(routed[1], base[1], atol=1e-6)
+        assert not torch.allclose(routed[0], base[0], atol=1e-3)  # the adapter changes sample 0
 
 
 def test_a_sequence_first_tower_does_not_change_how_another_tower_is_routed():

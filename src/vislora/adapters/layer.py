@@ -160,13 +160,13 @@ class LoraLayer(nn.Module):
         """out plus each sample's own adapter delta; x (..., in) and out (..., out), batch on batch_dim."""
         route = self.route
         x, out = x.movedim(batch_dim, 0), out.movedim(batch_dim, 0)
-        index = route.index_for(x.shape[0])
+        index = route.index_for(x.shape[0], folded=x.dim() == 2)
         if index is None:
             raise AdapterError(
                 f"per-sample routing got {route.index.shape[0]} adapter names, but layer {self.path!r} sees a batch "
                 f"of {x.shape[0]} (input shape {tuple(x.shape)}). Give one name per sample of the batch; routing needs "
-                "each adapted layer to see the batch on its first dimension (models that fold the batch into tokens "
-                "cannot route)"
+                "each adapted layer to see the batch on its first dimension (or, in a 2-D input, samples x tokens "
+                "folded sample-major)"
             )
         n = index.shape[0]
         stacks = self.stacks(route.used)

@@ -74,12 +74,18 @@ class Route:
         return Route(tuple(n for n in self.names for _ in range(repeat)), self.used,
                      self.index.repeat_interleave(repeat), self.repeat * repeat)
 
-    def index_for(self, batch: int) -> torch.Tensor | None:
+    def index_for(self, batch: int, folded: bool = False) -> torch.Tensor | None:
         """The slots of a batch of `batch` samples: every sample's, or once per repeated sample (generate runs the
-        image tower on each prompt's image once, the language model on every beam); None if neither fits."""
-        if batch == self.index.shape[0]:
+        image tower on each prompt's image once, the language model on every beam); None if neither fits.
+
+        `folded`: the layer's input is 2-D, (samples x tokens, features), as from a model that flattens its tokens
+        before a layer (OPT's MLP, BLIP-2's LM); a multiple of the samples is then read sample-major (every sample's
+        tokens in a row, what `reshape(-1, features)` of (samples, tokens, features) gives) and every sample's slot
+        returned, the caller viewing its input as (samples, tokens, features)."""
+        samples = self.index.shape[0]
+        if batch == samples or (folded and batch % samples == 0):
             return self.index
-        if self.repeat > 1 and batch * self.repeat == self.index.shape[0]:
+        if self.repeat > 1 and batch * self.repeat == samples:
             return self.index[::self.repeat]
         return None
 

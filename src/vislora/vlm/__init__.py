@@ -10,16 +10,22 @@ from vislora.vlm.build import (
     lm_identity,
     load_hf_vlm,
 )
+from vislora.vlm.layouts import Blip2Layout, BlipLayout, Idefics3Layout, PaliGemmaLayout
 from vislora.vlm.parts import FAMILIES, PARTS, Family, family_of, is_vlm, part_of, parts_of, vlm_adapter_config
-from vislora.vlm.processor import IGNORE, ChatLayout, PromptLayout, VlmProcessor
+from vislora.vlm.processor import IGNORE, ChatLayout, LayoutBase, PromptLayout, VlmProcessor
 
 __all__ = [
     "FAMILIES",
     "IGNORE",
     "IMAGE_TOKEN",
     "PARTS",
+    "Blip2Layout",
+    "BlipLayout",
     "ChatLayout",
     "Family",
+    "Idefics3Layout",
+    "LayoutBase",
+    "PaliGemmaLayout",
     "PromptLayout",
     "Vlm",
     "VlmProcessor",

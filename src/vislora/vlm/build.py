@@ -23,6 +23,7 @@ from torch import nn
 from vislora.assets import resolve_model_spec
 from vislora.data.transforms import InputSpec, model_input_spec
 from vislora.errors import AdapterFileError, ConfigError
+from vislora.vlm.layouts import family_layout
 from vislora.vlm.parts import Family, family_of, unwrap
 from vislora.vlm.processor import ChatLayout, PromptLayout, VlmProcessor
 
@@ -160,12 +161,17 @@ def load_hf_vlm(spec: str, *, image_size: int | None = None, max_length: int = 5
 
 def prompt_layout(family: Family, model: nn.Module, tokenizer: Any, side: int,
                   system: str | None) -> tuple[PromptLayout, int]:
-    """(how `family` writes prompts, image tokens per image) for `model` at image side `side`."""
+    """(how `family` writes prompts, image tokens per image) for `model` at image side `side`. LLaVA counts its
+    image tokens at `side`; the other families' counts come from their configs, so they take their native side."""
+    vision = model.get_submodule(family.path("vision"))
     if family.name == "llava":
-        vision = model.get_submodule(family.path("vision"))
         image_tokens, _ = _image_tokens(vision, side)
         return ChatLayout(IMAGE_TOKEN, image_tokens, system), image_tokens
-    raise ConfigError(f"prompts for {family.name} models are not written yet; supported: llava")
+    native = _native_side(vision)
+    if side != native:
+        raise ConfigError(f"a {family.name} model takes images of side {native} (its image token count is fixed by "
+                          f"its config), got image_size {side}; leave image_size unset or give {native}")
+    return family_layout(family.name, model)
 
 
 def _native_side(vision: nn.Module) -> int:
