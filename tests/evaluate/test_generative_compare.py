@@ -1,0 +1,101 @@
+"""Base vs adapted generation on the same images: every row equals generating that example alone with and without
+the adapter, and the metrics are those of the rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tests.vlm.generative_fixtures import randomize_adapter, tiny_llava
+
+from vislora import inject
+from vislora.data.images import load_image
+from vislora.data.transforms import build_transform
+from vislora.errors import ConfigError, DataError
+from vislora.evaluate.generative import compare_generative, generate_texts
+from vislora.evaluate.generative_metrics import caption_scores, vqa_scores
+from vislora.vlm import vlm_adapter_config
+
+QUESTIONS = ["what is this item ?", "is it worn on the feet ?", "what color is it ?"]
+ANSWERS = [("a sneaker", "sneaker", "shoe"), ("yes",), ("black", "black", "white")]
+
+
+@dataclass(frozen=True)
+class Example:
+    image: Path
+    question: str | None
+    answers: tuple[str, ...]
+
+
+def write_images(folder: Path, n: int = 3, side: int = 28) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        path = folder / f"item{i}.png"
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def adapted():
+    vlm = tiny_llava()
+    model = inject(vlm.model, vlm_adapter_config(vlm.model, ["lm", "vision"], rank=4, alpha=8), "default")
+    randomize_adapter(model, "default", seed=0)
+    yield model, vlm
+    model.unload(merge=False)
+
+
+def alone(model, vlm, example, prompt=None, base=False):
+    pixels = build_transform(vlm.image_spec, train=False)(load_image(example.image))[None]
+    batch = vlm.processor.prompt_batch([example.question or prompt])
+    kwargs = {**vlm.processor.generation_kwargs(), "max_new_tokens": 5, "do_sample": False}
+    with torch.no_grad():
+        if base:
+            with model.disabled():
+                out = model.generate(**batch, pixel_values=pixels, **kwargs)
+        else:
+            out = model.generate(**batch, pixel_values=pixels, **kwargs)
+    return vlm.processor.decode(out, batch["input_ids"].shape[1])[0]
+
+
+def test_vqa_rows_equal_each_example_generated_alone(adapted, tmp_path):
+    model, vlm = adapted
+    examples = [Example(p, q, a) for p, q, a in zip(write_images(tmp_path), QUESTIONS, ANSWERS, strict=True)]
+    result = compare_generative(model, vlm, examples, "vqa", batch_size=2, max_new_tokens=5, shown=2, data="toy")
+    assert [r.base for r in result.rows] == [alone(model, vlm, e, base=True) for e in examples]
+    assert [r.adapted for r in result.rows] == [alone(model, vlm, e) for e in examples]
+    assert any(r.base != r.adapted for r in result.rows)  # the adapter changes what is generated
+    references = [list(a) for a in ANSWERS]
+    assert result.base == vqa_scores([r.base for r in result.rows], references)
+    assert result.adapted == vqa_scores([r.adapted for r in result.rows], references)
+    assert len(result.examples) == 2 and result.rows[0].image == str(examples[0].image)
+    data = result.to_dict()
+    assert data["task"] == "vqa" and len(data["rows"]) == 3 and set(data["change"]) == {"exact", "soft"}
+
+
+def test_captioning_uses_the_prompt_and_scores_bleu_and_cider(adapted, tmp_path):
+    model, vlm = adapted
+    examples = [Example(p, None, ("a black sneaker", "a shoe")) for p in write_images(tmp_path)]
+    prompt = "describe the image briefly ."
+    result = compare_generative(model, vlm, examples, "captioning", prompt=prompt, max_new_tokens=5)
+    assert [r.adapted for r in result.rows] == [alone(model, vlm, e, prompt) for e in examples]
+    assert result.base == caption_scores([r.base for r in result.rows], [list(e.answers) for e in examples])
+    assert [label for label, *_ in result.metric_rows()] == ["CIDEr", "BLEU-4"]
+    texts = generate_texts(model, vlm, examples, "default", prompt=prompt, max_new_tokens=5)
+    assert texts == [r.adapted for r in result.rows]
+
+
+def test_bad_calls_are_named(adapted, tmp_path):
+    model, vlm = adapted
+    examples = [Example(p, None, ("a shoe",)) for p in write_images(tmp_path, 1)]
+    with pytest.raises(DataError, match="no question and no prompt"):
+        generate_texts(model, vlm, examples, max_new_tokens=2)
+    with pytest.raises(DataError, match="no examples"):
+        generate_texts(model, vlm, [], prompt="what ?")
+    with pytest.raises(ConfigError, match="not generative"):
+        compare_generative(model, vlm, examples, "classification", prompt="what ?")
