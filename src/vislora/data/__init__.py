@@ -1,5 +1,5 @@
-"""Datasets, the image reader (8-bit, 16-bit, DICOM), model-driven transforms, tiling of large images and the
-dataset audit."""
+"""Datasets, the image reader (8-bit, 16-bit, DICOM), model-driven transforms, tiling of large images, generative
+(captioning / VQA) data and the dataset audit."""
 
 from vislora.data.attributes import AttributeSet, rare_attributes
 from vislora.data.check import DataReport, check_dataset
@@ -13,6 +13,12 @@ from vislora.data.datasets import (
     image_folder,
     manifest,
     open_dataset,
+)
+from vislora.data.generative import (
+    GenerativeDataset,
+    GenerativeExample,
+    collate_generative,
+    read_generative,
 )
 from vislora.data.images import WINDOW_PRESETS, ImageHeader, image_header, load_image
 from vislora.data.tiling import TilingConfig, tile, tile_grid
@@ -33,6 +39,8 @@ __all__ = [
     "AugmentConfig",
     "DataError",
     "DataReport",
+    "GenerativeDataset",
+    "GenerativeExample",
     "ImageDataset",
     "ImageHeader",
     "InputSpec",
@@ -44,6 +52,7 @@ __all__ = [
     "build_transform",
     "check_dataset",
     "collate",
+    "collate_generative",
     "fashion_mnist",
     "image_folder",
     "image_header",
@@ -52,6 +61,7 @@ __all__ = [
     "model_input_spec",
     "open_dataset",
     "rare_attributes",
+    "read_generative",
     "tile",
     "tile_grid",
 ]

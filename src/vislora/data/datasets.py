@@ -264,7 +264,7 @@ def manifest(path: str | Path, label_column: str | None = "label", path_column: 
     label seen, naturally sorted); errors name the manifest line.
     """
     path = Path(path)
-    numbered = _read_rows(path)
+    numbered = read_rows(path)
     if not numbered:
         raise DataError(f"manifest {path} has no rows")
     rows = [row for _, row in numbered]
@@ -365,12 +365,7 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {"skipped": [s["index"] for s in samples if s.get("skipped")]}
     if not good:
         return batch
-    shapes = sorted({tuple(s["image"].shape) for s in good})
-    if len(shapes) > 1:
-        raise DataError(f"one batch holds images of {len(shapes)} shapes ({', '.join(map(str, shapes[:3]))}), which "
-                        "cannot be stacked: resize them to one size (a tiled run: data.tiling.image_size) or take "
-                        "one image per batch")
-    batch["image"] = torch.stack([s["image"] for s in good])
+    batch["image"] = stack_images([s["image"] for s in good])
     labels = [s["label"] for s in good]
     batch["label"] = torch.stack(labels) if torch.is_tensor(labels[0]) else torch.tensor(labels, dtype=torch.long)
     batch["index"] = torch.tensor([s["index"] for s in good], dtype=torch.long)
@@ -380,7 +375,17 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     return batch
 
 
-def _read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
+def stack_images(images: list[torch.Tensor]) -> torch.Tensor:
+    """The images [C, H, W] of one batch stacked [N, C, H, W]; DataError when their shapes differ."""
+    shapes = sorted({tuple(image.shape) for image in images})
+    if len(shapes) > 1:
+        raise DataError(f"one batch holds images of {len(shapes)} shapes ({', '.join(map(str, shapes[:3]))}), which "
+                        "cannot be stacked: resize them to one size (a tiled run: data.tiling.image_size) or take "
+                        "one image per batch")
+    return torch.stack(images)  # [N, C, H, W]
+
+
+def read_rows(path: Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, row) of each manifest row; a CSV row whose field count differs from the header's is a
     DataError naming its line."""
     if path.suffix.lower() == ".csv":
