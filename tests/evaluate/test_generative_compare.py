@@ -3,7 +3,6 @@ the adapter, and the metrics are those of the rows."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ from PIL import Image
 from tests.vlm.generative_fixtures import randomize_adapter, tiny_llava
 
 from vislora import inject
+from vislora.data.generative import GenerativeExample
 from vislora.data.images import load_image
 from vislora.data.transforms import build_transform
 from vislora.errors import ConfigError, DataError
@@ -24,11 +24,8 @@ QUESTIONS = ["what is this item ?", "is it worn on the feet ?", "what color is i
 ANSWERS = [("a sneaker", "sneaker", "shoe"), ("yes",), ("black", "black", "white")]
 
 
-@dataclass(frozen=True)
-class Example:
-    image: Path
-    question: str | None
-    answers: tuple[str, ...]
+def example(image, question, answers):
+    return GenerativeExample(image, question, answers, f"{image.name}")
 
 
 def write_images(folder: Path, n: int = 3, side: int = 28) -> list[Path]:
@@ -65,7 +62,7 @@ def alone(model, vlm, example, prompt=None, base=False):
 
 def test_vqa_rows_equal_each_example_generated_alone(adapted, tmp_path):
     model, vlm = adapted
-    examples = [Example(p, q, a) for p, q, a in zip(write_images(tmp_path), QUESTIONS, ANSWERS, strict=True)]
+    examples = [example(p, q, a) for p, q, a in zip(write_images(tmp_path), QUESTIONS, ANSWERS, strict=True)]
     result = compare_generative(model, vlm, examples, "vqa", batch_size=2, max_new_tokens=5, shown=2, data="toy")
     assert [r.base for r in result.rows] == [alone(model, vlm, e, base=True) for e in examples]
     assert [r.adapted for r in result.rows] == [alone(model, vlm, e) for e in examples]
@@ -80,10 +77,9 @@ def test_vqa_rows_equal_each_example_generated_alone(adapted, tmp_path):
 
 def test_captioning_uses_the_prompt_and_scores_bleu_and_cider(adapted, tmp_path):
     model, vlm = adapted
-    examples = [Example(p, None, ("a black sneaker", "a shoe")) for p in write_images(tmp_path)]
+    examples = [example(p, None, ("a black sneaker", "a shoe")) for p in write_images(tmp_path, 2)]
     prompt = "describe the image briefly ."
     result = compare_generative(model, vlm, examples, "captioning", prompt=prompt, max_new_tokens=5)
-    assert [r.adapted for r in result.rows] == [alone(model, vlm, e, prompt) for e in examples]
     assert result.base == caption_scores([r.base for r in result.rows], [list(e.answers) for e in examples])
     assert [label for label, *_ in result.metric_rows()] == ["CIDEr", "BLEU-4"]
     texts = generate_texts(model, vlm, examples, "default", prompt=prompt, max_new_tokens=5)
@@ -92,8 +88,8 @@ def test_captioning_uses_the_prompt_and_scores_bleu_and_cider(adapted, tmp_path)
 
 def test_bad_calls_are_named(adapted, tmp_path):
     model, vlm = adapted
-    examples = [Example(p, None, ("a shoe",)) for p in write_images(tmp_path, 1)]
-    with pytest.raises(DataError, match="no question and no prompt"):
+    examples = [example(p, None, ("a shoe",)) for p in write_images(tmp_path, 1)]
+    with pytest.raises(DataError, match="no question, and no prompt"):
         generate_texts(model, vlm, examples, max_new_tokens=2)
     with pytest.raises(DataError, match="no examples"):
         generate_texts(model, vlm, [], prompt="what ?")

@@ -14,12 +14,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
-from vislora.data.images import load_image
+from vislora.data.generative import GenerativeDataset, GenerativeExample, collate_generative
 from vislora.data.transforms import build_transform
 from vislora.diagnostics.records import json_safe
 from vislora.errors import ConfigError, DataError
@@ -34,15 +33,6 @@ TASKS = ("captioning", "vqa")
 FIGURES = {"vqa": (("soft", "VQA accuracy (soft, VQAv2)"), ("exact", "exact match")),
            "captioning": (("cider", "CIDEr"), ("bleu4", "BLEU-4"))}
 BASELINE = "the same VLM without its adapter (routed to the base model in the same batched generate)"
-
-
-class Example(Protocol):
-    """One image with its question (None: captioning, the run's prompt) and reference answers or captions
-    (vislora.data.generative.GenerativeExample)."""
-
-    image: Path
-    question: str | None
-    answers: tuple[str, ...]
 
 
 @dataclass
@@ -105,7 +95,7 @@ class GenerativeComparison:
 
 
 @torch.no_grad()
-def generate_texts(model: Any, vlm: Vlm, examples: Sequence[Example], adapter: str | None = None, *,
+def generate_texts(model: Any, vlm: Vlm, examples: Sequence[GenerativeExample], adapter: str | None = None, *,
                    prompt: str | None = None, batch_size: int = 8, max_new_tokens: int = 32,
                    num_beams: int = 1) -> list[str]:
     """The text `model` generates for each example, in order. `adapter` None runs the model as it is (its active
@@ -116,7 +106,7 @@ def generate_texts(model: Any, vlm: Vlm, examples: Sequence[Example], adapter: s
 
 
 @torch.no_grad()
-def compare_generative(model: AdaptedModel, vlm: Vlm, examples: Sequence[Example], task: str, *,
+def compare_generative(model: AdaptedModel, vlm: Vlm, examples: Sequence[GenerativeExample], task: str, *,
                        prompt: str | None = None, adapter: str = "default", batch_size: int = 8,
                        max_new_tokens: int = 32, num_beams: int = 1, shown: int = 4,
                        data: str = "") -> GenerativeComparison:
@@ -125,6 +115,10 @@ def compare_generative(model: AdaptedModel, vlm: Vlm, examples: Sequence[Example
     if task not in TASKS:
         raise ConfigError(f"task {task!r} is not generative; compare_generative scores {' or '.join(TASKS)}")
     model.check_known([adapter])
+    unanswered = [e.where for e in examples if not e.answers]
+    if unanswered:
+        raise DataError(f"{unanswered[0]}: no reference {'answer' if task == 'vqa' else 'caption'} to score against "
+                        f"({len(unanswered)} examples in all); evaluation needs data with references")
     base, adapted = _generate(model, vlm, examples, (None, adapter), prompt, batch_size, max_new_tokens, num_beams)
     references = [list(e.answers) for e in examples]
     if task == "vqa":
@@ -147,7 +141,7 @@ def compare_generative(model: AdaptedModel, vlm: Vlm, examples: Sequence[Example
                                           "num_beams": num_beams, "batch_size": batch_size})
 
 
-def _generate(model: Any, vlm: Vlm, examples: Sequence[Example], routes: tuple[str | None, ...] | None,
+def _generate(model: Any, vlm: Vlm, examples: Sequence[GenerativeExample], routes: tuple[str | None, ...] | None,
               prompt: str | None, batch_size: int, max_new_tokens: int, num_beams: int) -> list[list[str]]:
     """One list of texts per route in `routes` (None: the model as it is, one list): each batch of examples is
     repeated once per route and generated in one call, copy k routed to routes[k]."""
@@ -173,19 +167,16 @@ def _generate(model: Any, vlm: Vlm, examples: Sequence[Example], routes: tuple[s
     return out
 
 
-def _batches(model: Any, vlm: Vlm, examples: Sequence[Example], prompt: str | None,
+def _batches(model: Any, vlm: Vlm, examples: Sequence[GenerativeExample], prompt: str | None,
              batch_size: int) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """(pixel values [b, 3, H, W] on the model's device and dtype, questions) per batch of `examples`."""
-    transform = build_transform(vlm.image_spec, train=False)
+    dataset = GenerativeDataset(examples, build_transform(vlm.image_spec, train=False))
     weight = next(model.parameters())
     for start in range(0, len(examples), batch_size):
-        chunk = examples[start:start + batch_size]
-        questions = []
-        for example in chunk:
-            question = example.question or prompt
-            if not question:
-                raise DataError(f"example {start + len(questions)} ({example.image}) has no question and no prompt "
-                                "was given; captioning needs the run's instruction (task.json `prompt`)")
-            questions.append(question)
-        pixels = torch.stack([transform(load_image(e.image)) for e in chunk])  # [b, 3, H, W]
-        yield pixels.to(weight.device, weight.dtype), questions
+        items = [dataset[i] for i in range(start, min(start + batch_size, len(examples)))]
+        missing = [examples[item["index"]].where for item in items if not (item["question"] or prompt)]
+        if missing:
+            raise DataError(f"{missing[0]}: no question, and no prompt was given; captioning needs the run's "
+                            "instruction (task.json `prompt`)")
+        pixels = collate_generative(items)["pixel_values"]  # [b, 3, H, W]
+        yield pixels.to(weight.device, weight.dtype), [item["question"] or prompt for item in items]
