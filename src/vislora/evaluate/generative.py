@@ -14,16 +14,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from vislora.data.generative import GenerativeDataset, GenerativeExample, collate_generative
+from vislora.data.generative import GenerativeDataset, GenerativeExample, collate_generative, read_generative
 from vislora.data.transforms import build_transform
+from vislora.devices import resolve_device
 from vislora.diagnostics.records import json_safe
 from vislora.errors import ConfigError, DataError
 from vislora.evaluate.generative_metrics import caption_scores_each, vqa_scores, vqa_soft_accuracy
 from vislora.model import AdaptedModel
+from vislora.runs import load_trained_vlm
 from vislora.vlm import Vlm
 
 logger = logging.getLogger(__name__)
@@ -139,6 +142,20 @@ def compare_generative(model: AdaptedModel, vlm: Vlm, examples: Sequence[Generat
                                 rows=rows, examples=sorted(r.index for r in picked),
                                 settings={"adapter": adapter, "max_new_tokens": max_new_tokens,
                                           "num_beams": num_beams, "batch_size": batch_size})
+
+
+def compare_generative_adapter(adapter_dir: str | Path, data: str | Path, *, image_root: str | Path | None = None,
+                               limit: int | None = None, vlm: Vlm | None = None, device: str = "cpu",
+                               batch_size: int = 8, max_new_tokens: int = 32, num_beams: int = 1,
+                               shown: int = 4) -> GenerativeComparison:
+    """`compare_generative` on a trained captioning or VQA adapter folder (vislora.runs.load_trained_vlm; `vlm` a
+    VLM built in Python instead of the one task.json records) and the first `limit` examples of the data file
+    `data` (vislora.data.generative.read_generative, images under `image_root`); the VLM runs on `device`."""
+    model, vlm, task = load_trained_vlm(adapter_dir, vlm)
+    model.to(resolve_device(device))
+    examples = read_generative(data, task["task"], image_root, limit)
+    return compare_generative(model, vlm, examples, task["task"], prompt=task.get("prompt"), batch_size=batch_size,
+                              max_new_tokens=max_new_tokens, num_beams=num_beams, shown=shown, data=str(data))
 
 
 def _generate(model: Any, vlm: Vlm, examples: Sequence[GenerativeExample], routes: tuple[str | None, ...] | None,
