@@ -269,7 +269,7 @@ def show_generative_comparison(comparison: GenerativeComparison) -> None:
         table.add_row(label, f"{before:.4f}", f"{after:.4f}", f"{change:+.4f}")
     console.print(table)
     rows = Table("image", *(["question"] if comparison.task == "vqa" else []), "references", "base", "adapted",
-                 f"{comparison.score} change", title="examples whose score changed most", show_lines=True)
+                 "change", title=f"examples whose {escape(comparison.score_label)} changed most", show_lines=True)
     for row in comparison.shown():
         rows.add_row(escape(Path(row.image).name), *([escape(row.question or "")] if comparison.task == "vqa" else []),
                      escape(" | ".join(row.references[:3]) + (" ..." if len(row.references) > 3 else "")),

@@ -81,6 +81,11 @@ class GenerativeComparison:
         """The metric each row's score is: soft (VQA) or cider (captioning)."""
         return FIGURES[self.task][0][0]
 
+    @property
+    def score_label(self) -> str:
+        """How the per-row score is named for readers: "VQA accuracy (soft, VQAv2)" or "CIDEr"."""
+        return FIGURES[self.task][0][1]
+
     def metric_rows(self) -> list[tuple[str, float, float, float]]:
         """(label, base, adapted, change) of every metric."""
         return [(label, self.base[key], self.adapted[key], self.adapted[key] - self.base[key])

@@ -108,8 +108,8 @@ def generative_html(comparison: GenerativeComparison | None) -> list[str]:
                f"<p>{escape(JOBS[comparison.task])} on {escape(comparison.data)}: {comparison.n:,} examples. Base = "
                f"{escape(comparison.baseline)}.{prompt} Decoding: {_decoding(comparison)}.</p>",
                html_table(("metric", "base", "adapted", "change"), metric_cells(comparison)),
-               f"<h3>Examples</h3><p class='muted'>The {len(comparison.examples)} examples whose {comparison.score} "
-               "changed most (gains and losses).</p>"]
+               f"<h3>Examples</h3><p class='muted'>The {len(comparison.examples)} examples whose "
+               f"{escape(comparison.score_label)} changed most (gains and losses).</p>"]
     question = comparison.task == "vqa"
     header = ["image", *(["question"] if question else []), "references", "base", "adapted",
               f"{comparison.score} base → adapted"]
@@ -183,12 +183,13 @@ def generative_markdown(comparison: GenerativeComparison | None) -> str:
             "adapter.\n\n")
     text += md_table(("metric", "base", "adapted", "change"), metric_cells(comparison))
     text += "\n\n" + _metric_note(comparison.task)
-    text += (f"\n\n### Example outputs\n\nThe {len(comparison.examples)} examples whose {comparison.score} changed "
-             "most.\n\n")
+    text += (f"\n\n### Example outputs\n\nThe {len(comparison.examples)} examples whose {comparison.score_label} "
+             "changed most.\n\n")
     question = comparison.task == "vqa"
     text += md_table(("image", *(["question"] if question else []), "references", "base", "adapted"), [
-        (Path(r.image).name, *([r.question or ""] if question else []), " / ".join(r.references[:3]),
-         r.base or "(empty)", r.adapted or "(empty)") for r in comparison.shown()])
+        tuple(" ".join(cell.split()) or "(empty)" for cell in (
+            Path(r.image).name, *([r.question or ""] if question else []), " / ".join(r.references[:3]), r.base,
+            r.adapted)) for r in comparison.shown()])  # one line per cell: a newline would end the table row
     return text
 
 
