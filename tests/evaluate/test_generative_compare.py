@@ -57,7 +57,7 @@ def adapted():
 def alone(model, vlm, example, prompt=None, base=False):
     pixels = build_transform(vlm.image_spec, train=False)(load_image(example.image))[None]
     batch = vlm.processor.prompt_batch([example.question or prompt])
-    kwargs = {**vlm.processor.generation_kwargs(), "max_new_tokens": 5, "do_sample": False}
+    kwargs = {**vlm.processor.generation_kwargs(), "max_new_tokens": 4, "do_sample": False}
     with torch.no_grad():
         if base:
             with model.disabled():
@@ -70,7 +70,7 @@ def alone(model, vlm, example, prompt=None, base=False):
 def test_vqa_rows_equal_each_example_generated_alone(adapted, tmp_path):
     model, vlm = adapted
     examples = [example(p, q, a) for p, q, a in zip(write_images(tmp_path), QUESTIONS, ANSWERS, strict=True)]
-    result = compare_generative(model, vlm, examples, "vqa", batch_size=2, max_new_tokens=5, shown=2, data="toy")
+    result = compare_generative(model, vlm, examples, "vqa", batch_size=2, max_new_tokens=4, shown=2, data="toy")
     assert [r.base for r in result.rows] == [alone(model, vlm, e, base=True) for e in examples]
     assert [r.adapted for r in result.rows] == [alone(model, vlm, e) for e in examples]
     assert any(r.base != r.adapted for r in result.rows)  # the adapter changes what is generated
@@ -86,10 +86,10 @@ def test_captioning_uses_the_prompt_and_scores_bleu_and_cider(adapted, tmp_path)
     model, vlm = adapted
     examples = [example(p, None, ("a black sneaker", "a shoe")) for p in write_images(tmp_path, 2)]
     prompt = "describe the image briefly ."
-    result = compare_generative(model, vlm, examples, "captioning", prompt=prompt, max_new_tokens=5)
+    result = compare_generative(model, vlm, examples, "captioning", prompt=prompt, max_new_tokens=4)
     assert result.base == caption_scores([r.base for r in result.rows], [list(e.answers) for e in examples])
     assert [label for label, *_ in result.metric_rows()] == ["CIDEr", "BLEU-4"]
-    texts = generate_texts(model, vlm, examples, "default", prompt=prompt, max_new_tokens=5)
+    texts = generate_texts(model, vlm, examples, "default", prompt=prompt, max_new_tokens=4)
     assert texts == [r.adapted for r in result.rows]
 
 
