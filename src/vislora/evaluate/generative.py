@@ -129,15 +129,8 @@ def compare_generative(model: AdaptedModel, vlm: Vlm, examples: Sequence[Generat
                         f"({len(unanswered)} examples in all); evaluation needs data with references")
     base, adapted = _generate(model, vlm, examples, (None, adapter), prompt, batch_size, max_new_tokens, num_beams)
     references = [list(e.answers) for e in examples]
-    if task == "vqa":
-        base_metrics, adapted_metrics = vqa_scores(base, references), vqa_scores(adapted, references)
-        base_each = [vqa_soft_accuracy(p, refs) for p, refs in zip(base, references, strict=True)]
-        adapted_each = [vqa_soft_accuracy(p, refs) for p, refs in zip(adapted, references, strict=True)]
-    else:
-        base_metrics, each = caption_scores_each(base, references)
-        base_each = each["cider"]
-        adapted_metrics, each = caption_scores_each(adapted, references)
-        adapted_each = each["cider"]
+    base_metrics, base_each = score_texts(task, base, references)
+    adapted_metrics, adapted_each = score_texts(task, adapted, references)
     rows = [GenerativeRow(index=i, image=str(e.image), question=e.question, references=refs, base=b, adapted=a,
                           base_score=bs, adapted_score=s)
             for i, (e, refs, b, a, bs, s) in enumerate(zip(examples, references, base, adapted, base_each,
@@ -147,6 +140,17 @@ def compare_generative(model: AdaptedModel, vlm: Vlm, examples: Sequence[Generat
                                 rows=rows, examples=sorted(r.index for r in picked),
                                 settings={"adapter": adapter, "max_new_tokens": max_new_tokens,
                                           "num_beams": num_beams, "batch_size": batch_size})
+
+
+def score_texts(task: str, predictions: Sequence[str],
+                references: Sequence[Sequence[str]]) -> tuple[dict[str, float], list[float]]:
+    """(the corpus metrics of `predictions`, each one's own score): VQA exact match and soft accuracy, each the
+    soft accuracy; captioning BLEU-4 and CIDEr, each its CIDEr (document frequencies from the whole corpus)."""
+    if task == "vqa":
+        return vqa_scores(predictions, references), [vqa_soft_accuracy(p, refs) for p, refs in
+                                                     zip(predictions, references, strict=True)]
+    metrics, each = caption_scores_each(predictions, references)
+    return metrics, each["cider"]
 
 
 def compare_generative_adapter(adapter_dir: str | Path, data: str | Path, *, image_root: str | Path | None = None,
