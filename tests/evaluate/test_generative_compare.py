@@ -121,7 +121,7 @@ def trained_run(tmp_path_factory):
     randomize_adapter(model, "default", seed=0)
     save_adapter(model, root / "adapter", "default")
     (root / "adapter" / "task.json").write_text(json.dumps({"task": "vqa", "vlm": vlm.record, "step": 3}))
-    config = {"data": {"train": "train.jsonl", "val": str(root / "val.jsonl")}}
+    config = {"data": {"train": "train.jsonl", "val": str(root / "val.jsonl")}, "task": {"max_new_tokens": 4}}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     images = write_images(root, 2)
     rows = [{"image": p.name, "question": q, "answers": list(a)}
@@ -147,7 +147,7 @@ def test_cli_eval_on_a_vqa_adapter_prints_and_writes_base_vs_adapted(trained_run
 
 def test_report_of_a_vqa_run_shows_images_and_outputs_before_and_after(trained_run):
     root, expected = trained_run
-    files = write_report(root, max_new_tokens=4)
+    files = write_report(root)  # generates task.max_new_tokens (4) tokens per answer
     html = files.html.read_text()
     assert "Generated text: before / after" in html and "<img src='data:image/png;base64," in html
     evaluation = json.loads(files.evaluation.read_text())

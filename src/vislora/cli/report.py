@@ -23,8 +23,9 @@ def report(
     out: Annotated[Path | None, typer.Option(help="Where to write the report (default: RUN_DIR/report).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     latency_images: Annotated[int, typer.Option(help="Batch size of the latency test; 0 skips it.")] = 8,
-    max_new_tokens: Annotated[int, typer.Option(
-        help="Captioning / VQA runs: most tokens generated per caption or answer.")] = 32,
+    max_new_tokens: Annotated[int | None, typer.Option(
+        help="Captioning / VQA runs: most tokens generated per caption or answer (default: the run's "
+             "task.max_new_tokens).")] = None,
 ) -> None:
     """Write RUN_DIR/report/: report.html (self-contained, plots embedded), MODEL_CARD.md (Hugging Face style),
     the PNG plots, evaluation.json and diagnostics.json.

@@ -42,9 +42,10 @@ __all__ = ["ReportFiles", "build_report", "load_run", "summarize_data", "write_r
 def write_report(run_dir: str | Path, data: str | None = None, limit: int | None = None, adapter: str = "adapter",
                  out: str | Path | None = None, batch_size: int = 64, latency_images: int = 8,
                  progress: Callable[[Iterable, int], Iterable] | None = None,
-                 max_new_tokens: int = 32) -> ReportFiles:
+                 max_new_tokens: int | None = None) -> ReportFiles:
     """Report on a finished run; `data` (default: the run's data.val, same limit) is the before/after data;
-    `max_new_tokens` bounds each generated caption or answer (captioning / VQA runs)."""
+    `max_new_tokens` bounds each generated caption or answer (captioning / VQA runs; default: the run's
+    task.max_new_tokens)."""
     info = load_run(run_dir, adapter)
     kind = info.task.get("task", "classification")
     settings = info.config.get("data", {})

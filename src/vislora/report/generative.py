@@ -41,10 +41,11 @@ JOBS = {"captioning": "image captioning", "vqa": "visual question answering"}
 
 
 def write_generative_report(info: RunInfo, data: str | None = None, limit: int | None = None,
-                            out: str | Path | None = None, batch_size: int = 8, max_new_tokens: int = 32,
+                            out: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
                             vlm: Vlm | None = None) -> ReportFiles:
-    """The report of a captioning / VQA run (`vislora.report.write_report` sends them here); `vlm` is a VLM built
-    in Python instead of the one task.json records."""
+    """The report of a captioning / VQA run (`vislora.report.write_report` sends them here); `max_new_tokens`
+    defaults to the run's task.max_new_tokens, `vlm` is a VLM built in Python instead of the one task.json
+    records."""
     model, vlm, task = load_trained_vlm(info.adapter_dir, vlm)
     settings = info.config.get("data", {})
     source = data or settings.get("val")
@@ -53,7 +54,8 @@ def write_generative_report(info: RunInfo, data: str | None = None, limit: int |
         examples = read_generative(source, task["task"], None if data else settings.get("image_root"),
                                    limit or (None if data else settings.get("val_limit")))
         comparison = compare_generative(model, vlm, examples, task["task"], prompt=task.get("prompt"),
-                                        batch_size=batch_size, max_new_tokens=max_new_tokens, data=str(source))
+                                        batch_size=batch_size, data=str(source), max_new_tokens=max_new_tokens
+                                        or (info.config.get("task") or {}).get("max_new_tokens", 32))
     folder = Path(out) if out is not None else info.run_dir / "report"
     diagnosis = diagnose(model, "default")
     params = parameter_report(model)
