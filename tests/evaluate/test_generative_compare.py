@@ -120,7 +120,11 @@ def trained_run(tmp_path_factory):
     model = inject(vlm.model, vlm_adapter_config(vlm.model, ["lm", "vision"], rank=4, alpha=8), "default")
     randomize_adapter(model, "default", seed=0)
     save_adapter(model, root / "adapter", "default")
-    (root / "adapter" / "task.json").write_text(json.dumps({"task": "vqa", "vlm": vlm.record, "step": 3}))
+    task = {"task": "vqa", "vlm": vlm.record, "prompt": "describe the image briefly .", "step": 3}  # as train writes
+    (root / "adapter" / "task.json").write_text(json.dumps(task))
+    logged = [{"split": "train", "step": s, "loss": 3.0 - s / 2, "lr_adapter": 1e-3} for s in (1, 2, 3)]
+    logged.append({"split": "val", "step": 3, "loss": 2.5, "exact_match": 0.25})  # a VQA run's held-out row
+    (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
     config = {"data": {"train": "train.jsonl", "val": str(root / "val.jsonl")}, "task": {"max_new_tokens": 4}}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     images = write_images(root, 2)
@@ -154,6 +158,8 @@ def test_report_of_a_vqa_run_shows_images_and_outputs_before_and_after(trained_r
     shown = [evaluation["rows"][i] for i in evaluation["examples"]]
     assert shown and all(escape(r["adapted"]) in html and escape(r["base"]) in html for r in shown)
     assert [r["adapted"] for r in evaluation["rows"]] == expected
+    assert evaluation["prompt"] is None  # VQA examples carry their questions: the run's caption prompt is unused
+    assert files.folder / "training.png" in files.plots  # drawn from loss and exact_match
     card = files.model_card.read_text()
     assert "pipeline_tag: visual-question-answering" in card and "### Example outputs" in card
     assert f"| {evaluation['base']['soft']:.4f} | {evaluation['adapted']['soft']:.4f} |" in card

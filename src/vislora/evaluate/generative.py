@@ -136,7 +136,8 @@ def compare_generative(model: AdaptedModel, vlm: Vlm, examples: Sequence[Generat
             for i, (e, refs, b, a, bs, s) in enumerate(zip(examples, references, base, adapted, base_each,
                                                            adapted_each, strict=True))]
     picked = sorted(rows, key=lambda r: (-abs(r.change), r.index))[:shown]
-    return GenerativeComparison(task=task, data=data, prompt=prompt, base=base_metrics, adapted=adapted_metrics,
+    return GenerativeComparison(task=task, data=data, prompt=prompt if task == "captioning" else None,
+                                base=base_metrics, adapted=adapted_metrics,
                                 rows=rows, examples=sorted(r.index for r in picked),
                                 settings={"adapter": adapter, "max_new_tokens": max_new_tokens,
                                           "num_beams": num_beams, "batch_size": batch_size})
