@@ -106,7 +106,7 @@ def evaluate(
                               "drop --dtype")
         generated = compare_generative_adapter(adapter, data, image_root=image_root, limit=limit, device=device,
                                                batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                               num_beams=num_beams, shown=examples)
+                                               num_beams=num_beams, shown=examples, progress=progress)
         show_generative_comparison(generated)
         if json_out:
             atomic_write_text(json_out, json.dumps(generated.to_dict(), indent=2))

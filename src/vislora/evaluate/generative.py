@@ -12,7 +12,7 @@ captioning (vislora.evaluate.generative_metrics).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ TASKS = ("captioning", "vqa")
 # (metric key, label) per task; the first is the per-example score that picks the examples shown
 FIGURES = {"vqa": (("soft", "VQA accuracy (soft, VQAv2)"), ("exact", "exact match")),
            "captioning": (("cider", "CIDEr"), ("bleu4", "BLEU-4"))}
+Progress = Callable[[Iterable, int], Iterable]  # wraps the batches with their count (a progress bar)
 BASELINE = "the same VLM without its adapter (routed to the base model in the same batched generate)"
 
 
@@ -116,10 +117,11 @@ def generate_texts(model: Any, vlm: Vlm, examples: Sequence[GenerativeExample], 
 @torch.no_grad()
 def compare_generative(model: AdaptedModel, vlm: Vlm, examples: Sequence[GenerativeExample], task: str, *,
                        prompt: str | None = None, adapter: str = "default", batch_size: int = 8,
-                       max_new_tokens: int = 32, num_beams: int = 1, shown: int = 4,
-                       data: str = "") -> GenerativeComparison:
+                       max_new_tokens: int = 32, num_beams: int = 1, shown: int = 4, data: str = "",
+                       progress: Progress | None = None) -> GenerativeComparison:
     """Base (no adapter) vs `adapter` on the same `examples` (see the module docstring); `task` is captioning or
-    vqa, `shown` how many examples to keep for display, `data` names where the examples came from."""
+    vqa, `shown` how many examples to keep for display, `data` names where the examples came from; `progress`
+    wraps the batches (the CLI's progress bar)."""
     if task not in TASKS:
         raise ConfigError(f"task {task!r} is not generative; compare_generative scores {' or '.join(TASKS)}")
     model.check_known([adapter])
@@ -127,7 +129,8 @@ def compare_generative(model: AdaptedModel, vlm: Vlm, examples: Sequence[Generat
     if unanswered:
         raise DataError(f"{unanswered[0]}: no reference {'answer' if task == 'vqa' else 'caption'} to score against "
                         f"({len(unanswered)} examples in all); evaluation needs data with references")
-    base, adapted = _generate(model, vlm, examples, (None, adapter), prompt, batch_size, max_new_tokens, num_beams)
+    base, adapted = _generate(model, vlm, examples, (None, adapter), prompt, batch_size, max_new_tokens, num_beams,
+                              progress)
     references = [list(e.answers) for e in examples]
     base_metrics, base_each = score_texts(task, base, references)
     adapted_metrics, adapted_each = score_texts(task, adapted, references)
@@ -157,7 +160,7 @@ def score_texts(task: str, predictions: Sequence[str],
 def compare_generative_adapter(adapter_dir: str | Path, data: str | Path, *, image_root: str | Path | None = None,
                                limit: int | None = None, vlm: Vlm | None = None, device: str = "cpu",
                                batch_size: int = 8, max_new_tokens: int = 32, num_beams: int = 1,
-                               shown: int = 4) -> GenerativeComparison:
+                               shown: int = 4, progress: Progress | None = None) -> GenerativeComparison:
     """`compare_generative` on a trained captioning or VQA adapter folder (vislora.runs.load_trained_vlm; `vlm` a
     VLM built in Python instead of the one task.json records) and the first `limit` examples of the data file
     `data` (vislora.data.generative.read_generative, images under `image_root`); the VLM runs on `device`."""
@@ -165,11 +168,13 @@ def compare_generative_adapter(adapter_dir: str | Path, data: str | Path, *, ima
     model.to(resolve_device(device))
     examples = read_generative(data, task["task"], image_root, limit)
     return compare_generative(model, vlm, examples, task["task"], prompt=task.get("prompt"), batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, num_beams=num_beams, shown=shown, data=str(data))
+                              max_new_tokens=max_new_tokens, num_beams=num_beams, shown=shown, data=str(data),
+                              progress=progress)
 
 
 def _generate(model: Any, vlm: Vlm, examples: Sequence[GenerativeExample], routes: tuple[str | None, ...] | None,
-              prompt: str | None, batch_size: int, max_new_tokens: int, num_beams: int) -> list[list[str]]:
+              prompt: str | None, batch_size: int, max_new_tokens: int, num_beams: int,
+              progress: Progress | None = None) -> list[list[str]]:
     """One list of texts per route in `routes` (None: the model as it is, one list): each batch of examples is
     repeated once per route and generated in one call, copy k routed to routes[k]."""
     if not examples:
@@ -182,7 +187,10 @@ def _generate(model: Any, vlm: Vlm, examples: Sequence[GenerativeExample], route
                 "do_sample": False}
     copies = len(routes) if routes else 1
     out: list[list[str]] = [[] for _ in range(copies)]
-    for done, (pixels, questions) in enumerate(_batches(model, vlm, examples, prompt, batch_size)):
+    batches: Iterable = _batches(model, vlm, examples, prompt, batch_size)
+    if progress is not None:
+        batches = progress(batches, -(-len(examples) // batch_size))
+    for done, (pixels, questions) in enumerate(batches):
         n = len(questions)
         batch = {k: v.to(pixels.device) for k, v in processor.prompt_batch(questions * copies).items()}
         extra = {} if routes is None else {"adapters": [route for route in routes for _ in range(n)]}

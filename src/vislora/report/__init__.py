@@ -59,7 +59,7 @@ def write_report(run_dir: str | Path, data: str | None = None, limit: int | None
     if kind in DUAL_TASKS:  # contrastive / few_shot: recall@K, zero-shot accuracy, drift (vislora.report.dual)
         return write_dual_report(info, data, limit, out, batch_size, progress)
     if kind in GENERATIVE_TASKS:  # captioning / VQA: generated text before / after (vislora.report.generative)
-        return write_generative_report(info, data, limit, out, batch_size, max_new_tokens)
+        return write_generative_report(info, data, limit, out, batch_size, max_new_tokens, progress=progress)
     if kind not in ("classification", "multilabel"):
         raise VisloraError(f"{info.adapter_dir} is a {kind!r} run; vislora report covers classification, multilabel, "
                            f"contrastive, few_shot, {PROMPTED_TASK}, captioning and vqa runs. "

@@ -23,7 +23,7 @@ import yaml
 from vislora.data.generative import read_generative
 from vislora.data.images import load_image, preview
 from vislora.diagnostics import Diagnosis, diagnose
-from vislora.evaluate.generative import FIGURES, GenerativeComparison, compare_generative
+from vislora.evaluate.generative import FIGURES, GenerativeComparison, Progress, compare_generative
 from vislora.io import atomic_write_text
 from vislora.parameters import ParameterReport, parameter_report
 from vislora.report import plots
@@ -42,7 +42,7 @@ JOBS = {"captioning": "image captioning", "vqa": "visual question answering"}
 
 def write_generative_report(info: RunInfo, data: str | None = None, limit: int | None = None,
                             out: str | Path | None = None, batch_size: int = 8, max_new_tokens: int | None = None,
-                            vlm: Vlm | None = None) -> ReportFiles:
+                            vlm: Vlm | None = None, progress: Progress | None = None) -> ReportFiles:
     """The report of a captioning / VQA run (`vislora.report.write_report` sends them here); `max_new_tokens`
     defaults to the run's task.max_new_tokens, `vlm` is a VLM built in Python instead of the one task.json
     records."""
@@ -55,7 +55,8 @@ def write_generative_report(info: RunInfo, data: str | None = None, limit: int |
                                    limit or (None if data else settings.get("val_limit")))
         comparison = compare_generative(model, vlm, examples, task["task"], prompt=task.get("prompt"),
                                         batch_size=batch_size, data=str(source), max_new_tokens=max_new_tokens
-                                        or (info.config.get("task") or {}).get("max_new_tokens", 32))
+                                        or (info.config.get("task") or {}).get("max_new_tokens", 32),
+                                        progress=progress)
     folder = Path(out) if out is not None else info.run_dir / "report"
     diagnosis = diagnose(model, "default")
     params = parameter_report(model)
