@@ -125,7 +125,8 @@ def trained_run(tmp_path_factory):
     logged = [{"split": "train", "step": s, "loss": 3.0 - s / 2, "lr_adapter": 1e-3} for s in (1, 2, 3)]
     logged.append({"split": "val", "step": 3, "loss": 2.5, "exact_match": 0.25})  # a VQA run's held-out row
     (root / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in logged))
-    config = {"data": {"train": "train.jsonl", "val": str(root / "val.jsonl")}, "task": {"max_new_tokens": 4}}
+    config = {"data": {"train": "train.jsonl", "val": str(root / "val.jsonl")}, "task": {"max_new_tokens": 4},
+              "adapter": {"targets": ["lm", "vision"]}}
     (root / "config.yaml").write_text(yaml.safe_dump(config))
     images = write_images(root, 2)
     rows = [{"image": p.name, "question": q, "answers": list(a)}
@@ -162,4 +163,5 @@ def test_report_of_a_vqa_run_shows_images_and_outputs_before_and_after(trained_r
     assert files.folder / "training.png" in files.plots  # drawn from loss and exact_match
     card = files.model_card.read_text()
     assert "pipeline_tag: visual-question-answering" in card and "### Example outputs" in card
+    assert "| targets | `lm`, `vision` |" in card
     assert f"| {evaluation['base']['soft']:.4f} | {evaluation['adapted']['soft']:.4f} |" in card

@@ -231,12 +231,14 @@ def _front_matter(info: RunInfo, adapter_config: dict[str, Any],
 
 def _details(info: RunInfo, adapter_config: dict[str, Any], params: ParameterReport | None) -> str:
     record = info.task.get("vlm") or {}
+    # the parts the run config named (lm, vision:q, ...), not the regexes they resolve to
+    targets = (info.config.get("adapter") or {}).get("targets") or adapter_config.get("targets", [])
     rows = [("vision encoder" if record.get("lm") else "model", f"`{record.get('spec', '?')}`"),
             *([("language model", f"`{record['lm']}`")] if record.get("lm") else []),
             ("task", info.task["task"]),
             ("method", method_name(adapter_config)),
             ("rank / alpha", f"{adapter_config.get('rank')} / {adapter_config.get('alpha')}"),
-            ("targets", ", ".join(f"`{t}`" for t in adapter_config.get("targets", []))),
+            ("targets", ", ".join(f"`{t}`" for t in targets)),
             ("trained in full", ", ".join(f"`{m}`" for m in adapter_config.get("modules_to_save", [])) or "-"),
             ("image side", f"{record.get('image_size', '?')} px"),
             ("training steps", str(info.task.get("step", "-")))]
