@@ -9,6 +9,8 @@
 - dual: dual encoders (prompt-classifier accuracy, contrastive loss, retrieval recall; `vislora clip eval`)
 - multilabel: per-attribute AP, mAP, precision/recall/F1 at thresholds, rare attributes, threshold tuning
 - clinical: one-vs-rest AUROC, sensitivity at a specificity and the reverse, bootstrap confidence intervals
+- generative_metrics: VQA answer normalisation, exact match, VQAv2 soft accuracy; BLEU-4 and CIDEr (pycocoevalcap)
+- generative: captions and answers of a VLM, base vs adapted on the same images (`vislora eval` on captioning / VQA)
 """
 
 from vislora.evaluate.classifier import compare_adapter, compare_model, evaluate_adapter, write_predictions
@@ -25,6 +27,8 @@ from vislora.evaluate.collect import BaseHead, Collected, classifier_parts, coll
 from vislora.evaluate.comparison import Comparison, Delta, Outputs, compare, mcnemar_p, points
 from vislora.evaluate.drift import Drift, embedding_drift
 from vislora.evaluate.dual import DualEvalResult, embed_rows, evaluate_dual, score_rows
+from vislora.evaluate.generative import GenerativeComparison, GenerativeRow, compare_generative, generate_texts
+from vislora.evaluate.generative_metrics import caption_scores, normalize_answer, vqa_scores
 from vislora.evaluate.latency import Latency, measure_latency
 from vislora.evaluate.metrics import Metrics, classification_metrics, expected_calibration_error, macro_f1
 from vislora.evaluate.multilabel import (
@@ -46,6 +50,8 @@ __all__ = [
     "Delta",
     "Drift",
     "DualEvalResult",
+    "GenerativeComparison",
+    "GenerativeRow",
     "Latency",
     "Metrics",
     "MultilabelMetrics",
@@ -53,6 +59,7 @@ __all__ = [
     "Thresholds",
     "auroc",
     "average_precision",
+    "caption_scores",
     "classification_metrics",
     "classifier_parts",
     "clinical_metrics",
@@ -60,21 +67,25 @@ __all__ = [
     "compare",
     "compare_adapter",
     "compare_clinical",
+    "compare_generative",
     "compare_model",
     "embed_rows",
     "embedding_drift",
     "evaluate_adapter",
     "evaluate_dual",
     "expected_calibration_error",
+    "generate_texts",
     "macro_f1",
     "mcnemar_p",
     "measure_latency",
     "multilabel_metrics",
+    "normalize_answer",
     "points",
     "recording_head",
     "score_rows",
     "sensitivity_at_specificity",
     "specificity_at_sensitivity",
     "tune_thresholds",
+    "vqa_scores",
     "write_predictions",
 ]

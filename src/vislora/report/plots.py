@@ -119,8 +119,9 @@ def telemetry(rows: Sequence[dict[str, Any]], path: Path) -> Path | None:
 
 
 def _headline(row: dict[str, Any]) -> str:
-    """The held-out figure a val row leads with: accuracy, or mAP for multi-label runs."""
-    return "accuracy" if "accuracy" in row else "map"
+    """The held-out figure a val row leads with: accuracy, mAP for multi-label runs, exact match for VQA runs, else
+    (captioning) the loss."""
+    return next((key for key in ("accuracy", "map", "exact_match") if key in row), "loss")
 
 
 def _one_evaluation(ax: Any, row: dict[str, Any]) -> None:
@@ -130,7 +131,7 @@ def _one_evaluation(ax: Any, row: dict[str, Any]) -> None:
     ax.barh([f"step {row['step']}"], [accuracy], color="#2ca02c", height=0.5)
     ax.text(accuracy / 2, 0, f"{accuracy:.4f}", ha="center", va="center", color="white", fontsize=11,
             fontweight="bold")
-    ax.set_xlim(0, 1)
+    ax.set_xlim(0, max(1.0, accuracy))  # a loss may pass 1
     ax.set_xlabel(f"held-out {key}")
     n = f" on {row['n']:,} images" if "n" in row else ""
     ax.set_title(f"evaluated once{n}; run.eval_every gives a curve", fontsize=8)
