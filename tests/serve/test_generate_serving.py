@@ -243,9 +243,11 @@ def test_metrics_count_generated_tokens_per_adapter(client, engine):
     assert stats["tokens"] == sum(after.values()) and stats["tokens_per_s"] > 0
 
 
-def test_predict_on_a_classifier_route_is_refused_and_generate_needs_a_generative_base(client):
+def test_predict_and_embed_on_a_generative_base_name_generate(client):
     answer = client.post("/v1/predict", json={"image": b64(png(1)), "adapter": "a"})
     assert answer.status_code == 400 and "POST /v1/generate" in answer.json()["detail"]
+    embedded = client.post("/v1/embed", json={"image": b64(png(1))})
+    assert embedded.status_code == 400 and "POST /v1/generate" in embedded.json()["detail"]
 
 
 def test_base_from_a_generative_task_json(adapters):
@@ -257,3 +259,15 @@ def test_base_from_a_generative_task_json(adapters):
                                image_size=56, kwargs={"seed": 0, "max_length": 512})
     with pytest.raises(Exception, match="set kind: generative too"):
         BaseSection(spec="asset:dinov2-small", lm="asset:smollm2-135m-instruct", num_classes=3)
+
+
+def test_cli_flags_describe_a_generative_base():
+    from vislora.cli.serve import build_config
+    from vislora.errors import ConfigError
+
+    config = build_config(None, [], "asset:dinov2-small", None, 56, False, None, None,
+                          ["generate.max_new_tokens=32"], lm="asset:smollm2-135m-instruct")
+    assert config.base.kind == "generative" and config.base.lm == "asset:smollm2-135m-instruct"
+    assert config.base.image_size == 56 and config.generate.max_new_tokens == 32
+    with pytest.raises(ConfigError, match="give --base too"):
+        build_config(None, ["a=/tmp/x"], None, None, None, False, None, None, [], lm="asset:smollm2-135m-instruct")
