@@ -271,3 +271,39 @@ def test_cli_flags_describe_a_generative_base():
     assert config.base.image_size == 56 and config.generate.max_new_tokens == 32
     with pytest.raises(ConfigError, match="give --base too"):
         build_config(None, ["a=/tmp/x"], None, None, None, False, None, None, [], lm="asset:smollm2-135m-instruct")
+
+
+def test_real_server_batches_concurrent_http_requests_of_three_adapters_and_the_base(adapters, reference):
+    """Four clients at once against uvicorn: one batch (it closes at 4 requests; the window is long), each answer
+    the text its request gives alone."""
+    import threading
+
+    import httpx
+    from serving import live_server
+
+    limits = GenerateSection(max_new_tokens=8, max_wait_ms=20_000)
+    engine = GenerativeEngine.of(tiny_llava(), generate=limits, batching=BatchingSection(max_batch_size=4))
+    for name in ("a", "b", "c"):
+        engine.load(name, adapters[name])
+    answers: dict[int, dict] = {}
+
+    def ask(i: int, url: str) -> None:
+        seed, prompt, adapter, n = REQUESTS[i]
+        fields = {"image": b64(png(seed)), "adapter": adapter, "max_new_tokens": n,
+                  **({"prompt": prompt} if prompt else {})}
+        answers[i] = httpx.post(f"{url}/v1/generate", json=fields, timeout=60).json()
+
+    try:
+        with live_server(create_app(engine, close_engine=False)) as url:
+            threads = [threading.Thread(target=ask, args=(i, url)) for i in range(len(REQUESTS))]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(90)
+    finally:
+        engine.close()
+    assert [answers[i]["batch_size"] for i in range(4)] == [4] * 4, answers
+    for i, (seed, prompt, adapter, n) in enumerate(REQUESTS):
+        expected = reference(png(seed), prompt or CAPTION, adapter, n)
+        assert answers[i]["text"] == engine.processor.decode(torch.tensor([expected]), 0)[0]
+        assert answers[i]["tokens"] == len(expected) and answers[i]["adapter"] == adapter
