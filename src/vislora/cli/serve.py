@@ -29,6 +29,9 @@ def serve(
                                                      "SigLIP>, open_clip:<name>): embeds images and texts.")] = False,
     text: Annotated[str | None, typer.Option(help="Text encoder paired with an image --base into a dual encoder "
                                                   "(hf:<id or dir>, asset:all-minilm-l6-v2).")] = None,
+    lm: Annotated[str | None, typer.Option(help="Causal LM joined to an image --base into a generative VLM "
+                                                "(asset:smollm2-135m-instruct, hf:<id or dir>): POST /v1/generate "
+                                                "answers.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Input side of --base; default: its native size.")] = None,
     random_init: Annotated[bool, typer.Option(help="Build --base with random weights (benchmarks, tests).")] = False,
     host: Annotated[str | None, typer.Option(help="Address to listen on (default 127.0.0.1).")] = None,
@@ -60,6 +63,9 @@ def serve(
 
     Example (dual encoder: POST /v1/embed takes {"text": ...} too): vislora serve -a pets=runs/pets-clip/adapter
 
+    Example (a generative VLM: POST /v1/generate): vislora serve --base asset:dinov2-small --lm
+    asset:smollm2-135m-instruct --image-size 56 -a retail=runs/retail-vqa/adapter
+
     Example (a GPU, 16-bit weights): vislora serve -a cats=runs/cats/adapter --device cuda --dtype bfloat16
 
     Example (Ray Serve, 4 replicas reading one registry): vislora serve serve.yaml --ray --replicas 4
@@ -69,7 +75,7 @@ def serve(
     from vislora.serve import build_engine, create_app
 
     cfg = build_config(config, adapter or [], base, num_classes, image_size, random_init, host, port, set_ or [],
-                       registry, text=text, dual_encoder=dual_encoder, device=device, dtype=dtype)
+                       registry, text=text, dual_encoder=dual_encoder, device=device, dtype=dtype, lm=lm)
     if ray:
         from vislora.serve.ray import run
 
@@ -97,7 +103,8 @@ def serve(
 def build_config(config: Path | None, adapters: list[str], base: str | None, num_classes: int | None,
                  image_size: int | None, random_init: bool, host: str | None, port: int | None,
                  overrides: list[str], registry: Path | None = None, *, text: str | None = None,
-                 dual_encoder: bool = False, device: str | None = None, dtype: str | None = None) -> Any:
+                 dual_encoder: bool = False, device: str | None = None, dtype: str | None = None,
+                 lm: str | None = None) -> Any:
     """The ServeConfig from CONFIG (if given) with the command-line flags applied on top."""
     from vislora.io import apply_overrides
     from vislora.serve.config import ServeConfig, read_config
@@ -114,16 +121,19 @@ def build_config(config: Path | None, adapters: list[str], base: str | None, num
         data["registry"] = str(registry.expanduser().resolve())
     if base is not None:
         data["base"] = {"spec": base, "image_size": image_size, "pretrained": not random_init}
-        if dual_encoder or text is not None:
+        if lm is not None:
+            data["base"].update(kind="generative", lm=lm)
+        elif dual_encoder or text is not None:
             data["base"].update(kind="dual_encoder", text=text)
         elif num_classes is None:
             raise ConfigError("--base needs --num-classes (the head width every adapter shares), or --dual-encoder "
                               "/ --text for a dual encoder")
         else:
             data["base"]["num_classes"] = num_classes
-    elif num_classes is not None or image_size is not None or random_init or dual_encoder or text is not None:
-        raise ConfigError("--num-classes, --image-size, --random-init, --dual-encoder and --text describe --base; "
-                          "give --base too")
+    elif (num_classes is not None or image_size is not None or random_init or dual_encoder or text is not None
+          or lm is not None):
+        raise ConfigError("--num-classes, --image-size, --random-init, --dual-encoder, --text and --lm describe "
+                          "--base; give --base too")
     data.update({k: v for k, v in {"host": host, "port": port, "device": device, "dtype": dtype}.items()
                  if v is not None})
     return ServeConfig.parse(apply_overrides(data, overrides))

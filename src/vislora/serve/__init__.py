@@ -23,9 +23,11 @@ from vislora.serve.app import create_app
 from vislora.serve.config import ServeConfig
 from vislora.serve.engine import Engine
 from vislora.serve.factory import build_engine
+from vislora.serve.generate import Generated, GenerativeEngine
 from vislora.serve.records import Embedding, Label, LoadedAdapter, Prediction
 
-__all__ = ["BadImage", "Busy", "Conflict", "Embedding", "Engine", "Forbidden", "Label", "LoadedAdapter", "Prediction",
+__all__ = ["BadImage", "Busy", "Conflict", "Embedding", "Engine", "Forbidden", "Generated",
+           "GenerativeEngine", "Label", "LoadedAdapter", "Prediction",
            "ServeConfig", "ServeError", "Timeout", "TooLarge", "Unauthorized", "UnknownAdapter", "UnknownIndex",
            "UnknownRequest", "UnsupportedMedia",
            "build_engine", "create_app"]

@@ -17,12 +17,12 @@ from vislora.serve.dependencies import Tokens
 from vislora.serve.engine import Engine
 from vislora.serve.exposure import detail_for
 from vislora.serve.limits import BodyLimit
-from vislora.serve.routers import adapters, feedback, inference, ops, rollouts, search
+from vislora.serve.routers import adapters, feedback, generate, inference, ops, rollouts, search
 from vislora.version import __version__
 
 logger = logging.getLogger(__name__)
 
-TIMED = ("/v1/predict", "/v1/embed", "/v1/search")
+TIMED = ("/v1/predict", "/v1/embed", "/v1/search", "/v1/generate")
 
 
 def create_app(engine: Engine, config: ServeConfig | None = None, close_engine: bool = True) -> FastAPI:
@@ -42,7 +42,7 @@ def create_app(engine: Engine, config: ServeConfig | None = None, close_engine: 
                               "adapters.")
     app.state.engine, app.state.config = engine, config
     app.state.tokens = Tokens(config.auth.admin(), config.auth.client())
-    for module in (inference, search, adapters, rollouts, feedback, ops):
+    for module in (inference, generate, search, adapters, rollouts, feedback, ops):
         app.include_router(module.router)
     metrics = engine.metrics
     app.add_middleware(BodyLimit, max_bytes=config.limits.max_upload_bytes,

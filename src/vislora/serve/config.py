@@ -26,9 +26,12 @@ class BaseSection(_Section):
     An image classifier (`kind: classifier`, the default) answers predict with its head and embed with the head's
     input. A dual encoder (`kind: dual_encoder`: CLIP, SigLIP, open_clip, or an image backbone paired with a text
     encoder by `text`) embeds images and texts into one space, and predicts with a prompt classifier built from
-    each adapter's class names and templates."""
+    each adapter's class names and templates. A generative VLM (`kind: generative`: a vision encoder `spec` joined
+    to a causal LM `lm`, LLaVA-style, or one Hugging Face VLM `spec`) answers POST /v1/generate; `kwargs` takes
+    vislora.vlm.build_vlm's connector_hidden, seed, max_length and system."""
 
-    kind: Literal["classifier", "dual_encoder"] = Field("classifier", description="What the base model is.")
+    kind: Literal["classifier", "dual_encoder", "generative"] = Field("classifier", description="What the base "
+                                                                      "model is.")
     spec: str = Field(..., description="timm:<name>, hf:<id or dir>, open_clip:<name>, or asset:dinov2-small.")
     pretrained: bool = Field(True, description="Load pretrained weights (timm/open_clip download them).")
     head: Literal["auto", "own", "linear"] = Field("auto", description="As in the train config's model.head.")
@@ -47,6 +50,8 @@ class BaseSection(_Section):
         "adapters predicts nothing meaningful on its own.")
     text: str | None = Field(None, description="Dual encoders: the text encoder paired with the image backbone "
                              "spec (hf:<id or dir>, asset:all-minilm-l6-v2); unset for CLIP/SigLIP/open_clip.")
+    lm: str | None = Field(None, description="Generative bases: the causal LM joined to the vision encoder `spec` "
+                           "(hf:<id or dir>, asset:smollm2-135m-instruct); unset for a whole Hugging Face VLM.")
     embed_dim: int = Field(256, ge=1, description="Dual encoders with `text`: width of the joint space.")
     text_pooling: Literal["mean", "cls"] = Field("mean", description="Dual encoders with `text`: text pooling.")
     templates: list[str] = Field(["a photo of a {}."], min_length=1, description="Dual encoders: prompt "
@@ -58,6 +63,8 @@ class BaseSection(_Section):
             raise ValueError("a classifier base needs num_classes (the head width every adapter shares)")
         if self.kind == "classifier" and self.text is not None:
             raise ValueError("text pairs a text encoder with the image backbone: set kind: dual_encoder too")
+        if self.lm is not None and self.kind != "generative":
+            raise ValueError("lm joins a causal language model to the vision encoder: set kind: generative too")
         if self.kind == "dual_encoder" and self.tiling is not None:
             raise ValueError("tiling pools the tiles of an image for a classifier; a dual_encoder base is not tiled: "
                              "drop base.tiling")
@@ -184,6 +191,19 @@ class RolloutConfig(_Section):
         return {*self.weights, *([self.shadow] if self.shadow and self.shadow != BASE_SHADOW else [])}
 
 
+class GenerateSection(_Section):
+    """Limits and batching of POST /v1/generate (generative bases). Requests over a limit get 400 naming it."""
+
+    max_prompt_tokens: int = Field(512, ge=1, description="Most prompt tokens, the image's tokens and the chat "
+                                   "template included.")
+    max_new_tokens: int = Field(256, ge=1, description="Most tokens one request may ask to generate.")
+    default_max_new_tokens: int = Field(64, ge=1, description="Tokens generated when a request names none (at most "
+                                        "max_new_tokens).")
+    max_temperature: float = Field(2.0, gt=0, description="Highest sampling temperature a request may ask for.")
+    max_wait_ms: float | None = Field(None, ge=0, description="How long the first request of a generate batch "
+                                      "waits for company; default: batching.max_wait_ms.")
+
+
 class FeedbackSection(_Section):
     """How long answers wait for feedback (POST /v1/feedback names them by their request id)."""
 
@@ -211,6 +231,7 @@ class ServeConfig(_Section):
     rollouts: dict[str, RolloutConfig] = Field(default_factory=dict, description="Rollouts (weighted traffic "
                                                "splits with an optional shadow) by name.")
     feedback: FeedbackSection = Field(default_factory=FeedbackSection)
+    generate: GenerateSection = Field(default_factory=GenerateSection)
     indexes: dict[str, str] = Field(default_factory=dict, description="Search indexes (vislora index build) by "
                                     "name, for POST /v1/search: name -> index folder.")
     device: str = Field("cpu", description=f"Where the forward runs: {DEVICE_CHOICES} (auto = cuda when "

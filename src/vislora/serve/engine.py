@@ -132,7 +132,7 @@ class Engine(BlockingCalls):
         returns, never before."""
         check_name(name)
         source = source if isinstance(source, AdapterSource) else open_source(source, self.registry)
-        check_fits(name, source, self.base, self.input_spec)
+        self._check_fits(name, source)
         check_base_weights(name, source, self._base_print, self.head_path)
         classes = self._classes(source)
         checked = self._read(source)  # disk reads and checks outside the model lock
@@ -245,7 +245,11 @@ class Engine(BlockingCalls):
 
     def _enqueue(self, inputs: torch.Tensor, adapter: str | None, modality: str) -> Future[Output]:
         assignment = self._admit(adapter)
-        job = Job(inputs, assignment.adapter, assignment.shadow, assignment.rollout, modality)
+        return self._submit_job(Job(inputs, assignment.adapter, assignment.shadow, assignment.rollout, modality),
+                                assignment)
+
+    def _submit_job(self, job: Job, assignment: Assignment) -> Future:
+        """Queue `job`, admitted as `assignment`; the assignment is released once the job is answered or refused."""
         job.future.add_done_callback(lambda _: self._release(assignment))
         try:
             return self._batcher.submit(job)
@@ -404,6 +408,10 @@ class Engine(BlockingCalls):
         forward's CPU threads do not compete."""
         if self.placement.is_cpu:
             release_team()
+
+    def _check_fits(self, name: str, source: AdapterSource) -> None:
+        """Refuse an adapter trained for another base model (before its files are read)."""
+        check_fits(name, source, self.base, self.input_spec)
 
     def _read(self, source: AdapterSource) -> Any:
         """The adapter's files, read and checked against the model (no model lock held)."""

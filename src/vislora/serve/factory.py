@@ -15,9 +15,11 @@ from vislora.model import AdaptedModel
 from vislora.serve.config import ServeConfig
 from vislora.serve.dual import DualEngine
 from vislora.serve.engine import Engine, check_name
-from vislora.serve.sources import base_from_task, build_base, open_source
+from vislora.serve.generate import GenerativeEngine
+from vislora.serve.sources import base_from_task, build_base, build_vlm_base, open_source
 
-ENGINES: Mapping[str, type[Engine]] = {"classifier": Engine, "dual_encoder": DualEngine}  # base.kind -> engine
+ENGINES: Mapping[str, type[Engine]] = {"classifier": Engine, "dual_encoder": DualEngine,
+                                       "generative": GenerativeEngine}  # base.kind -> engine
 
 
 def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGINES, preload: bool = True) -> Engine:
@@ -35,10 +37,14 @@ def build_engine(config: ServeConfig, engines: Mapping[str, type[Engine]] = ENGI
         raise ConfigError(f"no engine serves a {base.kind!r} base (engines given for: {sorted(engines)}); add one "
                           f"to `engines`, e.g. {{**ENGINES, {base.kind!r}: MyEngine}}")
     placement = Placement.resolve(config.device, config.dtype)  # before the base is built: a bad device fails fast
-    model, head, spec = build_base(base, trained)
+    if base.kind == "generative":  # the engine also needs the VLM's processor and the generate limits
+        vlm = build_vlm_base(base)
+        model, head, spec, extra = vlm.model, None, vlm.image_spec, {"vlm": vlm, "generate": config.generate}
+    else:
+        (model, head, spec), extra = build_base(base, trained), {}
     engine = engines[base.kind](AdaptedModel(model), head, spec, base, batching=config.batching,
                                 limits=config.limits, seed=config.seed, registry=config.registry,
-                                feedback=config.feedback, health=config.health, placement=placement)
+                                feedback=config.feedback, health=config.health, placement=placement, **extra)
     if not preload:
         return engine
     try:

@@ -16,6 +16,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.4, 0.6, 1.0, 2.5, 5.0, 10.0)
+GENERATE_SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DRIFT = (1e-6, 1e-5, 1e-4, 1e-3, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 QUANTILES = (0.5, 0.95, 0.99)
@@ -67,6 +68,12 @@ class ServeMetrics:
         self.feedback_clicks = Counter("vislora_feedback_clicks", "Click feedback on answers, by rollout, the adapter "
                                        "that answered and whether the answer was clicked.",
                                        ["rollout", "adapter", "clicked"], registry=r)
+        self.generated_tokens = Counter("vislora_generated_tokens", "Tokens generated (POST /v1/generate), by the "
+                                        "adapter that generated them.", ["adapter"], registry=r)
+        self.generate_seconds = Histogram("vislora_generate_seconds", "Seconds of one batched generate call.",
+                                          buckets=GENERATE_SECONDS, registry=r)
+        self.generate_tokens_per_s = Gauge("vislora_generate_tokens_per_second", "Tokens per second of the last "
+                                           "batched generate call (all its prompts together).", registry=r)
         self.feedback_pending = Gauge("vislora_feedback_pending", "Answers still waiting for feedback.", registry=r)
 
     def bind_queue(self, depth: Callable[[], int]) -> None:
@@ -118,6 +125,7 @@ class ServeMetrics:
                               got["vislora_shadow_drift_count"]),
             "base_cosine": _base_cosine(got),
             "feedback": _feedback(got),
+            "generate": _generate(got),
         }
 
 
@@ -202,6 +210,14 @@ def _feedback(got: dict[str, list[Any]]) -> dict[str, Any]:
     pending = got["vislora_feedback_pending"]
     return {"pending": pending[0].value if pending else 0.0, "rollouts": rollouts,
             "adapters": {name: _score(row, "primary") for name, row in sorted(adapters.items())}}
+
+
+def _generate(got: dict[str, list[Any]]) -> dict[str, Any]:
+    """Generated tokens (in all and per adapter), tokens/s of the last batched generate and its durations (ms)."""
+    tokens = {s.labels["adapter"]: s.value for s in got["vislora_generated_tokens_total"]}
+    speed = got["vislora_generate_tokens_per_second"]
+    return {"tokens": sum(tokens.values()), "adapters": tokens, "tokens_per_s": speed[0].value if speed else 0.0,
+            "seconds": _histogram(got, "vislora_generate_seconds", scale=1e3)}
 
 
 def _score(row: dict[str, float], role: str) -> dict[str, float | None]:

@@ -43,6 +43,23 @@ class EmbedJSON(_Body):
         return self
 
 
+class GenerateJSON(_Body):
+    """A generate request as JSON (multipart/form-data takes the same fields, `image` as a file)."""
+
+    image: str = Field(..., description="The image file's bytes, base64-encoded (a data: URL prefix is allowed).")
+    prompt: str | None = Field(None, description="The question or instruction; omit it for a captioning adapter "
+                               "(its task.json prompt is used).")
+    adapter: str | None = Field(None, description=ADAPTER_FIELD)
+    max_new_tokens: int | None = Field(None, ge=1, description="Most tokens to generate (at most the server's "
+                                       "generate.max_new_tokens); default generate.default_max_new_tokens.")
+    temperature: float = Field(0.0, ge=0, description="0: greedy (deterministic); above 0: sampling at that "
+                               "temperature.")
+    seed: int | None = Field(None, description="Sampling: draw from this seed (the request then runs alone, so the "
+                             "same seed gives the same text).")
+    stream: bool = Field(False, description="Answer as server-sent events, one `token` event per new token, then a "
+                         "`done` event with the whole answer; a streamed request runs alone (not batched).")
+
+
 class SearchJSON(_Body):
     """A search request as JSON (multipart/form-data takes the same fields, `image` as a file): an image, or a text
     for indexes of dual-encoder embeddings."""
@@ -91,6 +108,16 @@ class EmbedResponse(Served):
                                    "input). Dual encoders: the L2-normalised image or text embedding in their "
                                    "joint space.")
     dim: int
+
+
+class GenerateResponse(Served):
+    text: str = Field(..., description="The generated answer (special tokens removed, stripped).")
+    tokens: int = Field(..., description="New tokens generated, the end-of-answer token included.")
+    prompt_tokens: int = Field(..., description="Tokens of the prompt, the image's tokens included.")
+    seconds: float = Field(..., description="From queued to answered, in the engine.")
+    tokens_per_s: float = Field(..., description="tokens / seconds.")
+    finish_reason: str = Field(..., description="stop: the model ended its answer; length: max_new_tokens reached.")
+    batch_size: int = Field(..., description="Requests generated together in one call (this one included).")
 
 
 class HitOut(BaseModel):

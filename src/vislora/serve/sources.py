@@ -23,10 +23,20 @@ from vislora.dual_encoder import build_dual_encoder
 from vislora.errors import AdapterFileError, ConfigError
 from vislora.formats import ADAPTER_FILES, CONFIG_FILE, PICKLE_SUFFIXES, WEIGHTS_FILE
 from vislora.input_size import fit_input_size, spec_with_size
-from vislora.runs import DUAL_TASKS, TASK_FILE, check_rebuildable, input_spec, model_spec, resized_spec, run_seed
+from vislora.runs import (
+    DUAL_TASKS,
+    GENERATIVE_TASKS,
+    TASK_FILE,
+    check_rebuildable,
+    input_spec,
+    model_spec,
+    resized_spec,
+    run_seed,
+)
 from vislora.serve.config import BaseSection
 from vislora.tasks.classification import build_classifier
 from vislora.tasks.tiled import build_tiled_classifier
+from vislora.vlm import Vlm, build_vlm
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +102,8 @@ def open_source(reference: str | Path, registry: str | Path | None = None) -> Ad
 def base_from_task(task: dict[str, Any]) -> BaseSection:
     """The base model section an adapter's task.json describes (a classifier's classes become the head width)."""
     kind = task.get("task", "classification")
+    if kind in GENERATIVE_TASKS:
+        return generative_base(task)
     model = task["model"]
     common = {"spec": model["spec"], "pretrained": model.get("pretrained", True),
               "pooling": model.get("pooling", "cls"), "kwargs": model.get("kwargs", {}),
@@ -103,9 +115,32 @@ def base_from_task(task: dict[str, Any]) -> BaseSection:
                            text_pooling=model.get("text_pooling", "mean"), **common)
     if kind not in ("classification", "multilabel"):
         raise AdapterFileError(f"this adapter was trained for the {kind!r} task; the server serves classification, "
-                               f"multilabel and dual-encoder ({', '.join(DUAL_TASKS)}) adapters")
+                               f"multilabel, dual-encoder ({', '.join(DUAL_TASKS)}) and generative "
+                               f"({', '.join(GENERATIVE_TASKS)}) adapters")
     return BaseSection(head=model.get("head", "auto"), num_classes=len(task["classes"]), tiling=task.get("tiling"),
                        **common)
+
+
+VLM_OPTIONS = ("connector_hidden", "seed", "max_length", "system")  # build_vlm's options a task.json `vlm` records
+
+
+def generative_base(task: dict[str, Any]) -> BaseSection:
+    """The generative base a captioning or VQA adapter's task.json `vlm` record describes."""
+    check_rebuildable(task, "this adapter", fix="serve it from a GenerativeEngine built on that model in Python")
+    record = task.get("vlm") or {}
+    if "spec" not in record:
+        raise AdapterFileError(f"this {task.get('task')!r} adapter's task.json has no `vlm` record naming its base; "
+                               "give base.spec and base.lm (kind: generative) in the serve config")
+    return BaseSection(kind="generative", spec=record["spec"], lm=record.get("lm"), image_size=record.get("image_size"),
+                       kwargs={key: record[key] for key in VLM_OPTIONS if record.get(key) is not None})
+
+
+def build_vlm_base(section: BaseSection) -> Vlm:
+    """The generative VLM a `kind: generative` base section describes (vislora.vlm.build_vlm)."""
+    unknown = sorted(set(section.kwargs) - set(VLM_OPTIONS))
+    if unknown:
+        raise ConfigError(f"base.kwargs {unknown} are not options of a generative base; it takes {list(VLM_OPTIONS)}")
+    return build_vlm(section.spec, section.lm, image_size=section.image_size, **section.kwargs)
 
 
 def frozen_folders(source: AdapterSource) -> list[Path]:

@@ -5,6 +5,7 @@ that POST /v1/feedback names it by."""
 from __future__ import annotations
 
 import asyncio
+from concurrent.futures import Future
 from dataclasses import asdict
 from typing import Any, TypeVar
 
@@ -20,6 +21,7 @@ from vislora.serve.records import Output, labels_of
 from vislora.serve.schemas import EmbedJSON, EmbedResponse, ErrorOut, LabelOut, PredictJSON, PredictResponse
 
 Body = TypeVar("Body", bound=BaseModel)
+Answer = TypeVar("Answer")
 ERRORS: dict[int | str, dict[str, Any]] = {code: {"model": ErrorOut, "description": text} for code, text in (
     (400, "Malformed image or request"), (401, "Missing or wrong bearer token"), (404, "Unknown adapter or rollout"),
     (413, "Body above limits.max_upload_bytes"), (415, "Neither JSON nor a form"), (503, "Queue full"),
@@ -78,6 +80,11 @@ async def compute(engine: Engine, data: bytes | str, adapter: str | None, timeou
         future = engine.submit_text(await run_in_threadpool(engine.preprocess_text, data), adapter)
     else:
         future = engine.submit(await run_in_threadpool(engine.preprocess, data), adapter)
+    return await answer_within(future, timeout, engine)
+
+
+async def answer_within(future: Future[Answer], timeout: float, engine: Engine) -> Answer:
+    """The result of a queued job; Timeout (504) when it is not computed within `timeout` s."""
     try:  # on timeout the job is cancelled: dropped if its batch has not started
         return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
     except TimeoutError:
