@@ -223,3 +223,26 @@ def test_cut_answers_warn_once_and_are_counted(tmp_path):
         result = trainer.fit()
     assert len([w for w in got if "were cut" in str(w.message)]) == 1
     assert [r["cut_answers"] for r in rows(result.run_dir, "train")] == [4, 8, 12]
+
+
+def test_captions_cycle_through_their_references_and_are_asked_the_prompt(tmp_path):
+    from vislora.data.transforms import SampleTransform, build_transform, model_input_spec
+    from vislora.train.generative import CaptioningTask
+
+    folder = tmp_path / "captions"
+    folder.mkdir()
+    Image.new("RGB", (28, 28), COLORS["red"]).save(folder / "red.png")
+    (folder / "captions.jsonl").write_text(json.dumps({"image": "red.png", "captions": ["a red item", "red"]}) + "\n")
+    config = vqa_config(tmp_path / "run", folder / "captions.jsonl",
+                        task={"kind": "captioning", "prompt": "describe the image briefly ."})
+    task = CaptioningTask(config)
+    data = task.prepare_data(task.open_data(config.data.train, None, None), train=True)
+    vlm = tiny_llava()
+    data.transform = SampleTransform(build_transform(model_input_spec(vlm.model.model.vision_tower), False))
+    seen = []
+    for epoch in range(3):
+        data.transform.set_epoch(epoch)
+        seen.append(data[0]["answer"])
+    assert seen == ["a red item", "red", "a red item"] and data[0]["answers"] == ["a red item", "red"]
+    batch = task.collate([data[0]])
+    assert batch["image"].shape == (1, 3, 28, 28) and task.questions(batch) == ["describe the image briefly ."]

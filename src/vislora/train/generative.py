@@ -11,7 +11,8 @@ A training sequence is the model's chat template around the image tokens and the
     input_ids = [chat template(image tokens, question)] [answer] [end of turn] [pad ...]
     labels    = [-100 ...                             ] [answer] [end of turn] [-100 ...]
 
-An example with several references (COCO's five captions) trains on reference `epoch mod count` in each epoch.
+A VQA example trains on its `answer` (the data's first answer); a caption with several references (COCO's five)
+trains on reference `epoch mod count` in each epoch.
 Answers cut at `task.max_length` raise one VisloraWarning and are counted in metrics.jsonl (`cut_answers`).
 Evaluation is the held-out answer loss (mean over answer tokens) and greedy answers to the first `task.generations`
 held-out examples: exact match against any reference for VQA. Caption metrics (CIDEr, ...) are
@@ -45,12 +46,14 @@ logger = logging.getLogger(__name__)
 
 
 class GenerativeTrainData(torch.utils.data.Dataset):
-    """A GenerativeDataset as the trainer reads datasets: items carry `image` (the pixel values) and the answer of
-    the epoch; a name, no classes, and no resolution check (every image is resized to the VLM's side)."""
+    """A GenerativeDataset as the trainer reads datasets: items carry `image` (the pixel values) and the answer to
+    train on (with `cycle`, a caption's references in turn: reference `epoch mod count`; else the data's `answer`);
+    a name, no classes, and no resolution check (every image is resized to the VLM's side)."""
 
-    def __init__(self, dataset: GenerativeDataset, name: str) -> None:
+    def __init__(self, dataset: GenerativeDataset, name: str, cycle: bool = False) -> None:
         self.dataset = dataset
         self.name = name
+        self.cycle = cycle
         self.classes: list[str] = []
 
     @property
@@ -77,9 +80,10 @@ class GenerativeTrainData(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.dataset[index]
-        answers = item["answers"]
-        epoch = self.transform.epoch if isinstance(self.transform, SampleTransform) else 0
-        answer = answers[epoch % len(answers)] if answers else item["answer"]
+        answers, answer = item["answers"], item["answer"]
+        if self.cycle and answers:
+            epoch = self.transform.epoch if isinstance(self.transform, SampleTransform) else 0
+            answer = answers[epoch % len(answers)]
         return {"image": item["pixel_values"], "question": item["question"], "answer": answer, "answers": answers,
                 "index": index}
 
@@ -125,12 +129,13 @@ class GenerativeTask(TrainTask):
     # ---------------------------------------------------------------- data
     def open_data(self, source: str, classes: list[str] | None, limit: int | None) -> GenerativeTrainData:
         """The examples of `source` (the first `limit`), images relative to its folder."""
-        return GenerativeTrainData(GenerativeDataset(read_generative(source, self.kind, limit=limit), None), source)
+        examples = read_generative(source, self.kind, limit=limit)
+        return GenerativeTrainData(GenerativeDataset(examples, None), source, cycle=self.kind == "captioning")
 
     def prepare_data(self, dataset: Any, train: bool) -> GenerativeTrainData:
         """A dataset handed to the Trainer (a GenerativeDataset) wrapped as the trainer reads it."""
         if isinstance(dataset, GenerativeDataset):
-            dataset = GenerativeTrainData(dataset, f"{'train' if train else 'val'} data")
+            dataset = GenerativeTrainData(dataset, f"{'train' if train else 'val'} data", self.kind == "captioning")
         if not isinstance(dataset, GenerativeTrainData):
             raise DataError(f"a {self.kind} run reads generative data (vislora.data.generative.GenerativeDataset), "
                             f"got a {type(dataset).__name__}; give data.train a COCO captions / LLaVA .json or a "
