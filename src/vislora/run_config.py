@@ -321,6 +321,9 @@ class TrainConfig(_Section):
         if self.model.connector_hidden is not None and self.model.lm is None:
             raise ValueError("model.connector_hidden sizes the connector composed between model.spec and model.lm; "
                              "set model.lm (a causal LM), or drop connector_hidden for a whole Hugging Face VLM")
+        if self.data.image_sizes:
+            raise ValueError(f"data.image_sizes trains at several sides, but a {kind} run's VLM takes a fixed "
+                             "number of image tokens per image; set one data.image_size")
         if self.model.text:
             raise ValueError(f"model.text pairs a text tower with a dual encoder; a {kind} run composes a VLM with "
                              "model.lm (a causal LM): use model.lm, or drop model.text")

@@ -156,6 +156,8 @@ def test_config_refuses_generative_settings_elsewhere_and_others_here(tmp_path, 
         vqa_config(tmp_path, data, task={"kind": "captioning"}, run={"best_metric": "map"})
     with pytest.raises(ConfigError, match=r"model\.connector_hidden sizes the connector"):
         vqa_config(tmp_path, data, model={"spec": "hf:x", "connector_hidden": 8})
+    with pytest.raises(ConfigError, match=r"data\.image_sizes trains at several sides"):
+        vqa_config(tmp_path, data, data={"image_sizes": [28, 56]})
     assert vqa_config(tmp_path, data).run.best_metric == "loss"
     assert vqa_config(tmp_path, data, run={"best_metric": "exact_match"}).run.best_metric == "exact_match"
 

@@ -206,14 +206,14 @@ class GenerativeTask(TrainTask):
         self.cut_answers += cut_rows(tokens["labels"], self.vlm.processor.eos_token_id)
         return tokens
 
-    def forward(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
+    def answer_loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
         """(mean loss over the batch's answer tokens, answer tokens)."""
         tokens = self.tokens(self.questions(batch), list(batch["answer"]))
         out = model(**{k: v.to(device) for k, v in tokens.items()}, pixel_values=batch["image"].to(device))
         return out.loss.float(), int((tokens["labels"][:, 1:] != IGNORE).sum())
 
     def loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
-        return self.forward(model, batch, device)[0], len(batch["answer"])
+        return self.answer_loss(model, batch, device)[0], len(batch["answer"])
 
     def train_metrics(self) -> dict[str, float]:
         return {"cut_answers": self.cut_answers}
@@ -231,7 +231,7 @@ class GenerativeTask(TrainTask):
         with torch.no_grad():
             for batch in eval_batches(trainer.model, loader, []):
                 with accelerator.autocast():
-                    loss, tokens = self.forward(trainer.model, batch, accelerator.device)
+                    loss, tokens = self.answer_loss(trainer.model, batch, accelerator.device)
                 total, count = total + loss.item() * tokens, count + tokens
         sums = gather_object([(total, count)])
         total, count = sum(s[0] for s in sums), sum(s[1] for s in sums)
