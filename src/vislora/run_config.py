@@ -19,6 +19,12 @@ from vislora.data.tiling import TilingConfig
 from vislora.data.transforms import AugmentConfig
 from vislora.errors import ConfigError
 from vislora.io import apply_overrides, atomic_write_text, read_mapping
+from vislora.run_generative import (
+    GENERATIVE_KINDS,
+    VLM_FIELDS,
+    check_generative,
+    check_not_generative,
+)
 
 
 class _Section(BaseModel):
@@ -96,13 +102,9 @@ class AdapterSection(_Section):
 
 TOWER_FIELDS = ("vision_targets", "text_targets", "vision_rank", "vision_alpha", "text_rank", "text_alpha",
                 "train_heads", "frozen")
-VLM_FIELDS = ("train_connector", "part_ranks", "part_alphas")  # adapter fields of generative VLM runs
 
 
 MULTILABEL_KINDS = ("multilabel", "prompted_multilabel")  # task kinds configured by task.multilabel
-GENERATIVE_KINDS = ("captioning", "vqa")  # task kinds that train a generative VLM (vislora.vlm)
-VLM_PARTS = ("lm", "vision", "connector", "qformer")  # what a generative run's stages train (vislora.vlm.PARTS)
-TOWERS = ("vision", "text")  # what the other runs' stages train
 
 
 class MultilabelSection(_Section):
@@ -297,9 +299,9 @@ class TrainConfig(_Section):
         if self.run.early_stopping_patience and not self.data.val:
             raise ValueError("run.early_stopping_patience needs data.val to measure improvement")
         if self.task.kind in GENERATIVE_KINDS:
-            self._check_generative()
+            check_generative(self, ("preset", *TOWER_FIELDS))
         else:
-            self._check_not_generative()
+            check_not_generative(self)
         if self.task.kind in ("classification", "multilabel") and self.model.text:
             raise ValueError("model.text pairs a text tower with the image backbone, which only dual-encoder tasks "
                              "use; set task.kind: contrastive or few_shot, or drop model.text")
@@ -313,54 +315,6 @@ class TrainConfig(_Section):
         if self.data.tiling is not None:
             self._check_tiling()
         return self
-
-    def _check_generative(self) -> None:
-        """captioning / vqa: no dual-encoder or classifier settings; stages name VLM parts (all of them by default);
-        best_metric defaults to the held-out loss."""
-        kind = self.task.kind
-        if self.model.connector_hidden is not None and self.model.lm is None:
-            raise ValueError("model.connector_hidden sizes the connector composed between model.spec and model.lm; "
-                             "set model.lm (a causal LM), or drop connector_hidden for a whole Hugging Face VLM")
-        if self.data.image_sizes:
-            raise ValueError(f"data.image_sizes trains at several sides, but a {kind} run's VLM takes a fixed "
-                             "number of image tokens per image; set one data.image_size")
-        if self.model.text:
-            raise ValueError(f"model.text pairs a text tower with a dual encoder; a {kind} run composes a VLM with "
-                             "model.lm (a causal LM): use model.lm, or drop model.text")
-        towers = _changed(self.adapter, ("preset", *TOWER_FIELDS))
-        if towers:
-            raise ValueError(f"adapter.{', adapter.'.join(towers)} belong to dual encoders and classifiers; a {kind} "
-                             "run names VLM parts in adapter.targets (lm, lm:q, vision, connector, qformer) with "
-                             "adapter.part_ranks / part_alphas")
-        for index, stage in enumerate(self.stages):
-            if "train" not in stage.model_fields_set:
-                stage.train = list(VLM_PARTS)
-            elif "text" in stage.train:
-                raise ValueError(f"stages[{index}].train names `text`, a dual-encoder tower; a {kind} run trains VLM "
-                                 f"parts: {', '.join(VLM_PARTS)}")
-        measured = ("loss", "exact_match") if kind == "vqa" and self.task.generations else ("loss",)
-        if self.run.best_metric not in measured:
-            if "best_metric" in self.run.model_fields_set:
-                raise ValueError(f"run.best_metric {self.run.best_metric} is not measured by this {kind} run; use "
-                                 f"{' or '.join(measured)} (exact_match: vqa runs with task.generations > 0)")
-            self.run.best_metric = "loss"
-
-    def _check_not_generative(self) -> None:
-        """Generative settings (model.lm, adapter.train_connector, task.prompt, VLM parts in stages) on another task
-        kind are errors."""
-        kind = self.task.kind
-        named = [f"model.{f}" for f in _changed(self.model, ("lm", "connector_hidden"))]
-        named += [f"adapter.{f}" for f in _changed(self.adapter, VLM_FIELDS)]
-        named += [f"task.{f}" for f in _changed(self.task, ("prompt", "max_length", "system", "generations",
-                                                              "max_new_tokens"))]
-        if named:
-            raise ValueError(f"{', '.join(named)} configure captioning / VQA runs, but task.kind is {kind!r}; set "
-                             "task.kind: captioning or vqa, or drop them")
-        for index, stage in enumerate(self.stages):
-            parts = sorted(set(stage.train) - set(TOWERS))
-            if parts:
-                raise ValueError(f"stages[{index}].train names {parts}, VLM parts of captioning / vqa runs; a {kind} "
-                                 "run's stages train towers: vision, text")
 
     def _check_tiling(self) -> None:
         if self.task.kind not in ("classification", "multilabel"):
@@ -412,12 +366,6 @@ class TrainConfig(_Section):
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
-
-
-def _changed(section: BaseModel, fields: tuple[str, ...]) -> list[str]:
-    """The `fields` of `section` whose values differ from their defaults (a resolved config.yaml sets every field)."""
-    defaults = type(section).model_fields
-    return [f for f in fields if getattr(section, f) != defaults[f].get_default(call_default_factory=True)]
 
 
 def _check_keys(data: Any, model: type[BaseModel], prefix: str) -> None:

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from tests.vlm.generative_fixtures import tiny_causal_lm, tiny_llava, tiny_tokenizer, tiny_vision
 
 from vislora.errors import AdapterFileError, ConfigError, VisloraWarning
-from vislora.run_config import VLM_PARTS, TrainConfig
+from vislora.run_config import TrainConfig
+from vislora.run_generative import VLM_PARTS
 from vislora.runs import load_trained_vlm
 from vislora.train.generative import matches
 from vislora.train.trainer import Trainer

@@ -36,7 +36,8 @@ from vislora.config import AdapterConfig
 from vislora.data.generative import GenerativeDataset, read_generative
 from vislora.data.transforms import SampleTransform, model_input_spec
 from vislora.errors import ConfigError, DataError, VisloraWarning
-from vislora.run_config import TOWER_FIELDS, VLM_FIELDS, TrainConfig
+from vislora.run_config import TOWER_FIELDS, TrainConfig
+from vislora.run_generative import VLM_FIELDS
 from vislora.tasks.classification import eval_batches
 from vislora.train.tasks import TrainTask
 from vislora.train.view import TrainerView

@@ -34,7 +34,8 @@ from torch import nn
 
 from vislora.errors import ConfigError
 from vislora.model import AdaptedModel
-from vislora.run_config import VLM_PARTS, OptimSection, StageSection
+from vislora.run_config import OptimSection, StageSection
+from vislora.run_generative import VLM_PARTS
 from vislora.towers import tower_of
 from vislora.train.growth import replace_grown
 from vislora.train.schedule import build_optimizer, build_scheduler, position_scheduler

@@ -28,7 +28,8 @@ from vislora.evaluate.dual import DualEvalResult, embed_rows, score_rows
 from vislora.evaluate.multilabel import MultilabelMetrics, Thresholds, multilabel_metrics, tune_thresholds
 from vislora.evaluate.prompted import PromptedScores, prompted_scores
 from vislora.formats import load_adapter
-from vislora.run_config import TOWER_FIELDS, VLM_FIELDS, TrainConfig
+from vislora.run_config import TOWER_FIELDS, TrainConfig
+from vislora.run_generative import VLM_FIELDS
 from vislora.runs import dual_encoder_args
 from vislora.tasks.clip import (
     CLIP_LORA,
