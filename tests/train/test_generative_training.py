@@ -249,3 +249,15 @@ def test_captions_cycle_through_their_references_and_are_asked_the_prompt(tmp_pa
     assert seen == ["a red item", "red", "a red item"] and data[0]["answers"] == ["a red item", "red"]
     batch = task.collate([data[0]])
     assert batch["image"].shape == (1, 3, 28, 28) and task.questions(batch) == ["describe the image briefly ."]
+
+
+def test_gradient_checkpointing_gives_the_same_steps(tmp_path, data):
+    def losses(out, checkpointing):
+        config = vqa_config(tmp_path / out, data, task={"generations": 0}, optim={"max_steps": 2},
+                            run={"gradient_checkpointing": checkpointing})
+        trainer = Trainer(config, base_model=tiny_llava())
+        assert trainer.adapted.base_model.is_gradient_checkpointing == checkpointing
+        return [r["loss"] for r in rows(trainer.fit().run_dir, "train")]
+
+    plain, checkpointed = losses("plain", False), losses("checkpointed", True)
+    assert checkpointed == pytest.approx(plain, rel=1e-5)
