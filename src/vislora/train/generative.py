@@ -190,9 +190,9 @@ class GenerativeTask(TrainTask):
         """The batch's questions; task.prompt for captions (question None)."""
         return [q if q is not None else self.config.task.prompt for q in batch["question"]]
 
-    def tokens(self, questions: list[str], answers: list[str]) -> dict[str, torch.Tensor]:
+    def tokens(self, questions: list[str], answers: list[str], train: bool = True) -> dict[str, torch.Tensor]:
         """processor.train_batch; its warning about answers cut at max_length is passed on once per run, later
-        cuts are counted (`cut_answers`)."""
+        cuts of training answers are counted (`cut_answers`)."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             tokens = self.vlm.processor.train_batch(questions, answers)
@@ -204,12 +204,14 @@ class GenerativeTask(TrainTask):
             self.warned = self.warned or cut
             suffix = "; later cuts are counted in metrics.jsonl (cut_answers)" if cut else ""
             warnings.warn(f"{caught_warning.message}{suffix}", caught_warning.category, stacklevel=3)
-        self.cut_answers += cut_rows(tokens["labels"], self.vlm.processor.eos_token_id)
+        if train:
+            self.cut_answers += cut_rows(tokens["labels"], self.vlm.processor.eos_token_id)
         return tokens
 
-    def answer_loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, int]:
+    def answer_loss(self, model: nn.Module, batch: dict[str, Any], device: torch.device,
+                    train: bool = True) -> tuple[torch.Tensor, int]:
         """(mean loss over the batch's answer tokens, answer tokens)."""
-        tokens = self.tokens(self.questions(batch), list(batch["answer"]))
+        tokens = self.tokens(self.questions(batch), list(batch["answer"]), train)
         out = model(**{k: v.to(device) for k, v in tokens.items()}, pixel_values=batch["image"].to(device))
         return out.loss.float(), int((tokens["labels"][:, 1:] != IGNORE).sum())
 
@@ -232,7 +234,7 @@ class GenerativeTask(TrainTask):
         with torch.no_grad():
             for batch in eval_batches(trainer.model, loader, []):
                 with accelerator.autocast():
-                    loss, tokens = self.answer_loss(trainer.model, batch, accelerator.device)
+                    loss, tokens = self.answer_loss(trainer.model, batch, accelerator.device, train=False)
                 total, count = total + loss.item() * tokens, count + tokens
         sums = gather_object([(total, count)])
         total, count = sum(s[0] for s in sums), sum(s[1] for s in sums)
