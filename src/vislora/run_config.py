@@ -19,6 +19,12 @@ from vislora.data.tiling import TilingConfig
 from vislora.data.transforms import AugmentConfig
 from vislora.errors import ConfigError
 from vislora.io import apply_overrides, atomic_write_text, read_mapping
+from vislora.run_generative import (
+    GENERATIVE_KINDS,
+    VLM_FIELDS,
+    check_generative,
+    check_not_generative,
+)
 
 
 class _Section(BaseModel):
@@ -39,6 +45,11 @@ class ModelSection(_Section):
     embed_dim: int = Field(256, ge=1, description="Dual encoders: width of the shared embedding space.")
     text_pooling: Literal["mean", "cls"] = Field("mean", description="Dual encoders: text features the projection "
                                                  "reads (mean over tokens, as sentence-transformers).")
+    lm: str | None = Field(None, description="Captioning / VQA: the causal language model (hf:<id or dir> or "
+                           "asset:smollm2-135m-instruct) composed LLaVA-style with the vision encoder `spec`; unset "
+                           "when `spec` is a whole Hugging Face VLM (vislora.vlm.build_vlm).")
+    connector_hidden: int | None = Field(None, ge=1, description="Captioning / VQA with model.lm: hidden width of "
+                                         "the new connector (default: the LM's width).")
 
 
 class AdapterSection(_Section):
@@ -73,11 +84,16 @@ class AdapterSection(_Section):
     frozen: dict[str, str] = Field(default_factory=dict, description="Adapters loaded from these folders under "
                                    "these names, kept active and frozen while this one trains (e.g. a shared "
                                    "vision adapter under a per-language text adapter).")
+    train_connector: bool = Field(False, description="Captioning / VQA: train the VLM's connector in full and save "
+                                  "it with the adapter (LLaVA's stage 1 aligns it with both towers frozen).")
+    part_ranks: dict[str, int] | None = Field(None, description="Captioning / VQA: rank per VLM part, e.g. "
+                                              "{vision: 4} (default: rank).")
+    part_alphas: dict[str, float] | None = Field(None, description="Captioning / VQA: alpha per VLM part.")
 
     def build(self, *trained: str) -> AdapterConfig:
         """The AdapterConfig for a model whose classifier (head, and a tiled model's attention pooling) lives at the
         `trained` module paths."""
-        fields = self.model_dump(exclude={"preset", *TOWER_FIELDS}, exclude_none=True)
+        fields = self.model_dump(exclude={"preset", *TOWER_FIELDS, *VLM_FIELDS}, exclude_none=True)
         fields["modules_to_save"] = list(dict.fromkeys([*fields.get("modules_to_save", []), *trained]))
         if self.preset:
             return AdapterConfig.from_preset(self.preset, **fields)
@@ -127,11 +143,13 @@ class TaskSection(_Section):
     """What is trained: an image classifier (single- or multi-label), or a dual encoder (contrastive image-text,
     few-shot prompt classifier)."""
 
-    kind: Literal["classification", "multilabel", "contrastive", "few_shot", "prompted_multilabel"] = Field(
+    kind: Literal["classification", "multilabel", "contrastive", "few_shot", "prompted_multilabel", "captioning",
+                  "vqa"] = Field(
         "classification", description="classification: backbone + head; multilabel: backbone + one logit per "
         "attribute (task.multilabel); contrastive: symmetric InfoNCE on image-"
         "caption pairs; few_shot: CLIP-LoRA, cross-entropy against a text classifier built from prompts; "
-        "prompted_multilabel: a dual encoder scores each attribute of task.multilabel by its prompts.")
+        "prompted_multilabel: a dual encoder scores each attribute of task.multilabel by its prompts; "
+        "captioning / vqa: a generative VLM (model.spec + model.lm) learns to answer, loss on the answer tokens only.")
     multilabel: MultilabelSection = Field(default_factory=MultilabelSection)
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1, description=(
         "Prompt templates ('{}' = class name). Prompt classifiers ensemble all (few_shot trains through that "
@@ -142,6 +160,14 @@ class TaskSection(_Section):
                               "(seeded by run.seed); unset = all of data.train.")
     loss: Literal["infonce", "sigmoid"] = Field("infonce", description="contrastive: InfoNCE (CLIP) or pairwise "
                                                 "sigmoid (SigLIP; needs a model with a logit bias).")
+    prompt: str = Field("Describe the image briefly.", min_length=1, description="captioning: the instruction "
+                        "every image is asked (VQA examples bring their own question).")
+    max_length: int = Field(512, ge=8, description="captioning / vqa: tokens of prompt (image tokens included) + "
+                            "answer; longer answers are cut, with a warning.")
+    system: str | None = Field(None, description="captioning / vqa: the chat template's system turn (unset: none).")
+    generations: int = Field(8, ge=0, description="captioning / vqa: held-out examples answered greedily at each "
+                             "evaluation (exact match for VQA; 0: held-out loss only).")
+    max_new_tokens: int = Field(32, ge=1, description="captioning / vqa: longest answer generated in evaluation.")
 
 
 class DataSection(_Section):
@@ -190,9 +216,10 @@ class RunSection(_Section):
     eval_every: int = Field(0, ge=0, description="Evaluate on data.val every N steps (0: only at the end).")
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: never).")
     keep_last: int = Field(2, ge=1, description="Step checkpoints kept on disk.")
-    best_metric: Literal["accuracy", "loss", "recall@1", "map"] = Field(
+    best_metric: Literal["accuracy", "loss", "recall@1", "map", "exact_match"] = Field(
         "accuracy", description="recall@1: mean of image->text and text->image recall@1 (contrastive runs); map: "
-        "mean average precision (multilabel runs, whose default it is).")
+        "mean average precision (multilabel runs, whose default it is); exact_match: greedy answers equal to a "
+        "reference answer (vqa runs; captioning and vqa default to loss).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without improving best_metric.")
     early_stopping_min_delta: float = Field(0.0, ge=0)
@@ -226,9 +253,10 @@ class StageSection(_Section):
     learning-rate factor, and the adapter's rank."""
 
     steps: int = Field(..., ge=1, description="Optimizer steps in this stage.")
-    train: list[Literal["vision", "text"]] = Field(
+    train: list[Literal["vision", "text", "lm", "connector", "qformer"]] = Field(
         default_factory=lambda: ["vision", "text"], min_length=1,
-        description="Towers whose adapters train (a model without towers is all `vision`; default: everything).")
+        description="Towers whose adapters train (a model without towers is all `vision`; default: everything); "
+        "captioning / vqa runs name VLM parts: lm, vision, connector, qformer (default: all of them).")
     lr_scale: float = Field(1.0, gt=0, description="Multiplies both learning rates during this stage.")
     rank: int | None = Field(
         None, ge=1, description="Progressive rank growth: the adapter grows to this rank when the stage starts. The "
@@ -270,6 +298,10 @@ class TrainConfig(_Section):
             raise ValueError("run.eval_every is set but data.val is empty; give held-out data or set eval_every: 0")
         if self.run.early_stopping_patience and not self.data.val:
             raise ValueError("run.early_stopping_patience needs data.val to measure improvement")
+        if self.task.kind in GENERATIVE_KINDS:
+            check_generative(self, ("preset", *TOWER_FIELDS))
+        else:
+            check_not_generative(self)
         if self.task.kind in ("classification", "multilabel") and self.model.text:
             raise ValueError("model.text pairs a text tower with the image backbone, which only dual-encoder tasks "
                              "use; set task.kind: contrastive or few_shot, or drop model.text")
