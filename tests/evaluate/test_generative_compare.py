@@ -22,9 +22,9 @@ from vislora.data.images import load_image
 from vislora.data.transforms import build_transform
 from vislora.errors import ConfigError, DataError
 from vislora.evaluate.generative import compare_generative, generate_texts
-from vislora.evaluate.generative_metrics import caption_scores, vqa_scores
 from vislora.formats import save_adapter
 from vislora.report import write_report
+from vislora.tasks.generative_metrics import caption_scores, vqa_scores
 from vislora.vlm import build_vlm, vlm_adapter_config
 
 QUESTIONS = ["what is this item ?", "is it worn on the feet ?", "what color is it ?"]

@@ -10,7 +10,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 
 from vislora.errors import DataError
-from vislora.evaluate.generative_metrics import (
+from vislora.tasks.generative_metrics import (
     caption_scores,
     caption_scores_each,
     caption_tokens,

@@ -9,7 +9,8 @@
 - dual: dual encoders (prompt-classifier accuracy, contrastive loss, retrieval recall; `vislora clip eval`)
 - multilabel: per-attribute AP, mAP, precision/recall/F1 at thresholds, rare attributes, threshold tuning
 - clinical: one-vs-rest AUROC, sensitivity at a specificity and the reverse, bootstrap confidence intervals
-- generative_metrics: VQA answer normalisation, exact match, VQAv2 soft accuracy; BLEU-4 and CIDEr (pycocoevalcap)
+- (vislora.tasks.generative_metrics, re-exported: VQA answer normalisation, exact match, VQAv2 soft accuracy;
+  BLEU-4 and CIDEr (pycocoevalcap))
 - generative: captions and answers of a VLM, base vs adapted on the same images (`vislora eval` on captioning / VQA)
 """
 
@@ -28,7 +29,6 @@ from vislora.evaluate.comparison import Comparison, Delta, Outputs, compare, mcn
 from vislora.evaluate.drift import Drift, embedding_drift
 from vislora.evaluate.dual import DualEvalResult, embed_rows, evaluate_dual, score_rows
 from vislora.evaluate.generative import GenerativeComparison, GenerativeRow, compare_generative, generate_texts
-from vislora.evaluate.generative_metrics import caption_scores, normalize_answer, vqa_scores
 from vislora.evaluate.latency import Latency, measure_latency
 from vislora.evaluate.metrics import Metrics, classification_metrics, expected_calibration_error, macro_f1
 from vislora.evaluate.multilabel import (
@@ -39,6 +39,7 @@ from vislora.evaluate.multilabel import (
     multilabel_metrics,
     tune_thresholds,
 )
+from vislora.tasks.generative_metrics import caption_scores, normalize_answer, vqa_scores
 
 __all__ = [
     "AttributeScore",

@@ -6,7 +6,7 @@ or the run's captioning instruction), left-pads a batch and decodes greedily (or
 `processor.generation_kwargs()`. `compare_generative` generates every batch once for both models in ONE routed
 generate: the batch twice over, routed `[None] * n + [adapter] * n` (None = the base model), so base and adapted see
 the same images and prompts, and scores both: exact match and VQAv2 soft accuracy for VQA, BLEU-4 and CIDEr for
-captioning (vislora.evaluate.generative_metrics).
+captioning (vislora.tasks.generative_metrics).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from vislora.data.transforms import build_transform
 from vislora.devices import resolve_device
 from vislora.diagnostics.records import json_safe
 from vislora.errors import ConfigError, DataError
-from vislora.evaluate.generative_metrics import caption_scores_each, vqa_scores, vqa_soft_accuracy
 from vislora.model import AdaptedModel
 from vislora.runs import load_trained_vlm
+from vislora.tasks.generative_metrics import caption_scores_each, vqa_scores, vqa_soft_accuracy
 from vislora.vlm import Vlm
 
 logger = logging.getLogger(__name__)

@@ -22,7 +22,6 @@ vislora.evaluate.generative's.
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from vislora.errors import ConfigError, DataError, VisloraWarning
 from vislora.run_config import TOWER_FIELDS, TrainConfig
 from vislora.run_generative import VLM_FIELDS
 from vislora.tasks.classification import eval_batches
+from vislora.tasks.generative_metrics import normalize_answer
 from vislora.train.tasks import TrainTask
 from vislora.train.view import TrainerView
 from vislora.vlm import IGNORE, Vlm, build_vlm, vlm_adapter_config
@@ -294,11 +294,7 @@ def cut_rows(labels: torch.Tensor, eos_token_id: int) -> int:
     return count
 
 
-def normalize_answer(text: str) -> str:
-    """Lowercase, punctuation dropped, whitespace collapsed: `A sneaker.` and `a  sneaker` match."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
-
-
 def matches(generated: str, answers: list[str]) -> bool:
-    """Whether a generated answer equals one of the references (normalize_answer)."""
+    """Whether a generated answer equals one of the references, both normalised as the VQA evaluation does
+    (vislora.tasks.generative_metrics.normalize_answer), so training's exact match is `vislora eval`'s."""
     return normalize_answer(generated) in {normalize_answer(a) for a in answers}
