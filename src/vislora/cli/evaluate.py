@@ -1,5 +1,5 @@
-"""`vislora eval`: the base model and the adapted model on the same images, side by side (classifiers and
-multi-label taggers)."""
+"""`vislora eval`: the base model and the adapted model on the same images, side by side (classifiers,
+multi-label taggers, and captioning / VQA adapters of generative VLMs)."""
 
 from __future__ import annotations
 
@@ -17,17 +17,20 @@ from vislora.cli.app import app, console
 from vislora.errors import ConfigError
 from vislora.evaluate import ClinicalComparison, Comparison, Delta, points
 from vislora.evaluate.classifier import compare_model
+from vislora.evaluate.generative import GenerativeComparison, compare_generative_adapter
 from vislora.evaluate.multilabel_comparison import MultilabelComparison, compare_multilabel_model, nan_text
 from vislora.evaluate.prompted import compare_prompted_model
 from vislora.run_config import EvalSection
-from vislora.runs import load_trained, load_trained_dual, read_task
+from vislora.runs import GENERATIVE_TASKS, load_trained, load_trained_dual, read_task
 from vislora.tasks.prompted import PROMPTED_TASK
 
 
 @app.command("eval")
 def evaluate(
     adapter: Annotated[Path, typer.Option(help="A trained adapter folder: RUN/adapter, RUN/best or a checkpoint.")],
-    data: Annotated[str, typer.Option(help="Image folder, .csv/.jsonl manifest, or fashion-mnist:test.")],
+    data: Annotated[str, typer.Option(help="Image folder, .csv/.jsonl manifest, or fashion-mnist:test; for a "
+                                           "captioning or VQA adapter a COCO captions / LLaVA JSON or VQA / caption "
+                                           "JSONL or CSV file.")],
     limit: Annotated[int | None, typer.Option(help="Evaluate a stratified random subset of this many images.")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 64,
     label_column: Annotated[str, typer.Option(help="Manifest column holding the label.")] = "label",
@@ -58,6 +61,12 @@ def evaluate(
                                               "available, else mps, else cpu), cpu, cuda, cuda:N, mps.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="Classifiers and taggers: float32, bfloat16 (CPU or GPU) or float16 "
                                             "(GPU only).")] = "float32",
+    image_root: Annotated[Path | None, typer.Option(
+        help="Captioning / VQA: the folder image paths are relative to (default: the data file's folder).")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="Captioning / VQA: most tokens generated per answer.")] = 32,
+    num_beams: Annotated[int, typer.Option(help="Captioning / VQA: beams (1 = greedy decoding).")] = 1,
+    examples: Annotated[int, typer.Option(
+        help="Captioning / VQA: examples printed, base vs adapted (those whose score changed most).")] = 5,
 ) -> None:
     """Base vs adapted on the same DATA: accuracy, top-5, macro-F1, calibration (ECE), per class and per metadata
     group (e.g. a `group` column) with regressions flagged, embedding drift, and latency.
@@ -75,6 +84,12 @@ def evaluate(
     Example: vislora eval --adapter runs/tags/best --data data/tags_test.csv --predictions tags.csv
     Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --image-size 112
     Example: vislora eval --adapter runs/fmnist/best --data fashion-mnist:test --device cuda --dtype bfloat16
+
+    A captioning adapter gets BLEU-4 and CIDEr (pycocoevalcap), a VQA adapter exact match and VQAv2 soft accuracy
+    (answers normalised as the VQA evaluation does), base vs adapted on the same images in one routed generate, and
+    the examples whose score changed most; --limit takes the first N examples of the file.
+
+    Example: vislora eval --adapter runs/vqa/best --data data/vqa_val.jsonl --limit 500 --json vqa.json
     """
     from rich.progress import track
 
@@ -85,6 +100,18 @@ def evaluate(
         return track(items, total=total, description="base + adapted", console=console, transient=True)
 
     kind = read_task(adapter).get("task")
+    if kind in GENERATIVE_TASKS:
+        if dtype != "float32":
+            raise ConfigError(f"--dtype {dtype}: captioning and VQA adapters are evaluated in float32 only for now; "
+                              "drop --dtype")
+        generated = compare_generative_adapter(adapter, data, image_root=image_root, limit=limit, device=device,
+                                               batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                               num_beams=num_beams, shown=examples)
+        show_generative_comparison(generated)
+        if json_out:
+            atomic_write_text(json_out, json.dumps(generated.to_dict(), indent=2))
+            console.print(f"comparison written to {json_out}")
+        return
     placement = Placement.resolve(device, dtype)
     if kind == PROMPTED_TASK and placement != Placement.cpu():
         raise ConfigError(f"--device {device} --dtype {dtype}: a {PROMPTED_TASK} run is evaluated on the CPU in "
@@ -230,3 +257,21 @@ def show_multilabel_comparison(comparison: MultilabelComparison) -> None:
         drift = comparison.drift
         console.print(f"embedding drift (cosine similarity of base and adapted features per image): mean "
                       f"{drift.mean:.4f}, median {drift.median:.4f}, p5 {drift.p5:.4f}, min {drift.min:.4f}")
+
+
+def show_generative_comparison(comparison: GenerativeComparison) -> None:
+    """Metrics base vs adapted with their changes, then the examples shown, base vs adapted, on the console."""
+    console.print(f"{comparison.task} on {comparison.n} examples of {escape(comparison.data)}; base = "
+                  f"{escape(comparison.baseline)}" + (f"; prompt {escape(repr(comparison.prompt))}"
+                                                      if comparison.prompt else ""))
+    table = Table("metric", "base", "adapted", "change", title=escape(comparison.data))
+    for label, before, after, change in comparison.metric_rows():
+        table.add_row(label, f"{before:.4f}", f"{after:.4f}", f"{change:+.4f}")
+    console.print(table)
+    rows = Table("image", *(["question"] if comparison.task == "vqa" else []), "references", "base", "adapted",
+                 f"{comparison.score} change", title="examples whose score changed most", show_lines=True)
+    for row in comparison.shown():
+        rows.add_row(escape(Path(row.image).name), *([escape(row.question or "")] if comparison.task == "vqa" else []),
+                     escape(" | ".join(row.references[:3]) + (" ..." if len(row.references) > 3 else "")),
+                     escape(row.base), escape(row.adapted), f"{row.change:+.3f}")
+    console.print(rows)

@@ -5,7 +5,9 @@ base and adapted on the run's held-out data (or `data`), and writes into RUN_DIR
 report.html, MODEL_CARD.md, evaluation.json, diagnostics.json and the PNGs (training.png, telemetry.png,
 per_class.png, confusion.png, drift.png, rank_utilisation.png, parameters.png). `build_report` does the writing for a
 model and comparison already in hand (the demo reuses its own predictions that way). Contrastive and few-shot runs get
-the dual-encoder report of `vislora.report.dual` (recall@K, zero-shot accuracy, embedding drift).
+the dual-encoder report of `vislora.report.dual` (recall@K, zero-shot accuracy, embedding drift); captioning and VQA
+runs the generative report of `vislora.report.generative` (BLEU-4/CIDEr or VQA accuracy, sample images with their
+outputs before and after).
 """
 
 from __future__ import annotations
@@ -27,19 +29,22 @@ from vislora.report import plots
 from vislora.report.card import model_card
 from vislora.report.clinical import clinical_html, clinical_markdown
 from vislora.report.dual import write_dual_report
+from vislora.report.generative import write_generative_report
 from vislora.report.html import render_html
 from vislora.report.multilabel import multilabel_html, multilabel_markdown
 from vislora.report.run import DataSummary, ReportFiles, RunInfo, load_run, summarize_data, training_data
 from vislora.run_config import EvalSection
-from vislora.runs import DUAL_TASKS, PROMPTED_TASK, load_trained, load_trained_dual
+from vislora.runs import DUAL_TASKS, GENERATIVE_TASKS, PROMPTED_TASK, load_trained, load_trained_dual
 
 __all__ = ["ReportFiles", "build_report", "load_run", "summarize_data", "write_report"]
 
 
 def write_report(run_dir: str | Path, data: str | None = None, limit: int | None = None, adapter: str = "adapter",
                  out: str | Path | None = None, batch_size: int = 64, latency_images: int = 8,
-                 progress: Callable[[Iterable, int], Iterable] | None = None) -> ReportFiles:
-    """Report on a finished run; `data` (default: the run's data.val, same limit) is the before/after data."""
+                 progress: Callable[[Iterable, int], Iterable] | None = None,
+                 max_new_tokens: int = 32) -> ReportFiles:
+    """Report on a finished run; `data` (default: the run's data.val, same limit) is the before/after data;
+    `max_new_tokens` bounds each generated caption or answer (captioning / VQA runs)."""
     info = load_run(run_dir, adapter)
     kind = info.task.get("task", "classification")
     settings = info.config.get("data", {})
@@ -52,9 +57,11 @@ def write_report(run_dir: str | Path, data: str | None = None, limit: int | None
         return build_report(info, model, None, training_data(info), out, tagging=tagging)
     if kind in DUAL_TASKS:  # contrastive / few_shot: recall@K, zero-shot accuracy, drift (vislora.report.dual)
         return write_dual_report(info, data, limit, out, batch_size, progress)
+    if kind in GENERATIVE_TASKS:  # captioning / VQA: generated text before / after (vislora.report.generative)
+        return write_generative_report(info, data, limit, out, batch_size, max_new_tokens)
     if kind not in ("classification", "multilabel"):
         raise VisloraError(f"{info.adapter_dir} is a {kind!r} run; vislora report covers classification, multilabel, "
-                           f"contrastive, few_shot and {PROMPTED_TASK} runs. "
+                           f"contrastive, few_shot, {PROMPTED_TASK}, captioning and vqa runs. "
                            f"`vislora inspect {info.adapter_dir}` diagnoses any adapter")
     model, task = load_trained(info.adapter_dir)
     comparison = tagging = None
