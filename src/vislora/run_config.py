@@ -39,6 +39,11 @@ class ModelSection(_Section):
     embed_dim: int = Field(256, ge=1, description="Dual encoders: width of the shared embedding space.")
     text_pooling: Literal["mean", "cls"] = Field("mean", description="Dual encoders: text features the projection "
                                                  "reads (mean over tokens, as sentence-transformers).")
+    lm: str | None = Field(None, description="Captioning / VQA: the causal language model (hf:<id or dir> or "
+                           "asset:smollm2-135m-instruct) composed LLaVA-style with the vision encoder `spec`; unset "
+                           "when `spec` is a whole Hugging Face VLM (vislora.vlm.build_vlm).")
+    connector_hidden: int | None = Field(None, ge=1, description="Captioning / VQA with model.lm: hidden width of "
+                                         "the new connector (default: the LM's width).")
 
 
 class AdapterSection(_Section):
@@ -73,11 +78,16 @@ class AdapterSection(_Section):
     frozen: dict[str, str] = Field(default_factory=dict, description="Adapters loaded from these folders under "
                                    "these names, kept active and frozen while this one trains (e.g. a shared "
                                    "vision adapter under a per-language text adapter).")
+    train_connector: bool = Field(False, description="Captioning / VQA: train the VLM's connector in full and save "
+                                  "it with the adapter (LLaVA's stage 1 aligns it with both towers frozen).")
+    part_ranks: dict[str, int] | None = Field(None, description="Captioning / VQA: rank per VLM part, e.g. "
+                                              "{vision: 4} (default: rank).")
+    part_alphas: dict[str, float] | None = Field(None, description="Captioning / VQA: alpha per VLM part.")
 
     def build(self, *trained: str) -> AdapterConfig:
         """The AdapterConfig for a model whose classifier (head, and a tiled model's attention pooling) lives at the
         `trained` module paths."""
-        fields = self.model_dump(exclude={"preset", *TOWER_FIELDS}, exclude_none=True)
+        fields = self.model_dump(exclude={"preset", *TOWER_FIELDS, *VLM_FIELDS}, exclude_none=True)
         fields["modules_to_save"] = list(dict.fromkeys([*fields.get("modules_to_save", []), *trained]))
         if self.preset:
             return AdapterConfig.from_preset(self.preset, **fields)
@@ -86,9 +96,13 @@ class AdapterSection(_Section):
 
 TOWER_FIELDS = ("vision_targets", "text_targets", "vision_rank", "vision_alpha", "text_rank", "text_alpha",
                 "train_heads", "frozen")
+VLM_FIELDS = ("train_connector", "part_ranks", "part_alphas")  # adapter fields of generative VLM runs
 
 
 MULTILABEL_KINDS = ("multilabel", "prompted_multilabel")  # task kinds configured by task.multilabel
+GENERATIVE_KINDS = ("captioning", "vqa")  # task kinds that train a generative VLM (vislora.vlm)
+VLM_PARTS = ("lm", "vision", "connector", "qformer")  # what a generative run's stages train (vislora.vlm.PARTS)
+TOWERS = ("vision", "text")  # what the other runs' stages train
 
 
 class MultilabelSection(_Section):
@@ -127,11 +141,13 @@ class TaskSection(_Section):
     """What is trained: an image classifier (single- or multi-label), or a dual encoder (contrastive image-text,
     few-shot prompt classifier)."""
 
-    kind: Literal["classification", "multilabel", "contrastive", "few_shot", "prompted_multilabel"] = Field(
+    kind: Literal["classification", "multilabel", "contrastive", "few_shot", "prompted_multilabel", "captioning",
+                  "vqa"] = Field(
         "classification", description="classification: backbone + head; multilabel: backbone + one logit per "
         "attribute (task.multilabel); contrastive: symmetric InfoNCE on image-"
         "caption pairs; few_shot: CLIP-LoRA, cross-entropy against a text classifier built from prompts; "
-        "prompted_multilabel: a dual encoder scores each attribute of task.multilabel by its prompts.")
+        "prompted_multilabel: a dual encoder scores each attribute of task.multilabel by its prompts; "
+        "captioning / vqa: a generative VLM (model.spec + model.lm) learns to answer, loss on the answer tokens only.")
     multilabel: MultilabelSection = Field(default_factory=MultilabelSection)
     templates: list[str] = Field(default_factory=lambda: ["a photo of a {}."], min_length=1, description=(
         "Prompt templates ('{}' = class name). Prompt classifiers ensemble all (few_shot trains through that "
@@ -142,6 +158,14 @@ class TaskSection(_Section):
                               "(seeded by run.seed); unset = all of data.train.")
     loss: Literal["infonce", "sigmoid"] = Field("infonce", description="contrastive: InfoNCE (CLIP) or pairwise "
                                                 "sigmoid (SigLIP; needs a model with a logit bias).")
+    prompt: str = Field("Describe the image briefly.", min_length=1, description="captioning: the instruction "
+                        "every image is asked (VQA examples bring their own question).")
+    max_length: int = Field(512, ge=8, description="captioning / vqa: tokens of prompt (image tokens included) + "
+                            "answer; longer answers are cut, with a warning.")
+    system: str | None = Field(None, description="captioning / vqa: the chat template's system turn (unset: none).")
+    generations: int = Field(8, ge=0, description="captioning / vqa: held-out examples answered greedily at each "
+                             "evaluation (exact match for VQA; 0: held-out loss only).")
+    max_new_tokens: int = Field(32, ge=1, description="captioning / vqa: longest answer generated in evaluation.")
 
 
 class DataSection(_Section):
@@ -190,9 +214,10 @@ class RunSection(_Section):
     eval_every: int = Field(0, ge=0, description="Evaluate on data.val every N steps (0: only at the end).")
     save_every: int = Field(0, ge=0, description="Write a resumable checkpoint every N steps (0: never).")
     keep_last: int = Field(2, ge=1, description="Step checkpoints kept on disk.")
-    best_metric: Literal["accuracy", "loss", "recall@1", "map"] = Field(
+    best_metric: Literal["accuracy", "loss", "recall@1", "map", "exact_match"] = Field(
         "accuracy", description="recall@1: mean of image->text and text->image recall@1 (contrastive runs); map: "
-        "mean average precision (multilabel runs, whose default it is).")
+        "mean average precision (multilabel runs, whose default it is); exact_match: greedy answers equal to a "
+        "reference answer (vqa runs; captioning and vqa default to loss).")
     early_stopping_patience: int | None = Field(
         None, ge=1, description="Stop after this many evaluations without improving best_metric.")
     early_stopping_min_delta: float = Field(0.0, ge=0)
@@ -226,9 +251,10 @@ class StageSection(_Section):
     learning-rate factor, and the adapter's rank."""
 
     steps: int = Field(..., ge=1, description="Optimizer steps in this stage.")
-    train: list[Literal["vision", "text"]] = Field(
+    train: list[Literal["vision", "text", "lm", "connector", "qformer"]] = Field(
         default_factory=lambda: ["vision", "text"], min_length=1,
-        description="Towers whose adapters train (a model without towers is all `vision`; default: everything).")
+        description="Towers whose adapters train (a model without towers is all `vision`; default: everything); "
+        "captioning / vqa runs name VLM parts: lm, vision, connector, qformer (default: all of them).")
     lr_scale: float = Field(1.0, gt=0, description="Multiplies both learning rates during this stage.")
     rank: int | None = Field(
         None, ge=1, description="Progressive rank growth: the adapter grows to this rank when the stage starts. The "
@@ -270,6 +296,10 @@ class TrainConfig(_Section):
             raise ValueError("run.eval_every is set but data.val is empty; give held-out data or set eval_every: 0")
         if self.run.early_stopping_patience and not self.data.val:
             raise ValueError("run.early_stopping_patience needs data.val to measure improvement")
+        if self.task.kind in GENERATIVE_KINDS:
+            self._check_generative()
+        else:
+            self._check_not_generative()
         if self.task.kind in ("classification", "multilabel") and self.model.text:
             raise ValueError("model.text pairs a text tower with the image backbone, which only dual-encoder tasks "
                              "use; set task.kind: contrastive or few_shot, or drop model.text")
@@ -283,6 +313,51 @@ class TrainConfig(_Section):
         if self.data.tiling is not None:
             self._check_tiling()
         return self
+
+    def _check_generative(self) -> None:
+        """captioning / vqa: no dual-encoder or classifier settings; stages name VLM parts (all of them by default);
+        best_metric defaults to the held-out loss."""
+        kind = self.task.kind
+        if self.model.connector_hidden is not None and self.model.lm is None:
+            raise ValueError("model.connector_hidden sizes the connector composed between model.spec and model.lm; "
+                             "set model.lm (a causal LM), or drop connector_hidden for a whole Hugging Face VLM")
+        if self.model.text:
+            raise ValueError(f"model.text pairs a text tower with a dual encoder; a {kind} run composes a VLM with "
+                             "model.lm (a causal LM): use model.lm, or drop model.text")
+        towers = _changed(self.adapter, ("preset", *TOWER_FIELDS))
+        if towers:
+            raise ValueError(f"adapter.{', adapter.'.join(towers)} belong to dual encoders and classifiers; a {kind} "
+                             "run names VLM parts in adapter.targets (lm, lm:q, vision, connector, qformer) with "
+                             "adapter.part_ranks / part_alphas")
+        for index, stage in enumerate(self.stages):
+            if "train" not in stage.model_fields_set:
+                stage.train = list(VLM_PARTS)
+            elif "text" in stage.train:
+                raise ValueError(f"stages[{index}].train names `text`, a dual-encoder tower; a {kind} run trains VLM "
+                                 f"parts: {', '.join(VLM_PARTS)}")
+        measured = ("loss", "exact_match") if kind == "vqa" and self.task.generations else ("loss",)
+        if self.run.best_metric not in measured:
+            if "best_metric" in self.run.model_fields_set:
+                raise ValueError(f"run.best_metric {self.run.best_metric} is not measured by this {kind} run; use "
+                                 f"{' or '.join(measured)} (exact_match: vqa runs with task.generations > 0)")
+            self.run.best_metric = "loss"
+
+    def _check_not_generative(self) -> None:
+        """Generative settings (model.lm, adapter.train_connector, task.prompt, VLM parts in stages) on another task
+        kind are errors."""
+        kind = self.task.kind
+        named = [f"model.{f}" for f in _changed(self.model, ("lm", "connector_hidden"))]
+        named += [f"adapter.{f}" for f in _changed(self.adapter, VLM_FIELDS)]
+        named += [f"task.{f}" for f in _changed(self.task, ("prompt", "max_length", "system", "generations",
+                                                              "max_new_tokens"))]
+        if named:
+            raise ValueError(f"{', '.join(named)} configure captioning / VQA runs, but task.kind is {kind!r}; set "
+                             "task.kind: captioning or vqa, or drop them")
+        for index, stage in enumerate(self.stages):
+            parts = sorted(set(stage.train) - set(TOWERS))
+            if parts:
+                raise ValueError(f"stages[{index}].train names {parts}, VLM parts of captioning / vqa runs; a {kind} "
+                                 "run's stages train towers: vision, text")
 
     def _check_tiling(self) -> None:
         if self.task.kind not in ("classification", "multilabel"):
@@ -334,6 +409,12 @@ class TrainConfig(_Section):
 
     def save(self, path: str | Path) -> None:
         atomic_write_text(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+
+
+def _changed(section: BaseModel, fields: tuple[str, ...]) -> list[str]:
+    """The `fields` of `section` whose values differ from their defaults (a resolved config.yaml sets every field)."""
+    defaults = type(section).model_fields
+    return [f for f in fields if getattr(section, f) != defaults[f].get_default(call_default_factory=True)]
 
 
 def _check_keys(data: Any, model: type[BaseModel], prefix: str) -> None:

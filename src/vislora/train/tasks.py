@@ -19,7 +19,7 @@ from torch import nn
 
 from vislora.config import AdapterConfig
 from vislora.data.attributes import AttributeSet
-from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate
+from vislora.data.datasets import ImageDataset, MultiLabelFormat, collate, open_dataset
 from vislora.data.transforms import build_mixup
 from vislora.errors import ConfigError, DataError, VisloraWarning
 from vislora.evaluate.multilabel import MultilabelMetrics, Thresholds, multilabel_metrics, tune_thresholds
@@ -61,9 +61,21 @@ class TrainTask:
         """How the label column of a manifest is read: None for one label per image."""
         return None
 
+    def open_data(self, source: str, classes: list[str] | None, limit: int | None) -> ImageDataset:
+        """The dataset data.train / data.val names (`classes`: the training data's, for the held-out data), cut to a
+        stratified random `limit` of images."""
+        data = self.config.data
+        dataset = open_dataset(source, label_column=data.label_column, path_column=data.path_column,
+                               strict=data.strict, classes=classes, multilabel=self.data_format())
+        return dataset.subset(limit, seed=self.config.run.seed) if limit else dataset
+
     def prepare_data(self, dataset: ImageDataset, train: bool) -> ImageDataset:
         """Last look at a dataset before training (sampling, checks); identity by default."""
         return dataset
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        """A training batch of dataset items (vislora.data.datasets.collate: corrupt images listed under `skipped`)."""
+        return collate(samples)
 
     def build(self, classes: list[str], base: nn.Module | None = None) -> tuple[nn.Module, AdapterConfig]:
         """(base model, config of the adapter `default` to train on it); `base` is a prepared model to use."""

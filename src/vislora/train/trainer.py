@@ -23,7 +23,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch import nn
 
-from vislora.data.datasets import ImageDataset, collate, open_dataset
+from vislora.data.datasets import ImageDataset
 from vislora.data.tiling import image_spec
 from vislora.data.transforms import SampleTransform, build_transform
 from vislora.errors import ConfigError, TrainingError
@@ -35,6 +35,7 @@ from vislora.train import checkpoint as ckpt
 from vislora.train import oom
 from vislora.train.batches import EpochBatches
 from vislora.train.callbacks import TrainerCallback
+from vislora.train.generative import CaptioningTask, VqaTask
 from vislora.train.monitor import GradientMonitor
 from vislora.train.rundir import MetricsLog, RunDirectory, TrainResult
 from vislora.train.schedule import build_optimizer, build_scheduler
@@ -47,12 +48,14 @@ logger = logging.getLogger(__name__)
 
 TASKS: dict[str, type[TrainTask]] = {"classification": ClassificationTask, "multilabel": MultilabelTask,
                                      "contrastive": ContrastiveTask, "few_shot": FewShotTask,
-                                     "prompted_multilabel": PromptedMultilabelTask}  # task.kind -> task
+                                     "prompted_multilabel": PromptedMultilabelTask, "captioning": CaptioningTask,
+                                     "vqa": VqaTask}  # task.kind -> task
 
 
 class Trainer(RunDirectory):
     """Build model, data, optimizer from a TrainConfig; `fit()` trains. Tests may pass their own datasets, and
-    dual-encoder runs a prepared base model (e.g. with pre-aligned projections) instead of `model.spec`."""
+    dual-encoder runs a prepared base model (e.g. with pre-aligned projections) instead of `model.spec`, captioning
+    and VQA runs a prepared `vislora.vlm.Vlm`."""
 
     def __init__(self, config: TrainConfig, train_data: ImageDataset | None = None,
                  val_data: ImageDataset | None = None, callbacks: Sequence[TrainerCallback] = (),
@@ -102,10 +105,7 @@ class Trainer(RunDirectory):
 
     # ---------------------------------------------------------------- setup
     def _open(self, source: str, classes: list[str] | None, limit: int | None) -> ImageDataset:
-        data = self.config.data
-        dataset = open_dataset(source, label_column=data.label_column, path_column=data.path_column,
-                               strict=data.strict, classes=classes, multilabel=self.task.data_format())
-        return dataset.subset(limit, seed=self.config.run.seed) if limit else dataset
+        return self.task.open_data(source, classes, limit)
 
     def _check_resolutions(self, *datasets: ImageDataset | None) -> None:
         if self.config.data.allow_mixed_resolution:
@@ -287,7 +287,7 @@ class Trainer(RunDirectory):
                               f"({cfg.optim.batch_size} x {self.accelerator.num_processes} processes); lower "
                               "optim.batch_size")
         # Own generator: creating a loader must not draw from the global RNG (resume would shift dropout).
-        loader = torch.utils.data.DataLoader(self.train_data, batch_sampler=sampler, collate_fn=collate,
+        loader = torch.utils.data.DataLoader(self.train_data, batch_sampler=sampler, collate_fn=self.task.collate,
                                              num_workers=cfg.data.num_workers, generator=torch.Generator())
         for batch in loader:
             self._count_skipped(batch["skipped"])

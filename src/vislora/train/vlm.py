@@ -28,7 +28,7 @@ from vislora.evaluate.dual import DualEvalResult, embed_rows, score_rows
 from vislora.evaluate.multilabel import MultilabelMetrics, Thresholds, multilabel_metrics, tune_thresholds
 from vislora.evaluate.prompted import PromptedScores, prompted_scores
 from vislora.formats import load_adapter
-from vislora.run_config import TOWER_FIELDS, TrainConfig
+from vislora.run_config import TOWER_FIELDS, VLM_FIELDS, TrainConfig
 from vislora.runs import dual_encoder_args
 from vislora.tasks.clip import (
     CLIP_LORA,
@@ -108,7 +108,8 @@ class DualTask(TrainTask):
         vision, text = a.vision_targets, a.text_targets
         if vision is None and text is None:
             vision = text = a.targets or CLIP_LORA["targets"]
-        common = a.model_dump(exclude={"preset", "targets", "rank", "alpha", *TOWER_FIELDS}, exclude_none=True)
+        common = a.model_dump(exclude={"preset", "targets", "rank", "alpha", *TOWER_FIELDS, *VLM_FIELDS},
+                              exclude_none=True)
         return tower_adapter_config(base, vision, text, rank=a.rank or 8, alpha=a.alpha or 16.0,
                                     vision_rank=a.vision_rank, vision_alpha=a.vision_alpha, text_rank=a.text_rank,
                                     text_alpha=a.text_alpha, train_heads=a.train_heads,
