@@ -169,7 +169,7 @@ def fit(config: TrainConfig, vlm: Vlm) -> tuple[vislora.AdaptedModel, list[float
     trainer = Trainer(config, base_model=vlm)
     result = trainer.fit()
     rows = map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())
-    return trainer.adapted(), [row["loss"] for row in rows if row.get("split") == "train"]
+    return trainer.adapted, [row["loss"] for row in rows if row.get("split") == "train"]
 
 
 def loss_span(losses: list[float]) -> str:
