@@ -154,3 +154,44 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+VLM_MODELS = ("smollm2", "tiny")
+
+
+def bench_vlm(name: str, image_size: int = 56) -> Any:
+    """A generative VLM for the benchmarks: `smollm2` is the real one (DINOv2-S + SmolLM2-135M-Instruct, cached
+    assets), `tiny` a 2-layer DINOv2 + 2-layer Llama with random weights and SmolLM2's tokenizer (seconds to build)."""
+    from transformers import AutoTokenizer, Dinov2Config, Dinov2Model, LlamaConfig, LlamaForCausalLM
+
+    from vislora.assets import resolve_model_spec
+    from vislora.data.transforms import model_input_spec
+    from vislora.vlm import IMAGE_TOKEN, ChatLayout, Vlm, VlmProcessor, build_vlm, compose_llava, family_of
+
+    lm = "asset:smollm2-135m-instruct"
+    if name == "smollm2":
+        return build_vlm("asset:dinov2-small", lm=lm, image_size=image_size)
+    if name != "tiny":
+        raise SystemExit(f"error: unknown VLM {name!r}; use one of {', '.join(VLM_MODELS)}")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_spec(lm, "lm")[3:])
+    torch.manual_seed(0)
+    vision = Dinov2Model(Dinov2Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, mlp_ratio=2,
+                                      patch_size=14, image_size=image_size)).eval()
+    causal = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                          tie_word_embeddings=True)).eval()
+    model, image_tokens = compose_llava(vision, causal, tokenizer, image_size=image_size)
+    processor = VlmProcessor(tokenizer, ChatLayout(IMAGE_TOKEN, image_tokens),
+                             image_token_id=model.config.image_token_id)
+    return Vlm(model.eval(), processor, model_input_spec(vision, image_size), family_of(model),
+               {"spec": "tiny", "image_tokens": image_tokens})
+
+
+def fashion_pixels(vlm: Any, images: Any) -> torch.Tensor:
+    """Fashion-MNIST items (uint8 [N, 28, 28]) as the VLM's normalised RGB pixel_values [N, 3, side, side]."""
+    from PIL import Image
+
+    from vislora.data.transforms import build_transform
+
+    transform = build_transform(vlm.image_spec, train=False)
+    return torch.stack([transform(Image.fromarray(item).convert("RGB")) for item in images])
