@@ -43,8 +43,8 @@ from common import bench_vlm
 from vislora.assets import read_fashion_mnist
 from vislora.data.generative import read_generative
 from vislora.evaluate.generative import compare_generative
-from vislora.evaluate.generative_metrics import vqa_scores
 from vislora.run_config import TrainConfig
+from vislora.tasks.generative_metrics import vqa_scores
 from vislora.train.trainer import Trainer
 from vislora.vlm import Vlm
 
