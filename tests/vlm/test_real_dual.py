@@ -35,7 +35,7 @@ def test_minilm_tower_puts_related_captions_together(dual):
 
 def test_prealigned_zero_shot_then_few_shot_lora_on_both_towers(dual, tmp_path):
     transform = build_transform(model_input_spec(dual.vision, 56), train=False)
-    train, test = fashion_mnist("train"), fashion_mnist("test").subset(150, seed=0)
+    train, test = fashion_mnist("train"), fashion_mnist("test").subset(300, seed=0)
     pool = train.subset(300, seed=99)
     stack = lambda data: torch.stack([transform(data.open_image(i)) for i in range(len(data))])  # noqa: E731
     names = train.classes
