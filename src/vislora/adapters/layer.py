@@ -61,6 +61,7 @@ class LoraLayer(nn.Module):
         self.path = ""  # set by AdaptedModel; names the layer in errors
         self.residual_owner: str | None = None  # the PiSSA adapter whose residual W lacks
         self._stacks: tuple[tuple, Stacks] | None = None
+        self._stacks_route: Route | None = None  # the routed call the stacks were last checked for
 
     # ------------------------------------------------------------ the base layer (subclasses say which)
     @property
@@ -169,7 +170,7 @@ class LoraLayer(nn.Module):
                 "folded sample-major)"
             )
         n = index.shape[0]
-        stacks = self.stacks(route.used)
+        stacks = self.stacks(route.used, route)
         flat_x = x.reshape(n, -1, x.shape[-1]).to(stacks.a.dtype)  # (N, T, in)
         flat_out = out.reshape(n, -1, out.shape[-1])  # (N, T, out)
         adapted = flat_out
@@ -181,19 +182,23 @@ class LoraLayer(nn.Module):
         adapted = add_per_sample(stacks, index, flat_x, adapted, self.without_bias(flat_out), self.training)
         return adapted.view(out.shape).movedim(0, batch_dim)
 
-    def stacks(self, used: tuple[str | None, ...]) -> Stacks:
+    def stacks(self, used: tuple[str | None, ...], route: Route | None = None) -> Stacks:
         """The stacks of the adapters in these route slots; reused while no gradient is recorded and no tensor of
-        them (nor W) changed."""
+        them (nor W) changed. Within one routed call (`route`: a generate's every decode step) they are checked once:
+        the tensors of K adapters are not re-read on each of its forwards."""
         adapters = [self.adapters[n] if n in self.adapters else None for n in used]  # noqa: SIM401 (ModuleDict)
         shape = (self.out_features, self.in_features)
         a = next((adapter.lora_A for adapter in adapters if adapter is not None), None)
         dtype, device = (self.adapter_dtype, self.device) if a is None else (a.dtype, a.device)
         if torch.is_grad_enabled():
             return build_stacks(adapters, self, shape, dtype, device)
+        if route is not None and route is self._stacks_route and self._stacks is not None:
+            return self._stacks[1]
         key = (tuple(n if n in self.adapters else None for n in used), torch.is_inference_mode_enabled(),
                self.base_weight._version, device, *(adapter.versions() for adapter in adapters if adapter is not None))
         if self._stacks is None or self._stacks[0] != key:
             self._stacks = (key, build_stacks(adapters, self, shape, dtype, device))
+        self._stacks_route = route
         return self._stacks[1]
 
     def without_bias(self, base_out: torch.Tensor) -> torch.Tensor:
