@@ -138,20 +138,19 @@ def check_lm_identity(expected: dict[str, Any] | None, found: dict[str, Any], wh
 def load_hf_vlm(spec: str, *, image_size: int | None = None, max_length: int = 512,
                 system: str | None = None) -> Vlm:
     """A whole Hugging Face VLM (`hf:<id or dir>`) of a known family, with its tokenizer."""
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
 
     if not spec.startswith("hf:"):
         raise ConfigError(f"model spec {spec!r} is not a Hugging Face VLM; use hf:<id or dir> (e.g. "
                           "hf:llava-hf/llava-1.5-7b-hf), or give model.lm to compose one from a vision encoder")
     name = spec[3:]
-    config = AutoConfig.from_pretrained(name)
     model = AutoModelForImageTextToText.from_pretrained(name, dtype=torch.float32)
     family = family_of(model)
     tokenizer = AutoTokenizer.from_pretrained(name)
     vision = model.get_submodule(family.path("vision"))
     side = image_size or _native_side(vision)
     layout, image_tokens = prompt_layout(family, model, tokenizer, side, system)
-    token_id = getattr(config, "image_token_id", None) or getattr(config, "image_token_index", None)
+    token_id = getattr(model.config, "image_token_id", None) or getattr(model.config, "image_token_index", None)
     processor = VlmProcessor(tokenizer, layout, max_length, image_token_id=token_id)
     image_spec = model_input_spec(vision, side)
     record = {"spec": spec, "lm": None, "image_size": side, "image_tokens": image_tokens, "max_length": max_length,
